@@ -1,0 +1,22 @@
+//! The appliance runtime: everything an appliance process does between a channel that
+//! delivers FUSE frames and a backend that implements a file system.
+//!
+//! - [`filesystem`]: the [`Filesystem`] trait every backend implements, with the typed
+//!   arguments and replies it deals in;
+//! - [`session`]: INIT negotiation (protocol version, capability flags, limits);
+//! - [`dispatch`]: one frame in, one reply out: decode, call the backend, encode;
+//! - [`server`]: the worker threads, one per channel endpoint, and their counters.
+//!
+//! The runtime never interprets file system semantics (that is the backend's job) and
+//! never touches mounts, namespaces or the supervisor's state.
+
+pub mod dispatch;
+pub mod filesystem;
+pub mod server;
+pub mod session;
+
+pub use filesystem::{
+    Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
+};
+pub use server::{Server, ServerStats};
+pub use session::SessionConfig;

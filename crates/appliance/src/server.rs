@@ -1,0 +1,112 @@
+//! Worker threads that serve channels, and the counters `fsva status` reports.
+//!
+//! Each worker owns a reusable request buffer and reply buffer and loops: receive a
+//! frame, dispatch it, send the reply. Workers on a fusedev channel each hold their own
+//! cloned descriptor (the kernel pairs a reply with the clone that read the request);
+//! workers on a stream channel share one. The server ends when every channel reports
+//! that its mount or peer is gone. It must never hold a lock across a backend call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use fsva_channel::Channel;
+use fsva_protocol::reply::ReplyBuf;
+use zerocopy::FromBytes;
+
+use crate::dispatch::{Dispatcher, Outcome};
+use crate::filesystem::Filesystem;
+use crate::session::SessionConfig;
+
+/// Request counters, readable while the server runs.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl ServerStats {
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// An appliance's request server.
+pub struct Server {
+    dispatcher: Arc<Dispatcher>,
+    stats: Arc<ServerStats>,
+}
+
+impl Server {
+    pub fn new(fs: Arc<dyn Filesystem>, config: SessionConfig) -> Self {
+        Self {
+            dispatcher: Arc::new(Dispatcher::new(fs, config)),
+            stats: Arc::new(ServerStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    /// Serves every channel with `threads_per_channel` workers each, until all of them
+    /// are closed. Returns the first fatal channel error, if any.
+    pub fn serve(
+        &self,
+        channels: Vec<Arc<dyn Channel>>,
+        threads_per_channel: usize,
+    ) -> Result<(), fsva_channel::ChannelError> {
+        let mut handles = Vec::new();
+        for (ci, chan) in channels.into_iter().enumerate() {
+            for ti in 0..threads_per_channel.max(1) {
+                let chan = chan.clone();
+                let dispatcher = self.dispatcher.clone();
+                let stats = self.stats.clone();
+                let handle = thread::Builder::new()
+                    .name(format!("fsva-worker-{ci}.{ti}"))
+                    .spawn(move || worker(&*chan, &dispatcher, &stats))
+                    .expect("spawning a worker thread");
+                handles.push(handle);
+            }
+        }
+        let mut first_error = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => tracing::error!("a worker thread panicked"),
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn worker(
+    chan: &dyn Channel,
+    dispatcher: &Dispatcher,
+    stats: &ServerStats,
+) -> Result<(), fsva_channel::ChannelError> {
+    let mut buf = vec![0u8; dispatcher.max_frame()];
+    let mut reply = ReplyBuf::with_capacity(dispatcher.max_frame());
+    while let Some(n) = chan.receive(&mut buf)? {
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        if dispatcher.handle(&buf[..n], &mut reply) == Outcome::Reply {
+            let frame = reply.finish();
+            if let Ok((h, _)) = fsva_protocol::abi::OutHeader::read_from_prefix(frame) {
+                if h.error != 0 {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            chan.send(frame)?;
+        }
+    }
+    Ok(())
+}

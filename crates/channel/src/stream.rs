@@ -1,0 +1,115 @@
+//! The stream channel: FUSE frames over a connected byte stream.
+//!
+//! FUSE frames are self-delimiting (both headers start with the frame's total length),
+//! so the stream carries them back to back with no extra framing. Several worker
+//! threads share one stream: whole frames are read and written under a lock, so frames
+//! never interleave. This module must never trust a length it reads: every frame is
+//! bounds-checked before its body is read.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+
+use crate::{Channel, ChannelError};
+
+/// Reads one whole frame whose first four bytes give its length (as in both FUSE
+/// headers) into `buf`. `min` is the size of the header the frame must at least hold;
+/// the frame may not be longer than `buf`. Returns `None` on a clean end of stream
+/// between frames.
+pub fn read_frame(
+    mut stream: impl Read,
+    buf: &mut [u8],
+    min: usize,
+    what: &'static str,
+) -> Result<Option<usize>, ChannelError> {
+    let rx = |source| ChannelError::Receive { what, source };
+    let mut len_bytes = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match stream.read(&mut len_bytes[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(rx(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(rx(e)),
+        }
+    }
+    let len = u32::from_ne_bytes(len_bytes) as usize;
+    if len < min.max(4) || len > buf.len() {
+        return Err(ChannelError::BadFrameLength {
+            what,
+            len,
+            min,
+            max: buf.len(),
+        });
+    }
+    buf[..4].copy_from_slice(&len_bytes);
+    stream.read_exact(&mut buf[4..len]).map_err(rx)?;
+    Ok(Some(len))
+}
+
+/// The appliance's end of a stream channel.
+#[derive(Debug)]
+pub struct StreamChannel {
+    reader: Mutex<UnixStream>,
+    writer: Mutex<UnixStream>,
+}
+
+impl StreamChannel {
+    pub fn new(stream: UnixStream) -> io::Result<Self> {
+        Ok(Self {
+            writer: Mutex::new(stream.try_clone()?),
+            reader: Mutex::new(stream),
+        })
+    }
+}
+
+const REQUEST_HEADER: usize = core::mem::size_of::<fsva_protocol::abi::InHeader>();
+
+impl Channel for StreamChannel {
+    fn receive(&self, buf: &mut [u8]) -> Result<Option<usize>, ChannelError> {
+        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        read_frame(&*reader, buf, REQUEST_HEADER, "stream channel")
+    }
+
+    fn send(&self, frame: &[u8]) -> Result<(), ChannelError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        writer.write_all(frame).map_err(|source| ChannelError::Send {
+            what: "stream channel",
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_lengths_are_rejected() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let chan = StreamChannel::new(b).unwrap();
+        let mut frame = vec![0u8; 48];
+        frame[..4].copy_from_slice(&48u32.to_ne_bytes());
+        frame[47] = 9;
+        (&a).write_all(&frame).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(chan.receive(&mut buf).unwrap(), Some(48));
+        assert_eq!(buf[47], 9);
+
+        // A length shorter than a header.
+        (&a).write_all(&8u32.to_ne_bytes()).unwrap();
+        assert!(matches!(
+            chan.receive(&mut buf),
+            Err(ChannelError::BadFrameLength { len: 8, .. })
+        ));
+        // A length longer than the buffer.
+        (&a).write_all(&100_000u32.to_ne_bytes()).unwrap();
+        assert!(matches!(
+            chan.receive(&mut buf),
+            Err(ChannelError::BadFrameLength { len: 100_000, .. })
+        ));
+        drop(a);
+        assert_eq!(chan.receive(&mut buf).unwrap(), None);
+    }
+}

@@ -1,0 +1,16 @@
+//! The FUSE wire protocol, as the Linux kernel speaks it over `/dev/fuse` and virtio-fs.
+//!
+//! This crate owns the byte-level format and nothing else: the ABI structures
+//! ([`abi`]), turning a request frame into a typed [`Request`] ([`request`]), and
+//! building reply and notification frames ([`reply`]). Every fsva channel (fusedev,
+//! stream, vhost-user) moves frames that this crate decodes and encodes.
+//!
+//! It must never perform I/O, allocate per byte of payload where a borrow will do, or
+//! panic on any input: a frame from a kernel, a guest or a hostile appliance is decoded
+//! into a value or a [`DecodeError`].
+
+pub mod abi;
+pub mod request;
+pub mod reply;
+
+pub use request::{decode, DecodeError, Negotiated, Operation, Request};
