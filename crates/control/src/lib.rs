@@ -1,0 +1,16 @@
+//! fsva's control protocol: the small, versioned message set the supervisor, its
+//! appliances and the CLI exchange beside the FUSE frames.
+//!
+//! - [`messages`]: what is said (appliance start-up configuration, readiness, counters,
+//!   status and unmount requests), each wrapped in a versioned envelope;
+//! - [`link`]: how it is carried: one message per `SOCK_SEQPACKET` datagram, encoded with
+//!   postcard, with descriptors attached as `SCM_RIGHTS`.
+//!
+//! This crate must never carry FUSE traffic and never act on a message: it only encodes,
+//! decodes and moves them.
+
+pub mod link;
+pub mod messages;
+
+pub use link::{Link, LinkError};
+pub use messages::*;

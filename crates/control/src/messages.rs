@@ -1,0 +1,140 @@
+//! The control messages. Every message travels inside an [`Envelope`] whose variant is
+//! the protocol version, so a peer from another fsva version is recognised and refused
+//! with a clear error instead of being misread. Adding a field means adding a version.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Current control protocol version.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// Versioned wrapper of every control message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Envelope<T> {
+    V1(T),
+}
+
+/// Which file system an appliance serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendSpec {
+    /// In memory; `capacity` bytes at most.
+    Mem { capacity: u64 },
+    /// A directory of the appliance's OS, served through system calls.
+    Passthrough { path: PathBuf },
+}
+
+impl std::fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendSpec::Mem { .. } => write!(f, "mem"),
+            BackendSpec::Passthrough { path } => write!(f, "passthrough:{}", path.display()),
+        }
+    }
+}
+
+/// How FUSE frames reach the appliance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelKind {
+    /// Cloned `/dev/fuse` descriptors, one per worker (attached to `Start`).
+    Fusedev,
+    /// One stream socket (attached to `Start`) relayed by the supervisor.
+    Stream,
+}
+
+impl std::fmt::Display for ChannelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChannelKind::Fusedev => "fusedev",
+            ChannelKind::Stream => "stream",
+        })
+    }
+}
+
+/// The isolation an appliance runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SandboxKind {
+    /// Namespaces, pivot_root, dropped capabilities, seccomp, rlimits.
+    Namespaces,
+    /// A plain child process (debugging only).
+    None,
+}
+
+impl std::fmt::Display for SandboxKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SandboxKind::Namespaces => "namespaces",
+            SandboxKind::None => "none",
+        })
+    }
+}
+
+/// Everything an appliance needs to start serving.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartConfig {
+    pub backend: BackendSpec,
+    pub channel: ChannelKind,
+    /// Worker threads per channel endpoint.
+    pub workers_per_channel: u32,
+    pub sandbox: SandboxKind,
+    /// `tracing` filter for the appliance's log.
+    pub log_filter: String,
+}
+
+/// Supervisor → appliance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToAppliance {
+    /// First message; carries the channel descriptors.
+    Start(StartConfig),
+    /// Ask for counters.
+    Stats,
+}
+
+/// Appliance → supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToSupervisor {
+    /// Serving; `pid` as seen from the host.
+    Ready { pid: u32 },
+    Stats(ApplianceStats),
+    /// Start-up failed; the message says what and what to do.
+    Failed { message: String },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceStats {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+/// CLI → supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    Status,
+    /// Flush, stop the appliance and unmount.
+    Unmount,
+}
+
+/// Supervisor → CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminReply {
+    Status(MountStatus),
+    Unmounted,
+    Error { message: String },
+}
+
+/// One mount as `fsva status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountStatus {
+    pub mountpoint: PathBuf,
+    pub backend: String,
+    pub channel: String,
+    pub sandbox: String,
+    pub supervisor_pid: u32,
+    pub appliance_pid: Option<u32>,
+    /// Seconds since the Unix epoch when the mount went live.
+    pub started: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// "serving", or why not ("appliance died: ...").
+    pub state: String,
+}

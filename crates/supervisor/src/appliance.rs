@@ -1,0 +1,120 @@
+//! Starting and talking to one appliance process.
+//!
+//! The supervisor starts the appliance by re-executing the fsva binary (`fsva
+//! __appliance`) with one end of a control [`Link`]; the `Start` message carries the
+//! configuration and the channel descriptors. The appliance dies with its supervisor
+//! (`PR_SET_PDEATHSIG`), so a killed supervisor never leaves an orphan serving a mount.
+//! This module does not decide what happens when an appliance dies; the supervisor does.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fsva_control::{ApplianceStats, Link, LinkError, StartConfig, ToAppliance, ToSupervisor};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ApplianceError {
+    #[error("starting the appliance process {exe} failed: {source}")]
+    Spawn {
+        exe: String,
+        source: std::io::Error,
+    },
+    #[error("talking to the appliance failed: {0}")]
+    Link(#[from] LinkError),
+    #[error("the appliance failed to start: {0}")]
+    Failed(String),
+    #[error("the appliance sent an unexpected message during start-up: {0}")]
+    Unexpected(String),
+}
+
+/// A running appliance as the supervisor sees it.
+#[derive(Debug)]
+pub struct Appliance {
+    /// Host pid of the appliance process.
+    pub pid: u32,
+    link: Link,
+}
+
+impl Appliance {
+    /// Spawns `exe __appliance`, hands it `config` and `fds`, and waits until it serves.
+    /// Returns the appliance and its `Child` (for the caller's waiter thread).
+    pub fn start(
+        exe: &Path,
+        config: &StartConfig,
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<(Appliance, Child), ApplianceError> {
+        let (ours, theirs) = Link::pair()?;
+        let their_fd = theirs.as_fd().as_raw_fd();
+        let mut cmd = Command::new(exe);
+        cmd.arg("__appliance")
+            .arg("--control-fd")
+            .arg(their_fd.to_string())
+            .stdin(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // async-signal-safe functions (fcntl, prctl, getppid) on values it owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Keep the appliance's end of the link open across exec.
+                if libc::fcntl(their_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Die with the supervisor: a mount is never served by an orphan.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| ApplianceError::Spawn {
+            exe: exe.display().to_string(),
+            source,
+        })?;
+        drop(theirs);
+        let pid = child.id();
+        rustix::net::sockopt::set_socket_timeout(
+            &ours,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(timeout),
+        )
+        .ok();
+        ours.send(&ToAppliance::Start(config.clone()), fds)?;
+        match ours.recv::<ToSupervisor>() {
+            Ok((ToSupervisor::Ready { .. }, _)) => {}
+            Ok((ToSupervisor::Failed { message }, _)) => return Err(ApplianceError::Failed(message)),
+            Ok((other, _)) => return Err(ApplianceError::Unexpected(format!("{other:?}"))),
+            Err(LinkError::Closed) => {
+                return Err(ApplianceError::Failed(
+                    "it exited before it was ready (see the log for why)".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        rustix::net::sockopt::set_socket_timeout(
+            &ours,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(Duration::from_secs(2)),
+        )
+        .ok();
+        Ok((Appliance { pid, link: ours }, child))
+    }
+
+    /// Asks the appliance for its counters.
+    pub fn stats(&self) -> Result<ApplianceStats, ApplianceError> {
+        self.link.send(&ToAppliance::Stats, &[])?;
+        match self.link.recv::<ToSupervisor>()? {
+            (ToSupervisor::Stats(s), _) => Ok(s),
+            (other, _) => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends SIGKILL to the appliance.
+    pub fn kill(&self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The relay of a stream channel: `/dev/fuse` clones on one side, the appliance's
+//! stream on the other.
+//!
+//! Requests are forwarded as read; each one the kernel expects an answer to is recorded
+//! with the clone it came from, because the kernel only accepts a reply on that clone.
+//! Replies are validated before they reach the kernel: the frame length, a known
+//! `unique`, an error code in range. Anything else means the appliance is broken or
+//! hostile: the bridge drops it, answers every pending request with EIO, and from then
+//! on answers every new request with EIO itself. The bridge never reads a payload.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use fsva_channel::fusedev::FuseDev;
+use fsva_channel::stream::read_frame;
+use fsva_channel::Channel;
+use fsva_protocol::abi::{opcode, OutHeader};
+use fsva_protocol::reply::ReplyBuf;
+use fsva_protocol::request::decode_header;
+use zerocopy::FromBytes;
+
+use crate::fallback::error_reply;
+
+/// Largest frame either way: a 1 MiB payload plus headers.
+const MAX_FRAME: usize = (1 << 20) + 8192;
+
+/// Why the bridge gave up on an appliance.
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+
+struct Shared {
+    devs: Vec<Arc<FuseDev>>,
+    to_appliance: Mutex<UnixStream>,
+    /// unique → index of the clone that read the request.
+    pending: Mutex<HashMap<u64, usize>>,
+    dead: AtomicBool,
+    on_failure: FailureHook,
+}
+
+/// A running relay.
+pub struct Bridge {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Bridge {
+    /// Starts relaying between `devs` and `stream`. `on_failure` is called once, with
+    /// the reason, when the appliance misbehaves or disconnects.
+    pub fn start(devs: Vec<Arc<FuseDev>>, stream: UnixStream, on_failure: FailureHook) -> std::io::Result<Bridge> {
+        let reader = stream.try_clone()?;
+        let shared = Arc::new(Shared {
+            devs,
+            to_appliance: Mutex::new(stream),
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            on_failure,
+        });
+        let mut threads = Vec::new();
+        for i in 0..shared.devs.len() {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fsva-bridge-req-{i}"))
+                    .spawn(move || forward_requests(&s, i))?,
+            );
+        }
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("fsva-bridge-reply".into())
+                .spawn(move || forward_replies(&s, reader))?,
+        );
+        Ok(Bridge { shared, threads })
+    }
+
+    /// Whether the appliance side has been dropped.
+    pub fn is_dead(&self) -> bool {
+        self.shared.dead.load(Ordering::SeqCst)
+    }
+
+    /// Drops the appliance side (for example because its process exited).
+    pub fn fail(&self, why: &str) {
+        fail(&self.shared, why);
+    }
+
+    /// Waits for the relay threads (they end when the mount goes away).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fail(s: &Shared, why: &str) {
+    if s.dead.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tracing::error!(reason = why, "dropping the appliance; answering its requests with EIO");
+    let _ = s
+        .to_appliance
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shutdown(std::net::Shutdown::Both);
+    let pending: Vec<(u64, usize)> = s
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .collect();
+    let mut reply = ReplyBuf::default();
+    for (unique, dev) in pending {
+        let _ = s.devs[dev].send(reply.error(unique, libc::EIO));
+    }
+    (s.on_failure)(why);
+}
+
+fn forward_requests(s: &Shared, index: usize) {
+    let dev = &s.devs[index];
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut reply = ReplyBuf::default();
+    while let Ok(Some(n)) = dev.receive(&mut buf) {
+        let frame = &buf[..n];
+        if s.dead.load(Ordering::SeqCst) {
+            if let Some(r) = error_reply(frame, libc::EIO, &mut reply) {
+                let _ = dev.send(r);
+            }
+            continue;
+        }
+        let Ok(h) = decode_header(frame) else {
+            continue;
+        };
+        let one_way = matches!(h.opcode, opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT);
+        if !one_way {
+            s.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(h.unique, index);
+        }
+        let sent = s
+            .to_appliance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(frame);
+        if let Err(e) = sent {
+            fail(s, &format!("writing to the appliance failed: {e}"));
+            // The request may have been drained by `fail` already; answer it if not.
+            if !one_way && s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&h.unique).is_some() {
+                let _ = dev.send(reply.error(h.unique, libc::EIO));
+            }
+        }
+    }
+}
+
+fn forward_replies(s: &Shared, reader: UnixStream) {
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        let n = match read_frame(&reader, &mut buf, core::mem::size_of::<OutHeader>(), "appliance stream") {
+            Ok(Some(n)) => n,
+            Ok(None) => return fail(s, "the appliance closed its stream"),
+            Err(e) => return fail(s, &format!("malformed reply frame: {e}")),
+        };
+        if s.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        let frame = &buf[..n];
+        let Ok((h, _)) = OutHeader::read_from_prefix(frame) else {
+            return fail(s, "reply shorter than its header");
+        };
+        if h.unique == 0 {
+            // A notification (cache invalidation): the kernel validates it itself.
+            if h.error <= 0 {
+                return fail(s, &format!("notification with invalid code {}", h.error));
+            }
+            let _ = s.devs[0].send(frame);
+            continue;
+        }
+        if h.error > 0 || h.error < -4095 {
+            return fail(s, &format!("reply to {} carries invalid error {}", h.unique, h.error));
+        }
+        let Some(dev) = s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&h.unique) else {
+            return fail(s, &format!("reply to unknown request {}", h.unique));
+        };
+        if let Err(e) = s.devs[dev].send(frame) {
+            // The kernel refused the frame (EINVAL: malformed for its request).
+            tracing::warn!(unique = h.unique, error = %e, "kernel rejected a reply");
+            let mut reply = ReplyBuf::default();
+            let _ = s.devs[dev].send(reply.error(h.unique, libc::EIO));
+            return fail(s, &format!("the kernel rejected reply {}: {e}", h.unique));
+        }
+    }
+}

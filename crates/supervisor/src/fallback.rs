@@ -1,0 +1,57 @@
+//! Answering for an appliance that is gone.
+//!
+//! When an appliance dies the supervisor still holds every `/dev/fuse` clone, so the
+//! kernel keeps the requests the appliance had read but not answered. A
+//! `FUSE_NOTIFY_RESEND` puts them back in the queue, and the fallback readers answer
+//! them, and every later request, with an error: the application sees EIO at once
+//! instead of a hung mount. This module never forwards a request anywhere.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fsva_channel::fusedev::FuseDev;
+use fsva_channel::Channel;
+use fsva_protocol::abi::opcode;
+use fsva_protocol::reply::{notify_resend, ReplyBuf};
+use fsva_protocol::request::decode_header;
+
+/// The error reply for a request frame, or `None` if it takes no reply.
+pub fn error_reply<'a>(frame: &[u8], errno: i32, reply: &'a mut ReplyBuf) -> Option<&'a [u8]> {
+    let h = decode_header(frame).ok()?;
+    match h.opcode {
+        opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT => None,
+        // Let an unmount complete cleanly.
+        opcode::DESTROY => Some(reply.empty(h.unique)),
+        _ => Some(reply.error(h.unique, errno)),
+    }
+}
+
+/// Starts answering every request on `devs` with `errno`, after asking the kernel to
+/// resend what the dead appliance had taken. The threads end when the mount goes away.
+pub fn answer_with_errors(devs: &[Arc<FuseDev>], errno: i32) -> Vec<JoinHandle<()>> {
+    if let Some(first) = devs.first() {
+        let mut buf = ReplyBuf::default();
+        if let Err(e) = first.send(notify_resend(&mut buf)) {
+            tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed; requests the appliance had taken stay pending");
+        }
+    }
+    devs.iter()
+        .cloned()
+        .map(|dev| {
+            std::thread::Builder::new()
+                .name("fsva-fallback".into())
+                .spawn(move || serve_errors(&dev, errno))
+                .expect("spawning a fallback thread")
+        })
+        .collect()
+}
+
+fn serve_errors(dev: &FuseDev, errno: i32) {
+    let mut buf = vec![0u8; (1 << 20) + 8192];
+    let mut reply = ReplyBuf::default();
+    while let Ok(Some(n)) = dev.receive(&mut buf) {
+        if let Some(frame) = error_reply(&buf[..n], errno, &mut reply) {
+            let _ = dev.send(frame);
+        }
+    }
+}

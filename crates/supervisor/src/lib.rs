@@ -1,0 +1,19 @@
+//! The supervisor: fsva's user-side proxy in user space, one per mount.
+//!
+//! It owns everything the user's side must keep whatever the appliance does: the mount
+//! ([`mount`]), the `/dev/fuse` session and every clone of it, the appliance process
+//! ([`appliance`]), the relay for stream channels ([`bridge`]), the fallback that answers
+//! requests with errors once an appliance is gone ([`fallback`]), the per-mount runtime
+//! files ([`registry`]) and the loop that ties them together ([`supervisor`]).
+//!
+//! It never interprets file system semantics beyond FUSE framing: it reads headers to
+//! route and validate frames, and answers with errors when no appliance can.
+
+pub mod appliance;
+pub mod bridge;
+pub mod fallback;
+pub mod mount;
+pub mod registry;
+pub mod supervisor;
+
+pub use supervisor::{run, MountRequest, SupervisorError};

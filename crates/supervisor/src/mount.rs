@@ -1,0 +1,310 @@
+//! Making and removing the FUSE mount.
+//!
+//! As root the supervisor calls mount(2) itself with a fresh `/dev/fuse` descriptor;
+//! otherwise it asks `fusermount3` (setuid helper of the fuse3 package), which passes the
+//! descriptor back over a socket (`_FUSE_COMMFD`). Mount points are checked first, so a
+//! user gets a one-line error that says what to do. This module never starts appliances.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rustix::mount::{MountFlags, UnmountFlags};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum MountError {
+    #[error("mount point {0} does not exist: create it with `mkdir -p {0}`")]
+    Missing(PathBuf),
+    #[error("mount point {0} is not a directory: choose an empty directory")]
+    NotDirectory(PathBuf),
+    #[error("mount point {0} is not empty: choose an empty directory (fsva will not hide files)")]
+    NotEmpty(PathBuf),
+    #[error("cannot inspect mount point {path}: {source}")]
+    Inspect { path: PathBuf, source: io::Error },
+    #[error("{0} is already an fsva mount: unmount it first with `fsva umount {0}`")]
+    AlreadyMounted(PathBuf),
+    #[error("/dev/fuse is missing: load the fuse module (`modprobe fuse`) or, in a container, pass the device in")]
+    NoDevice,
+    #[error("{0}")]
+    Channel(#[from] fsva_channel::ChannelError),
+    #[error("mount(2) of {path} failed: {source}")]
+    Mount { path: PathBuf, source: io::Error },
+    #[error("fusermount3 could not mount {path}: {message} (install the fuse3 package, or run as root)")]
+    Fusermount { path: PathBuf, message: String },
+    #[error("{path} is busy (files are open on it): close them, or unmount with --lazy")]
+    Busy { path: PathBuf },
+    #[error("unmounting {path} failed: {source}")]
+    Unmount { path: PathBuf, source: io::Error },
+}
+
+/// Mount options the user chose.
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    pub read_only: bool,
+    /// Honour set-id bits (`-o suid`); off by default, as for every FUSE mount.
+    pub suid: bool,
+    /// Honour device nodes (`-o dev`); off by default.
+    pub dev: bool,
+    /// Let other users than the mounting one in (always on as root).
+    pub allow_other: bool,
+    /// Source name shown in /proc/mounts.
+    pub source: String,
+}
+
+/// Checks that `path` is an existing, empty directory that is not mounted by fsva yet,
+/// and returns its canonical form.
+pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(MountError::Missing(path.to_path_buf()))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(MountError::AlreadyMounted(path.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(MountError::Inspect {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.is_dir() {
+        return Err(MountError::NotDirectory(path.to_path_buf()));
+    }
+    let canonical = path.canonicalize().map_err(|source| MountError::Inspect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if is_fsva_mount(&canonical) {
+        return Err(MountError::AlreadyMounted(canonical));
+    }
+    let mut entries = std::fs::read_dir(&canonical).map_err(|source| MountError::Inspect {
+        path: canonical.clone(),
+        source,
+    })?;
+    if entries.next().is_some() {
+        return Err(MountError::NotEmpty(canonical));
+    }
+    Ok(canonical)
+}
+
+/// Whether /proc/self/mountinfo lists an fsva FUSE mount at `path`.
+pub fn is_fsva_mount(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-");
+        match sep {
+            Some(s) if fields.len() > s + 1 => {
+                fields.get(4).is_some_and(|m| unescape(m) == want)
+                    && fields[s + 1].starts_with("fuse.fsva")
+            }
+            _ => false,
+        }
+    })
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Mounts and returns the session's `/dev/fuse` descriptor.
+pub fn mount(path: &Path, opts: &MountOptions) -> Result<OwnedFd, MountError> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoDevice);
+    }
+    if rustix::process::geteuid().is_root() {
+        mount_directly(path, opts)
+    } else {
+        mount_with_fusermount(path, opts)
+    }
+}
+
+fn mount_directly(path: &Path, opts: &MountOptions) -> Result<OwnedFd, MountError> {
+    let dev = fsva_channel::fusedev::open_device()?;
+    let meta = std::fs::metadata(path).map_err(|source| MountError::Inspect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    use std::os::unix::fs::MetadataExt;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions",
+        dev.as_raw_fd(),
+        meta.mode() & libc::S_IFMT,
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    );
+    if opts.allow_other || rustix::process::geteuid().is_root() {
+        data.push_str(",allow_other");
+    }
+    let mut flags = MountFlags::empty();
+    if !opts.suid {
+        flags |= MountFlags::NOSUID;
+    }
+    if !opts.dev {
+        flags |= MountFlags::NODEV;
+    }
+    if opts.read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    rustix::mount::mount(
+        opts.source.as_str(),
+        path,
+        "fuse.fsva",
+        flags,
+        std::ffi::CString::new(data).ok().as_deref(),
+    )
+    .map_err(|e| MountError::Mount {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    Ok(dev)
+}
+
+fn mount_with_fusermount(path: &Path, opts: &MountOptions) -> Result<OwnedFd, MountError> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let (ours, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::empty(),
+        None,
+    )
+    .map_err(|e| MountError::Fusermount {
+        path: path.to_path_buf(),
+        message: format!("socketpair: {e}"),
+    })?;
+    rustix::io::fcntl_setfd(&ours, rustix::io::FdFlags::CLOEXEC).ok();
+    let mut o = vec![
+        "default_permissions".to_string(),
+        format!("fsname={}", opts.source),
+        "subtype=fsva".to_string(),
+    ];
+    if opts.read_only {
+        o.push("ro".into());
+    }
+    if opts.allow_other {
+        o.push("allow_other".into());
+    }
+    let status = Command::new("fusermount3")
+        .arg("-o")
+        .arg(o.join(","))
+        .arg("--")
+        .arg(path)
+        .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
+        .status()
+        .map_err(|e| MountError::Fusermount {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    drop(theirs);
+    if !status.success() {
+        return Err(MountError::Fusermount {
+            path: path.to_path_buf(),
+            message: format!("it exited with {status}"),
+        });
+    }
+    let link = fsva_control::Link::from_fd(ours);
+    receive_fd(link).map_err(|message| MountError::Fusermount {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// fusermount3 sends one byte with the descriptor attached.
+fn receive_fd(link: fsva_control::Link) -> Result<OwnedFd, String> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::io::IoSliceMut;
+    use std::mem::MaybeUninit;
+    let fd = link.into_fd();
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    rustix::net::recvmsg(
+        &fd,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("receiving the /dev/fuse descriptor: {e}"))?;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            if let Some(fd) = fds.next() {
+                return Ok(fd);
+            }
+        }
+    }
+    Err("no /dev/fuse descriptor was passed back".into())
+}
+
+/// Unmounts `path`. `lazy` detaches even when busy.
+pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
+    if rustix::process::geteuid().is_root() {
+        let flags = if lazy {
+            UnmountFlags::DETACH
+        } else {
+            UnmountFlags::empty()
+        };
+        match rustix::mount::unmount(path, flags) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::BUSY) => Err(MountError::Busy {
+                path: path.to_path_buf(),
+            }),
+            Err(e) => Err(MountError::Unmount {
+                path: path.to_path_buf(),
+                source: e.into(),
+            }),
+        }
+    } else {
+        let mut cmd = Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        let out = cmd.arg("--").arg(path).output().map_err(|source| MountError::Unmount {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if out.status.success() {
+            Ok(())
+        } else if String::from_utf8_lossy(&out.stderr).contains("busy") {
+            Err(MountError::Busy {
+                path: path.to_path_buf(),
+            })
+        } else {
+            Err(MountError::Unmount {
+                path: path.to_path_buf(),
+                source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountpoint_checks_give_actionable_errors() {
+        let base = std::env::temp_dir().join(format!("fsva-mp-{}", std::process::id()));
+        std::fs::create_dir_all(base.join("full")).unwrap();
+        std::fs::write(base.join("full/x"), b"").unwrap();
+        std::fs::write(base.join("file"), b"").unwrap();
+        std::fs::create_dir_all(base.join("empty")).unwrap();
+        assert!(matches!(check_mountpoint(&base.join("nope")), Err(MountError::Missing(_))));
+        assert!(matches!(check_mountpoint(&base.join("file")), Err(MountError::NotDirectory(_))));
+        assert!(matches!(check_mountpoint(&base.join("full")), Err(MountError::NotEmpty(_))));
+        assert!(check_mountpoint(&base.join("empty")).is_ok());
+        let msg = check_mountpoint(&base.join("nope")).unwrap_err().to_string();
+        assert!(msg.contains("mkdir -p"), "{msg}");
+        std::fs::remove_dir_all(base).unwrap();
+    }
+}

@@ -1,0 +1,372 @@
+//! One mount's supervisor, from mount to unmount.
+//!
+//! [`run`] checks the request, mounts, starts the appliance on its channel, waits until
+//! the mount answers, reports readiness, and then serves admin requests (`status`,
+//! `umount`) and reacts to the appliance's death and to SIGINT/SIGTERM until the mount
+//! is gone. Whatever fails after the mount exists, the mount is removed again: a user
+//! never inherits a half-made mount. It holds every `/dev/fuse` clone for the life of
+//! the mount so that in-flight requests survive an appliance's death.
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fsva_channel::fusedev::{clone_session, FuseDev};
+use fsva_control::link::Listener;
+use fsva_control::{
+    AdminReply, AdminRequest, BackendSpec, ChannelKind, Link, MountStatus, SandboxKind,
+    StartConfig,
+};
+use thiserror::Error;
+
+use crate::appliance::{Appliance, ApplianceError};
+use crate::bridge::Bridge;
+use crate::mount::{self, MountError, MountOptions};
+use crate::registry;
+
+#[derive(Debug, Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Appliance(#[from] ApplianceError),
+    #[error("backend directory {0} does not exist or is not a directory: pass an existing directory to --backend passthrough:DIR")]
+    BadBackendPath(PathBuf),
+    #[error("the mount at {0} did not answer within {1:?} after the appliance started (see the log)")]
+    NotAnswering(PathBuf, Duration),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Link(#[from] fsva_control::LinkError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// Everything `fsva mount` asks for.
+#[derive(Debug)]
+pub struct MountRequest {
+    pub mountpoint: PathBuf,
+    pub backend: BackendSpec,
+    pub channel: ChannelKind,
+    pub sandbox: SandboxKind,
+    /// Channel endpoints (each one worker thread in the appliance).
+    pub workers: u32,
+    pub options: MountOptions,
+    /// The fsva executable to run appliances with.
+    pub exe: PathBuf,
+    pub log_filter: String,
+    /// Written "ok\n" once the mount answers, or "error: ...\n"; then closed.
+    pub ready: Option<OwnedFd>,
+}
+
+enum Event {
+    Admin(Link),
+    ApplianceExited(String),
+    Signal(i32),
+}
+
+/// Mounts, serves until unmounted, and cleans up.
+pub fn run(mut req: MountRequest) -> Result<(), SupervisorError> {
+    let ready = req.ready.take();
+    let result = run_inner(req, ready.as_ref());
+    if let (Err(e), Some(fd)) = (&result, ready.as_ref()) {
+        let mut f = std::fs::File::from(fd.try_clone().map_err(io_err("ready pipe"))?);
+        let _ = writeln!(f, "error: {e}");
+    }
+    result
+}
+
+fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), SupervisorError> {
+    block_termination_signals();
+    let mountpoint = mount::check_mountpoint(&req.mountpoint)?;
+    if let BackendSpec::Passthrough { path } = &req.backend {
+        if !path.is_dir() {
+            return Err(SupervisorError::BadBackendPath(path.clone()));
+        }
+    }
+    let entry = registry::Entry::for_mount(&mountpoint);
+    if let Some(dir) = entry.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    let listener = Listener::bind(&entry.socket)?;
+
+    let session = mount::mount(&mountpoint, &req.options)?;
+    let mounted = MountGuard {
+        path: mountpoint.clone(),
+        armed: true,
+    };
+
+    let workers = req.workers.max(1) as usize;
+    let mut devs = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        devs.push(Arc::new(FuseDev::new(clone_session(session.as_fd()).map_err(MountError::from)?)));
+    }
+
+    let (events_tx, events) = mpsc::channel::<Event>();
+    let config = StartConfig {
+        backend: req.backend.clone(),
+        channel: req.channel,
+        workers_per_channel: if req.channel == ChannelKind::Stream { workers as u32 } else { 1 },
+        sandbox: req.sandbox,
+        log_filter: req.log_filter.clone(),
+    };
+
+    let mut bridge = None;
+    let (appliance, child) = match req.channel {
+        ChannelKind::Fusedev => {
+            let fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
+            Appliance::start(&req.exe, &config, &fds, Duration::from_secs(30))?
+        }
+        ChannelKind::Stream => {
+            let (ours, theirs) = UnixStream::pair().map_err(io_err("creating the stream channel"))?;
+            let started = Appliance::start(&req.exe, &config, &[theirs.as_fd()], Duration::from_secs(30))?;
+            let tx = events_tx.clone();
+            let pid = started.0.pid;
+            bridge = Some(
+                Bridge::start(
+                    devs.clone(),
+                    ours,
+                    Box::new(move |why| {
+                        // A misbehaving appliance is stopped; its exit is reported by the waiter.
+                        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                        }
+                        tracing::error!(reason = why, "appliance dropped by the stream relay");
+                        let _ = tx.send(Event::ApplianceExited(format!("dropped: {why}")));
+                    }),
+                )
+                .map_err(io_err("starting the stream relay"))?,
+            );
+            started
+        }
+    };
+    tracing::info!(pid = appliance.pid, backend = %req.backend, channel = %req.channel, sandbox = %req.sandbox, "appliance serving");
+
+    {
+        let tx = events_tx.clone();
+        let mut child = child;
+        std::thread::Builder::new()
+            .name("fsva-appliance-waiter".into())
+            .spawn(move || {
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                let _ = tx.send(Event::ApplianceExited(status));
+            })
+            .map_err(io_err("spawning the appliance waiter"))?;
+    }
+    {
+        let tx = events_tx.clone();
+        std::thread::Builder::new()
+            .name("fsva-admin".into())
+            .spawn(move || {
+                while let Ok(link) = listener.accept() {
+                    if tx.send(Event::Admin(link)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(io_err("spawning the admin listener"))?;
+    }
+    {
+        let tx = events_tx.clone();
+        std::thread::Builder::new()
+            .name("fsva-signals".into())
+            .spawn(move || loop {
+                let sig = wait_termination_signal();
+                if tx.send(Event::Signal(sig)).is_err() {
+                    break;
+                }
+            })
+            .map_err(io_err("spawning the signal thread"))?;
+    }
+
+    wait_until_answering(&mountpoint, Duration::from_secs(30))?;
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    entry
+        .write_record(&[
+            ("mountpoint", mountpoint.display().to_string()),
+            ("supervisor_pid", std::process::id().to_string()),
+            ("appliance_pid", appliance.pid.to_string()),
+            ("backend", req.backend.to_string()),
+        ])
+        .map_err(io_err(format!("writing {}", entry.record.display())))?;
+    if let Some(fd) = ready {
+        let mut f = std::fs::File::from(fd.try_clone().map_err(io_err("ready pipe"))?);
+        let _ = f.write_all(b"ok\n");
+    }
+
+    let mut state = String::from("serving");
+    let mut alive = true;
+    let mut mounted = mounted;
+    loop {
+        let Ok(event) = events.recv() else { break };
+        match event {
+            Event::ApplianceExited(status) => {
+                if !alive {
+                    continue;
+                }
+                alive = false;
+                state = format!("appliance gone ({status}); answering EIO");
+                tracing::error!(status = %status, "appliance exited; the mount now answers EIO");
+                match &bridge {
+                    Some(b) => b.fail(&format!("appliance exited ({status})")),
+                    None => {
+                        fallback_threads(&devs);
+                    }
+                }
+            }
+            Event::Signal(sig) => {
+                tracing::info!(signal = sig, "unmounting on signal");
+                match mount::unmount(&mountpoint, false) {
+                    Ok(()) => {}
+                    Err(MountError::Busy { .. }) => {
+                        tracing::warn!("mount busy; detaching it lazily");
+                        mount::unmount(&mountpoint, true)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                mounted.armed = false;
+                break;
+            }
+            Event::Admin(link) => {
+                let Ok((request, _)) = link.recv::<AdminRequest>() else { continue };
+                match request {
+                    AdminRequest::Status => {
+                        let stats = if alive { appliance.stats().ok() } else { None };
+                        let status = MountStatus {
+                            mountpoint: mountpoint.clone(),
+                            backend: req.backend.to_string(),
+                            channel: req.channel.to_string(),
+                            sandbox: req.sandbox.to_string(),
+                            supervisor_pid: std::process::id(),
+                            appliance_pid: alive.then_some(appliance.pid),
+                            started,
+                            requests: stats.map(|s| s.requests).unwrap_or(0),
+                            errors: stats.map(|s| s.errors).unwrap_or(0),
+                            state: state.clone(),
+                        };
+                        let _ = link.send(&AdminReply::Status(status), &[]);
+                    }
+                    AdminRequest::Unmount => match mount::unmount(&mountpoint, false) {
+                        Ok(()) => {
+                            mounted.armed = false;
+                            finish_appliance(&appliance, alive);
+                            entry.remove();
+                            let _ = link.send(&AdminReply::Unmounted, &[]);
+                            drop(bridge);
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            let _ = link.send(&AdminReply::Error { message: e.to_string() }, &[]);
+                        }
+                    },
+                }
+            }
+        }
+    }
+    finish_appliance(&appliance, alive);
+    entry.remove();
+    drop(session);
+    Ok(())
+}
+
+/// After unmount the appliance sees ENODEV on every channel and exits on its own;
+/// give it a moment to flush, then make sure.
+fn finish_appliance(appliance: &Appliance, alive: bool) {
+    if !alive {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if !Path::new(&format!("/proc/{}", appliance.pid)).exists() || is_zombie(appliance.pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::warn!(pid = appliance.pid, "appliance did not exit after unmount; killing it");
+    appliance.kill();
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+fn fallback_threads(devs: &[Arc<FuseDev>]) {
+    // Threads end when the mount goes away.
+    let _ = crate::fallback::answer_with_errors(devs, libc::EIO);
+}
+
+/// Removes the mount if set-up fails half way.
+struct MountGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = mount::unmount(&self.path, true) {
+                tracing::error!(error = %e, "could not remove the mount after a failure");
+            }
+        }
+    }
+}
+
+fn wait_until_answering(path: &Path, timeout: Duration) -> Result<(), SupervisorError> {
+    let (tx, rx) = mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::metadata(&p));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(io_err(format!("checking the new mount {}", path.display()))(e)),
+        Err(_) => Err(SupervisorError::NotAnswering(path.to_path_buf(), timeout)),
+    }
+}
+
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread and every thread it starts later, so
+/// that only the signal thread receives them (via sigwait).
+fn block_termination_signals() {
+    let set = termination_set();
+    // SAFETY: pthread_sigmask reads a valid, initialised sigset_t.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_termination_signal() -> i32 {
+    let set = termination_set();
+    let mut sig = 0;
+    // SAFETY: sigwait reads a valid sigset_t and writes one int.
+    unsafe {
+        libc::sigwait(&set, &mut sig);
+    }
+    sig
+}
