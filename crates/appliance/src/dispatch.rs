@@ -125,7 +125,12 @@ impl Dispatcher {
                 );
                 match negotiate(&init, wanted, &self.config) {
                     InitReply::Accept(out, n) => {
-                        tracing::info!(minor = n.minor, flags = format_args!("{:#x}", n.flags), max_write = n.max_write, "FUSE session established");
+                        tracing::info!(
+                            minor = n.minor,
+                            flags = format_args!("{:#x}", n.flags),
+                            max_write = n.max_write,
+                            "FUSE session established"
+                        );
                         self.session.establish(n);
                         reply.value(u, &out);
                     }
@@ -133,7 +138,11 @@ impl Dispatcher {
                         reply.bytes(u, &out.as_bytes()[..8]);
                     }
                     InitReply::Refuse(errno) => {
-                        tracing::error!(major = init.major, minor = init.minor, "kernel FUSE version too old");
+                        tracing::error!(
+                            major = init.major,
+                            minor = init.minor,
+                            "kernel FUSE version too old"
+                        );
                         reply.error(u, errno);
                     }
                 }
@@ -157,11 +166,9 @@ impl Dispatcher {
             // Locks are kept by the kernel (POSIX_LOCKS/FLOCK_LOCKS are not negotiated),
             // so there is never a blocked request here to interrupt.
             Operation::Interrupt(_) => Outcome::NoReply,
-            Operation::Lookup { name } => {
-                finish(reply, u, fs.lookup(&ctx, ino, name), |r, e| {
-                    r.value(u, &e.to_abi());
-                })
-            }
+            Operation::Lookup { name } => finish(reply, u, fs.lookup(&ctx, ino, name), |r, e| {
+                r.value(u, &e.to_abi());
+            }),
             Operation::Getattr(a) => {
                 let fh = (a.getattr_flags & flags::GETATTR_FH != 0).then_some(a.fh);
                 finish(reply, u, fs.getattr(&ctx, ino, fh), |r, (attr, ttl)| {
@@ -189,11 +196,14 @@ impl Dispatcher {
                     r.value(u, &e.to_abi());
                 },
             ),
-            Operation::Mkdir { arg, name } => {
-                finish(reply, u, fs.mkdir(&ctx, ino, name, arg.mode, arg.umask), |r, e| {
+            Operation::Mkdir { arg, name } => finish(
+                reply,
+                u,
+                fs.mkdir(&ctx, ino, name, arg.mode, arg.umask),
+                |r, e| {
                     r.value(u, &e.to_abi());
-                })
-            }
+                },
+            ),
             Operation::Unlink { name } => finish(reply, u, fs.unlink(&ctx, ino, name), |r, ()| {
                 r.empty(u);
             }),
@@ -240,17 +250,33 @@ impl Dispatcher {
             Operation::Write { arg, data } => finish(
                 reply,
                 u,
-                fs.write(&ctx, ino, arg.fh, arg.offset, data, arg.write_flags, arg.flags),
+                fs.write(
+                    &ctx,
+                    ino,
+                    arg.fh,
+                    arg.offset,
+                    data,
+                    arg.write_flags,
+                    arg.flags,
+                ),
                 |r, n| {
-                    r.value(u, &abi::WriteOut { size: n, padding: 0 });
+                    r.value(
+                        u,
+                        &abi::WriteOut {
+                            size: n,
+                            padding: 0,
+                        },
+                    );
                 },
             ),
             Operation::Statfs => finish(reply, u, fs.statfs(&ctx, ino), |r, st| {
                 r.value(u, &st);
             }),
-            Operation::Release(a) => finish(reply, u, fs.release(&ctx, ino, a.fh, a.flags), |r, ()| {
-                r.empty(u);
-            }),
+            Operation::Release(a) => {
+                finish(reply, u, fs.release(&ctx, ino, a.fh, a.flags), |r, ()| {
+                    r.empty(u);
+                })
+            }
             Operation::Fsync(a) => finish(
                 reply,
                 u,
@@ -286,9 +312,14 @@ impl Dispatcher {
                     r.empty(u);
                 })
             }
-            Operation::Flush(a) => finish(reply, u, fs.flush(&ctx, ino, a.fh, a.lock_owner), |r, ()| {
-                r.empty(u);
-            }),
+            Operation::Flush(a) => finish(
+                reply,
+                u,
+                fs.flush(&ctx, ino, a.fh, a.lock_owner),
+                |r, ()| {
+                    r.empty(u);
+                },
+            ),
             Operation::Opendir(a) => finish(reply, u, fs.opendir(&ctx, ino, a.flags), |r, o| {
                 r.value(u, &open_out(&o));
             }),
@@ -307,9 +338,11 @@ impl Dispatcher {
                 }
                 Outcome::Reply
             }
-            Operation::Releasedir(a) => finish(reply, u, fs.releasedir(&ctx, ino, a.fh), |r, ()| {
-                r.empty(u);
-            }),
+            Operation::Releasedir(a) => {
+                finish(reply, u, fs.releasedir(&ctx, ino, a.fh), |r, ()| {
+                    r.empty(u);
+                })
+            }
             Operation::Fsyncdir(a) => finish(
                 reply,
                 u,
@@ -351,26 +384,46 @@ impl Dispatcher {
                     r.empty(u);
                 },
             ),
-            Operation::Lseek(a) => {
-                finish(reply, u, fs.lseek(&ctx, ino, a.fh, a.offset, a.whence), |r, off| {
+            Operation::Lseek(a) => finish(
+                reply,
+                u,
+                fs.lseek(&ctx, ino, a.fh, a.offset, a.whence),
+                |r, off| {
                     r.value(u, &abi::LseekOut { offset: off });
-                })
-            }
+                },
+            ),
             Operation::CopyFileRange(a) | Operation::CopyFileRange64(a) => {
                 let wide = h.opcode == opcode::COPY_FILE_RANGE_64;
-                let len = if wide { a.len } else { a.len.min(u64::from(u32::MAX) & !0xfff) };
+                let len = if wide {
+                    a.len
+                } else {
+                    a.len.min(u64::from(u32::MAX) & !0xfff)
+                };
                 finish(
                     reply,
                     u,
                     fs.copy_file_range(
-                        &ctx, ino, a.fh_in, a.off_in, a.nodeid_out, a.fh_out, a.off_out, len,
+                        &ctx,
+                        ino,
+                        a.fh_in,
+                        a.off_in,
+                        a.nodeid_out,
+                        a.fh_out,
+                        a.off_out,
+                        len,
                         a.flags,
                     ),
                     |r, n| {
                         if wide {
                             r.value(u, &abi::CopyFileRangeOut64 { bytes_copied: n });
                         } else {
-                            r.value(u, &abi::WriteOut { size: n as u32, padding: 0 });
+                            r.value(
+                                u,
+                                &abi::WriteOut {
+                                    size: n as u32,
+                                    padding: 0,
+                                },
+                            );
                         }
                     },
                 )
@@ -414,7 +467,11 @@ impl Dispatcher {
     fn malformed(&self, frame: &[u8], e: DecodeError, reply: &mut ReplyBuf) -> Outcome {
         tracing::warn!(error = %e, "malformed request frame");
         match decode_header(frame) {
-            Ok(h) if h.opcode != opcode::FORGET && h.opcode != opcode::BATCH_FORGET && h.opcode != opcode::INTERRUPT => {
+            Ok(h)
+                if h.opcode != opcode::FORGET
+                    && h.opcode != opcode::BATCH_FORGET
+                    && h.opcode != opcode::INTERRUPT =>
+            {
                 reply.error(h.unique, libc::EIO);
                 Outcome::Reply
             }

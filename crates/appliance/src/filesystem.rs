@@ -211,7 +211,14 @@ pub trait Filesystem: Send + Sync {
     ) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }
-    fn mkdir(&self, ctx: &Context, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }
     fn symlink(&self, ctx: &Context, parent: u64, name: &OsStr, target: &[u8]) -> Result<Entry> {
@@ -282,7 +289,14 @@ pub trait Filesystem: Send + Sync {
         Err(Errno::ENOSYS)
     }
     /// Fills `sink` with entries that come after the position `offset` (0: the start).
-    fn readdir(&self, ctx: &Context, ino: u64, fh: u64, offset: u64, sink: &mut DirSink) -> Result<()> {
+    fn readdir(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut DirSink,
+    ) -> Result<()> {
         Err(Errno::ENOSYS)
     }
     fn releasedir(&self, ctx: &Context, ino: u64, fh: u64) -> Result<()> {

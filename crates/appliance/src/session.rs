@@ -123,10 +123,7 @@ impl Session {
     }
 
     pub fn codec(&self) -> Negotiated {
-        self.negotiation
-            .get()
-            .map(|n| n.codec)
-            .unwrap_or_default()
+        self.negotiation.get().map(|n| n.codec).unwrap_or_default()
     }
 }
 
@@ -152,8 +149,11 @@ mod tests {
 
     #[test]
     fn accepts_the_intersection_of_offer_and_request() {
-        let offer = f::ASYNC_READ | f::BIG_WRITES | f::INIT_EXT | f::WRITEBACK_CACHE | f::PASSTHROUGH;
-        let InitReply::Accept(out, n) = negotiate(&init(7, 45, offer), BACKEND, &SessionConfig::default()) else {
+        let offer =
+            f::ASYNC_READ | f::BIG_WRITES | f::INIT_EXT | f::WRITEBACK_CACHE | f::PASSTHROUGH;
+        let InitReply::Accept(out, n) =
+            negotiate(&init(7, 45, offer), BACKEND, &SessionConfig::default())
+        else {
             panic!("refused")
         };
         assert_eq!(n.minor, 45);
@@ -167,7 +167,11 @@ mod tests {
 
     #[test]
     fn high_flags_ignored_without_init_ext() {
-        let InitReply::Accept(_, n) = negotiate(&init(7, 45, f::ASYNC_READ | f::PASSTHROUGH), BACKEND, &SessionConfig::default()) else {
+        let InitReply::Accept(_, n) = negotiate(
+            &init(7, 45, f::ASYNC_READ | f::PASSTHROUGH),
+            BACKEND,
+            &SessionConfig::default(),
+        ) else {
             panic!("refused")
         };
         assert!(!n.has(f::PASSTHROUGH));
@@ -175,12 +179,20 @@ mod tests {
 
     #[test]
     fn older_minor_is_used_and_ancient_refused() {
-        let InitReply::Accept(out, _) = negotiate(&init(7, 38, 0), BACKEND, &SessionConfig::default()) else {
+        let InitReply::Accept(out, _) =
+            negotiate(&init(7, 38, 0), BACKEND, &SessionConfig::default())
+        else {
             panic!("refused")
         };
         assert_eq!(out.minor, 38);
-        assert!(matches!(negotiate(&init(7, 20, 0), BACKEND, &SessionConfig::default()), InitReply::Refuse(_)));
-        assert!(matches!(negotiate(&init(8, 0, 0), BACKEND, &SessionConfig::default()), InitReply::MajorOnly(_)));
+        assert!(matches!(
+            negotiate(&init(7, 20, 0), BACKEND, &SessionConfig::default()),
+            InitReply::Refuse(_)
+        ));
+        assert!(matches!(
+            negotiate(&init(8, 0, 0), BACKEND, &SessionConfig::default()),
+            InitReply::MajorOnly(_)
+        ));
     }
 
     #[test]
@@ -189,7 +201,9 @@ mod tests {
             deny_flags: f::POSIX_ACL,
             ..Default::default()
         };
-        let InitReply::Accept(_, n) = negotiate(&init(7, 45, f::POSIX_ACL | f::INIT_EXT), BACKEND, &cfg) else {
+        let InitReply::Accept(_, n) =
+            negotiate(&init(7, 45, f::POSIX_ACL | f::INIT_EXT), BACKEND, &cfg)
+        else {
             panic!("refused")
         };
         assert!(!n.has(f::POSIX_ACL));

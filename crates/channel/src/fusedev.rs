@@ -29,12 +29,8 @@ const FUSE_DEV_IOC_BACKING_CLOSE: u32 = ioc(IOC_WRITE, 2, 4);
 
 /// Opens a new, unbound `/dev/fuse` descriptor.
 pub fn open_device() -> Result<OwnedFd, ChannelError> {
-    rustix::fs::open(
-        "/dev/fuse",
-        OFlags::RDWR | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| ChannelError::OpenDevice(e.into()))
+    rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| ChannelError::OpenDevice(e.into()))
 }
 
 /// Makes a new descriptor that serves the same mount as `session`

@@ -74,10 +74,12 @@ impl Channel for StreamChannel {
 
     fn send(&self, frame: &[u8]) -> Result<(), ChannelError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        writer.write_all(frame).map_err(|source| ChannelError::Send {
-            what: "stream channel",
-            source,
-        })
+        writer
+            .write_all(frame)
+            .map_err(|source| ChannelError::Send {
+                what: "stream channel",
+                source,
+            })
     }
 }
 

@@ -98,8 +98,7 @@ impl Link {
         if fds.len() > MAX_FDS {
             return Err(LinkError::TooLarge);
         }
-        let bytes =
-            postcard::to_stdvec(&Envelope::V1(msg)).map_err(LinkError::Decode)?;
+        let bytes = postcard::to_stdvec(&Envelope::V1(msg)).map_err(LinkError::Decode)?;
         if bytes.len() > MAX_MESSAGE {
             return Err(LinkError::TooLarge);
         }
@@ -146,7 +145,8 @@ impl Link {
         if got.bytes == 0 {
             return Err(LinkError::Closed);
         }
-        let Envelope::V1(msg) = postcard::from_bytes(&buf[..got.bytes]).map_err(LinkError::Decode)?;
+        let Envelope::V1(msg) =
+            postcard::from_bytes(&buf[..got.bytes]).map_err(LinkError::Decode)?;
         Ok((msg, fds))
     }
 }
@@ -207,7 +207,10 @@ mod tests {
     fn garbage_and_closed_peers_are_errors() {
         let (a, b) = Link::pair().unwrap();
         rustix::net::send(&a.fd, &[0xff, 0xff, 0xff], SendFlags::empty()).unwrap();
-        assert!(matches!(b.recv::<ToSupervisor>(), Err(LinkError::Decode(_))));
+        assert!(matches!(
+            b.recv::<ToSupervisor>(),
+            Err(LinkError::Decode(_))
+        ));
         drop(a);
         assert!(matches!(b.recv::<ToSupervisor>(), Err(LinkError::Closed)));
     }

@@ -94,10 +94,14 @@ pub enum ToAppliance {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToSupervisor {
     /// Serving; `pid` as seen from the host.
-    Ready { pid: u32 },
+    Ready {
+        pid: u32,
+    },
     Stats(ApplianceStats),
     /// Start-up failed; the message says what and what to do.
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@
 //! into a value or a [`DecodeError`].
 
 pub mod abi;
-pub mod request;
 pub mod reply;
+pub mod request;
 
 pub use request::{decode, DecodeError, Negotiated, Operation, Request};

@@ -59,17 +59,32 @@ pub type Name<'a> = &'a OsStr;
 pub enum Operation<'a> {
     Init(InitIn),
     Destroy,
-    Lookup { name: Name<'a> },
+    Lookup {
+        name: Name<'a>,
+    },
     Forget(ForgetIn),
     BatchForget(Vec<ForgetOne>),
     Getattr(GetattrIn),
     Setattr(SetattrIn),
     Readlink,
-    Symlink { name: Name<'a>, target: &'a [u8] },
-    Mknod { arg: MknodIn, name: Name<'a> },
-    Mkdir { arg: MkdirIn, name: Name<'a> },
-    Unlink { name: Name<'a> },
-    Rmdir { name: Name<'a> },
+    Symlink {
+        name: Name<'a>,
+        target: &'a [u8],
+    },
+    Mknod {
+        arg: MknodIn,
+        name: Name<'a>,
+    },
+    Mkdir {
+        arg: MkdirIn,
+        name: Name<'a>,
+    },
+    Unlink {
+        name: Name<'a>,
+    },
+    Rmdir {
+        name: Name<'a>,
+    },
     /// RENAME and RENAME2 (`flags` is 0 for RENAME).
     Rename {
         newdir: u64,
@@ -77,10 +92,16 @@ pub enum Operation<'a> {
         name: Name<'a>,
         newname: Name<'a>,
     },
-    Link { arg: LinkIn, name: Name<'a> },
+    Link {
+        arg: LinkIn,
+        name: Name<'a>,
+    },
     Open(OpenIn),
     Read(ReadIn),
-    Write { arg: WriteIn, data: &'a [u8] },
+    Write {
+        arg: WriteIn,
+        data: &'a [u8],
+    },
     Statfs,
     Release(ReleaseIn),
     Fsync(FsyncIn),
@@ -91,9 +112,14 @@ pub enum Operation<'a> {
         name: Name<'a>,
         value: &'a [u8],
     },
-    Getxattr { arg: GetxattrIn, name: Name<'a> },
+    Getxattr {
+        arg: GetxattrIn,
+        name: Name<'a>,
+    },
     Listxattr(GetxattrIn),
-    Removexattr { name: Name<'a> },
+    Removexattr {
+        name: Name<'a>,
+    },
     Flush(FlushIn),
     Opendir(OpenIn),
     Readdir(ReadIn),
@@ -104,7 +130,10 @@ pub enum Operation<'a> {
     Setlk(LkIn),
     Setlkw(LkIn),
     Access(AccessIn),
-    Create { arg: CreateIn, name: Name<'a> },
+    Create {
+        arg: CreateIn,
+        name: Name<'a>,
+    },
     Interrupt(InterruptIn),
     Fallocate(FallocateIn),
     Lseek(LseekIn),
@@ -219,7 +248,7 @@ fn decode_extensions(mut ext: &[u8]) -> Result<Option<u32>, DecodeError> {
         let (h, _) =
             ExtHeader::read_from_prefix(ext).map_err(|_| DecodeError::BadExtension(total))?;
         let size = h.size as usize;
-        if size < core::mem::size_of::<ExtHeader>() || size > ext.len() || size % 8 != 0 {
+        if size < core::mem::size_of::<ExtHeader>() || size > ext.len() || !size.is_multiple_of(8) {
             return Err(DecodeError::BadExtension(total));
         }
         let payload = &ext[core::mem::size_of::<ExtHeader>()..size];

@@ -255,6 +255,7 @@ mod nr {
         SYS_symlinkat as symlinkat,
         SYS_sync_file_range as sync_file_range,
         SYS_syncfs as syncfs,
+        SYS_sysinfo as sysinfo,
         SYS_tee as tee,
         SYS_tgkill as tgkill,
         SYS_timerfd_create as timerfd_create,
@@ -332,8 +333,8 @@ pub const ALLOW: &[AllowGroup] = &[
         ],
     },
     AllowGroup {
-        reason: "time and randomness (Instant, SystemTime, sleep, HashMap seeds)",
-        syscalls: sys![clock_gettime, clock_getres, gettimeofday, nanosleep, clock_nanosleep, getrandom],
+        reason: "time, randomness and memory size (Instant, SystemTime, sleep, HashMap seeds, mem's default capacity)",
+        syscalls: sys![clock_gettime, clock_getres, gettimeofday, nanosleep, clock_nanosleep, getrandom, sysinfo],
     },
     AllowGroup {
         reason: "credentials: per-request fsuid/fsgid/supplementary groups (bounded by the kept capabilities)",

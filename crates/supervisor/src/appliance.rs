@@ -18,10 +18,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ApplianceError {
     #[error("starting the appliance process {exe} failed: {source}")]
-    Spawn {
-        exe: String,
-        source: std::io::Error,
-    },
+    Spawn { exe: String, source: std::io::Error },
     #[error("talking to the appliance failed: {0}")]
     Link(#[from] LinkError),
     #[error("the appliance failed to start: {0}")]
@@ -84,7 +81,9 @@ impl Appliance {
         ours.send(&ToAppliance::Start(config.clone()), fds)?;
         match ours.recv::<ToSupervisor>() {
             Ok((ToSupervisor::Ready { .. }, _)) => {}
-            Ok((ToSupervisor::Failed { message }, _)) => return Err(ApplianceError::Failed(message)),
+            Ok((ToSupervisor::Failed { message }, _)) => {
+                return Err(ApplianceError::Failed(message))
+            }
             Ok((other, _)) => return Err(ApplianceError::Unexpected(format!("{other:?}"))),
             Err(LinkError::Closed) => {
                 return Err(ApplianceError::Failed(

@@ -49,7 +49,11 @@ pub struct Bridge {
 impl Bridge {
     /// Starts relaying between `devs` and `stream`. `on_failure` is called once, with
     /// the reason, when the appliance misbehaves or disconnects.
-    pub fn start(devs: Vec<Arc<FuseDev>>, stream: UnixStream, on_failure: FailureHook) -> std::io::Result<Bridge> {
+    pub fn start(
+        devs: Vec<Arc<FuseDev>>,
+        stream: UnixStream,
+        on_failure: FailureHook,
+    ) -> std::io::Result<Bridge> {
         let reader = stream.try_clone()?;
         let shared = Arc::new(Shared {
             devs,
@@ -98,7 +102,10 @@ fn fail(s: &Shared, why: &str) {
     if s.dead.swap(true, Ordering::SeqCst) {
         return;
     }
-    tracing::error!(reason = why, "dropping the appliance; answering its requests with EIO");
+    tracing::error!(
+        reason = why,
+        "dropping the appliance; answering its requests with EIO"
+    );
     let _ = s
         .to_appliance
         .lock()
@@ -132,7 +139,10 @@ fn forward_requests(s: &Shared, index: usize) {
         let Ok(h) = decode_header(frame) else {
             continue;
         };
-        let one_way = matches!(h.opcode, opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT);
+        let one_way = matches!(
+            h.opcode,
+            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
+        );
         if !one_way {
             s.pending
                 .lock()
@@ -147,7 +157,13 @@ fn forward_requests(s: &Shared, index: usize) {
         if let Err(e) = sent {
             fail(s, &format!("writing to the appliance failed: {e}"));
             // The request may have been drained by `fail` already; answer it if not.
-            if !one_way && s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&h.unique).is_some() {
+            if !one_way
+                && s.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&h.unique)
+                    .is_some()
+            {
                 let _ = dev.send(reply.error(h.unique, libc::EIO));
             }
         }
@@ -157,7 +173,12 @@ fn forward_requests(s: &Shared, index: usize) {
 fn forward_replies(s: &Shared, reader: UnixStream) {
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
-        let n = match read_frame(&reader, &mut buf, core::mem::size_of::<OutHeader>(), "appliance stream") {
+        let n = match read_frame(
+            &reader,
+            &mut buf,
+            core::mem::size_of::<OutHeader>(),
+            "appliance stream",
+        ) {
             Ok(Some(n)) => n,
             Ok(None) => return fail(s, "the appliance closed its stream"),
             Err(e) => return fail(s, &format!("malformed reply frame: {e}")),
@@ -178,9 +199,17 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             continue;
         }
         if h.error > 0 || h.error < -4095 {
-            return fail(s, &format!("reply to {} carries invalid error {}", h.unique, h.error));
+            return fail(
+                s,
+                &format!("reply to {} carries invalid error {}", h.unique, h.error),
+            );
         }
-        let Some(dev) = s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&h.unique) else {
+        let Some(dev) = s
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&h.unique)
+        else {
             return fail(s, &format!("reply to unknown request {}", h.unique));
         };
         if let Err(e) = s.devs[dev].send(frame) {

@@ -31,7 +31,9 @@ pub enum MountError {
     Channel(#[from] fsva_channel::ChannelError),
     #[error("mount(2) of {path} failed: {source}")]
     Mount { path: PathBuf, source: io::Error },
-    #[error("fusermount3 could not mount {path}: {message} (install the fuse3 package, or run as root)")]
+    #[error(
+        "fusermount3 could not mount {path}: {message} (install the fuse3 package, or run as root)"
+    )]
     Fusermount { path: PathBuf, message: String },
     #[error("{path} is busy (files are open on it): close them, or unmount with --lazy")]
     Busy { path: PathBuf },
@@ -269,10 +271,14 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
         if lazy {
             cmd.arg("-z");
         }
-        let out = cmd.arg("--").arg(path).output().map_err(|source| MountError::Unmount {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let out = cmd
+            .arg("--")
+            .arg(path)
+            .output()
+            .map_err(|source| MountError::Unmount {
+                path: path.to_path_buf(),
+                source,
+            })?;
         if out.status.success() {
             Ok(())
         } else if String::from_utf8_lossy(&out.stderr).contains("busy") {
@@ -299,11 +305,22 @@ mod tests {
         std::fs::write(base.join("full/x"), b"").unwrap();
         std::fs::write(base.join("file"), b"").unwrap();
         std::fs::create_dir_all(base.join("empty")).unwrap();
-        assert!(matches!(check_mountpoint(&base.join("nope")), Err(MountError::Missing(_))));
-        assert!(matches!(check_mountpoint(&base.join("file")), Err(MountError::NotDirectory(_))));
-        assert!(matches!(check_mountpoint(&base.join("full")), Err(MountError::NotEmpty(_))));
+        assert!(matches!(
+            check_mountpoint(&base.join("nope")),
+            Err(MountError::Missing(_))
+        ));
+        assert!(matches!(
+            check_mountpoint(&base.join("file")),
+            Err(MountError::NotDirectory(_))
+        ));
+        assert!(matches!(
+            check_mountpoint(&base.join("full")),
+            Err(MountError::NotEmpty(_))
+        ));
         assert!(check_mountpoint(&base.join("empty")).is_ok());
-        let msg = check_mountpoint(&base.join("nope")).unwrap_err().to_string();
+        let msg = check_mountpoint(&base.join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("mkdir -p"), "{msg}");
         std::fs::remove_dir_all(base).unwrap();
     }

@@ -21,10 +21,7 @@ pub fn runtime_dir() -> PathBuf {
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) => PathBuf::from(d).join("fsva"),
-        None => std::env::temp_dir().join(format!(
-            "fsva-{}",
-            rustix::process::geteuid().as_raw()
-        )),
+        None => std::env::temp_dir().join(format!("fsva-{}", rustix::process::geteuid().as_raw())),
     }
 }
 

@@ -18,8 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fsva_channel::fusedev::{clone_session, FuseDev};
 use fsva_control::link::Listener;
 use fsva_control::{
-    AdminReply, AdminRequest, BackendSpec, ChannelKind, Link, MountStatus, SandboxKind,
-    StartConfig,
+    AdminReply, AdminRequest, BackendSpec, ChannelKind, Link, MountStatus, SandboxKind, StartConfig,
 };
 use thiserror::Error;
 
@@ -36,7 +35,9 @@ pub enum SupervisorError {
     Appliance(#[from] ApplianceError),
     #[error("backend directory {0} does not exist or is not a directory: pass an existing directory to --backend passthrough:DIR")]
     BadBackendPath(PathBuf),
-    #[error("the mount at {0} did not answer within {1:?} after the appliance started (see the log)")]
+    #[error(
+        "the mount at {0} did not answer within {1:?} after the appliance started (see the log)"
+    )]
     NotAnswering(PathBuf, Duration),
     #[error("{what}: {source}")]
     Io {
@@ -77,16 +78,15 @@ enum Event {
 
 /// Mounts, serves until unmounted, and cleans up.
 pub fn run(mut req: MountRequest) -> Result<(), SupervisorError> {
-    let ready = req.ready.take();
-    let result = run_inner(req, ready.as_ref());
-    if let (Err(e), Some(fd)) = (&result, ready.as_ref()) {
-        let mut f = std::fs::File::from(fd.try_clone().map_err(io_err("ready pipe"))?);
-        let _ = writeln!(f, "error: {e}");
+    let mut ready = req.ready.take();
+    let result = run_inner(req, &mut ready);
+    if let (Err(e), Some(fd)) = (&result, ready.take()) {
+        let _ = writeln!(std::fs::File::from(fd), "error: {e}");
     }
     result
 }
 
-fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), SupervisorError> {
+fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), SupervisorError> {
     block_termination_signals();
     let mountpoint = mount::check_mountpoint(&req.mountpoint)?;
     if let BackendSpec::Passthrough { path } = &req.backend {
@@ -109,14 +109,20 @@ fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), Superviso
     let workers = req.workers.max(1) as usize;
     let mut devs = Vec::with_capacity(workers);
     for _ in 0..workers {
-        devs.push(Arc::new(FuseDev::new(clone_session(session.as_fd()).map_err(MountError::from)?)));
+        devs.push(Arc::new(FuseDev::new(
+            clone_session(session.as_fd()).map_err(MountError::from)?,
+        )));
     }
 
     let (events_tx, events) = mpsc::channel::<Event>();
     let config = StartConfig {
         backend: req.backend.clone(),
         channel: req.channel,
-        workers_per_channel: if req.channel == ChannelKind::Stream { workers as u32 } else { 1 },
+        workers_per_channel: if req.channel == ChannelKind::Stream {
+            workers as u32
+        } else {
+            1
+        },
         sandbox: req.sandbox,
         log_filter: req.log_filter.clone(),
     };
@@ -128,8 +134,14 @@ fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), Superviso
             Appliance::start(&req.exe, &config, &fds, Duration::from_secs(30))?
         }
         ChannelKind::Stream => {
-            let (ours, theirs) = UnixStream::pair().map_err(io_err("creating the stream channel"))?;
-            let started = Appliance::start(&req.exe, &config, &[theirs.as_fd()], Duration::from_secs(30))?;
+            let (ours, theirs) =
+                UnixStream::pair().map_err(io_err("creating the stream channel"))?;
+            let started = Appliance::start(
+                &req.exe,
+                &config,
+                &[theirs.as_fd()],
+                Duration::from_secs(30),
+            )?;
             let tx = events_tx.clone();
             let pid = started.0.pid;
             bridge = Some(
@@ -158,7 +170,10 @@ fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), Superviso
         std::thread::Builder::new()
             .name("fsva-appliance-waiter".into())
             .spawn(move || {
-                let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                let status = child
+                    .wait()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string());
                 let _ = tx.send(Event::ApplianceExited(status));
             })
             .map_err(io_err("spawning the appliance waiter"))?;
@@ -202,9 +217,9 @@ fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), Superviso
             ("backend", req.backend.to_string()),
         ])
         .map_err(io_err(format!("writing {}", entry.record.display())))?;
-    if let Some(fd) = ready {
-        let mut f = std::fs::File::from(fd.try_clone().map_err(io_err("ready pipe"))?);
-        let _ = f.write_all(b"ok\n");
+    if let Some(fd) = ready.take() {
+        // Closing the pipe after the verdict lets `fsva mount` return.
+        let _ = std::fs::File::from(fd).write_all(b"ok\n");
     }
 
     let mut state = String::from("serving");
@@ -241,7 +256,9 @@ fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), Superviso
                 break;
             }
             Event::Admin(link) => {
-                let Ok((request, _)) = link.recv::<AdminRequest>() else { continue };
+                let Ok((request, _)) = link.recv::<AdminRequest>() else {
+                    continue;
+                };
                 match request {
                     AdminRequest::Status => {
                         let stats = if alive { appliance.stats().ok() } else { None };
@@ -269,7 +286,12 @@ fn run_inner(req: MountRequest, ready: Option<&OwnedFd>) -> Result<(), Superviso
                             return Ok(());
                         }
                         Err(e) => {
-                            let _ = link.send(&AdminReply::Error { message: e.to_string() }, &[]);
+                            let _ = link.send(
+                                &AdminReply::Error {
+                                    message: e.to_string(),
+                                },
+                                &[],
+                            );
                         }
                     },
                 }
@@ -295,13 +317,20 @@ fn finish_appliance(appliance: &Appliance, alive: bool) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    tracing::warn!(pid = appliance.pid, "appliance did not exit after unmount; killing it");
+    tracing::warn!(
+        pid = appliance.pid,
+        "appliance did not exit after unmount; killing it"
+    );
     appliance.kill();
 }
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 

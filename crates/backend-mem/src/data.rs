@@ -1,0 +1,391 @@
+//! File contents: one memfd per regular file, and the space accounting for all of them.
+//!
+//! Every data operation is the matching system call on the memfd (pread, pwrite,
+//! ftruncate, fallocate, lseek, copy_file_range, fstat), so the memfd can later be handed
+//! to the kernel as a FUSE passthrough backing file or moved to another process as is.
+//!
+//! Space is accounted by what the memfds really allocate (`st_blocks`), refreshed after
+//! every operation that can change it. Before a write the allocation it can cause is
+//! estimated (the holes in the written range, whole pages); a write that does not fit
+//! is shortened, and fails with ENOSPC when not even one page fits. Concurrent writers
+//! to different files may overshoot the capacity by at most their in-flight sizes.
+//! Metadata (directories, names, xattrs, symlinks) is not charged.
+//!
+//! This module must never touch inode metadata (times, modes, names) or take the
+//! metadata lock: the caller drops that lock before calling in here.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use fsva_appliance::{Errno, Result};
+
+const PAGE: u64 = 4096;
+
+fn cvt(r: libc::c_long) -> Result<u64> {
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r as u64)
+    }
+}
+
+/// Capacity and usage shared by all files of one file system.
+#[derive(Debug)]
+pub struct Space {
+    pub capacity: u64,
+    used: AtomicU64,
+}
+
+impl Space {
+    pub fn new(capacity: u64) -> Arc<Space> {
+        Arc::new(Space {
+            capacity,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes allocated by file data.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.used())
+    }
+}
+
+/// The contents of one regular file.
+#[derive(Debug)]
+pub struct FileData {
+    fd: OwnedFd,
+    /// Shared by plain writes; exclusive for O_APPEND writes and size changes, so an
+    /// append lands at the true end of file atomically with respect to other writes.
+    io: RwLock<()>,
+    /// Bytes this file has charged to `space` (its last seen `st_blocks * 512`).
+    charged: Mutex<u64>,
+    space: Arc<Space>,
+}
+
+impl Drop for FileData {
+    fn drop(&mut self) {
+        let c = *self.charged.lock().unwrap_or_else(|e| e.into_inner());
+        self.space.used.fetch_sub(c, Ordering::Relaxed);
+    }
+}
+
+impl FileData {
+    pub fn new(space: Arc<Space>) -> Result<FileData> {
+        // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(c"fsva-mem".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        Ok(FileData {
+            // SAFETY: `fd` was just created and is owned by nobody else.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            io: RwLock::new(()),
+            charged: Mutex::new(0),
+            space,
+        })
+    }
+
+    /// The memfd itself (to duplicate as a passthrough backing file).
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn raw(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// `(st_size, st_blocks)` of the memfd.
+    pub fn stat(&self) -> Result<(u64, u64)> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `st` is a writable stat buffer; fstat fills it on success.
+        if unsafe { libc::fstat(self.raw(), st.as_mut_ptr()) } < 0 {
+            return Err(Errno::last());
+        }
+        // SAFETY: fstat succeeded.
+        let st = unsafe { st.assume_init() };
+        Ok((st.st_size as u64, st.st_blocks as u64))
+    }
+
+    pub fn size(&self) -> Result<u64> {
+        Ok(self.stat()?.0)
+    }
+
+    /// Re-reads st_blocks and moves the difference into the shared usage.
+    fn recharge(&self) {
+        let mut c = self.charged.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok((_, blocks)) = self.stat() {
+            let now = blocks * 512;
+            if now >= *c {
+                self.space.used.fetch_add(now - *c, Ordering::Relaxed);
+            } else {
+                self.space.used.fetch_sub(*c - now, Ordering::Relaxed);
+            }
+            *c = now;
+        }
+    }
+
+    /// Bytes in `[off, off+len)` not yet backed by memory, rounded out to pages.
+    fn unallocated(&self, off: u64, len: u64) -> u64 {
+        let start = off / PAGE * PAGE;
+        let end = (off + len).div_ceil(PAGE) * PAGE;
+        let mut holes = 0;
+        let mut pos = start;
+        while pos < end {
+            let hole = match self.lseek(pos, libc::SEEK_HOLE as u32) {
+                Ok(h) => h,
+                // Past EOF: everything from here is a hole.
+                Err(_) => pos,
+            };
+            if hole >= end {
+                break;
+            }
+            let data = self
+                .lseek(hole, libc::SEEK_DATA as u32)
+                .unwrap_or(end)
+                .min(end);
+            holes += data - hole;
+            pos = data;
+        }
+        holes
+    }
+
+    /// How many of `len` bytes at `off` may be written without exceeding the capacity.
+    fn allowance(&self, off: u64, len: u64) -> Result<u64> {
+        let free = self.space.free();
+        if len.div_ceil(PAGE) * PAGE + PAGE <= free {
+            return Ok(len);
+        }
+        let need = self.unallocated(off, len);
+        if need <= free {
+            return Ok(len);
+        }
+        // Write what fits: the allocated prefix plus as many new pages as are free.
+        let fit = (free / PAGE * PAGE).saturating_sub(off % PAGE);
+        if fit == 0 {
+            return Err(Errno(libc::ENOSPC));
+        }
+        Ok(fit.min(len))
+    }
+
+    /// Appends up to `size` bytes from `off` to `out`, straight into its spare capacity.
+    pub fn read_into(&self, off: u64, size: u32, out: &mut Vec<u8>) -> Result<()> {
+        let size = size as usize;
+        out.reserve(size);
+        let start = out.len();
+        let mut done = 0usize;
+        while done < size {
+            let spare = out.spare_capacity_mut();
+            // SAFETY: `spare` has at least `size - done` writable bytes; pread writes at
+            // most that many and reports how many it wrote.
+            let n = unsafe {
+                libc::pread(
+                    self.raw(),
+                    spare.as_mut_ptr().cast(),
+                    size - done,
+                    (off + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = Errno::last();
+                if e.0 == libc::EINTR {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            // SAFETY: pread initialized `n` more bytes right after the current length.
+            unsafe { out.set_len(out.len() + n as usize) };
+            done += n as usize;
+        }
+        debug_assert_eq!(out.len(), start + done);
+        Ok(())
+    }
+
+    fn pwrite_all(&self, off: u64, data: &[u8]) -> Result<u64> {
+        let mut done = 0usize;
+        while done < data.len() {
+            // SAFETY: `data[done..]` is a valid readable buffer of the given length.
+            let n = unsafe {
+                libc::pwrite(
+                    self.raw(),
+                    data[done..].as_ptr().cast(),
+                    data.len() - done,
+                    (off + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = Errno::last();
+                if e.0 == libc::EINTR {
+                    continue;
+                }
+                if done > 0 {
+                    break;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+        }
+        Ok(done as u64)
+    }
+
+    /// Writes `data` at `off`, or at the end of file when `append`; returns the count.
+    pub fn write(&self, off: u64, data: &[u8], append: bool) -> Result<u32> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let n = if append {
+            let _g = self.io.write().unwrap_or_else(|e| e.into_inner());
+            let end = self.size()?;
+            let len = self.allowance(end, data.len() as u64)?;
+            self.pwrite_all(end, &data[..len as usize])?
+        } else {
+            let _g = self.io.read().unwrap_or_else(|e| e.into_inner());
+            let len = self.allowance(off, data.len() as u64)?;
+            self.pwrite_all(off, &data[..len as usize])?
+        };
+        self.recharge();
+        Ok(n as u32)
+    }
+
+    pub fn truncate(&self, size: u64) -> Result<()> {
+        let _g = self.io.write().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: plain syscall on an owned descriptor.
+        let r = unsafe { libc::ftruncate(self.raw(), size as libc::off_t) };
+        cvt(r as libc::c_long)?;
+        drop(_g);
+        self.recharge();
+        Ok(())
+    }
+
+    /// fallocate(2) with modes 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE(|KEEP_SIZE).
+    pub fn fallocate(&self, off: u64, len: u64, mode: i32) -> Result<()> {
+        const ALLOWED: [i32; 5] = [
+            0,
+            libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_ZERO_RANGE,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        ];
+        if !ALLOWED.contains(&mode) {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        let off_i = i64::try_from(off).map_err(|_| Errno::EINVAL)?;
+        let len_i = i64::try_from(len).map_err(|_| Errno::EINVAL)?;
+        if off_i.checked_add(len_i).is_none() {
+            return Err(Errno(libc::EFBIG));
+        }
+        let _g = self.io.write().unwrap_or_else(|e| e.into_inner());
+        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 && self.unallocated(off, len) > self.space.free()
+        {
+            return Err(Errno(libc::ENOSPC));
+        }
+        // SAFETY: plain syscall on an owned descriptor.
+        let r = unsafe { libc::fallocate(self.raw(), mode, off_i, len_i) };
+        cvt(r as libc::c_long)?;
+        drop(_g);
+        self.recharge();
+        Ok(())
+    }
+
+    /// lseek(2) with SEEK_DATA / SEEK_HOLE (also SEEK_SET/SEEK_END for completeness).
+    pub fn lseek(&self, off: u64, whence: u32) -> Result<u64> {
+        let off = i64::try_from(off).map_err(|_| Errno(libc::ENXIO))?;
+        // SAFETY: plain syscall on an owned descriptor; only its file offset changes,
+        // which no other operation here uses.
+        let r = unsafe { libc::lseek(self.raw(), off, whence as i32) };
+        cvt(r as libc::c_long)
+    }
+
+    /// copy_file_range from this file to `dst`; returns the bytes copied.
+    pub fn copy_to(&self, off_in: u64, dst: &FileData, off_out: u64, len: u64) -> Result<u64> {
+        let len = dst.allowance(off_out, len)?;
+        let _g = dst.io.read().unwrap_or_else(|e| e.into_inner());
+        let mut oi = off_in as libc::loff_t;
+        let mut oo = off_out as libc::loff_t;
+        let mut done = 0u64;
+        while done < len {
+            let chunk = (len - done).min(1 << 30) as usize;
+            // SAFETY: both descriptors are owned and the offsets point to live locals.
+            let n =
+                unsafe { libc::copy_file_range(self.raw(), &mut oi, dst.raw(), &mut oo, chunk, 0) };
+            if n < 0 {
+                let e = Errno::last();
+                if e.0 == libc::EINTR {
+                    continue;
+                }
+                if done > 0 {
+                    break;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as u64;
+        }
+        drop(_g);
+        dst.recharge();
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_and_seek() {
+        let space = Space::new(1 << 30);
+        let f = FileData::new(space.clone()).unwrap();
+        f.write(1 << 20, b"hello", false).unwrap();
+        assert_eq!(f.size().unwrap(), (1 << 20) + 5);
+        assert_eq!(f.lseek(0, libc::SEEK_DATA as u32).unwrap(), 1 << 20);
+        assert_eq!(f.lseek(0, libc::SEEK_HOLE as u32).unwrap(), 0);
+        assert!(space.used() <= 8192, "sparse: {}", space.used());
+        let mut out = vec![9u8];
+        f.read_into((1 << 20) - 2, 100, &mut out).unwrap();
+        assert_eq!(out, b"\x09\0\0hello");
+        f.fallocate(
+            0,
+            4096,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+        .unwrap();
+        assert_eq!(
+            f.fallocate(0, 1, 0x40).unwrap_err(),
+            Errno(libc::EOPNOTSUPP)
+        );
+        drop(f);
+        assert_eq!(space.used(), 0);
+    }
+
+    #[test]
+    fn enospc_at_capacity() {
+        let space = Space::new(64 * 1024);
+        let f = FileData::new(space.clone()).unwrap();
+        let buf = vec![1u8; 48 * 1024];
+        assert_eq!(f.write(0, &buf, false).unwrap(), 48 * 1024);
+        // Overwriting allocated data still works when the file system is nearly full.
+        assert_eq!(f.write(0, &buf, false).unwrap(), 48 * 1024);
+        let n = f.write(48 * 1024, &buf, true).unwrap();
+        assert_eq!(n, 16 * 1024, "short write up to the capacity");
+        assert_eq!(f.write(0, b"x", true).unwrap_err(), Errno(libc::ENOSPC));
+        assert_eq!(
+            f.fallocate(1 << 20, 8192, 0).unwrap_err(),
+            Errno(libc::ENOSPC)
+        );
+        f.truncate(0).unwrap();
+        assert_eq!(space.used(), 0);
+        assert_eq!(f.write(0, b"x", true).unwrap(), 1);
+    }
+}

@@ -1,0 +1,187 @@
+//! The inode table: every live object, its metadata, and its lifetime.
+//!
+//! Inode numbers are node ids: allocated monotonically from 1 (the root), never
+//! reused, generation 0. An inode lives while it has a name (`nlink > 0`), a kernel
+//! lookup reference, or an open handle; the table frees it the moment all three are
+//! gone ([`InodeTable::release_if_unused`]). This module owns that rule and the
+//! per-inode fields; it must never perform data I/O or take locks (the caller holds
+//! the metadata lock around every call).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fsva_appliance::{Errno, Result};
+
+use crate::attr::{Meta, Time};
+use crate::data::FileData;
+use crate::dir::Dir;
+use crate::xattr::Xattrs;
+
+pub const ROOT: u64 = 1;
+
+/// What kind of object an inode is, with its type-specific contents.
+#[derive(Debug)]
+pub enum Kind {
+    /// A regular file; the memfd is created when it is first opened or resized.
+    File(Option<Arc<FileData>>),
+    Dir(Dir),
+    Symlink(Vec<u8>),
+    /// FIFO, socket, character or block device: metadata only.
+    Special,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub btime: Time,
+    /// Kernel lookup references (atomic so lookups can be counted under a read lock;
+    /// it only ever drops to zero under the write lock, in `forget`).
+    pub lookups: AtomicU64,
+    /// Open file and directory handles.
+    pub opens: u64,
+    pub kind: Kind,
+    pub xattrs: Xattrs,
+}
+
+impl Inode {
+    pub fn new(mode: u32, uid: u32, gid: u32, kind: Kind) -> Inode {
+        let now = Time::now();
+        Inode {
+            mode,
+            uid,
+            gid,
+            nlink: 1,
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            lookups: AtomicU64::new(0),
+            opens: 0,
+            kind,
+            xattrs: Xattrs::default(),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, Kind::Dir(_))
+    }
+
+    pub fn dir(&self) -> Result<&Dir> {
+        match &self.kind {
+            Kind::Dir(d) => Ok(d),
+            _ => Err(Errno(libc::ENOTDIR)),
+        }
+    }
+
+    pub fn dir_mut(&mut self) -> Result<&mut Dir> {
+        match &mut self.kind {
+            Kind::Dir(d) => Ok(d),
+            _ => Err(Errno(libc::ENOTDIR)),
+        }
+    }
+
+    pub fn data(&self) -> Option<&Arc<FileData>> {
+        match &self.kind {
+            Kind::File(d) => d.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn touch_mc(&mut self, now: Time) {
+        self.mtime = now;
+        self.ctime = now;
+    }
+
+    /// Attribute values for a reply (file size and blocks come from the memfd).
+    pub fn meta(&self, ino: u64) -> Meta {
+        let (size, blocks) = match &self.kind {
+            Kind::File(Some(d)) => d.stat().unwrap_or((0, 0)),
+            Kind::File(None) | Kind::Special => (0, 0),
+            Kind::Dir(d) => (4096 + 32 * d.len() as u64 / 4096 * 4096, 8),
+            Kind::Symlink(t) => (t.len() as u64, 0),
+        };
+        Meta {
+            ino,
+            mode: self.mode,
+            nlink: self.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: self.rdev,
+            size,
+            blocks,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            btime: self.btime,
+        }
+    }
+
+    fn unused(&self) -> bool {
+        self.nlink == 0 && self.opens == 0 && self.lookups.load(Ordering::Relaxed) == 0
+    }
+}
+
+#[derive(Debug)]
+pub struct InodeTable {
+    map: HashMap<u64, Inode>,
+    next: u64,
+}
+
+impl InodeTable {
+    /// A table holding only the root directory.
+    pub fn new(root: Inode) -> InodeTable {
+        let mut map = HashMap::new();
+        map.insert(ROOT, root);
+        InodeTable {
+            map,
+            next: ROOT + 1,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Never true: the root lives as long as the table.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn get(&self, ino: u64) -> Result<&Inode> {
+        self.map.get(&ino).ok_or(Errno::ENOENT)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Result<&mut Inode> {
+        self.map.get_mut(&ino).ok_or(Errno::ENOENT)
+    }
+
+    /// Adds an inode under a fresh number.
+    pub fn insert(&mut self, inode: Inode) -> u64 {
+        let ino = self.next;
+        self.next += 1;
+        self.map.insert(ino, inode);
+        ino
+    }
+
+    /// Frees `ino` if nothing refers to it any more (never the root). Returns the freed
+    /// inode so its contents (a memfd) are dropped outside the lock by the caller.
+    pub fn release_if_unused(&mut self, ino: u64) -> Option<Inode> {
+        if ino == ROOT {
+            return None;
+        }
+        if self.map.get(&ino).is_some_and(Inode::unused) {
+            self.map.remove(&ino)
+        } else {
+            None
+        }
+    }
+}

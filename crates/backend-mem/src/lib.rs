@@ -1,0 +1,1143 @@
+//! `mem` — a complete POSIX file system in memory, the embedded default backend.
+//!
+//! - [`inode`]: the inode table, lookup/open/link counts and when an inode dies;
+//! - [`dir`]: directory entries with stable readdir cookies;
+//! - [`data`]: file contents in memfds, and space accounting (ENOSPC);
+//! - [`xattr`]: extended attributes as bytes; [`acl`]: POSIX ACL format and algebra;
+//! - [`attr`]: times and attribute replies; [`handle`]: open handles;
+//! - this file: the [`Filesystem`] implementation gluing them together.
+//!
+//! The mount uses `default_permissions` (implied by `POSIX_ACL`), so the kernel checks
+//! permissions, sticky bits and chown/chmod rules, and turns set-id clearing into
+//! explicit SETATTR mode changes; this backend stores and derives metadata only.
+//!
+//! Locking: one `RwLock` over the metadata (inodes and handles). Data system calls on
+//! memfds run after the lock is dropped (the handle's `Arc<FileData>` is cloned first);
+//! only `fstat` of a memfd runs under the lock, to fill in attribute replies.
+
+pub mod acl;
+pub mod attr;
+pub mod data;
+pub mod dir;
+pub mod handle;
+pub mod inode;
+pub mod xattr;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use fsva_appliance::{
+    Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
+};
+use fsva_protocol::abi::{self, fattr, flags as wflags, fopen, init_flags as f};
+
+use acl::Acl;
+use attr::{dtype, Time};
+use data::{FileData, Space};
+use dir::Dir;
+use handle::{Handle, HandleTable};
+use inode::{Inode, InodeTable, Kind, ROOT};
+
+/// Longest name in a directory.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target (PATH_MAX - 1).
+pub const SYMLINK_MAX: usize = 4095;
+
+const S_IFMT: u32 = libc::S_IFMT;
+const S_ISUID: u32 = libc::S_ISUID;
+const S_ISGID: u32 = libc::S_ISGID;
+const S_IXGRP: u32 = libc::S_IXGRP;
+
+/// Construction parameters.
+#[derive(Debug, Clone)]
+pub struct MemConfig {
+    /// Size reported by statfs and the limit for file data (ENOSPC beyond it).
+    pub capacity_bytes: u64,
+    /// Largest number of inodes (ENOSPC when creating beyond it).
+    pub max_inodes: u64,
+    /// Permission bits, owner and group of the root directory.
+    pub root_mode: u32,
+    pub root_uid: u32,
+    pub root_gid: u32,
+    /// Entry and attribute TTL handed to the kernel. mem is the only writer of its
+    /// file system, and the kernel invalidates what it changes itself, so this is long.
+    pub ttl: Duration,
+}
+
+impl Default for MemConfig {
+    fn default() -> Self {
+        Self {
+            capacity_bytes: default_capacity(),
+            max_inodes: 1 << 20,
+            root_mode: 0o755,
+            root_uid: 0,
+            root_gid: 0,
+            ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A quarter of physical memory, or 4 GiB when it cannot be determined.
+fn default_capacity() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && size > 0 {
+        (pages as u64 * size as u64) / 4
+    } else {
+        4 << 30
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one: every opened regular file holds a memfd.
+fn raise_nofile_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid rlimit buffer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}
+
+struct State {
+    inodes: InodeTable,
+    handles: HandleTable,
+}
+
+/// The in-memory file system.
+pub struct MemFs {
+    state: RwLock<State>,
+    space: Arc<Space>,
+    config: MemConfig,
+}
+
+fn in_group(ctx: &Context, gid: u32) -> bool {
+    ctx.gid == gid || ctx.supp_group == Some(gid)
+}
+
+/// Validates a name a new directory entry would get.
+fn check_new_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    if b.len() > NAME_MAX {
+        return Err(Errno(libc::ENAMETOOLONG));
+    }
+    if b.is_empty() || b.contains(&b'/') || b.contains(&0) {
+        return Err(Errno::EINVAL);
+    }
+    if b == b"." || b == b".." {
+        return Err(Errno(libc::EEXIST));
+    }
+    Ok(())
+}
+
+/// Clears set-user-id, and set-group-id when group-executable (as `should_remove_suid`).
+fn kill_suidgid(mode: u32) -> u32 {
+    let mut m = mode & !S_ISUID;
+    if m & (S_ISGID | S_IXGRP) == (S_ISGID | S_IXGRP) {
+        m &= !S_ISGID;
+    }
+    m
+}
+
+impl MemFs {
+    pub fn new(config: MemConfig) -> MemFs {
+        raise_nofile_limit();
+        let mut root = Inode::new(
+            libc::S_IFDIR | (config.root_mode & 0o7777),
+            config.root_uid,
+            config.root_gid,
+            Kind::Dir(Dir::new(ROOT)),
+        );
+        root.nlink = 2;
+        MemFs {
+            state: RwLock::new(State {
+                inodes: InodeTable::new(root),
+                handles: HandleTable::default(),
+            }),
+            space: Space::new(config.capacity_bytes),
+            config,
+        }
+    }
+
+    fn rlock(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wlock(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An `Entry` for `ino`, counting one kernel lookup reference.
+    fn entry(&self, ino: u64, inode: &Inode) -> Entry {
+        inode.lookups.fetch_add(1, Ordering::Relaxed);
+        Entry {
+            ino,
+            generation: 0,
+            attr: inode.meta(ino).to_attr(),
+            entry_ttl: self.config.ttl,
+            attr_ttl: self.config.ttl,
+        }
+    }
+
+    /// Creates a new inode named `name` in `parent`: owner, set-gid inheritance, ACL or
+    /// umask, parent link count and times. `mode` includes the file type.
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        st: &mut State,
+        ctx: &Context,
+        parent: u64,
+        name: Option<&OsStr>,
+        mode: u32,
+        umask: u32,
+        kind: Kind,
+    ) -> Result<u64> {
+        if let Some(name) = name {
+            check_new_name(name)?;
+        }
+        let p = st.inodes.get(parent)?;
+        let pdir = p.dir()?;
+        if p.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if let Some(name) = name {
+            if pdir.get(name).is_some() {
+                return Err(Errno(libc::EEXIST));
+            }
+        }
+        if st.inodes.len() as u64 >= self.config.max_inodes {
+            return Err(Errno(libc::ENOSPC));
+        }
+        let is_dir = mode & S_IFMT == libc::S_IFDIR;
+        let is_link = mode & S_IFMT == libc::S_IFLNK;
+        let mut mode = mode;
+        let parent_sgid = p.mode & S_ISGID != 0;
+        let gid = if parent_sgid { p.gid } else { ctx.gid };
+        if is_dir {
+            if parent_sgid {
+                mode |= S_ISGID;
+            }
+        } else if mode & S_ISGID != 0 && ctx.uid != 0 && !in_group(ctx, gid) {
+            mode &= !S_ISGID;
+        }
+        // POSIX_ACL is negotiated: the kernel leaves the umask to us.
+        let default_acl = p
+            .xattrs
+            .raw(acl::DEFAULT)
+            .and_then(|v| Acl::parse(v).ok())
+            .filter(|a| !a.0.is_empty());
+        let mut access = None;
+        let mut inherit_default = None;
+        if !is_link {
+            match &default_acl {
+                Some(d) => {
+                    let (m, a) = d.create(mode);
+                    mode = m;
+                    access = a;
+                    if is_dir {
+                        inherit_default = Some(d.encode());
+                    }
+                }
+                None => mode &= !(umask & 0o777),
+            }
+        }
+        let mut inode = Inode::new(mode, ctx.uid, gid, kind);
+        if is_dir {
+            inode.nlink = 2;
+        }
+        if name.is_none() {
+            inode.nlink = 0;
+        }
+        if let Some(a) = access {
+            inode.xattrs.put(acl::ACCESS, a.encode());
+        }
+        if let Some(d) = inherit_default {
+            inode.xattrs.put(acl::DEFAULT, d);
+        }
+        let now = inode.ctime;
+        let ino = st.inodes.insert(inode);
+        if let Some(name) = name {
+            let p = st.inodes.get_mut(parent)?;
+            p.dir_mut()?.insert(name, ino);
+            if is_dir {
+                p.nlink += 1;
+            }
+            p.touch_mc(now);
+        }
+        Ok(ino)
+    }
+
+    /// A new handle on `ino` (the caller has checked its type).
+    fn open_handle(
+        st: &mut State,
+        ino: u64,
+        data: Option<Arc<FileData>>,
+        flags: u32,
+    ) -> Result<u64> {
+        st.inodes.get_mut(ino)?.opens += 1;
+        Ok(st.handles.insert(Handle { ino, data, flags }))
+    }
+
+    /// The memfd of regular file `ino`, created on first use.
+    fn file_data(&self, st: &mut State, ino: u64) -> Result<Arc<FileData>> {
+        let inode = st.inodes.get_mut(ino)?;
+        match &mut inode.kind {
+            Kind::File(Some(d)) => Ok(d.clone()),
+            Kind::File(slot) => {
+                let d = Arc::new(FileData::new(self.space.clone())?);
+                *slot = Some(d.clone());
+                Ok(d)
+            }
+            Kind::Dir(_) => Err(Errno(libc::EISDIR)),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// Updates m/ctime (and applies WRITE_KILL_SUIDGID) after data changed.
+    fn data_changed(&self, ino: u64, kill: bool) {
+        let mut st = self.wlock();
+        if let Ok(i) = st.inodes.get_mut(ino) {
+            i.touch_mc(Time::now());
+            if kill {
+                i.mode = kill_suidgid(i.mode);
+            }
+        }
+    }
+
+    /// Drops a name's link from `child`; frees it if nothing else refers to it.
+    fn unlink_inode(st: &mut State, child: u64, now: Time) -> Option<Inode> {
+        if let Ok(c) = st.inodes.get_mut(child) {
+            c.nlink = if c.is_dir() {
+                0
+            } else {
+                c.nlink.saturating_sub(1)
+            };
+            c.ctime = now;
+        }
+        st.inodes.release_if_unused(child)
+    }
+
+    /// Whether `ancestor` is `ino` or one of its ancestors.
+    fn is_ancestor(st: &State, ancestor: u64, mut ino: u64) -> bool {
+        loop {
+            if ino == ancestor {
+                return true;
+            }
+            match st.inodes.get(ino).and_then(|i| i.dir().map(|d| d.parent)) {
+                Ok(p) if p != ino => ino = p,
+                _ => return false,
+            }
+        }
+    }
+
+    fn do_rename(
+        &self,
+        st: &mut State,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<Option<Inode>> {
+        let src = st
+            .inodes
+            .get(parent)?
+            .dir()?
+            .get(name)
+            .ok_or(Errno::ENOENT)?;
+        let dst = st.inodes.get(newparent)?.dir()?.get(newname);
+        let src_dir = st.inodes.get(src)?.is_dir();
+        let now = Time::now();
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(Errno::ENOENT)?;
+            if dst == src {
+                return Ok(None);
+            }
+            let dst_dir = st.inodes.get(dst)?.is_dir();
+            if (src_dir && Self::is_ancestor(st, src, newparent))
+                || (dst_dir && Self::is_ancestor(st, dst, parent))
+            {
+                return Err(Errno::EINVAL);
+            }
+            st.inodes.get_mut(parent)?.dir_mut()?.set(name, dst);
+            st.inodes.get_mut(newparent)?.dir_mut()?.set(newname, src);
+            if parent != newparent && src_dir != dst_dir {
+                let (moved_in, moved_out) = if src_dir {
+                    (newparent, parent)
+                } else {
+                    (parent, newparent)
+                };
+                st.inodes.get_mut(moved_in)?.nlink += 1;
+                st.inodes.get_mut(moved_out)?.nlink -= 1;
+            }
+            if src_dir {
+                st.inodes.get_mut(src)?.dir_mut()?.parent = newparent;
+            }
+            if dst_dir {
+                st.inodes.get_mut(dst)?.dir_mut()?.parent = parent;
+            }
+            st.inodes.get_mut(src)?.ctime = now;
+            st.inodes.get_mut(dst)?.ctime = now;
+            st.inodes.get_mut(parent)?.touch_mc(now);
+            st.inodes.get_mut(newparent)?.touch_mc(now);
+            return Ok(None);
+        }
+        if dst == Some(src) {
+            return Ok(None);
+        }
+        if let Some(d) = dst {
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(Errno(libc::EEXIST));
+            }
+            let di = st.inodes.get(d)?;
+            match (src_dir, di.is_dir()) {
+                (false, true) => return Err(Errno(libc::EISDIR)),
+                (true, false) => return Err(Errno(libc::ENOTDIR)),
+                (true, true) if !di.dir()?.is_empty() => return Err(Errno(libc::ENOTEMPTY)),
+                _ => {}
+            }
+        }
+        if src_dir && Self::is_ancestor(st, src, newparent) {
+            return Err(Errno::EINVAL);
+        }
+        st.inodes.get_mut(parent)?.dir_mut()?.remove(name);
+        st.inodes.get_mut(newparent)?.dir_mut()?.set(newname, src);
+        let mut freed = None;
+        if let Some(d) = dst {
+            if st.inodes.get(d)?.is_dir() {
+                st.inodes.get_mut(newparent)?.nlink -= 1;
+            }
+            freed = Self::unlink_inode(st, d, now);
+        }
+        if src_dir && parent != newparent {
+            st.inodes.get_mut(src)?.dir_mut()?.parent = newparent;
+            st.inodes.get_mut(parent)?.nlink -= 1;
+            st.inodes.get_mut(newparent)?.nlink += 1;
+        }
+        st.inodes.get_mut(src)?.ctime = now;
+        st.inodes.get_mut(parent)?.touch_mc(now);
+        st.inodes.get_mut(newparent)?.touch_mc(now);
+        Ok(freed)
+    }
+
+    fn attr_of(&self, ino: u64) -> Result<(abi::Attr, Duration)> {
+        let st = self.rlock();
+        Ok((st.inodes.get(ino)?.meta(ino).to_attr(), self.config.ttl))
+    }
+}
+
+impl Filesystem for MemFs {
+    fn init(&self, _kernel_flags: u64) -> InitRequest {
+        InitRequest {
+            // Not asked: POSIX_LOCKS/FLOCK_LOCKS (locks stay in the kernel),
+            // HANDLE_KILLPRIV(_V2) (the kernel sends set-id clearing as SETATTR),
+            // WRITEBACK_CACHE and ATOMIC_O_TRUNC. DONT_MASK: with POSIX_ACL the umask
+            // must be applied here, after default-ACL inheritance (fuse otherwise masks
+            // the mode before sending it unless the mount carried MS_POSIXACL).
+            flags: f::ASYNC_READ
+                | f::DO_READDIRPLUS
+                | f::READDIRPLUS_AUTO
+                | f::PARALLEL_DIROPS
+                | f::EXPORT_SUPPORT
+                | f::POSIX_ACL
+                | f::DONT_MASK
+                | f::CREATE_SUPP_GROUP
+                | f::CACHE_SYMLINKS
+                | f::AUTO_INVAL_DATA,
+            max_write: 1 << 20,
+        }
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
+        if name.len() > NAME_MAX {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
+        let st = self.rlock();
+        let p = st.inodes.get(parent)?;
+        let ino = match name.as_bytes() {
+            b"." => {
+                p.dir()?;
+                parent
+            }
+            b".." => p.dir()?.parent,
+            _ => p.dir()?.get(name).ok_or(Errno::ENOENT)?,
+        };
+        let inode = st.inodes.get(ino)?;
+        Ok(self.entry(ino, inode))
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        let mut st = self.wlock();
+        if let Ok(i) = st.inodes.get(ino) {
+            let _ = i
+                .lookups
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(nlookup))
+                });
+        }
+        let freed = st.inodes.release_if_unused(ino);
+        drop(st);
+        drop(freed);
+    }
+
+    fn getattr(&self, _ctx: &Context, ino: u64, _fh: Option<u64>) -> Result<(abi::Attr, Duration)> {
+        self.attr_of(ino)
+    }
+
+    fn setattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        set: &abi::SetattrIn,
+    ) -> Result<(abi::Attr, Duration)> {
+        let v = set.valid;
+        if v & fattr::SIZE != 0 {
+            let data = {
+                let mut st = self.wlock();
+                self.file_data(&mut st, ino)?
+            };
+            data.truncate(set.size)?;
+        }
+        let mut st = self.wlock();
+        let now = Time::now();
+        let inode = st.inodes.get_mut(ino)?;
+        // A SETATTR with nothing to set is what chown(f, -1, -1) or a set-id kill the
+        // kernel dropped turn into (it never sends FATTR_CTIME without writeback cache);
+        // a local file system updates ctime for them, so do that here too.
+        let mut changed = v & !(fattr::FH | fattr::LOCKOWNER) == 0 || v & fattr::SIZE != 0;
+        if v & fattr::MODE != 0 {
+            inode.mode = (inode.mode & S_IFMT) | (set.mode & 0o7777);
+            if let Some(mut a) = inode
+                .xattrs
+                .raw(acl::ACCESS)
+                .and_then(|b| Acl::parse(b).ok())
+            {
+                a.chmod(inode.mode);
+                inode.xattrs.put(acl::ACCESS, a.encode());
+            }
+            changed = true;
+        }
+        if v & fattr::UID != 0 {
+            inode.uid = set.uid;
+            changed = true;
+        }
+        if v & fattr::GID != 0 {
+            inode.gid = set.gid;
+            changed = true;
+        }
+        if v & fattr::KILL_SUIDGID != 0 {
+            inode.mode = kill_suidgid(inode.mode);
+            changed = true;
+        }
+        if v & fattr::ATIME != 0 {
+            inode.atime = if v & fattr::ATIME_NOW != 0 {
+                now
+            } else {
+                Time::from_wire(set.atime, set.atimensec)
+            };
+            changed = true;
+        }
+        if v & fattr::MTIME != 0 {
+            inode.mtime = if v & fattr::MTIME_NOW != 0 {
+                now
+            } else {
+                Time::from_wire(set.mtime, set.mtimensec)
+            };
+            changed = true;
+        } else if v & fattr::SIZE != 0 {
+            inode.mtime = now;
+        }
+        if v & fattr::CTIME != 0 {
+            inode.ctime = Time::from_wire(set.ctime, set.ctimensec);
+        } else if changed {
+            inode.ctime = now;
+        }
+        Ok((inode.meta(ino).to_attr(), self.config.ttl))
+    }
+
+    fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
+        match &self.rlock().inodes.get(ino)?.kind {
+            Kind::Symlink(t) => Ok(t.clone()),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> Result<Entry> {
+        let mode = if mode & S_IFMT == 0 {
+            mode | libc::S_IFREG
+        } else {
+            mode
+        };
+        let kind = match mode & S_IFMT {
+            libc::S_IFREG => Kind::File(None),
+            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => Kind::Special,
+            _ => return Err(Errno::EINVAL),
+        };
+        let mut st = self.wlock();
+        let ino = self.make_node(&mut st, ctx, parent, Some(name), mode, umask, kind)?;
+        let inode = st.inodes.get_mut(ino)?;
+        if matches!(mode & S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
+            inode.rdev = rdev;
+        }
+        Ok(self.entry(ino, inode))
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<Entry> {
+        let mut st = self.wlock();
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        let ino = self.make_node(
+            &mut st,
+            ctx,
+            parent,
+            Some(name),
+            mode,
+            umask,
+            Kind::Dir(Dir::new(parent)),
+        )?;
+        Ok(self.entry(ino, st.inodes.get(ino)?))
+    }
+
+    fn symlink(&self, ctx: &Context, parent: u64, name: &OsStr, target: &[u8]) -> Result<Entry> {
+        if target.len() > SYMLINK_MAX {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
+        if target.is_empty() {
+            return Err(Errno::ENOENT);
+        }
+        let mut st = self.wlock();
+        let mode = libc::S_IFLNK | 0o777;
+        let ino = self.make_node(
+            &mut st,
+            ctx,
+            parent,
+            Some(name),
+            mode,
+            0,
+            Kind::Symlink(target.to_vec()),
+        )?;
+        Ok(self.entry(ino, st.inodes.get(ino)?))
+    }
+
+    fn unlink(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
+        let mut st = self.wlock();
+        let child = st
+            .inodes
+            .get(parent)?
+            .dir()?
+            .get(name)
+            .ok_or(Errno::ENOENT)?;
+        if st.inodes.get(child)?.is_dir() {
+            return Err(Errno(libc::EISDIR));
+        }
+        let now = Time::now();
+        let p = st.inodes.get_mut(parent)?;
+        p.dir_mut()?.remove(name);
+        p.touch_mc(now);
+        let freed = Self::unlink_inode(&mut st, child, now);
+        drop(st);
+        drop(freed);
+        Ok(())
+    }
+
+    fn rmdir(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        match name.as_bytes() {
+            b"." => return Err(Errno::EINVAL),
+            b".." => return Err(Errno(libc::ENOTEMPTY)),
+            n if n.len() > NAME_MAX => return Err(Errno(libc::ENAMETOOLONG)),
+            _ => {}
+        }
+        let mut st = self.wlock();
+        let child = st
+            .inodes
+            .get(parent)?
+            .dir()?
+            .get(name)
+            .ok_or(Errno::ENOENT)?;
+        if !st.inodes.get(child)?.dir()?.is_empty() {
+            return Err(Errno(libc::ENOTEMPTY));
+        }
+        let now = Time::now();
+        let p = st.inodes.get_mut(parent)?;
+        p.dir_mut()?.remove(name);
+        p.nlink -= 1;
+        p.touch_mc(now);
+        let freed = Self::unlink_inode(&mut st, child, now);
+        drop(st);
+        drop(freed);
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        _ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        if flags & !known != 0 || flags == known {
+            return Err(Errno::EINVAL);
+        }
+        if name.len() > NAME_MAX {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
+        check_new_name(newname).map_err(|e| {
+            if e.0 == libc::EEXIST {
+                Errno(libc::EBUSY)
+            } else {
+                e
+            }
+        })?;
+        let mut st = self.wlock();
+        let freed = self.do_rename(&mut st, parent, name, newparent, newname, flags)?;
+        drop(st);
+        drop(freed);
+        Ok(())
+    }
+
+    fn link(&self, _ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
+        check_new_name(newname)?;
+        let mut st = self.wlock();
+        if st.inodes.get(ino)?.is_dir() {
+            return Err(Errno(libc::EPERM));
+        }
+        let p = st.inodes.get_mut(newparent)?;
+        if p.dir()?.get(newname).is_some() {
+            return Err(Errno(libc::EEXIST));
+        }
+        let now = Time::now();
+        p.dir_mut()?.insert(newname, ino);
+        p.touch_mc(now);
+        let inode = st.inodes.get_mut(ino)?;
+        inode.nlink += 1;
+        inode.ctime = now;
+        Ok(self.entry(ino, inode))
+    }
+
+    fn open(&self, _ctx: &Context, ino: u64, flags: u32, kill: bool) -> Result<Opened> {
+        let mut st = self.wlock();
+        let data = self.file_data(&mut st, ino)?;
+        let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
+        if kill {
+            let i = st.inodes.get_mut(ino)?;
+            i.mode = kill_suidgid(i.mode);
+            i.ctime = Time::now();
+        }
+        drop(st);
+        if flags & libc::O_TRUNC as u32 != 0
+            && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32
+        {
+            data.truncate(0)?;
+            self.data_changed(ino, false);
+        }
+        Ok(Opened {
+            fh,
+            // mem is the only writer of its files: the page cache stays valid across opens.
+            open_flags: fopen::KEEP_CACHE,
+            backing: None,
+        })
+    }
+
+    fn read(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let data = self.rlock().handles.data(fh, ino)?;
+        data.read_into(offset, size, out)
+    }
+
+    fn write(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        buf: &[u8],
+        write_flags: u32,
+        flags: u32,
+    ) -> Result<u32> {
+        let data = self.rlock().handles.data(fh, ino)?;
+        let append = flags & libc::O_APPEND as u32 != 0;
+        let n = data.write(offset, buf, append)?;
+        if n > 0 {
+            self.data_changed(ino, write_flags & wflags::WRITE_KILL_SUIDGID != 0);
+        }
+        Ok(n)
+    }
+
+    fn release(&self, _ctx: &Context, ino: u64, fh: u64, _flags: u32) -> Result<()> {
+        let mut st = self.wlock();
+        let h = st.handles.remove(fh, ino)?;
+        if let Ok(i) = st.inodes.get_mut(ino) {
+            i.opens = i.opens.saturating_sub(1);
+        }
+        let freed = st.inodes.release_if_unused(ino);
+        drop(st);
+        drop(h);
+        drop(freed);
+        Ok(())
+    }
+
+    fn fsync(&self, _ctx: &Context, ino: u64, fh: u64, _datasync: bool) -> Result<()> {
+        self.rlock().handles.get(fh, ino).map(|_| ())
+    }
+
+    fn opendir(&self, _ctx: &Context, ino: u64, flags: u32) -> Result<Opened> {
+        let mut st = self.wlock();
+        st.inodes.get(ino)?.dir()?;
+        let fh = Self::open_handle(&mut st, ino, None, flags)?;
+        Ok(Opened {
+            fh,
+            open_flags: 0,
+            backing: None,
+        })
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut DirSink,
+    ) -> Result<()> {
+        let st = self.rlock();
+        st.handles.get(fh, ino)?;
+        let me = st.inodes.get(ino)?;
+        let dir = me.dir()?;
+        let plus = sink.is_plus();
+        let dot = |sink: &mut DirSink, ino: u64, next: u64, name: &str| -> bool {
+            let name = OsStr::new(name);
+            if plus {
+                let attr = st
+                    .inodes
+                    .get(ino)
+                    .map(|i| i.meta(ino).to_attr())
+                    .unwrap_or(abi::Attr {
+                        ino,
+                        mode: libc::S_IFDIR,
+                        ..Default::default()
+                    });
+                let e = Entry {
+                    ino: 0,
+                    attr,
+                    ..Default::default()
+                };
+                sink.add_plus(&e, next, libc::DT_DIR as u32, name)
+            } else {
+                sink.add(ino, next, libc::DT_DIR as u32, name)
+            }
+        };
+        if offset == dir::DOT && !dot(sink, ino, dir::DOT + 1, ".") {
+            return Ok(());
+        }
+        if offset <= dir::DOTDOT && !dot(sink, dir.parent, dir::DOTDOT + 1, "..") {
+            return Ok(());
+        }
+        for (cookie, name, child) in dir.iter_from(offset) {
+            let Ok(ci) = st.inodes.get(child) else {
+                continue;
+            };
+            let typ = dtype(ci.mode);
+            if plus {
+                if !sink.fits(name) {
+                    break;
+                }
+                let e = self.entry(child, ci);
+                if !sink.add_plus(&e, cookie + 1, typ, name) {
+                    ci.lookups.fetch_sub(1, Ordering::Relaxed);
+                    break;
+                }
+            } else if !sink.add(child, cookie + 1, typ, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn releasedir(&self, ctx: &Context, ino: u64, fh: u64) -> Result<()> {
+        self.release(ctx, ino, fh, 0)
+    }
+
+    fn fsyncdir(&self, _ctx: &Context, ino: u64, fh: u64, _datasync: bool) -> Result<()> {
+        self.rlock().handles.get(fh, ino).map(|_| ())
+    }
+
+    fn statfs(&self, _ctx: &Context, _ino: u64) -> Result<abi::Kstatfs> {
+        let bs = attr::BLKSIZE as u64;
+        let blocks = self.space.capacity / bs;
+        let used = self.space.used().div_ceil(bs).min(blocks);
+        let files = self.rlock().inodes.len() as u64;
+        Ok(abi::Kstatfs {
+            blocks,
+            bfree: blocks - used,
+            bavail: blocks - used,
+            files: self.config.max_inodes,
+            ffree: self.config.max_inodes.saturating_sub(files),
+            bsize: bs as u32,
+            namelen: NAME_MAX as u32,
+            frsize: bs as u32,
+            ..Default::default()
+        })
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: u32,
+        setxattr_flags: u32,
+    ) -> Result<()> {
+        let name = name.as_bytes();
+        let mut st = self.wlock();
+        let inode = st.inodes.get_mut(ino)?;
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            let exists = inode.xattrs.raw(name).is_some();
+            if flags & libc::XATTR_CREATE as u32 != 0 && exists {
+                return Err(Errno(libc::EEXIST));
+            }
+            if flags & libc::XATTR_REPLACE as u32 != 0 && !exists {
+                return Err(Errno(libc::ENODATA));
+            }
+            let a = Acl::parse(value)?;
+            if name == acl::DEFAULT {
+                if !inode.is_dir() {
+                    return Err(Errno(libc::EACCES));
+                }
+                if a.0.is_empty() {
+                    inode.xattrs.take(name);
+                } else {
+                    inode.xattrs.put(name, a.encode());
+                }
+            } else {
+                if a.0.is_empty() {
+                    return Err(Errno::EINVAL);
+                }
+                // The kernel leaves the mode update to the file system (fs/fuse/acl.c).
+                inode.mode = (inode.mode & !0o777) | a.mode_bits();
+                // The kernel decides whether the caller may keep S_ISGID.
+                if setxattr_flags & wflags::SETXATTR_ACL_KILL_SGID != 0 {
+                    inode.mode &= !S_ISGID;
+                }
+                if a.is_minimal() {
+                    inode.xattrs.take(name);
+                } else {
+                    inode.xattrs.put(name, a.encode());
+                }
+            }
+        } else {
+            inode.xattrs.set(name, value, flags)?;
+        }
+        inode.ctime = Time::now();
+        Ok(())
+    }
+
+    fn getxattr(&self, _ctx: &Context, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+        self.rlock()
+            .inodes
+            .get(ino)?
+            .xattrs
+            .get(name.as_bytes(), size)
+    }
+
+    fn listxattr(&self, _ctx: &Context, ino: u64, size: u32) -> Result<Xattr> {
+        self.rlock().inodes.get(ino)?.xattrs.list(size)
+    }
+
+    fn removexattr(&self, _ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
+        let mut st = self.wlock();
+        let inode = st.inodes.get_mut(ino)?;
+        inode.xattrs.remove(name.as_bytes())?;
+        inode.ctime = Time::now();
+        Ok(())
+    }
+
+    fn access(&self, _ctx: &Context, ino: u64, _mask: u32) -> Result<()> {
+        self.rlock().inodes.get(ino).map(|_| ())
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        let mut st = self.wlock();
+        let existing = st.inodes.get(parent)?.dir()?.get(name);
+        let ino = match existing {
+            Some(_) if flags & libc::O_EXCL as u32 != 0 => return Err(Errno(libc::EEXIST)),
+            Some(ino) => ino,
+            None => {
+                let data = Arc::new(FileData::new(self.space.clone())?);
+                let mode = libc::S_IFREG | (mode & 0o7777);
+                self.make_node(
+                    &mut st,
+                    ctx,
+                    parent,
+                    Some(name),
+                    mode,
+                    umask,
+                    Kind::File(Some(data)),
+                )?
+            }
+        };
+        let data = self.file_data(&mut st, ino)?;
+        let fh = Self::open_handle(&mut st, ino, Some(data), flags)?;
+        let entry = self.entry(ino, st.inodes.get(ino)?);
+        Ok((
+            entry,
+            Opened {
+                fh,
+                open_flags: fopen::KEEP_CACHE,
+                backing: None,
+            },
+        ))
+    }
+
+    fn tmpfile(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        mode: u32,
+        umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        let mut st = self.wlock();
+        let data = Arc::new(FileData::new(self.space.clone())?);
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        let ino = self.make_node(
+            &mut st,
+            ctx,
+            parent,
+            None,
+            mode,
+            umask,
+            Kind::File(Some(data.clone())),
+        )?;
+        let fh = Self::open_handle(&mut st, ino, Some(data), flags)?;
+        let entry = self.entry(ino, st.inodes.get(ino)?);
+        Ok((
+            entry,
+            Opened {
+                fh,
+                open_flags: fopen::KEEP_CACHE,
+                backing: None,
+            },
+        ))
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    ) -> Result<()> {
+        let data = self.rlock().handles.data(fh, ino)?;
+        let before = data.size()?;
+        data.fallocate(offset, length, mode as i32)?;
+        let punch = mode as i32 & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        if punch || data.size()? != before {
+            self.data_changed(ino, false);
+        }
+        Ok(())
+    }
+
+    fn lseek(&self, _ctx: &Context, ino: u64, fh: u64, offset: u64, whence: u32) -> Result<u64> {
+        let data = self.rlock().handles.data(fh, ino)?;
+        match whence as i32 {
+            libc::SEEK_DATA | libc::SEEK_HOLE | libc::SEEK_SET | libc::SEEK_END => {
+                data.lseek(offset, whence)
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _ctx: &Context,
+        ino_in: u64,
+        fh_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> Result<u64> {
+        if flags != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let (src, dst) = {
+            let st = self.rlock();
+            (
+                st.handles.data(fh_in, ino_in)?,
+                st.handles.data(fh_out, ino_out)?,
+            )
+        };
+        let n = src.copy_to(off_in, &dst, off_out, len)?;
+        if n > 0 {
+            self.data_changed(ino_out, false);
+        }
+        Ok(n)
+    }
+
+    fn statx(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _fh: Option<u64>,
+        _flags: u32,
+        _mask: u32,
+    ) -> Result<(abi::Statx, Duration)> {
+        let st = self.rlock();
+        Ok((st.inodes.get(ino)?.meta(ino).to_statx(), self.config.ttl))
+    }
+}
+
+#[cfg(test)]
+mod tests;

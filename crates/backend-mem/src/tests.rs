@@ -1,0 +1,794 @@
+//! Unit tests of the `Filesystem` implementation, calling the trait methods directly.
+
+use super::*;
+
+fn root() -> Context {
+    Context {
+        uid: 0,
+        gid: 0,
+        ..Default::default()
+    }
+}
+
+fn user() -> Context {
+    Context {
+        uid: 1000,
+        gid: 1000,
+        ..Default::default()
+    }
+}
+
+fn fs() -> MemFs {
+    MemFs::new(MemConfig {
+        capacity_bytes: 64 << 20,
+        root_mode: 0o777,
+        ..Default::default()
+    })
+}
+
+fn n(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+fn err<T: std::fmt::Debug>(r: Result<T>) -> i32 {
+    r.unwrap_err().0
+}
+
+fn mode_of(fs: &MemFs, ino: u64) -> u32 {
+    fs.getattr(&root(), ino, None).unwrap().0.mode
+}
+
+fn attr(fs: &MemFs, ino: u64) -> abi::Attr {
+    fs.getattr(&root(), ino, None).unwrap().0
+}
+
+fn create(fs: &MemFs, ctx: &Context, parent: u64, name: &str, mode: u32) -> (u64, u64) {
+    let (e, o) = fs
+        .create(
+            ctx,
+            parent,
+            n(name),
+            mode,
+            0o022,
+            libc::O_CREAT as u32 | libc::O_RDWR as u32,
+        )
+        .unwrap();
+    (e.ino, o.fh)
+}
+
+fn read_all(fs: &MemFs, ino: u64, fh: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    fs.read(&root(), ino, fh, 0, 1 << 20, &mut out).unwrap();
+    out
+}
+
+fn acl_bytes(e: &[(u16, u16, u32)]) -> Vec<u8> {
+    Acl(e
+        .iter()
+        .map(|&(tag, perm, id)| acl::AclEntry { tag, perm, id })
+        .collect())
+    .encode()
+}
+
+#[test]
+fn init_flags_leave_out_kernel_owned_features() {
+    let r = fs().init(u64::MAX);
+    assert_eq!(r.max_write, 1 << 20);
+    for bad in [
+        f::POSIX_LOCKS,
+        f::FLOCK_LOCKS,
+        f::HANDLE_KILLPRIV,
+        f::HANDLE_KILLPRIV_V2,
+        f::WRITEBACK_CACHE,
+        f::ATOMIC_O_TRUNC,
+    ] {
+        assert_eq!(r.flags & bad, 0);
+    }
+    assert_ne!(r.flags & f::POSIX_ACL, 0);
+}
+
+#[test]
+fn create_lookup_forget_lifetime() {
+    let fs = fs();
+    let (ino, fh) = create(&fs, &root(), ROOT, "f", 0o644);
+    assert!(ino > ROOT);
+    let e = fs.lookup(&root(), ROOT, n("f")).unwrap();
+    assert_eq!(e.ino, ino);
+    assert_eq!(e.generation, 0);
+    assert_eq!(
+        fs.lookup(&root(), ino, n(".")).unwrap_err().0,
+        libc::ENOTDIR
+    );
+    assert_eq!(fs.lookup(&root(), ROOT, n("..")).unwrap().ino, ROOT);
+    assert_eq!(fs.lookup(&root(), ROOT, n("x")).unwrap_err(), Errno::ENOENT);
+    assert_eq!(
+        err(fs.lookup(&root(), ROOT, OsStr::new(&"a".repeat(256)))),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        err(fs.mkdir(&root(), ROOT, OsStr::new(&"a".repeat(256)), 0o755, 0)),
+        libc::ENAMETOOLONG
+    );
+    fs.mkdir(&root(), ROOT, OsStr::new(&"a".repeat(255)), 0o755, 0)
+        .unwrap();
+
+    assert_eq!(fs.write(&root(), ino, fh, 0, b"hello", 0, 0).unwrap(), 5);
+    // Unlinked while open: still readable and writable.
+    fs.unlink(&root(), ROOT, n("f")).unwrap();
+    assert_eq!(attr(&fs, ino).nlink, 0);
+    fs.write(&root(), ino, fh, 5, b"!", 0, 0).unwrap();
+    assert_eq!(read_all(&fs, ino, fh), b"hello!");
+    fs.forget(ino, 2);
+    assert!(
+        fs.getattr(&root(), ino, None).is_ok(),
+        "open handle keeps it"
+    );
+    fs.release(&root(), ino, fh, 0).unwrap();
+    assert_eq!(fs.getattr(&root(), ino, None).unwrap_err(), Errno::ENOENT);
+    assert_eq!(err(fs.release(&root(), ino, fh, 0)), libc::EBADF);
+    let mut out = Vec::new();
+    assert_eq!(err(fs.read(&root(), ino, fh, 0, 10, &mut out)), libc::EBADF);
+    // Numbers are never reused.
+    let (ino2, _) = create(&fs, &root(), ROOT, "g", 0o644);
+    assert!(ino2 > ino);
+    // A lookup reference alone keeps an unlinked inode.
+    let (ino3, fh3) = create(&fs, &root(), ROOT, "h", 0o644);
+    fs.release(&root(), ino3, fh3, 0).unwrap();
+    fs.unlink(&root(), ROOT, n("h")).unwrap();
+    assert!(fs.getattr(&root(), ino3, None).is_ok());
+    fs.forget(ino3, 1);
+    assert!(fs.getattr(&root(), ino3, None).is_err());
+}
+
+#[test]
+fn hard_links_and_dir_nlink() {
+    let fs = fs();
+    let (ino, fh) = create(&fs, &root(), ROOT, "a", 0o644);
+    let c0 = attr(&fs, ino);
+    let e = fs.link(&root(), ino, ROOT, n("b")).unwrap();
+    assert_eq!(e.attr.nlink, 2);
+    assert!((e.attr.ctime, e.attr.ctimensec) >= (c0.ctime, c0.ctimensec));
+    assert_eq!(err(fs.link(&root(), ino, ROOT, n("b"))), libc::EEXIST);
+    fs.unlink(&root(), ROOT, n("a")).unwrap();
+    assert_eq!(attr(&fs, ino).nlink, 1);
+    fs.release(&root(), ino, fh, 0).unwrap();
+    assert_eq!(fs.lookup(&root(), ROOT, n("b")).unwrap().ino, ino);
+
+    assert_eq!(attr(&fs, ROOT).nlink, 2);
+    let d = fs.mkdir(&root(), ROOT, n("d"), 0o755, 0).unwrap();
+    assert_eq!(d.attr.nlink, 2);
+    assert_eq!(d.attr.mode, libc::S_IFDIR | 0o755);
+    assert_eq!(attr(&fs, ROOT).nlink, 3);
+    assert_eq!(err(fs.link(&root(), d.ino, ROOT, n("dl"))), libc::EPERM);
+    fs.mkdir(&root(), d.ino, n("sub"), 0o755, 0).unwrap();
+    assert_eq!(attr(&fs, d.ino).nlink, 3);
+    assert_eq!(err(fs.rmdir(&root(), ROOT, n("d"))), libc::ENOTEMPTY);
+    assert_eq!(err(fs.unlink(&root(), ROOT, n("d"))), libc::EISDIR);
+    assert_eq!(err(fs.rmdir(&root(), ROOT, n("b"))), libc::ENOTDIR);
+    assert_eq!(err(fs.mkdir(&root(), ROOT, n("d"), 0o755, 0)), libc::EEXIST);
+    fs.rmdir(&root(), d.ino, n("sub")).unwrap();
+    assert_eq!(attr(&fs, d.ino).nlink, 2);
+    fs.rmdir(&root(), ROOT, n("d")).unwrap();
+    assert_eq!(attr(&fs, ROOT).nlink, 2);
+    assert_eq!(attr(&fs, d.ino).nlink, 0);
+    // A removed directory cannot get new entries.
+    assert_eq!(
+        err(fs.mkdir(&root(), d.ino, n("x"), 0o755, 0)),
+        libc::ENOENT
+    );
+}
+
+#[test]
+fn rename_cases() {
+    let fs = fs();
+    let c = root();
+    let (a, _) = create(&fs, &c, ROOT, "a", 0o644);
+    let (b, _) = create(&fs, &c, ROOT, "b", 0o644);
+    let d1 = fs.mkdir(&c, ROOT, n("d1"), 0o755, 0).unwrap().ino;
+    let d2 = fs.mkdir(&c, ROOT, n("d2"), 0o755, 0).unwrap().ino;
+    let (inner, _) = create(&fs, &c, d2, "inner", 0o644);
+    let _ = inner;
+    // file over file
+    fs.rename(&c, ROOT, n("a"), ROOT, n("b"), 0).unwrap();
+    assert_eq!(fs.lookup(&c, ROOT, n("b")).unwrap().ino, a);
+    assert_eq!(attr(&fs, b).nlink, 0);
+    // type mismatches
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("b"), ROOT, n("d1"), 0)),
+        libc::EISDIR
+    );
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("d1"), ROOT, n("b"), 0)),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("d1"), ROOT, n("d2"), 0)),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("nope"), ROOT, n("x"), 0)),
+        libc::ENOENT
+    );
+    // flags
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("b"), ROOT, n("d1"), libc::RENAME_NOREPLACE)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("b"), ROOT, n("z"), libc::RENAME_WHITEOUT)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("b"), ROOT, n("z"), libc::RENAME_EXCHANGE)),
+        libc::ENOENT
+    );
+    // same inode: no-op
+    fs.link(&c, a, ROOT, n("a2")).unwrap();
+    fs.rename(&c, ROOT, n("b"), ROOT, n("a2"), 0).unwrap();
+    assert_eq!(attr(&fs, a).nlink, 2);
+    assert!(fs.lookup(&c, ROOT, n("b")).is_ok());
+    // into own subtree
+    let sub = fs.mkdir(&c, d1, n("sub"), 0o755, 0).unwrap().ino;
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("d1"), sub, n("x"), 0)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        err(fs.rename(&c, ROOT, n("d1"), d1, n("x"), 0)),
+        libc::EINVAL
+    );
+    // dir between parents: nlink and ".."
+    assert_eq!(attr(&fs, d1).nlink, 3);
+    fs.rename(&c, d1, n("sub"), d2, n("moved"), 0).unwrap();
+    assert_eq!(attr(&fs, d1).nlink, 2);
+    assert_eq!(attr(&fs, d2).nlink, 3);
+    assert_eq!(fs.lookup(&c, sub, n("..")).unwrap().ino, d2);
+    // dir over empty dir
+    let e = fs.mkdir(&c, ROOT, n("empty"), 0o755, 0).unwrap().ino;
+    let root_links = attr(&fs, ROOT).nlink;
+    fs.rename(&c, ROOT, n("d1"), ROOT, n("empty"), 0).unwrap();
+    assert_eq!(attr(&fs, ROOT).nlink, root_links - 1);
+    assert_eq!(attr(&fs, e).nlink, 0);
+    // exchange file and dir across parents
+    fs.rename(&c, ROOT, n("b"), d2, n("moved"), libc::RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(fs.lookup(&c, ROOT, n("b")).unwrap().ino, sub);
+    assert_eq!(fs.lookup(&c, d2, n("moved")).unwrap().ino, a);
+    assert_eq!(fs.lookup(&c, sub, n("..")).unwrap().ino, ROOT);
+    assert_eq!(attr(&fs, d2).nlink, 2);
+}
+
+/// Parses a READDIR reply: (ino, next offset, name).
+fn parse_dirents(buf: &[u8], plus: bool) -> Vec<(u64, u64, String)> {
+    let mut out = Vec::new();
+    let mut p = 0;
+    let skip = if plus {
+        std::mem::size_of::<abi::EntryOut>()
+    } else {
+        0
+    };
+    while p < buf.len() {
+        p += skip;
+        let ino = u64::from_le_bytes(buf[p..p + 8].try_into().unwrap());
+        let off = u64::from_le_bytes(buf[p + 8..p + 16].try_into().unwrap());
+        let len = u32::from_le_bytes(buf[p + 16..p + 20].try_into().unwrap()) as usize;
+        let name = String::from_utf8(buf[p + 24..p + 24 + len].to_vec()).unwrap();
+        out.push((ino, off, name));
+        p += (24 + len).div_ceil(8) * 8;
+    }
+    out
+}
+
+fn readdir_page(fs: &MemFs, dir: u64, fh: u64, off: u64, plus: bool) -> Vec<(u64, u64, String)> {
+    let mut buf = Vec::new();
+    let mut sink = DirSink::new(&mut buf, 300, plus);
+    fs.readdir(&root(), dir, fh, off, &mut sink).unwrap();
+    parse_dirents(&buf, plus)
+}
+
+#[test]
+fn readdir_cookies_under_mutation() {
+    for plus in [false, true] {
+        let fs = fs();
+        let d = fs.mkdir(&root(), ROOT, n("d"), 0o755, 0).unwrap().ino;
+        for i in 0..40 {
+            create(&fs, &root(), d, &format!("f{i:02}"), 0o644);
+        }
+        let fh = fs.opendir(&root(), d, 0).unwrap().fh;
+        let mut seen = Vec::new();
+        let mut off = 0;
+        let mut round = 0;
+        loop {
+            let page = readdir_page(&fs, d, fh, off, plus);
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() < 30, "pages are limited");
+            for (_, next, name) in &page {
+                seen.push(name.clone());
+                off = *next;
+            }
+            // Mutate between pages: remove odd files, add new ones, rename one.
+            round += 1;
+            for i in (1..40).step_by(2) {
+                let _ = fs.unlink(&root(), d, n(&format!("f{i:02}")));
+            }
+            if round <= 5 {
+                create(&fs, &root(), d, &format!("new{round}"), 0o644);
+            }
+        }
+        assert_eq!(&seen[..2], &[".".to_string(), "..".to_string()]);
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), seen.len(), "no duplicates: {seen:?}");
+        for i in (0..40).step_by(2) {
+            assert!(
+                seen.contains(&format!("f{i:02}")),
+                "f{i:02} existed throughout"
+            );
+        }
+        fs.releasedir(&root(), d, fh).unwrap();
+        assert_eq!(err(fs.releasedir(&root(), d, fh)), libc::EBADF);
+    }
+}
+
+#[test]
+fn readdirplus_counts_lookups_but_not_for_dots() {
+    let fs = fs();
+    let (ino, fh) = create(&fs, &root(), ROOT, "f", 0o644);
+    fs.release(&root(), ino, fh, 0).unwrap();
+    fs.forget(ino, 1);
+    let dfh = fs.opendir(&root(), ROOT, 0).unwrap().fh;
+    let mut buf = Vec::new();
+    let mut sink = DirSink::new(&mut buf, 4096, true);
+    fs.readdir(&root(), ROOT, dfh, 0, &mut sink).unwrap();
+    let ents = parse_dirents(&buf, true);
+    assert_eq!(ents.len(), 3);
+    // The entry has one lookup: unlinking and one forget frees it.
+    fs.unlink(&root(), ROOT, n("f")).unwrap();
+    assert!(fs.getattr(&root(), ino, None).is_ok());
+    fs.forget(ino, 1);
+    assert!(fs.getattr(&root(), ino, None).is_err());
+    // Dots carry nodeid 0 in the entry part.
+    let nodeid = u64::from_le_bytes(buf[0..8].try_into().unwrap());
+    assert_eq!(nodeid, 0);
+}
+
+#[test]
+fn sparse_files_and_seek() {
+    let fs = fs();
+    let (ino, fh) = create(&fs, &root(), ROOT, "s", 0o644);
+    fs.write(&root(), ino, fh, 1 << 20, b"data", 0, 0).unwrap();
+    let a = attr(&fs, ino);
+    assert_eq!(a.size, (1 << 20) + 4);
+    assert!(a.blocks <= 16, "sparse: {} blocks", a.blocks);
+    assert_eq!(
+        fs.lseek(&root(), ino, fh, 0, libc::SEEK_DATA as u32)
+            .unwrap(),
+        1 << 20
+    );
+    assert_eq!(
+        fs.lseek(&root(), ino, fh, 0, libc::SEEK_HOLE as u32)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        fs.lseek(&root(), ino, fh, 1 << 20, libc::SEEK_HOLE as u32)
+            .unwrap(),
+        (1 << 20) + 4
+    );
+    assert_eq!(
+        err(fs.lseek(&root(), ino, fh, 2 << 20, libc::SEEK_DATA as u32)),
+        libc::ENXIO
+    );
+    // O_APPEND writes go to the end whatever the offset.
+    fs.write(&root(), ino, fh, 0, b"!", 0, libc::O_APPEND as u32)
+        .unwrap();
+    assert_eq!(attr(&fs, ino).size, (1 << 20) + 5);
+    // fallocate, punch, copy_file_range
+    fs.fallocate(&root(), ino, fh, 0, 8192, 0).unwrap();
+    assert!(attr(&fs, ino).blocks >= 16);
+    fs.fallocate(
+        &root(),
+        ino,
+        fh,
+        0,
+        8192,
+        (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+    )
+    .unwrap();
+    let (ino2, fh2) = create(&fs, &root(), ROOT, "t", 0o644);
+    let n = fs
+        .copy_file_range(&root(), ino, fh, 1 << 20, ino2, fh2, 10, 100, 0)
+        .unwrap();
+    assert_eq!(n, 5);
+    let data = read_all(&fs, ino2, fh2);
+    assert_eq!(&data[10..], b"data!");
+    // setattr size truncates and updates mtime.
+    let before = attr(&fs, ino);
+    std::thread::sleep(Duration::from_millis(2));
+    let set = abi::SetattrIn {
+        valid: fattr::SIZE,
+        size: 3,
+        ..Default::default()
+    };
+    let (a, _) = fs.setattr(&root(), ino, &set).unwrap();
+    assert_eq!(a.size, 3);
+    assert!((a.mtime, a.mtimensec) > (before.mtime, before.mtimensec));
+    assert!((a.ctime, a.ctimensec) > (before.ctime, before.ctimensec));
+}
+
+#[test]
+fn xattr_errors() {
+    let fs = fs();
+    let (ino, _) = create(&fs, &root(), ROOT, "x", 0o644);
+    let c = root();
+    let cr = libc::XATTR_CREATE as u32;
+    let rp = libc::XATTR_REPLACE as u32;
+    assert_eq!(
+        err(fs.setxattr(&c, ino, n("user.a"), b"1", rp, 0)),
+        libc::ENODATA
+    );
+    fs.setxattr(&c, ino, n("user.a"), b"1", cr, 0).unwrap();
+    assert_eq!(
+        err(fs.setxattr(&c, ino, n("user.a"), b"1", cr, 0)),
+        libc::EEXIST
+    );
+    assert!(matches!(
+        fs.getxattr(&c, ino, n("user.a"), 0),
+        Ok(Xattr::Size(1))
+    ));
+    assert!(matches!(fs.getxattr(&c, ino, n("user.a"), 1), Ok(Xattr::Data(d)) if d == b"1"));
+    fs.setxattr(&c, ino, n("user.a"), b"12", 0, 0).unwrap();
+    assert_eq!(err(fs.getxattr(&c, ino, n("user.a"), 1)), libc::ERANGE);
+    assert_eq!(err(fs.getxattr(&c, ino, n("user.zz"), 10)), libc::ENODATA);
+    assert_eq!(
+        err(fs.setxattr(&c, ino, n("user.big"), &vec![0; 65537], 0, 0)),
+        libc::E2BIG
+    );
+    assert_eq!(
+        err(fs.setxattr(&c, ino, OsStr::new(&"u".repeat(256)), b"", 0, 0)),
+        libc::ERANGE
+    );
+    fs.setxattr(&c, ino, n("trusted.t"), b"", 0, 0).unwrap();
+    assert!(matches!(fs.listxattr(&c, ino, 0), Ok(Xattr::Size(17))));
+    assert!(
+        matches!(fs.listxattr(&c, ino, 100), Ok(Xattr::Data(d)) if d == b"trusted.t\0user.a\0")
+    );
+    assert_eq!(err(fs.listxattr(&c, ino, 5)), libc::ERANGE);
+    fs.removexattr(&c, ino, n("user.a")).unwrap();
+    assert_eq!(err(fs.removexattr(&c, ino, n("user.a"))), libc::ENODATA);
+    assert_eq!(err(fs.getxattr(&c, 999, n("user.a"), 0)), libc::ENOENT);
+}
+
+#[test]
+fn owner_and_setgid_inheritance() {
+    let fs = fs();
+    let (f, _) = create(&fs, &user(), ROOT, "mine", 0o2755);
+    let a = attr(&fs, f);
+    assert_eq!((a.uid, a.gid), (1000, 1000));
+    assert_eq!(
+        a.mode & 0o7777,
+        0o2755 & !0o022,
+        "creator in group keeps S_ISGID"
+    );
+
+    let d = fs.mkdir(&root(), ROOT, n("sg"), 0o777, 0).unwrap().ino;
+    let set = abi::SetattrIn {
+        valid: fattr::MODE | fattr::GID,
+        mode: 0o2777,
+        gid: 50,
+        ..Default::default()
+    };
+    fs.setattr(&root(), d, &set).unwrap();
+    let (f, _) = create(&fs, &user(), d, "f", 0o2775);
+    let a = attr(&fs, f);
+    assert_eq!(a.gid, 50, "group inherited from S_ISGID parent");
+    assert_eq!(
+        a.mode & 0o7777,
+        0o755,
+        "S_ISGID stripped: creator not in group 50"
+    );
+    let member = Context {
+        supp_group: Some(50),
+        ..user()
+    };
+    let (f, _) = create(&fs, &member, d, "g", 0o2775);
+    assert_eq!(
+        mode_of(&fs, f) & 0o7777,
+        0o2755,
+        "supplementary member keeps it"
+    );
+    let sub = fs.mkdir(&user(), d, n("sub"), 0o755, 0o022).unwrap();
+    assert_eq!(sub.attr.gid, 50);
+    assert_eq!(
+        sub.attr.mode & 0o7777,
+        0o2755,
+        "directories inherit S_ISGID"
+    );
+    let sym = fs.symlink(&user(), d, n("l"), b"target").unwrap();
+    assert_eq!(sym.attr.mode, libc::S_IFLNK | 0o777);
+    assert_eq!(sym.attr.size, 6);
+    assert_eq!(fs.readlink(&root(), sym.ino).unwrap(), b"target");
+    assert_eq!(
+        err(fs.symlink(&user(), d, n("long"), &[b'a'; 4096])),
+        libc::ENAMETOOLONG
+    );
+    let fifo = fs
+        .mknod(&user(), d, n("p"), libc::S_IFIFO | 0o666, 0, 0o022)
+        .unwrap();
+    assert_eq!(fifo.attr.mode, libc::S_IFIFO | 0o644);
+    let chr = fs
+        .mknod(&root(), d, n("c"), libc::S_IFCHR | 0o600, 0x0103, 0)
+        .unwrap();
+    assert_eq!(chr.attr.rdev, 0x0103);
+    assert_eq!(
+        err(fs.mknod(&root(), d, n("bad"), 0o170000 | 0o600, 0, 0)),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn acl_inheritance_and_mode_sync() {
+    let fs = fs();
+    let d = fs.mkdir(&root(), ROOT, n("d"), 0o755, 0).unwrap().ino;
+    let def = acl_bytes(&[
+        (acl::USER_OBJ, 7, !0),
+        (acl::USER, 5, 65534),
+        (acl::GROUP_OBJ, 5, !0),
+        (acl::MASK, 7, !0),
+        (acl::OTHER, 0, !0),
+    ]);
+    fs.setxattr(&root(), d, n("system.posix_acl_default"), &def, 0, 0)
+        .unwrap();
+    // A file: umask ignored, mode masked by the default ACL.
+    let (f, _) = create(&fs, &root(), d, "f", 0o666);
+    assert_eq!(mode_of(&fs, f) & 0o777, 0o660);
+    let Xattr::Data(a) = fs
+        .getxattr(&root(), f, n("system.posix_acl_access"), 4096)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(Acl::parse(&a).unwrap().mode_bits(), 0o660);
+    assert!(fs
+        .getxattr(&root(), f, n("system.posix_acl_default"), 4096)
+        .is_err());
+    // A directory inherits the default ACL too.
+    let sub = fs.mkdir(&root(), d, n("sub"), 0o777, 0o077).unwrap();
+    assert_eq!(sub.attr.mode & 0o777, 0o770);
+    assert!(fs
+        .getxattr(&root(), sub.ino, n("system.posix_acl_default"), 4096)
+        .is_ok());
+    // Without a default ACL the umask applies.
+    let plain = fs.mkdir(&root(), ROOT, n("plain"), 0o777, 0o027).unwrap();
+    assert_eq!(plain.attr.mode & 0o777, 0o750);
+    // Default ACLs only on directories.
+    assert_eq!(
+        err(fs.setxattr(&root(), f, n("system.posix_acl_default"), &def, 0, 0)),
+        libc::EACCES
+    );
+    // chmod moves the ACL's mask.
+    let set = abi::SetattrIn {
+        valid: fattr::MODE,
+        mode: 0o640,
+        ..Default::default()
+    };
+    fs.setattr(&root(), f, &set).unwrap();
+    let Xattr::Data(a) = fs
+        .getxattr(&root(), f, n("system.posix_acl_access"), 4096)
+        .unwrap()
+    else {
+        panic!()
+    };
+    let a = Acl::parse(&a).unwrap();
+    assert_eq!(a.mode_bits(), 0o640);
+    assert!(
+        a.0.iter().any(|e| e.tag == acl::USER && e.perm == 5),
+        "named entries kept"
+    );
+    // Setting an access ACL sets the mode; a minimal one is not stored.
+    let (g, _) = create(&fs, &root(), ROOT, "g", 0o2775);
+    let acc = acl_bytes(&[
+        (acl::USER_OBJ, 6, !0),
+        (acl::USER, 4, 65534),
+        (acl::GROUP_OBJ, 0, !0),
+        (acl::MASK, 4, !0),
+        (acl::OTHER, 0, !0),
+    ]);
+    fs.setxattr(
+        &root(),
+        g,
+        n("system.posix_acl_access"),
+        &acc,
+        0,
+        wflags::SETXATTR_ACL_KILL_SGID,
+    )
+    .unwrap();
+    assert_eq!(
+        mode_of(&fs, g) & 0o7777,
+        0o640,
+        "mode from ACL, S_ISGID killed"
+    );
+    let minimal = acl_bytes(&[
+        (acl::USER_OBJ, 7, !0),
+        (acl::GROUP_OBJ, 5, !0),
+        (acl::OTHER, 1, !0),
+    ]);
+    fs.setxattr(&root(), g, n("system.posix_acl_access"), &minimal, 0, 0)
+        .unwrap();
+    assert_eq!(mode_of(&fs, g) & 0o777, 0o751);
+    assert_eq!(
+        err(fs.getxattr(&root(), g, n("system.posix_acl_access"), 4096)),
+        libc::ENODATA
+    );
+    assert_eq!(
+        err(fs.setxattr(
+            &root(),
+            g,
+            n("system.posix_acl_access"),
+            b"\x02\0\0\0\x01",
+            0,
+            0
+        )),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn enospc_at_capacity() {
+    let fs = MemFs::new(MemConfig {
+        capacity_bytes: 1 << 20,
+        max_inodes: 8,
+        ..Default::default()
+    });
+    let (ino, fh) = create(&fs, &root(), ROOT, "big", 0o644);
+    let chunk = vec![7u8; 256 * 1024];
+    let mut total = 0u64;
+    let e = loop {
+        match fs.write(&root(), ino, fh, total, &chunk, 0, 0) {
+            Ok(n) => total += n as u64,
+            Err(e) => break e,
+        }
+        assert!(total <= 1 << 20);
+    };
+    assert_eq!(e.0, libc::ENOSPC);
+    assert!(total >= 1000 * 1024, "wrote {total}");
+    let st = fs.statfs(&root(), ROOT).unwrap();
+    assert_eq!(st.blocks, 256);
+    assert_eq!(st.bfree, 0);
+    assert_eq!(st.namelen, 255);
+    // Freeing the file frees the space.
+    fs.unlink(&root(), ROOT, n("big")).unwrap();
+    fs.release(&root(), ino, fh, 0).unwrap();
+    fs.forget(ino, 1);
+    assert_eq!(fs.statfs(&root(), ROOT).unwrap().bfree, 256);
+    // Inode limit.
+    for i in 0..7 {
+        fs.mknod(
+            &root(),
+            ROOT,
+            n(&format!("n{i}")),
+            libc::S_IFREG | 0o644,
+            0,
+            0,
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        err(fs.mknod(&root(), ROOT, n("over"), libc::S_IFREG | 0o644, 0, 0)),
+        libc::ENOSPC
+    );
+    assert_eq!(fs.statfs(&root(), ROOT).unwrap().ffree, 0);
+}
+
+#[test]
+fn setattr_times_and_ctime() {
+    let fs = fs();
+    let (ino, _) = create(&fs, &root(), ROOT, "t", 0o644);
+    let set = abi::SetattrIn {
+        valid: fattr::ATIME | fattr::MTIME,
+        atime: 1000,
+        atimensec: 123456789,
+        mtime: 2000,
+        mtimensec: 987654321,
+        ..Default::default()
+    };
+    let (a, _) = fs.setattr(&root(), ino, &set).unwrap();
+    assert_eq!(
+        (a.atime, a.atimensec, a.mtime, a.mtimensec),
+        (1000, 123456789, 2000, 987654321)
+    );
+    assert!(a.ctime > 2000);
+    let set = abi::SetattrIn {
+        valid: fattr::CTIME | fattr::UID,
+        ctime: 5,
+        ctimensec: 6,
+        uid: 42,
+        ..Default::default()
+    };
+    let (a, _) = fs.setattr(&root(), ino, &set).unwrap();
+    assert_eq!((a.ctime, a.ctimensec, a.uid), (5, 6, 42));
+    let set = abi::SetattrIn {
+        valid: fattr::ATIME | fattr::ATIME_NOW,
+        ..Default::default()
+    };
+    let (a, _) = fs.setattr(&root(), ino, &set).unwrap();
+    assert!(a.atime > 2000 && a.mtime == 2000);
+    let (sx, _) = fs.statx(&root(), ino, None, 0, 0).unwrap();
+    assert_ne!(sx.mask & libc::STATX_BTIME, 0);
+    assert!(sx.btime.tv_sec > 2000);
+    // Parent times move on create.
+    let p0 = attr(&fs, ROOT);
+    std::thread::sleep(Duration::from_millis(2));
+    fs.mkdir(&root(), ROOT, n("later"), 0o755, 0).unwrap();
+    let p1 = attr(&fs, ROOT);
+    assert!((p1.mtime, p1.mtimensec) > (p0.mtime, p0.mtimensec));
+}
+
+#[test]
+fn tmpfile_then_link() {
+    let fs = fs();
+    let (e, o) = fs
+        .tmpfile(&user(), ROOT, 0o600, 0, libc::O_RDWR as u32)
+        .unwrap();
+    assert_eq!(e.attr.nlink, 0);
+    assert_eq!(e.attr.uid, 1000);
+    fs.write(&user(), e.ino, o.fh, 0, b"tmp", 0, 0).unwrap();
+    let l = fs.link(&user(), e.ino, ROOT, n("named")).unwrap();
+    assert_eq!(l.attr.nlink, 1);
+    fs.release(&user(), e.ino, o.fh, 0).unwrap();
+    fs.forget(e.ino, 2);
+    let again = fs.lookup(&root(), ROOT, n("named")).unwrap();
+    let o = fs
+        .open(&root(), again.ino, libc::O_RDONLY as u32, false)
+        .unwrap();
+    assert_eq!(read_all(&fs, again.ino, o.fh), b"tmp");
+}
+
+#[test]
+fn open_flags_and_killpriv() {
+    let fs = fs();
+    let (ino, fh) = create(&fs, &root(), ROOT, "k", 0o6775);
+    fs.write(&root(), ino, fh, 0, b"abc", 0, 0).unwrap();
+    let o = fs
+        .open(&root(), ino, (libc::O_WRONLY | libc::O_TRUNC) as u32, true)
+        .unwrap();
+    let a = attr(&fs, ino);
+    assert_eq!(a.size, 0);
+    assert_eq!(a.mode & 0o7777, 0o755);
+    assert_eq!(err(fs.open(&root(), ROOT, 0, false)), libc::EISDIR);
+    assert_eq!(err(fs.opendir(&root(), ino, 0)), libc::ENOTDIR);
+    fs.release(&root(), ino, o.fh, 0).unwrap();
+    // Unknown nodes.
+    assert_eq!(err(fs.open(&root(), 12345, 0, false)), libc::ENOENT);
+    assert_eq!(err(fs.getattr(&root(), 12345, None)), libc::ENOENT);
+    fs.forget(12345, 1);
+}
+
+#[test]
+fn concurrent_appends_are_atomic() {
+    let fs = Arc::new(fs());
+    let (ino, fh) = create(&fs, &root(), ROOT, "log", 0o644);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                let rec = vec![b'a' + t as u8; 100];
+                for _ in 0..50 {
+                    fs.write(&root(), ino, fh, 0, &rec, 0, libc::O_APPEND as u32)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let data = read_all(&fs, ino, fh);
+    assert_eq!(data.len(), 4 * 50 * 100);
+    for rec in data.chunks(100) {
+        assert!(rec.iter().all(|&b| b == rec[0]), "records never interleave");
+    }
+}

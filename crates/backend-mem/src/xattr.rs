@@ -1,0 +1,150 @@
+//! Extended attributes of one inode, stored as opaque bytes in any namespace.
+//!
+//! Owns the name/value table and the Linux error rules for it (XATTR_CREATE/REPLACE,
+//! sizes, ERANGE/E2BIG). It must never interpret values (ACL semantics live in `acl`)
+//! nor check permissions (the kernel filters namespaces and access).
+
+use std::collections::BTreeMap;
+
+use fsva_appliance::{Errno, Result, Xattr};
+
+/// Longest attribute name (XATTR_NAME_MAX).
+pub const NAME_MAX: usize = 255;
+/// Largest attribute value (XATTR_SIZE_MAX).
+pub const SIZE_MAX: usize = 65536;
+
+#[derive(Debug, Default, Clone)]
+pub struct Xattrs(BTreeMap<Vec<u8>, Vec<u8>>);
+
+/// Namespaces stored as plain bytes. The kernel's FUSE driver passes every name
+/// through, so the namespace rules of local file systems (ext4, tmpfs) are applied here:
+/// an unknown or missing namespace is EOPNOTSUPP, an empty suffix EINVAL.
+const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
+/// The only `system.` names: POSIX ACLs.
+const SYSTEM_NAMES: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > NAME_MAX {
+        return Err(Errno(libc::ERANGE));
+    }
+    if SYSTEM_NAMES.contains(&name) {
+        return Ok(());
+    }
+    match NAMESPACES.iter().find(|p| name.starts_with(p)) {
+        Some(p) if name.len() == p.len() => Err(Errno::EINVAL),
+        Some(_) => Ok(()),
+        None => Err(Errno(libc::EOPNOTSUPP)),
+    }
+}
+
+/// Answers a size-0 probe with the size, otherwise the data or ERANGE when it does not fit.
+fn reply(data: &[u8], size: u32) -> Result<Xattr> {
+    if size == 0 {
+        Ok(Xattr::Size(data.len() as u32))
+    } else if data.len() > size as usize {
+        Err(Errno(libc::ERANGE))
+    } else {
+        Ok(Xattr::Data(data.to_vec()))
+    }
+}
+
+impl Xattrs {
+    /// setxattr(2) with `flags` XATTR_CREATE / XATTR_REPLACE.
+    pub fn set(&mut self, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        check_name(name)?;
+        if value.len() > SIZE_MAX {
+            return Err(Errno(libc::E2BIG));
+        }
+        let create = flags & libc::XATTR_CREATE as u32 != 0;
+        let replace = flags & libc::XATTR_REPLACE as u32 != 0;
+        if flags & !(libc::XATTR_CREATE | libc::XATTR_REPLACE) as u32 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let exists = self.0.contains_key(name);
+        if create && exists {
+            return Err(Errno(libc::EEXIST));
+        }
+        if replace && !exists {
+            return Err(Errno(libc::ENODATA));
+        }
+        self.0.insert(name.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    pub fn get(&self, name: &[u8], size: u32) -> Result<Xattr> {
+        check_name(name)?;
+        let v = self.0.get(name).ok_or(Errno(libc::ENODATA))?;
+        reply(v, size)
+    }
+
+    pub fn raw(&self, name: &[u8]) -> Option<&[u8]> {
+        self.0.get(name).map(Vec::as_slice)
+    }
+
+    /// Stores without flag checks (for values the backend derives itself, e.g. ACLs).
+    pub fn put(&mut self, name: &[u8], value: Vec<u8>) {
+        self.0.insert(name.to_vec(), value);
+    }
+
+    /// Removes; false when it was not there.
+    pub fn take(&mut self, name: &[u8]) -> bool {
+        self.0.remove(name).is_some()
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        if self.take(name) {
+            Ok(())
+        } else {
+            Err(Errno(libc::ENODATA))
+        }
+    }
+
+    /// listxattr(2): NUL-terminated names, concatenated.
+    pub fn list(&self, size: u32) -> Result<Xattr> {
+        let mut out = Vec::new();
+        for k in self.0.keys() {
+            out.extend_from_slice(k);
+            out.push(0);
+        }
+        reply(&out, size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors() {
+        let mut x = Xattrs::default();
+        let c = libc::XATTR_CREATE as u32;
+        let r = libc::XATTR_REPLACE as u32;
+        assert_eq!(x.set(b"user.a", b"1", r), Err(Errno(libc::ENODATA)));
+        x.set(b"user.a", b"1", c).unwrap();
+        assert_eq!(x.set(b"user.a", b"2", c), Err(Errno(libc::EEXIST)));
+        x.set(b"user.a", b"22", r).unwrap();
+        assert!(matches!(x.get(b"user.a", 0), Ok(Xattr::Size(2))));
+        assert_eq!(x.get(b"user.a", 1).unwrap_err(), Errno(libc::ERANGE));
+        assert_eq!(x.get(b"user.b", 10).unwrap_err(), Errno(libc::ENODATA));
+        assert_eq!(
+            x.set(b"user.big", &vec![0; SIZE_MAX + 1], 0),
+            Err(Errno(libc::E2BIG))
+        );
+        x.set(b"user.max", &vec![0; SIZE_MAX], 0).unwrap();
+        let long = vec![b'a'; 256];
+        assert_eq!(x.set(&long, b"", 0), Err(Errno(libc::ERANGE)));
+        assert_eq!(x.set(b"plain", b"", 0), Err(Errno(libc::EOPNOTSUPP)));
+        assert_eq!(x.set(b"system.other", b"", 0), Err(Errno(libc::EOPNOTSUPP)));
+        assert_eq!(x.set(b"user.", b"", 0), Err(Errno::EINVAL));
+        assert_eq!(x.get(b"bogus.x", 10).unwrap_err(), Errno(libc::EOPNOTSUPP));
+        match x.list(100).unwrap() {
+            Xattr::Data(d) => assert_eq!(d, b"user.a\0user.max\0"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(x.list(0), Ok(Xattr::Size(16))));
+        assert_eq!(x.list(3).unwrap_err(), Errno(libc::ERANGE));
+        x.remove(b"user.a").unwrap();
+        assert_eq!(x.remove(b"user.a"), Err(Errno(libc::ENODATA)));
+    }
+}

@@ -1,0 +1,71 @@
+//! What a passthrough backend is built from, and what can go wrong building it.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+
+/// Configuration of [`crate::PassthroughFs`].
+#[derive(Debug)]
+pub struct PassthroughConfig {
+    /// `O_PATH | O_DIRECTORY` descriptor of the export (inside the sandbox: "/").
+    pub root: OwnedFd,
+    /// `O_PATH` descriptor of /proc/self/fd, opened before the sandbox pivots; `None`
+    /// opens "/proc/self/fd" at construction.
+    pub proc_self_fd: Option<OwnedFd>,
+    /// How long the kernel may trust a name → node binding.
+    pub entry_ttl: Duration,
+    /// How long the kernel may trust attributes.
+    pub attr_ttl: Duration,
+}
+
+impl PassthroughConfig {
+    /// A configuration for `root` with the default timeouts (1 s) and /proc/self/fd
+    /// opened at construction.
+    pub fn new(root: OwnedFd) -> Self {
+        Self {
+            root,
+            proc_self_fd: None,
+            entry_ttl: Duration::from_secs(1),
+            attr_ttl: Duration::from_secs(1),
+        }
+    }
+
+    /// Opens `dir` as the export (`O_PATH | O_DIRECTORY`).
+    pub fn for_path(dir: &Path) -> Result<Self, PassthroughError> {
+        let root = open_dir_path(dir).map_err(|source| PassthroughError::OpenRoot {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Ok(Self::new(root))
+    }
+}
+
+/// Opens `path` with `O_PATH | O_DIRECTORY | O_CLOEXEC`.
+pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    crate::sys::openat(
+        // SAFETY: AT_FDCWD is a valid "descriptor" for *at calls.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+        &c,
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+    )
+}
+
+/// Why a passthrough backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    #[error("cannot open the export directory {path}: {source}; check that it exists and is a directory the appliance can reach")]
+    OpenRoot { path: String, source: io::Error },
+    #[error("cannot stat the export root descriptor: {0}; pass an O_PATH|O_DIRECTORY descriptor of an existing directory")]
+    StatRoot(io::Error),
+    #[error("the export root is not a directory (mode {mode:#o}); pass a directory")]
+    RootNotDirectory { mode: u32 },
+    #[error("cannot open /proc/self/fd: {0}; mount procfs in the appliance, or open /proc/self/fd (O_PATH) before the sandbox pivots and pass it as proc_self_fd")]
+    ProcSelfFd(io::Error),
+    #[error("/proc/self/fd does not resolve this process's descriptors ({0}); pass a descriptor of /proc/self/fd opened in this process")]
+    ProcSelfFdBroken(io::Error),
+}

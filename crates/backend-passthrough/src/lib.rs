@@ -1,0 +1,992 @@
+//! `passthrough:DIR` — a file-system-agnostic backend that serves whatever a directory
+//! holds through system calls, so any file system the appliance's kernel can mount
+//! works unmodified. Modelled on virtiofsd's passthrough and libfuse's passthrough_hp.
+//!
+//! - [`inode`]: node ids → `O_PATH` descriptors, deduplicated by host identity;
+//! - [`handle`]: open file and directory handles;
+//! - [`creds`]: per-thread caller credentials and umask for creating operations;
+//! - [`dir`]: `getdents64` listing with the host's own cookies;
+//! - [`xattr`]: extended attributes on `O_PATH` descriptors;
+//! - [`attr`]: host attributes → FUSE structures; [`sys`]: raw system call wrappers;
+//! - [`config`]: construction and its errors.
+//!
+//! The mount uses `default_permissions`: the kernel checks permissions from the
+//! attributes returned here, and the appliance (uid 0 of its namespace, with the file
+//! capabilities) may read and write anything in the export. Only creating operations
+//! run as the caller, so that new objects get the right owner.
+
+pub mod attr;
+pub mod config;
+pub mod creds;
+pub mod dir;
+pub mod handle;
+pub mod inode;
+pub mod sys;
+pub mod xattr;
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fsva_appliance::{
+    Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
+};
+use fsva_protocol::abi::{self, fattr, init_flags as f, ROOT_ID};
+
+pub use config::{open_dir_path, PassthroughConfig, PassthroughError};
+use creds::{Caller, CredGuard};
+use dir::DirStream;
+use handle::{Handle, HandleTable};
+use inode::{InodeKey, Node, NodeTable};
+use sys::{cname, cvt, fd_name, EMPTY};
+
+/// Flags never passed on when reopening a node for I/O: creation is done, the magic
+/// link must be followed, and `O_DIRECT` would demand aligned buffers we do not have.
+const STRIP_OPEN_FLAGS: i32 =
+    libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_DIRECT;
+
+/// Attribute mask asked of `statx` for nodes.
+const STATX_MASK: u32 = libc::STATX_BASIC_STATS | libc::STATX_MNT_ID;
+
+/// The passthrough backend.
+pub struct PassthroughFs {
+    nodes: NodeTable,
+    handles: HandleTable,
+    proc_self_fd: OwnedFd,
+    entry_ttl: Duration,
+    attr_ttl: Duration,
+    /// Supplementary groups of the appliance, restored after a creating operation.
+    base_groups: Vec<libc::gid_t>,
+}
+
+fn key_of(stx: &libc::statx) -> InodeKey {
+    InodeKey {
+        dev: attr::dev_of(stx),
+        ino: stx.stx_ino,
+        mnt_id: if stx.stx_mask & libc::STATX_MNT_ID != 0 {
+            stx.stx_mnt_id
+        } else {
+            0
+        },
+    }
+}
+
+fn kind_of(stx: &libc::statx) -> u32 {
+    u32::from(stx.stx_mode) & libc::S_IFMT
+}
+
+impl PassthroughFs {
+    pub fn new(config: PassthroughConfig) -> std::result::Result<Self, PassthroughError> {
+        let proc_self_fd = match config.proc_self_fd {
+            Some(fd) => fd,
+            None => open_dir_path(std::path::Path::new("/proc/self/fd"))
+                .map_err(PassthroughError::ProcSelfFd)?,
+        };
+        let stx = sys::statx_fd(config.root.as_fd(), STATX_MASK, 0)
+            .map_err(PassthroughError::StatRoot)?;
+        if kind_of(&stx) != libc::S_IFDIR {
+            return Err(PassthroughError::RootNotDirectory {
+                mode: u32::from(stx.stx_mode),
+            });
+        }
+        // Check that /proc/self/fd really is ours: the root must resolve through it.
+        let probe = sys::openat(
+            proc_self_fd.as_fd(),
+            &fd_name(config.root.as_raw_fd()),
+            libc::O_PATH,
+            0,
+        )
+        .map_err(PassthroughError::ProcSelfFdBroken)?;
+        let pstx = sys::statx_fd(probe.as_fd(), STATX_MASK, 0)
+            .map_err(PassthroughError::ProcSelfFdBroken)?;
+        if key_of(&pstx) != key_of(&stx) {
+            return Err(PassthroughError::ProcSelfFdBroken(io::Error::other(
+                "the export root seen through it is a different object",
+            )));
+        }
+        Ok(Self {
+            nodes: NodeTable::new(config.root, key_of(&stx)),
+            handles: HandleTable::default(),
+            proc_self_fd,
+            entry_ttl: config.entry_ttl,
+            attr_ttl: config.attr_ttl,
+            base_groups: creds::current_groups(),
+        })
+    }
+
+    /// Number of nodes held (root included); for tests and diagnostics.
+    pub fn node_count(&self) -> usize {
+        self.nodes.count()
+    }
+
+    /// Number of open handles; for tests and diagnostics.
+    pub fn handle_count(&self) -> usize {
+        self.handles.count()
+    }
+
+    fn node(&self, id: u64) -> Result<Arc<Node>> {
+        self.nodes.get(id).ok_or(Errno::ENOENT)
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.get(fh).ok_or(Errno(libc::EBADF))
+    }
+
+    /// Opens the object behind `fd` anew, through its /proc/self/fd magic link.
+    fn reopen(&self, fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+        sys::openat(
+            self.proc_self_fd.as_fd(),
+            &fd_name(fd.as_raw_fd()),
+            flags & !STRIP_OPEN_FLAGS,
+            0,
+        )
+    }
+
+    fn entry(&self, node: &Node, stx: &libc::statx) -> Entry {
+        node.note_mode(u32::from(stx.stx_mode));
+        Entry {
+            ino: node.id,
+            generation: 0,
+            attr: attr::to_attr(stx),
+            entry_ttl: self.entry_ttl,
+            attr_ttl: self.attr_ttl,
+        }
+    }
+
+    /// Adds one lookup reference for the object `fd` (an `O_PATH` descriptor) refers to.
+    fn register(&self, fd: OwnedFd) -> io::Result<Entry> {
+        let stx = sys::statx_fd(fd.as_fd(), STATX_MASK, 0)?;
+        let (node, spare) = self.nodes.insert_or_ref(fd, key_of(&stx), kind_of(&stx));
+        drop(spare);
+        Ok(self.entry(&node, &stx))
+    }
+
+    /// Looks `name` up in `parent` and takes a lookup reference on the result.
+    fn do_lookup(&self, parent: &Node, name: &OsStr) -> io::Result<Entry> {
+        // ".." of the export root is the root itself: never walk out of the export.
+        let name: &OsStr = if parent.id == ROOT_ID && name.as_bytes() == b".." {
+            OsStr::new(".")
+        } else {
+            name
+        };
+        let c = cname(name)?;
+        let fd = sys::openat(parent.fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        self.register(fd)
+    }
+
+    /// Runs `f` as the caller (fsuid/fsgid/supplementary group/umask of `ctx`).
+    fn as_caller<T>(
+        &self,
+        ctx: &Context,
+        umask: Option<u32>,
+        f: impl FnOnce(&CredGuard<'_>) -> io::Result<T>,
+    ) -> Result<T> {
+        let guard = CredGuard::switch(
+            Caller {
+                uid: ctx.uid,
+                gid: ctx.gid,
+                supp_group: ctx.supp_group,
+                umask,
+            },
+            &self.base_groups,
+        )?;
+        let r = f(&guard);
+        drop(guard);
+        Ok(r?)
+    }
+
+    fn attr_of(&self, ino: u64, fh: Option<u64>) -> Result<(abi::Attr, Duration)> {
+        let stx = match fh {
+            Some(fh) => {
+                let h = self.handle(fh)?;
+                let stx = sys::statx_fd(h.fd(), STATX_MASK, 0)?;
+                if let Some(n) = h.node() {
+                    n.note_mode(u32::from(stx.stx_mode));
+                }
+                stx
+            }
+            None => {
+                let n = self.node(ino)?;
+                let stx = sys::statx_fd(n.fd(), STATX_MASK, 0)?;
+                n.note_mode(u32::from(stx.stx_mode));
+                stx
+            }
+        };
+        Ok((attr::to_attr(&stx), self.attr_ttl))
+    }
+
+    /// Registers a freshly created and opened file (CREATE, TMPFILE).
+    fn finish_create(&self, file: OwnedFd) -> Result<(Entry, Opened)> {
+        let path_fd = self.reopen(file.as_fd(), libc::O_PATH)?;
+        let entry = self.register(path_fd)?;
+        let node = self.node(entry.ino)?;
+        let fh = self.handles.insert(Handle::File { fd: file, node });
+        Ok((entry, self.opened(fh)))
+    }
+
+    /// Runs a data change on `fd` (a descriptor of `node`) and puts back set-id bits
+    /// the host kernel dropped. Inside a user namespace the appliance lacks CAP_FSETID
+    /// in the initial namespace, so the host clears S_ISUID (and S_ISGID with group
+    /// exec) on every write/truncate/fallocate it does; the FUSE kernel already decided
+    /// for the real caller and sent an explicit SETATTR when the bits must go.
+    fn keep_setid<T>(
+        &self,
+        node: &Node,
+        fd: BorrowedFd<'_>,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        const SETID: u32 = libc::S_ISUID | libc::S_ISGID;
+        if !node.maybe_setid() || node.kind != libc::S_IFREG {
+            return op();
+        }
+        let mode_of = |fd| sys::statx_fd(fd, libc::STATX_MODE, 0).map(|s| u32::from(s.stx_mode));
+        let before = mode_of(fd).ok();
+        let r = op();
+        if let Some(before) = before {
+            node.note_mode(before);
+            if before & SETID != 0 {
+                if let Ok(after) = mode_of(fd) {
+                    if after & SETID != before & SETID {
+                        if let Err(e) = self.chmod(node, before & 0o7777) {
+                            tracing::warn!(error = %e, node = node.id, "could not restore set-id bits after a data change");
+                        }
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    fn opened(&self, fh: u64) -> Opened {
+        Opened {
+            fh,
+            open_flags: 0,
+            // FUSE passthrough: set `Some(<dup of the handle's fd>)` here once the runtime registers backing files.
+            backing: None,
+        }
+    }
+
+    fn set_times(&self, node: &Node, set: &abi::SetattrIn) -> io::Result<()> {
+        let ts = |valid_now: u32, valid: u32, sec: u64, nsec: u32| {
+            if set.valid & valid_now != 0 {
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                }
+            } else if set.valid & valid != 0 {
+                libc::timespec {
+                    tv_sec: sec as libc::time_t,
+                    tv_nsec: nsec as libc::c_long,
+                }
+            } else {
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                }
+            }
+        };
+        let times = [
+            ts(fattr::ATIME_NOW, fattr::ATIME, set.atime, set.atimensec),
+            ts(fattr::MTIME_NOW, fattr::MTIME, set.mtime, set.mtimensec),
+        ];
+        // SAFETY: `times` holds two timespecs; the path is a C string.
+        cvt(unsafe {
+            libc::utimensat(
+                node.fd().as_raw_fd(),
+                EMPTY.as_ptr(),
+                times.as_ptr(),
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop)
+    }
+
+    fn chmod(&self, node: &Node, mode: u32) -> io::Result<()> {
+        if node.is_symlink() {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        // SAFETY: raw fchmodat2 with a C string path.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fchmodat2,
+                node.fd().as_raw_fd(),
+                EMPTY.as_ptr(),
+                mode & 0o7777,
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+            return Err(e);
+        }
+        // Older kernels: through the magic link (it lands on the object, never a symlink here).
+        let name = fd_name(node.fd().as_raw_fd());
+        // SAFETY: C string path relative to our /proc/self/fd descriptor.
+        cvt(unsafe {
+            libc::fchmodat(
+                self.proc_self_fd.as_raw_fd(),
+                name.as_ptr(),
+                mode & 0o7777,
+                0,
+            )
+        })
+        .map(drop)
+    }
+
+    fn truncate(&self, node: &Node, fh: Option<u64>, size: u64) -> Result<()> {
+        self.keep_setid(node, node.fd(), || self.truncate_inner(node, fh, size))
+    }
+
+    fn truncate_inner(&self, node: &Node, fh: Option<u64>, size: u64) -> Result<()> {
+        if let Some(h) = fh.and_then(|fh| self.handles.get(fh)) {
+            // SAFETY: plain ftruncate on a descriptor we own.
+            if unsafe { libc::ftruncate64(h.fd().as_raw_fd(), size as i64) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::EINVAL)) {
+                return Err(e.into());
+            }
+        }
+        let fd = self.reopen(node.fd(), libc::O_WRONLY)?;
+        // SAFETY: plain ftruncate on a descriptor we own.
+        cvt(unsafe { libc::ftruncate64(fd.as_raw_fd(), size as i64) })?;
+        Ok(())
+    }
+
+    fn xattr_target<'a>(&'a self, node: &'a Node) -> xattr::Target<'a> {
+        xattr::Target {
+            node: node.fd(),
+            proc_self_fd: self.proc_self_fd.as_fd(),
+        }
+    }
+
+    /// Writes all of `data` at `offset` (on an O_APPEND descriptor Linux ignores the
+    /// offset and appends); a short count only when an error follows some progress.
+    fn pwrite_all(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> Result<u32> {
+        let fd = fd.as_raw_fd();
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            // SAFETY: `rest` is readable for its length.
+            let r = unsafe {
+                libc::pwrite64(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as i64,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if done > 0 {
+                    break;
+                }
+                return Err(e.into());
+            }
+            if r == 0 {
+                break;
+            }
+            done += r as usize;
+        }
+        Ok(done as u32)
+    }
+
+    /// Whether a directory listing entry is "." or "..".
+    fn is_dot(name: &OsStr) -> bool {
+        matches!(name.as_bytes(), b"." | b"..")
+    }
+}
+
+impl Filesystem for PassthroughFs {
+    fn init(&self, _kernel_flags: u64) -> InitRequest {
+        InitRequest {
+            flags: f::ASYNC_READ
+                | f::DO_READDIRPLUS
+                | f::READDIRPLUS_AUTO
+                | f::PARALLEL_DIROPS
+                | f::EXPORT_SUPPORT
+                | f::POSIX_ACL
+                // The kernel then sends the raw mode and the umask; the real file
+                // system applies the umask (set per thread) or the default ACL.
+                | f::DONT_MASK
+                | f::CREATE_SUPP_GROUP
+                | f::CACHE_SYMLINKS
+                // Files may change behind the kernel's back: drop stale pages on mtime change.
+                | f::AUTO_INVAL_DATA,
+            max_write: 1 << 20,
+        }
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
+        let p = self.node(parent)?;
+        Ok(self.do_lookup(&p, name)?)
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        drop(self.nodes.forget(ino, nlookup));
+    }
+
+    fn getattr(&self, _ctx: &Context, ino: u64, fh: Option<u64>) -> Result<(abi::Attr, Duration)> {
+        self.attr_of(ino, fh)
+    }
+
+    fn setattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        set: &abi::SetattrIn,
+    ) -> Result<(abi::Attr, Duration)> {
+        let n = self.node(ino)?;
+        let fh = (set.valid & fattr::FH != 0).then_some(set.fh);
+        const CHANGES: u32 = fattr::MODE
+            | fattr::UID
+            | fattr::GID
+            | fattr::SIZE
+            | fattr::ATIME
+            | fattr::MTIME
+            | fattr::ATIME_NOW
+            | fattr::MTIME_NOW;
+        // chown(f, -1, -1) reaches us as a SETATTR that changes nothing; on the host it
+        // still updates ctime, so do the same no-op chown.
+        let touch_ctime = set.valid & CHANGES == 0;
+        if set.valid & (fattr::UID | fattr::GID) != 0 || touch_ctime {
+            let uid = if set.valid & fattr::UID != 0 {
+                set.uid
+            } else {
+                u32::MAX
+            };
+            let gid = if set.valid & fattr::GID != 0 {
+                set.gid
+            } else {
+                u32::MAX
+            };
+            // SAFETY: C string path; AT_EMPTY_PATH acts on the node itself.
+            cvt(unsafe {
+                libc::fchownat(
+                    n.fd().as_raw_fd(),
+                    EMPTY.as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+        }
+        // After chown: the kernel's mode (with set-id bits cleared) is the final word.
+        if set.valid & fattr::MODE != 0 {
+            self.chmod(&n, set.mode)?;
+        }
+        if set.valid & fattr::SIZE != 0 {
+            self.truncate(&n, fh, set.size)?;
+        }
+        if set.valid & (fattr::ATIME | fattr::MTIME | fattr::ATIME_NOW | fattr::MTIME_NOW) != 0 {
+            self.set_times(&n, set)?;
+        }
+        self.attr_of(ino, None)
+    }
+
+    fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
+        let n = self.node(ino)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: `buf` is writable for its length.
+        let r = unsafe {
+            libc::readlinkat(
+                n.fd().as_raw_fd(),
+                EMPTY.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if r < 0 {
+            return Err(Errno::last());
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> Result<Entry> {
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        self.as_caller(ctx, Some(umask), |g| {
+            // SAFETY: C string name relative to the parent's descriptor.
+            cvt(unsafe {
+                libc::mknodat(
+                    p.fd().as_raw_fd(),
+                    c.as_ptr(),
+                    g.mode(mode),
+                    attr::decode_dev(rdev),
+                )
+            })
+        })?;
+        Ok(self.do_lookup(&p, name)?)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<Entry> {
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        self.as_caller(ctx, Some(umask), |g| {
+            // SAFETY: C string name relative to the parent's descriptor.
+            cvt(unsafe { libc::mkdirat(p.fd().as_raw_fd(), c.as_ptr(), g.mode(mode)) })
+        })?;
+        Ok(self.do_lookup(&p, name)?)
+    }
+
+    fn symlink(&self, ctx: &Context, parent: u64, name: &OsStr, target: &[u8]) -> Result<Entry> {
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        let t = cname(OsStr::from_bytes(target))?;
+        self.as_caller(ctx, None, |_| {
+            // SAFETY: C strings; name relative to the parent's descriptor.
+            cvt(unsafe { libc::symlinkat(t.as_ptr(), p.fd().as_raw_fd(), c.as_ptr()) })
+        })?;
+        Ok(self.do_lookup(&p, name)?)
+    }
+
+    fn unlink(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        // SAFETY: C string name relative to the parent's descriptor.
+        cvt(unsafe { libc::unlinkat(p.fd().as_raw_fd(), c.as_ptr(), 0) })?;
+        Ok(())
+    }
+
+    fn rmdir(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        // SAFETY: C string name relative to the parent's descriptor.
+        cvt(unsafe { libc::unlinkat(p.fd().as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })?;
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        _ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        let p = self.node(parent)?;
+        let np = self.node(newparent)?;
+        let c = cname(name)?;
+        let nc = cname(newname)?;
+        // SAFETY: raw renameat2 with C string names relative to the parents' descriptors.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                p.fd().as_raw_fd(),
+                c.as_ptr(),
+                np.fd().as_raw_fd(),
+                nc.as_ptr(),
+                flags,
+            )
+        };
+        if r < 0 {
+            return Err(Errno::last());
+        }
+        Ok(())
+    }
+
+    fn link(&self, _ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
+        let n = self.node(ino)?;
+        let np = self.node(newparent)?;
+        let nc = cname(newname)?;
+        let src = fd_name(n.fd().as_raw_fd());
+        // Through the magic link (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH in the initial namespace).
+        // SAFETY: C strings relative to valid descriptors.
+        cvt(unsafe {
+            libc::linkat(
+                self.proc_self_fd.as_raw_fd(),
+                src.as_ptr(),
+                np.fd().as_raw_fd(),
+                nc.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        })?;
+        Ok(self.do_lookup(&np, newname)?)
+    }
+
+    fn open(&self, _ctx: &Context, ino: u64, flags: u32, _kill_suidgid: bool) -> Result<Opened> {
+        let n = self.node(ino)?;
+        let fd = self.reopen(n.fd(), flags as i32)?;
+        let fh = self.handles.insert(Handle::File { fd, node: n });
+        Ok(self.opened(fh))
+    }
+
+    fn read(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let h = self.handle(fh)?;
+        let fd = h.fd().as_raw_fd();
+        out.reserve(size as usize);
+        let mut done = 0usize;
+        while done < size as usize {
+            let spare = &mut out.spare_capacity_mut()[..size as usize - done];
+            // SAFETY: `spare` is writable, uninitialised memory of the given length.
+            let r = unsafe {
+                libc::pread64(
+                    fd,
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    (offset + done as u64) as i64,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if done > 0 {
+                    break;
+                }
+                return Err(e.into());
+            }
+            if r == 0 {
+                break;
+            }
+            // SAFETY: pread initialised `r` more bytes right after the current length.
+            unsafe { out.set_len(out.len() + r as usize) };
+            done += r as usize;
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: u32,
+    ) -> Result<u32> {
+        let h = self.handle(fh)?;
+        match h.node() {
+            Some(n) => self.keep_setid(n, h.fd(), || Self::pwrite_all(h.fd(), offset, data)),
+            None => Err(Errno(libc::EISDIR)),
+        }
+    }
+
+    fn flush(&self, _ctx: &Context, _ino: u64, fh: u64, _lock_owner: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        // close(dup(fd)): file systems that act on close (NFS) see one now.
+        let d = sys::dup(h.fd())?;
+        // SAFETY: we own `d` and close it exactly once here.
+        cvt(unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(d)) })?;
+        Ok(())
+    }
+
+    fn release(&self, _ctx: &Context, _ino: u64, fh: u64, _flags: u32) -> Result<()> {
+        drop(self.handles.remove(fh));
+        Ok(())
+    }
+
+    fn fsync(&self, _ctx: &Context, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.handle(fh)?;
+        let fd = h.fd().as_raw_fd();
+        // SAFETY: plain calls on a descriptor we own.
+        cvt(unsafe {
+            if datasync {
+                libc::fdatasync(fd)
+            } else {
+                libc::fsync(fd)
+            }
+        })?;
+        Ok(())
+    }
+
+    fn opendir(&self, _ctx: &Context, ino: u64, _flags: u32) -> Result<Opened> {
+        let n = self.node(ino)?;
+        let fd = self.reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let fh = self.handles.insert(Handle::Dir(DirStream::new(fd)));
+        Ok(Opened {
+            fh,
+            open_flags: 0,
+            backing: None,
+        })
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut DirSink,
+    ) -> Result<()> {
+        let h = self.handle(fh)?;
+        let Handle::Dir(d) = &*h else {
+            return Err(Errno(libc::ENOTDIR));
+        };
+        let plus = sink.is_plus();
+        let parent = if plus { Some(self.node(ino)?) } else { None };
+        let mut failure: Option<io::Error> = None;
+        d.read_from(offset, |e| {
+            if !sink.fits(e.name) {
+                return false;
+            }
+            let typ = u32::from(e.typ);
+            let Some(parent) = &parent else {
+                return sink.add(e.ino, e.next, typ, e.name);
+            };
+            if Self::is_dot(e.name) {
+                // No lookup (and no reference) for "." and "..": the kernel lists the name only.
+                let entry = Entry {
+                    attr: abi::Attr {
+                        ino: e.ino,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                return sink.add_plus(&entry, e.next, typ, e.name);
+            }
+            match self.do_lookup(parent, e.name) {
+                Ok(entry) => {
+                    if sink.add_plus(&entry, e.next, typ, e.name) {
+                        true
+                    } else {
+                        self.forget(entry.ino, 1);
+                        false
+                    }
+                }
+                // Removed since it was listed: leave it out.
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(err) => {
+                    if sink.is_empty() {
+                        failure = Some(err);
+                    }
+                    false
+                }
+            }
+        })?;
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn releasedir(&self, _ctx: &Context, _ino: u64, fh: u64) -> Result<()> {
+        drop(self.handles.remove(fh));
+        Ok(())
+    }
+
+    fn fsyncdir(&self, ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        self.fsync(ctx, ino, fh, datasync)
+    }
+
+    fn statfs(&self, _ctx: &Context, ino: u64) -> Result<abi::Kstatfs> {
+        let n = self.node(ino)?;
+        Ok(attr::to_kstatfs(&sys::fstatfs(n.fd())?))
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: u32,
+        setxattr_flags: u32,
+    ) -> Result<()> {
+        let n = self.node(ino)?;
+        let c = cname(name)?;
+        xattr::set(self.xattr_target(&n), &c, value, flags)?;
+        // The kernel asks to clear SGID when setting an access ACL by a caller outside
+        // the file's group; we hold CAP_FSETID, so the real file system will not.
+        if setxattr_flags & abi::flags::SETXATTR_ACL_KILL_SGID != 0
+            && name.as_bytes() == b"system.posix_acl_access"
+        {
+            let stx = sys::statx_fd(n.fd(), STATX_MASK, 0)?;
+            let mode = u32::from(stx.stx_mode);
+            if mode & libc::S_ISGID != 0 {
+                self.chmod(&n, mode & !libc::S_ISGID)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn getxattr(&self, _ctx: &Context, ino: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+        let n = self.node(ino)?;
+        let c = cname(name)?;
+        Ok(xattr::get(self.xattr_target(&n), &c, size)?)
+    }
+
+    fn listxattr(&self, _ctx: &Context, ino: u64, size: u32) -> Result<Xattr> {
+        let n = self.node(ino)?;
+        Ok(xattr::list(self.xattr_target(&n), size)?)
+    }
+
+    fn removexattr(&self, _ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
+        let n = self.node(ino)?;
+        let c = cname(name)?;
+        Ok(xattr::remove(self.xattr_target(&n), &c)?)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        let oflags =
+            (flags as i32 & !(libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_CREAT | libc::O_NOFOLLOW;
+        let file = self.as_caller(ctx, Some(umask), |g| {
+            sys::openat(p.fd(), &c, oflags, g.mode(mode))
+        })?;
+        self.finish_create(file)
+    }
+
+    fn tmpfile(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        mode: u32,
+        umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        let p = self.node(parent)?;
+        let oflags = (flags as i32
+            & !(libc::O_CREAT | libc::O_NOCTTY | libc::O_DIRECT | libc::O_TMPFILE))
+            | libc::O_TMPFILE;
+        let file = self.as_caller(ctx, Some(umask), |g| {
+            sys::openat(p.fd(), c".", oflags, g.mode(mode))
+        })?;
+        self.finish_create(file)
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    ) -> Result<()> {
+        let h = self.handle(fh)?;
+        let n = h.node().ok_or(Errno(libc::EISDIR))?;
+        self.keep_setid(n, h.fd(), || {
+            // SAFETY: plain call on a descriptor we own.
+            cvt(unsafe {
+                libc::fallocate64(
+                    h.fd().as_raw_fd(),
+                    mode as i32,
+                    offset as i64,
+                    length as i64,
+                )
+            })?;
+            Ok(())
+        })
+    }
+
+    fn lseek(&self, _ctx: &Context, _ino: u64, fh: u64, offset: u64, whence: u32) -> Result<u64> {
+        let h = self.handle(fh)?;
+        // SAFETY: plain call on a descriptor we own.
+        let r = unsafe { libc::lseek64(h.fd().as_raw_fd(), offset as i64, whence as i32) };
+        if r < 0 {
+            return Err(Errno::last());
+        }
+        Ok(r as u64)
+    }
+
+    fn copy_file_range(
+        &self,
+        _ctx: &Context,
+        _ino_in: u64,
+        fh_in: u64,
+        off_in: u64,
+        _ino_out: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> Result<u64> {
+        let hi = self.handle(fh_in)?;
+        let ho = self.handle(fh_out)?;
+        let mut oi = off_in as i64;
+        let mut oo = off_out as i64;
+        let n = ho.node().ok_or(Errno(libc::EISDIR))?;
+        self.keep_setid(n, ho.fd(), || {
+            // SAFETY: offsets are valid pointers to locals; descriptors are ours.
+            let r = unsafe {
+                libc::copy_file_range(
+                    hi.fd().as_raw_fd(),
+                    &mut oi,
+                    ho.fd().as_raw_fd(),
+                    &mut oo,
+                    len as usize,
+                    flags as u32,
+                )
+            };
+            if r < 0 {
+                return Err(Errno::last());
+            }
+            Ok(r as u64)
+        })
+    }
+
+    fn statx(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        fh: Option<u64>,
+        flags: u32,
+        mask: u32,
+    ) -> Result<(abi::Statx, Duration)> {
+        let sync = flags as i32 & libc::AT_STATX_SYNC_TYPE;
+        let mask = mask | libc::STATX_BASIC_STATS;
+        let stx = match fh {
+            Some(fh) => sys::statx_fd(self.handle(fh)?.fd(), mask, sync)?,
+            None => sys::statx_fd(self.node(ino)?.fd(), mask, sync)?,
+        };
+        Ok((attr::to_statx(&stx), self.attr_ttl))
+    }
+
+    fn syncfs(&self, _ctx: &Context) -> Result<()> {
+        let root = self.nodes.root();
+        let fd = self.reopen(root.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        // SAFETY: plain call on a descriptor we own.
+        cvt(unsafe { libc::syncfs(fd.as_raw_fd()) })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

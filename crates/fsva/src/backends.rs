@@ -1,0 +1,61 @@
+//! Building a backend from its spec. The one place that knows every backend crate; it
+//! must never hold file system logic itself.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use fsva_appliance::Filesystem;
+use fsva_control::BackendSpec;
+
+/// Parses `--backend`: `mem` or `passthrough:DIR`.
+pub fn parse_spec(s: &str) -> anyhow::Result<BackendSpec> {
+    if s == "mem" {
+        return Ok(BackendSpec::Mem { capacity: 0 });
+    }
+    if let Some(dir) = s.strip_prefix("passthrough:") {
+        if dir.is_empty() {
+            anyhow::bail!("--backend passthrough:DIR needs a directory after the colon");
+        }
+        let path = Path::new(dir);
+        let canonical = path
+            .canonicalize()
+            .with_context(|| format!("backend directory {dir} cannot be used (does it exist?)"))?;
+        if !canonical.is_dir() {
+            anyhow::bail!(
+                "backend path {dir} is not a directory: pass passthrough:DIR with a directory"
+            );
+        }
+        return Ok(BackendSpec::Passthrough { path: canonical });
+    }
+    anyhow::bail!("unknown backend `{s}`: use `mem` or `passthrough:DIR`")
+}
+
+/// Instantiates the backend inside the appliance. `root` is the export opened before
+/// (or after) entering the sandbox; `proc_self_fd` the appliance's /proc/self/fd.
+pub fn build(
+    spec: &BackendSpec,
+    root: Option<OwnedFd>,
+    proc_self_fd: Option<OwnedFd>,
+) -> anyhow::Result<Arc<dyn Filesystem>> {
+    match spec {
+        BackendSpec::Mem { capacity } => {
+            let mut config = fsva_backend_mem::MemConfig::default();
+            if *capacity > 0 {
+                config.capacity_bytes = *capacity;
+            }
+            Ok(Arc::new(fsva_backend_mem::MemFs::new(config)))
+        }
+        BackendSpec::Passthrough { path } => {
+            let root = root.with_context(|| format!("opening the export {}", path.display()))?;
+            let config = fsva_backend_passthrough::PassthroughConfig {
+                proc_self_fd,
+                ..fsva_backend_passthrough::PassthroughConfig::new(root)
+            };
+            let fs = fsva_backend_passthrough::PassthroughFs::new(config)
+                .with_context(|| format!("serving {}", path.display()))?;
+            Ok(Arc::new(fs))
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The command-line grammar (clap). Parsing only: no side effects.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fsva",
+    version,
+    about = "Run file systems in isolated appliances, mounted through FUSE."
+)]
+pub struct Cli {
+    /// Log filter (tracing syntax), e.g. `info` or `fsva_supervisor=debug`.
+    #[arg(long, global = true, env = "FSVA_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount a file system served by a new appliance; returns once the mount answers.
+    Mount(MountArgs),
+    /// Flush, stop the appliance and unmount.
+    #[command(alias = "unmount")]
+    Umount(UmountArgs),
+    /// List fsva mounts with their appliance, uptime and request counters.
+    Status,
+    /// Internal: the appliance process (started by the supervisor).
+    #[command(name = "__appliance", hide = true)]
+    Appliance(ApplianceArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ChannelArg {
+    /// The appliance reads cloned /dev/fuse descriptors directly (no extra hop).
+    Fusedev,
+    /// FUSE frames over a unix socket, relayed and checked by the supervisor.
+    Stream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SandboxArg {
+    /// User, mount, pid, net, ipc and uts namespaces, pivot_root, seccomp, dropped capabilities.
+    Namespaces,
+    /// No isolation (debugging only).
+    None,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// What to serve: `mem` (in memory) or `passthrough:DIR`.
+    #[arg(long, short = 'b', default_value = "mem")]
+    pub backend: String,
+    /// How FUSE frames reach the appliance.
+    #[arg(long, value_enum, default_value = "fusedev")]
+    pub channel: ChannelArg,
+    /// Isolation of the appliance.
+    #[arg(long, value_enum, default_value = "namespaces")]
+    pub sandbox: SandboxArg,
+    /// Appliance worker threads (default: one per CPU, at least 2).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// Mount options: ro, rw, suid, nosuid, dev, nodev, allow_other.
+    #[arg(short = 'o', value_delimiter = ',')]
+    pub options: Vec<String>,
+    /// Stay in the foreground (logs to stderr) instead of returning once mounted.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// The executable to run appliances with (default: this fsva binary). Lets a new
+    /// fsva version, or a test's deliberately broken appliance, serve the mount.
+    #[arg(long, hide = true, env = "FSVA_APPLIANCE_EXE")]
+    pub appliance_exe: Option<PathBuf>,
+    /// Internal: descriptor to report readiness on (used when daemonizing).
+    #[arg(long, hide = true)]
+    pub ready_fd: Option<i32>,
+    /// Where to mount: an existing, empty directory.
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UmountArgs {
+    /// Detach the mount even if files are open on it.
+    #[arg(long, short = 'l')]
+    pub lazy: bool,
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApplianceArgs {
+    /// The control socket inherited from the supervisor.
+    #[arg(long)]
+    pub control_fd: i32,
+}

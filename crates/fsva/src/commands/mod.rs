@@ -1,0 +1,33 @@
+//! One module per subcommand. Each turns parsed arguments into calls on the library
+//! crates and prints short, useful output; long-lived work happens in the libraries.
+
+pub mod appliance;
+pub mod mount;
+pub mod mount_helper;
+pub mod status;
+pub mod umount;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Mount(args) => mount::run(args, &cli.log),
+        Command::Umount(args) => umount::run(args),
+        Command::Status => status::run(),
+        Command::Appliance(args) => appliance::run(args),
+    }
+}
+
+/// Logs to stderr with the given filter.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# fsva's main job on its embedded default: mount a `mem` appliance, show it working,
+# and leave it mounted for you to use.
+#   scripts/demo.sh [MOUNTPOINT]      (default /tmp/fsva-demo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --release
+fsva=target/release/fsva
+mp=${1:-/tmp/fsva-demo}
+mkdir -p "$mp"
+if grep -q " $mp fuse.fsva" /proc/self/mountinfo; then
+  echo "demo: $mp is already an fsva mount; unmounting the old one first"
+  "$fsva" umount "$mp"
+fi
+"$fsva" mount --backend mem "$mp"
+echo
+echo "== Using it: every operation below is served by the sandboxed appliance"
+set -x
+mkdir -p "$mp/docs"
+echo "hello from an fsva appliance" > "$mp/docs/hello.txt"
+ln "$mp/docs/hello.txt" "$mp/docs/hello-link.txt"
+ln -s hello.txt "$mp/docs/hello-symlink.txt"
+setfattr -n user.origin -v fsva "$mp/docs/hello.txt"
+ls -l "$mp/docs"
+cat "$mp/docs/hello-symlink.txt"
+getfattr -n user.origin "$mp/docs/hello.txt"
+df -h "$mp"
+{ set +x; } 2>/dev/null
+echo
+"$fsva" status
+echo
+echo "It stays mounted: use $mp like any directory."
+echo "Unmount with:  $fsva umount $mp"

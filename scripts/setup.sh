@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what fsva needs on a fresh Debian 12 machine (idempotent) and builds it.
+#   scripts/setup.sh [--release] [--test-tools]
+# --test-tools also installs what the test suites use (acl/attr tools, python venv, ...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=(fuse3 attr acl)
+if [[ " $* " == *" --test-tools "* ]]; then
+  need_pkgs+=(fio bindfs stress-ng python3-venv gcc pkg-config libfuse3-dev)
+fi
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "fsva setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [[ ! -e /dev/fuse ]]; then
+  modprobe fuse 2>/dev/null || true
+fi
+[[ -e /dev/fuse ]] || { echo "fsva setup: /dev/fuse is missing and could not be loaded" >&2; exit 1; }
+
+profile=debug
+args=()
+if [[ " $* " == *" --release "* ]]; then profile=release; args+=(--release); fi
+echo "fsva setup: building ($profile)"
+cargo build --workspace --bins --locked "${args[@]}"
+
+# `mount -t fuse.fsva` and /etc/fstab look for mount.fuse.fsva in /sbin (= /usr/sbin).
+if [[ $(id -u) -eq 0 ]]; then
+  install -m 0755 "target/$profile/fsva" /usr/local/bin/fsva
+  ln -sf /usr/local/bin/fsva /usr/sbin/mount.fuse.fsva
+fi
