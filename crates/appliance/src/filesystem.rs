@@ -397,3 +397,56 @@ pub trait Filesystem: Send + Sync {
         Ok(())
     }
 }
+
+/// The mode a file keeps when the kernel asks to clear set-id bits for the caller `ctx`
+/// (`HANDLE_KILLPRIV_V2`: `WRITE_KILL_SUIDGID`, `FATTR_KILL_SUIDGID`, `OPEN_KILL_SUIDGID`),
+/// following Linux's `setattr_should_drop_suidgid`: S_ISUID always goes; S_ISGID goes
+/// when group-exec is set or when the caller is neither in the file's group nor root.
+/// Group membership is known as far as the kernel tells: the fsgid and the
+/// supplementary group sent with `CREATE_SUPP_GROUP`.
+pub fn mode_after_kill_suidgid(mode: u32, file_gid: u32, ctx: &Context) -> u32 {
+    let in_group = ctx.uid == 0 || ctx.gid == file_gid || ctx.supp_group == Some(file_gid);
+    let mut m = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 || !in_group {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{mode_after_kill_suidgid, Context};
+
+    #[test]
+    fn kill_suidgid_follows_the_kernel_rules() {
+        let member = Context {
+            uid: 1000,
+            gid: 50,
+            ..Default::default()
+        };
+        let outsider = Context {
+            uid: 1000,
+            gid: 60,
+            ..Default::default()
+        };
+        let root = Context::default();
+        let kill = |mode, ctx: &Context| mode_after_kill_suidgid(mode, 50, ctx);
+        assert_eq!(kill(0o4755, &member), 0o755);
+        assert_eq!(kill(0o6775, &member), 0o775, "group-exec: both go");
+        assert_eq!(
+            kill(0o2767, &member),
+            0o2767,
+            "no group-exec, member: sgid stays"
+        );
+        assert_eq!(
+            kill(0o2767, &outsider),
+            0o767,
+            "no group-exec, outsider: sgid goes"
+        );
+        assert_eq!(
+            kill(0o6745, &root),
+            0o2745,
+            "root keeps sgid without group-exec"
+        );
+    }
+}

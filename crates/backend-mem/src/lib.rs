@@ -47,9 +47,7 @@ pub const NAME_MAX: usize = 255;
 pub const SYMLINK_MAX: usize = 4095;
 
 const S_IFMT: u32 = libc::S_IFMT;
-const S_ISUID: u32 = libc::S_ISUID;
 const S_ISGID: u32 = libc::S_ISGID;
-const S_IXGRP: u32 = libc::S_IXGRP;
 
 /// Construction parameters.
 #[derive(Debug, Clone)]
@@ -143,12 +141,8 @@ fn check_new_name(name: &OsStr) -> Result<()> {
 }
 
 /// Clears set-user-id, and set-group-id when group-executable (as `should_remove_suid`).
-fn kill_suidgid(mode: u32) -> u32 {
-    let mut m = mode & !S_ISUID;
-    if m & (S_ISGID | S_IXGRP) == (S_ISGID | S_IXGRP) {
-        m &= !S_ISGID;
-    }
-    m
+fn kill_suidgid(mode: u32, gid: u32, ctx: &Context) -> u32 {
+    fsva_appliance::filesystem::mode_after_kill_suidgid(mode, gid, ctx)
 }
 
 impl MemFs {
@@ -306,12 +300,12 @@ impl MemFs {
     }
 
     /// Updates m/ctime (and applies WRITE_KILL_SUIDGID) after data changed.
-    fn data_changed(&self, ino: u64, kill: bool) {
+    fn data_changed(&self, ino: u64, kill: Option<&Context>) {
         let mut st = self.wlock();
         if let Ok(i) = st.inodes.get_mut(ino) {
             i.touch_mc(Time::now());
-            if kill {
-                i.mode = kill_suidgid(i.mode);
+            if let Some(ctx) = kill {
+                i.mode = kill_suidgid(i.mode, i.gid, ctx);
             }
         }
     }
@@ -442,7 +436,7 @@ impl Filesystem for MemFs {
     fn init(&self, _kernel_flags: u64) -> InitRequest {
         InitRequest {
             // Not asked: POSIX_LOCKS/FLOCK_LOCKS (locks stay in the kernel),
-            // HANDLE_KILLPRIV(_V2) (the kernel sends set-id clearing as SETATTR),
+            // HANDLE_KILLPRIV (v1),
             // WRITEBACK_CACHE and ATOMIC_O_TRUNC. DONT_MASK: with POSIX_ACL the umask
             // must be applied here, after default-ACL inheritance (fuse otherwise masks
             // the mode before sending it unless the mount carried MS_POSIXACL).
@@ -455,7 +449,11 @@ impl Filesystem for MemFs {
                 | f::DONT_MASK
                 | f::CREATE_SUPP_GROUP
                 | f::CACHE_SYMLINKS
-                | f::AUTO_INVAL_DATA,
+                | f::AUTO_INVAL_DATA
+                // Set-id clearing decided by the kernel with the caller's credentials and
+                // applied here; without it the kernel keeps S_ISGID on files without
+                // group-exec that a non-member writes to (ext4 clears it).
+                | f::HANDLE_KILLPRIV_V2,
             max_write: 1 << 20,
         }
     }
@@ -498,7 +496,7 @@ impl Filesystem for MemFs {
 
     fn setattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         set: &abi::SetattrIn,
     ) -> Result<(abi::Attr, Duration)> {
@@ -538,7 +536,7 @@ impl Filesystem for MemFs {
             changed = true;
         }
         if v & fattr::KILL_SUIDGID != 0 {
-            inode.mode = kill_suidgid(inode.mode);
+            inode.mode = kill_suidgid(inode.mode, inode.gid, ctx);
             changed = true;
         }
         if v & fattr::ATIME != 0 {
@@ -746,13 +744,13 @@ impl Filesystem for MemFs {
         Ok(self.entry(ino, inode))
     }
 
-    fn open(&self, _ctx: &Context, ino: u64, flags: u32, kill: bool) -> Result<Opened> {
+    fn open(&self, ctx: &Context, ino: u64, flags: u32, kill: bool) -> Result<Opened> {
         let mut st = self.wlock();
         let data = self.file_data(&mut st, ino)?;
         let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
         if kill {
             let i = st.inodes.get_mut(ino)?;
-            i.mode = kill_suidgid(i.mode);
+            i.mode = kill_suidgid(i.mode, i.gid, ctx);
             i.ctime = Time::now();
         }
         drop(st);
@@ -760,7 +758,7 @@ impl Filesystem for MemFs {
             && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32
         {
             data.truncate(0)?;
-            self.data_changed(ino, false);
+            self.data_changed(ino, None);
         }
         Ok(Opened {
             fh,
@@ -785,7 +783,7 @@ impl Filesystem for MemFs {
 
     fn write(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         fh: u64,
         offset: u64,
@@ -797,7 +795,10 @@ impl Filesystem for MemFs {
         let append = flags & libc::O_APPEND as u32 != 0;
         let n = data.write(offset, buf, append)?;
         if n > 0 {
-            self.data_changed(ino, write_flags & wflags::WRITE_KILL_SUIDGID != 0);
+            self.data_changed(
+                ino,
+                (write_flags & wflags::WRITE_KILL_SUIDGID != 0).then_some(ctx),
+            );
         }
         Ok(n)
     }
@@ -1082,7 +1083,7 @@ impl Filesystem for MemFs {
         data.fallocate(offset, length, mode as i32)?;
         let punch = mode as i32 & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
         if punch || data.size()? != before {
-            self.data_changed(ino, false);
+            self.data_changed(ino, None);
         }
         Ok(())
     }
@@ -1121,7 +1122,7 @@ impl Filesystem for MemFs {
         };
         let n = src.copy_to(off_in, &dst, off_out, len)?;
         if n > 0 {
-            self.data_changed(ino_out, false);
+            self.data_changed(ino_out, None);
         }
         Ok(n)
     }

@@ -31,6 +31,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fsva_appliance::filesystem::mode_after_kill_suidgid;
 use fsva_appliance::{
     Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
 };
@@ -232,10 +233,13 @@ impl PassthroughFs {
     /// in the initial namespace, so the host clears S_ISUID (and S_ISGID with group
     /// exec) on every write/truncate/fallocate it does; the FUSE kernel already decided
     /// for the real caller and sent an explicit SETATTR when the bits must go.
+    /// With `kill` (HANDLE_KILLPRIV_V2 asked to clear them for this caller) the bits
+    /// end as [`mode_after_kill_suidgid`] says instead.
     fn keep_setid<T>(
         &self,
         node: &Node,
         fd: BorrowedFd<'_>,
+        kill: Option<&Context>,
         op: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         const SETID: u32 = libc::S_ISUID | libc::S_ISGID;
@@ -243,14 +247,21 @@ impl PassthroughFs {
             return op();
         }
         let mode_of = |fd| sys::statx_fd(fd, libc::STATX_MODE, 0).map(|s| u32::from(s.stx_mode));
+        let gid = sys::statx_fd(fd, libc::STATX_GID, 0)
+            .map(|s| s.stx_gid)
+            .unwrap_or(u32::MAX);
         let before = mode_of(fd).ok();
         let r = op();
         if let Some(before) = before {
             node.note_mode(before);
             if before & SETID != 0 {
+                let target = match kill {
+                    Some(ctx) => mode_after_kill_suidgid(before, gid, ctx),
+                    None => before,
+                };
                 if let Ok(after) = mode_of(fd) {
-                    if after & SETID != before & SETID {
-                        if let Err(e) = self.chmod(node, before & 0o7777) {
+                    if after & SETID != target & SETID {
+                        if let Err(e) = self.chmod(node, target & 0o7777) {
                             tracing::warn!(error = %e, node = node.id, "could not restore set-id bits after a data change");
                         }
                     }
@@ -339,8 +350,27 @@ impl PassthroughFs {
         .map(drop)
     }
 
-    fn truncate(&self, node: &Node, fh: Option<u64>, size: u64) -> Result<()> {
-        self.keep_setid(node, node.fd(), || self.truncate_inner(node, fh, size))
+    /// Clears set-id bits as the kernel asked (HANDLE_KILLPRIV_V2 without a data change).
+    fn kill_setid(&self, node: &Node, ctx: &Context) -> Result<()> {
+        let st = sys::statx_fd(node.fd(), libc::STATX_MODE | libc::STATX_GID, 0)?;
+        let mode = u32::from(st.stx_mode);
+        let target = mode_after_kill_suidgid(mode, st.stx_gid, ctx);
+        if target != mode {
+            self.chmod(node, target & 0o7777)?;
+        }
+        Ok(())
+    }
+
+    fn truncate(
+        &self,
+        node: &Node,
+        fh: Option<u64>,
+        size: u64,
+        kill: Option<&Context>,
+    ) -> Result<()> {
+        self.keep_setid(node, node.fd(), kill, || {
+            self.truncate_inner(node, fh, size)
+        })
     }
 
     fn truncate_inner(&self, node: &Node, fh: Option<u64>, size: u64) -> Result<()> {
@@ -422,7 +452,10 @@ impl Filesystem for PassthroughFs {
                 | f::CREATE_SUPP_GROUP
                 | f::CACHE_SYMLINKS
                 // Files may change behind the kernel's back: drop stale pages on mtime change.
-                | f::AUTO_INVAL_DATA,
+                | f::AUTO_INVAL_DATA
+                // Set-id clearing decided by the kernel for the real caller, applied here
+                // (the appliance's own writes would not clear them as the caller's do).
+                | f::HANDLE_KILLPRIV_V2,
             max_write: 1 << 20,
         }
     }
@@ -442,7 +475,7 @@ impl Filesystem for PassthroughFs {
 
     fn setattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         set: &abi::SetattrIn,
     ) -> Result<(abi::Attr, Duration)> {
@@ -486,7 +519,14 @@ impl Filesystem for PassthroughFs {
             self.chmod(&n, set.mode)?;
         }
         if set.valid & fattr::SIZE != 0 {
-            self.truncate(&n, fh, set.size)?;
+            self.truncate(
+                &n,
+                fh,
+                set.size,
+                (set.valid & fattr::KILL_SUIDGID != 0).then_some(ctx),
+            )?;
+        } else if set.valid & fattr::KILL_SUIDGID != 0 {
+            self.kill_setid(&n, ctx)?;
         }
         if set.valid & (fattr::ATIME | fattr::MTIME | fattr::ATIME_NOW | fattr::MTIME_NOW) != 0 {
             self.set_times(&n, set)?;
@@ -631,8 +671,11 @@ impl Filesystem for PassthroughFs {
         Ok(self.do_lookup(&np, newname)?)
     }
 
-    fn open(&self, _ctx: &Context, ino: u64, flags: u32, _kill_suidgid: bool) -> Result<Opened> {
+    fn open(&self, ctx: &Context, ino: u64, flags: u32, kill_suidgid: bool) -> Result<Opened> {
         let n = self.node(ino)?;
+        if kill_suidgid {
+            self.kill_setid(&n, ctx)?;
+        }
         let fd = self.reopen(n.fd(), flags as i32)?;
         let fh = self.handles.insert(Handle::File { fd, node: n });
         Ok(self.opened(fh))
@@ -684,17 +727,22 @@ impl Filesystem for PassthroughFs {
 
     fn write(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         _ino: u64,
         fh: u64,
         offset: u64,
         data: &[u8],
-        _write_flags: u32,
+        write_flags: u32,
         _flags: u32,
     ) -> Result<u32> {
         let h = self.handle(fh)?;
         match h.node() {
-            Some(n) => self.keep_setid(n, h.fd(), || Self::pwrite_all(h.fd(), offset, data)),
+            Some(n) => self.keep_setid(
+                n,
+                h.fd(),
+                (write_flags & abi::flags::WRITE_KILL_SUIDGID != 0).then_some(ctx),
+                || Self::pwrite_all(h.fd(), offset, data),
+            ),
             None => Err(Errno(libc::EISDIR)),
         }
     }
@@ -902,7 +950,7 @@ impl Filesystem for PassthroughFs {
     ) -> Result<()> {
         let h = self.handle(fh)?;
         let n = h.node().ok_or(Errno(libc::EISDIR))?;
-        self.keep_setid(n, h.fd(), || {
+        self.keep_setid(n, h.fd(), None, || {
             // SAFETY: plain call on a descriptor we own.
             cvt(unsafe {
                 libc::fallocate64(
@@ -943,7 +991,7 @@ impl Filesystem for PassthroughFs {
         let mut oi = off_in as i64;
         let mut oo = off_out as i64;
         let n = ho.node().ok_or(Errno(libc::EISDIR))?;
-        self.keep_setid(n, ho.fd(), || {
+        self.keep_setid(n, ho.fd(), None, || {
             // SAFETY: offsets are valid pointers to locals; descriptors are ours.
             let r = unsafe {
                 libc::copy_file_range(

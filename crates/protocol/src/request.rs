@@ -552,7 +552,7 @@ mod tests {
         .to_vec();
         args.extend_from_slice(b"d\0");
         // pad arguments to 8 bytes as the kernel does before extensions
-        while args.len() % 8 != 0 {
+        while !args.len().is_multiple_of(8) {
             args.push(0);
         }
         let ext = [

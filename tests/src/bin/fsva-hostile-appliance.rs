@@ -85,7 +85,8 @@ fn main() {
             }
             Operation::Forget(_) | Operation::BatchForget(_) | Operation::Interrupt(_) => continue,
             _ if req.header.opcode == opcode::DESTROY => reply.empty(u).to_vec(),
-            _ => reply.error(u, libc::ENOENT).to_vec(),
+            Operation::Lookup { .. } => reply.error(u, libc::ENOENT).to_vec(),
+            _ => reply.error(u, libc::ENOSYS).to_vec(),
         };
         if out.write_all(&frame).is_err() {
             return;

@@ -12,6 +12,8 @@ use fsva_control::{ChannelKind, SandboxKind};
 use fsva_supervisor::mount::MountOptions;
 use fsva_supervisor::{registry, MountRequest};
 
+use clap::ValueEnum;
+
 use crate::cli::{ChannelArg, MountArgs, SandboxArg};
 
 pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
@@ -52,7 +54,46 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
         fsva_supervisor::run(request)?;
         return Ok(ExitCode::SUCCESS);
     }
-    daemonize(&args, mountpoint, &backend.to_string())
+    daemonize(&args, log, mountpoint, &backend.to_string())
+}
+
+/// The arguments of the detached `fsva mount -f` equivalent to `args`.
+fn foreground_args(
+    args: &MountArgs,
+    log: &str,
+    mountpoint: &std::path::Path,
+) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec![
+        "--log".into(),
+        log.into(),
+        "mount".into(),
+        "--backend".into(),
+        args.backend.clone().into(),
+        "--channel".into(),
+        args.channel
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+            .into(),
+        "--sandbox".into(),
+        args.sandbox
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+            .into(),
+    ];
+    if let Some(w) = args.workers {
+        v.extend(["--workers".into(), w.to_string().into()]);
+    }
+    if !args.options.is_empty() {
+        v.extend(["-o".into(), args.options.join(",").into()]);
+    }
+    if let Some(exe) = &args.appliance_exe {
+        v.extend(["--appliance-exe".into(), exe.clone().into()]);
+    }
+    v.push("-f".into());
+    v.push(mountpoint.into());
+    v
 }
 
 fn default_workers() -> u32 {
@@ -87,7 +128,12 @@ fn parse_options(opts: &[String], source: &str) -> anyhow::Result<MountOptions> 
 
 /// Starts `fsva mount -f ...` detached (own session, output to the mount's log file) and
 /// waits for its verdict on a pipe.
-fn daemonize(_args: &MountArgs, mountpoint: PathBuf, backend: &str) -> anyhow::Result<ExitCode> {
+fn daemonize(
+    args: &MountArgs,
+    log_filter: &str,
+    mountpoint: PathBuf,
+    backend: &str,
+) -> anyhow::Result<ExitCode> {
     let entry = registry::Entry::for_mount(&mountpoint);
     if let Some(dir) = entry.log.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -101,17 +147,12 @@ fn daemonize(_args: &MountArgs, mountpoint: PathBuf, backend: &str) -> anyhow::R
         .context("creating the readiness pipe")?;
     let write_fd = write_end.as_raw_fd();
     let mut cmd = Command::new(std::env::current_exe().context("locating the fsva executable")?);
-    cmd.args(
-        std::env::args_os()
-            .skip(1)
-            .filter(|a| a != "-f" && a != "--foreground"),
-    )
-    .arg("-f")
-    .arg("--ready-fd")
-    .arg(write_fd.to_string())
-    .stdin(Stdio::null())
-    .stdout(log.try_clone()?)
-    .stderr(log);
+    cmd.args(foreground_args(args, log_filter, &mountpoint))
+        .arg("--ready-fd")
+        .arg(write_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // SAFETY: runs in the forked child before exec; setsid and fcntl are
     // async-signal-safe and touch only the child's own state.
     unsafe {
