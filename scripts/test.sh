@@ -23,6 +23,6 @@ if [[ -x scripts/suites/run-all.sh ]]; then
 fi
 if [[ -x scripts/fuzz.sh ]]; then
   echo "== fuzzing the request decoder"
-  scripts/fuzz.sh "${FSVA_FUZZ_SECONDS:-60}"
+  scripts/fuzz.sh "${FSVA_FUZZ_SECONDS:-30}"
 fi
 echo "== all tests passed in $(( $(date +%s) - start )) s"

@@ -78,13 +78,21 @@ finish() {
     local passed="$1" failed="$2" skipped="$3" ids="$4"
     local unexpected=0 expected_hit=0 id
     local -A exp=()
-    if [ -f "$EXPECTED" ]; then
+    # FSVA_SUITE_BACKEND=<name> adds tests/expected-failures/<suite>.<name>.txt: cases a
+    # backend is known to fail although native ext4 passes them (a documented gap).
+    local lists=("$EXPECTED")
+    if [ -n "${FSVA_SUITE_BACKEND:-}" ]; then
+        lists+=("$REPO_ROOT/tests/expected-failures/$SUITE.$FSVA_SUITE_BACKEND.txt")
+    fi
+    local list
+    for list in "${lists[@]}"; do
+        [ -f "$list" ] || continue
         while IFS= read -r line || [ -n "$line" ]; do
             line="${line%%#*}"
             line="$(echo "$line" | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//')"
             [ -n "$line" ] && exp["$line"]=1
-        done < "$EXPECTED"
-    fi
+        done < "$list"
+    done
     if [ -s "$ids" ]; then
         while IFS= read -r id; do
             [ -n "$id" ] || continue

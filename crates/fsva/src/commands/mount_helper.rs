@@ -6,7 +6,11 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+use std::path::Path;
+
+use anyhow::Context as _;
 use clap::Parser;
+use rustix::mount::MountFlags;
 
 use crate::cli::Cli;
 
@@ -29,12 +33,16 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let [source, mountpoint] = positional.as_slice() else {
         anyhow::bail!("usage: mount.fuse.fsva SOURCE MOUNTPOINT [-o OPTIONS] (SOURCE: mem or passthrough:DIR)");
     };
-    let mut argv: Vec<OsString> = vec![
-        "fsva".into(),
-        "mount".into(),
-        "--backend".into(),
-        source.clone(),
-    ];
+    if options.iter().any(|o| o == "remount") {
+        return remount(Path::new(mountpoint), &options);
+    }
+    // `fsva:mem` is how /proc/mounts shows the source; accept it back.
+    let source = source
+        .to_str()
+        .and_then(|s| s.strip_prefix("fsva:"))
+        .map(OsString::from)
+        .unwrap_or_else(|| source.clone());
+    let mut argv: Vec<OsString> = vec!["fsva".into(), "mount".into(), "--backend".into(), source];
     let mut known = Vec::new();
     for o in options {
         match o.split_once('=') {
@@ -51,4 +59,22 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     argv.push(mountpoint.clone());
     let cli = Cli::parse_from(argv);
     crate::commands::run(cli)
+}
+
+/// `mount -o remount,...`: changes the mount's flags in place (the appliance keeps
+/// serving; a read-only remount makes the kernel refuse writes with EROFS).
+fn remount(mountpoint: &Path, options: &[String]) -> anyhow::Result<ExitCode> {
+    let mut flags = MountFlags::NOSUID | MountFlags::NODEV;
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= MountFlags::RDONLY,
+            "rw" => flags.remove(MountFlags::RDONLY),
+            "suid" => flags.remove(MountFlags::NOSUID),
+            "dev" => flags.remove(MountFlags::NODEV),
+            _ => {}
+        }
+    }
+    rustix::mount::mount_remount(mountpoint, flags, "")
+        .with_context(|| format!("remounting {}", mountpoint.display()))?;
+    Ok(ExitCode::SUCCESS)
 }

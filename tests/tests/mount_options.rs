@@ -1,0 +1,87 @@
+//! Mount options as users set them: `-o ro`, a read-only remount, `suid`/`dev` honoured
+//! (off by default, as for every FUSE mount), and `mount -t fuse.fsva` through the
+//! installed `mount.fuse.fsva` helper.
+
+use std::path::Path;
+use std::process::Command;
+
+use fsva_tests::{is_mounted, Mount, Scratch};
+
+fn mount_options(path: &Path) -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.to_string_lossy();
+    info.lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*want))
+        .and_then(|l| l.split(' ').nth(5))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn read_only_mount_and_remount_refuse_writes_with_erofs() {
+    let m = Mount::new("mem", &["-o", "ro"]);
+    assert!(mount_options(m.path()).split(',').any(|o| o == "ro"));
+    let e = std::fs::write(m.path().join("x"), b"1").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    m.unmount();
+
+    let m = Mount::new("mem", &[]);
+    std::fs::write(m.path().join("x"), b"1").unwrap();
+    let st = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(m.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "remount,ro failed");
+    let e = std::fs::write(m.path().join("y"), b"1").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(
+        std::fs::read(m.path().join("x")).unwrap(),
+        b"1",
+        "data survives the remount"
+    );
+    m.unmount();
+}
+
+#[test]
+fn suid_and_dev_are_off_by_default_and_honoured_when_asked() {
+    let m = Mount::new("mem", &[]);
+    let o = mount_options(m.path());
+    assert!(o.contains("nosuid") && o.contains("nodev"), "{o}");
+    m.unmount();
+    let m = Mount::new("mem", &["-o", "suid,dev"]);
+    let o = mount_options(m.path());
+    assert!(!o.contains("nosuid") && !o.contains("nodev"), "{o}");
+    m.unmount();
+}
+
+#[test]
+fn mount_t_fuse_fsva_uses_the_installed_helper() {
+    let helper = Path::new("/usr/sbin/mount.fuse.fsva");
+    assert!(
+        helper.exists(),
+        "{} is missing: scripts/setup.sh installs it (run it as root)",
+        helper.display()
+    );
+    let dir = Scratch::new("mount-t");
+    let out = Command::new("mount")
+        .args(["-t", "fuse.fsva", "mem"])
+        .arg(&dir.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&dir.path));
+    std::fs::write(dir.path.join("f"), b"via mount -t").unwrap();
+    assert_eq!(std::fs::read(dir.path.join("f")).unwrap(), b"via mount -t");
+    let out = fsva_tests::fsva(&["umount", dir.path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&dir.path));
+}
