@@ -99,6 +99,8 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     }
     let listener = Listener::bind(&entry.socket)?;
+    // The runtime files go with this supervisor, whichever way it ends (short of SIGKILL).
+    let _runtime_files = RuntimeFiles(entry.clone());
 
     let session = mount::mount(&mountpoint, &req.options)?;
     let mounted = MountGuard {
@@ -337,6 +339,15 @@ fn is_zombie(pid: u32) -> bool {
 fn fallback_threads(devs: &[Arc<FuseDev>]) {
     // Threads end when the mount goes away.
     let _ = crate::fallback::answer_with_errors(devs, libc::EIO);
+}
+
+/// Removes a mount's runtime files when the supervisor ends.
+struct RuntimeFiles(registry::Entry);
+
+impl Drop for RuntimeFiles {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
 }
 
 /// Removes the mount if set-up fails half way.
