@@ -15,6 +15,7 @@ use fsva_protocol::request::{decode_header, DecodeError};
 use fsva_protocol::{decode, Operation};
 use zerocopy::IntoBytes;
 
+use crate::backing::{BackingFiles, BackingIds};
 use crate::filesystem::{Context, DirSink, Errno, Filesystem, Opened, Xattr};
 use crate::session::{negotiate, InitReply, Session, SessionConfig};
 
@@ -32,6 +33,10 @@ pub struct Dispatcher {
     fs: Arc<dyn Filesystem>,
     session: Session,
     config: SessionConfig,
+    /// Registers FUSE passthrough backing files, when the supervisor offers it.
+    backing: Option<Arc<dyn BackingFiles>>,
+    backing_ids: BackingIds,
+    backing_refused: std::sync::atomic::AtomicBool,
 }
 
 /// Maps a backend result onto the reply buffer.
@@ -59,14 +64,6 @@ fn attr_out(attr: abi::Attr, ttl: Duration) -> abi::AttrOut {
     }
 }
 
-fn open_out(o: &Opened) -> abi::OpenOut {
-    abi::OpenOut {
-        fh: o.fh,
-        open_flags: o.open_flags & !abi::fopen::PASSTHROUGH,
-        backing_id: 0,
-    }
-}
-
 fn xattr_reply(reply: &mut ReplyBuf, unique: u64, x: Xattr) {
     match x {
         Xattr::Size(size) => {
@@ -79,12 +76,61 @@ fn xattr_reply(reply: &mut ReplyBuf, unique: u64, x: Xattr) {
 }
 
 impl Dispatcher {
-    pub fn new(fs: Arc<dyn Filesystem>, config: SessionConfig) -> Self {
+    pub fn new(
+        fs: Arc<dyn Filesystem>,
+        config: SessionConfig,
+        backing: Option<Arc<dyn BackingFiles>>,
+    ) -> Self {
         Self {
             fs,
             session: Session::default(),
             config,
+            backing,
+            backing_ids: BackingIds::default(),
+            backing_refused: Default::default(),
         }
+    }
+
+    /// Open handles whose data the kernel reads and writes directly (FUSE passthrough).
+    pub fn passthrough_files(&self) -> usize {
+        self.backing_ids.len()
+    }
+
+    /// The OPEN/CREATE reply for `o`, registering its backing file when passthrough is
+    /// in force; without it (or if registration fails) data goes through the appliance.
+    fn open_out(&self, ino: u64, o: &Opened) -> abi::OpenOut {
+        let mut out = abi::OpenOut {
+            fh: o.fh,
+            open_flags: o.open_flags & !abi::fopen::PASSTHROUGH,
+            backing_id: 0,
+        };
+        let negotiated = self
+            .session
+            .negotiation()
+            .is_some_and(|n| n.has(abi::init_flags::PASSTHROUGH));
+        if let (true, Some(backing), Some(file)) = (negotiated, &self.backing, &o.backing) {
+            use std::os::fd::AsFd;
+            match self
+                .backing_ids
+                .acquire(ino, o.fh, || backing.open(file.as_fd()))
+            {
+                Ok(id) => {
+                    out.open_flags |= abi::fopen::PASSTHROUGH;
+                    // The kernel ignores KEEP_CACHE/DIRECT_IO for passthrough files.
+                    out.open_flags &= !abi::fopen::DIRECT_IO;
+                    out.backing_id = id;
+                }
+                Err(e) => {
+                    if !self
+                        .backing_refused
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(error = %e, "backing file not registered; serving data through the appliance");
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn session(&self) -> &Session {
@@ -115,7 +161,7 @@ impl Dispatcher {
         let fs = &*self.fs;
         match req.op {
             Operation::Init(init) => {
-                let wanted = fs.init(
+                let mut wanted = fs.init(
                     u64::from(init.flags)
                         | if init.flags as u64 & abi::init_flags::INIT_EXT != 0 {
                             u64::from(init.flags2) << 32
@@ -123,6 +169,9 @@ impl Dispatcher {
                             0
                         },
                 );
+                if self.backing.is_none() {
+                    wanted.flags &= !abi::init_flags::PASSTHROUGH;
+                }
                 match negotiate(&init, wanted, &self.config) {
                     InitReply::Accept(out, n) => {
                         tracing::info!(
@@ -231,7 +280,7 @@ impl Dispatcher {
             Operation::Open(a) => {
                 let kill = a.open_flags & flags::OPEN_KILL_SUIDGID != 0;
                 finish(reply, u, fs.open(&ctx, ino, a.flags, kill), |r, o| {
-                    r.value(u, &open_out(&o));
+                    r.value(u, &self.open_out(ino, &o));
                 })
             }
             Operation::Read(a) => {
@@ -273,7 +322,11 @@ impl Dispatcher {
                 r.value(u, &st);
             }),
             Operation::Release(a) => {
-                finish(reply, u, fs.release(&ctx, ino, a.fh, a.flags), |r, ()| {
+                let result = fs.release(&ctx, ino, a.fh, a.flags);
+                if let (Some(id), Some(backing)) = (self.backing_ids.release(a.fh), &self.backing) {
+                    backing.close(id);
+                }
+                finish(reply, u, result, |r, ()| {
                     r.empty(u);
                 })
             }
@@ -321,7 +374,7 @@ impl Dispatcher {
                 },
             ),
             Operation::Opendir(a) => finish(reply, u, fs.opendir(&ctx, ino, a.flags), |r, o| {
-                r.value(u, &open_out(&o));
+                r.value(u, &self.open_out(ino, &o));
             }),
             Operation::Readdir(a) | Operation::Readdirplus(a) => {
                 let plus = h.opcode == opcode::READDIRPLUS;
@@ -361,7 +414,7 @@ impl Dispatcher {
                 |r, (e, o)| {
                     let b = r.start(u);
                     b.extend_from_slice(e.to_abi().as_bytes());
-                    b.extend_from_slice(open_out(&o).as_bytes());
+                    b.extend_from_slice(self.open_out(e.ino, &o).as_bytes());
                     r.finish();
                 },
             ),
@@ -372,7 +425,7 @@ impl Dispatcher {
                 |r, (e, o)| {
                     let b = r.start(u);
                     b.extend_from_slice(e.to_abi().as_bytes());
-                    b.extend_from_slice(open_out(&o).as_bytes());
+                    b.extend_from_slice(self.open_out(e.ino, &o).as_bytes());
                     r.finish();
                 },
             ),

@@ -5,16 +5,19 @@
 //!   arguments and replies it deals in;
 //! - [`session`]: INIT negotiation (protocol version, capability flags, limits);
 //! - [`dispatch`]: one frame in, one reply out: decode, call the backend, encode;
-//! - [`server`]: the worker threads, one per channel endpoint, and their counters.
+//! - [`server`]: the worker threads, one per channel endpoint, and their counters;
+//! - [`backing`]: FUSE passthrough backing ids held by open handles.
 //!
 //! The runtime never interprets file system semantics (that is the backend's job) and
 //! never touches mounts, namespaces or the supervisor's state.
 
+pub mod backing;
 pub mod dispatch;
 pub mod filesystem;
 pub mod server;
 pub mod session;
 
+pub use backing::BackingFiles;
 pub use filesystem::{
     Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
 };

@@ -41,9 +41,15 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(fs: Arc<dyn Filesystem>, config: SessionConfig) -> Self {
+    /// `backing` registers FUSE passthrough backing files (None: data always goes
+    /// through the appliance).
+    pub fn new(
+        fs: Arc<dyn Filesystem>,
+        config: SessionConfig,
+        backing: Option<Arc<dyn crate::BackingFiles>>,
+    ) -> Self {
         Self {
-            dispatcher: Arc::new(Dispatcher::new(fs, config)),
+            dispatcher: Arc::new(Dispatcher::new(fs, config, backing)),
             stats: Arc::new(ServerStats::default()),
         }
     }

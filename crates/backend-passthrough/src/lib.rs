@@ -272,11 +272,22 @@ impl PassthroughFs {
     }
 
     fn opened(&self, fh: u64) -> Opened {
+        // FUSE passthrough: the kernel may read and write the opened file directly.
+        // Not for set-id files: the kernel writes backing files with the supervisor's
+        // credentials, so a write would not clear S_ISUID/S_ISGID as the caller's must;
+        // their data goes through the appliance, which applies WRITE_KILL_SUIDGID.
+        let backing = self.handle(fh).ok().and_then(|h| {
+            h.node()?;
+            let st = sys::statx_fd(h.fd(), libc::STATX_MODE, 0).ok()?;
+            if u32::from(st.stx_mode) & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                return None;
+            }
+            h.fd().try_clone_to_owned().ok()
+        });
         Opened {
             fh,
             open_flags: 0,
-            // FUSE passthrough: set `Some(<dup of the handle's fd>)` here once the runtime registers backing files.
-            backing: None,
+            backing,
         }
     }
 
@@ -455,7 +466,9 @@ impl Filesystem for PassthroughFs {
                 | f::AUTO_INVAL_DATA
                 // Set-id clearing decided by the kernel for the real caller, applied here
                 // (the appliance's own writes would not clear them as the caller's do).
-                | f::HANDLE_KILLPRIV_V2,
+                | f::HANDLE_KILLPRIV_V2
+                // Offer our open files to the kernel as passthrough backing files.
+                | f::PASSTHROUGH,
             max_write: 1 << 20,
         }
     }

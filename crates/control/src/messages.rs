@@ -79,6 +79,34 @@ pub struct StartConfig {
     pub sandbox: SandboxKind,
     /// `tracing` filter for the appliance's log.
     pub log_filter: String,
+    /// The supervisor registers FUSE passthrough backing files for this appliance: the
+    /// last descriptor of `Start` is then a link for [`BackingRequest`]s.
+    pub backing_link: bool,
+}
+
+/// Appliance → supervisor, on the backing link: register or drop a FUSE passthrough
+/// backing file (`FUSE_DEV_IOC_BACKING_OPEN` needs CAP_SYS_ADMIN in the initial user
+/// namespace, which the appliance must not hold).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BackingRequest {
+    /// Register the file attached to this message.
+    Open,
+    /// Drop a registration.
+    Close { id: i32 },
+}
+
+/// Supervisor → appliance, on the backing link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BackingReply {
+    Opened {
+        id: i32,
+    },
+    Closed,
+    /// Not registered: the file failed a check or the kernel refused.
+    Refused {
+        errno: i32,
+        reason: String,
+    },
 }
 
 /// Supervisor → appliance.
@@ -141,4 +169,9 @@ pub struct MountStatus {
     pub errors: u64,
     /// "serving", or why not ("appliance died: ...").
     pub state: String,
+    /// How file data moves: "passthrough" (the kernel uses the backend's files
+    /// directly), or "via appliance" with the reason.
+    pub data_path: String,
+    /// Backing files registered right now.
+    pub backing_files: u64,
 }

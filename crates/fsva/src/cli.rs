@@ -59,6 +59,10 @@ pub struct MountArgs {
     /// Isolation of the appliance.
     #[arg(long, value_enum, default_value = "namespaces")]
     pub sandbox: SandboxArg,
+    /// Serve file data through the appliance instead of FUSE passthrough (where the
+    /// kernel reads and writes the backend's files directly, with one page cache).
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Appliance worker threads (default: one per CPU, at least 2).
     #[arg(long)]
     pub workers: Option<u32>,

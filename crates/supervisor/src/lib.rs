@@ -2,7 +2,8 @@
 //!
 //! It owns everything the user's side must keep whatever the appliance does: the mount
 //! ([`mount`]), the `/dev/fuse` session and every clone of it, the appliance process
-//! ([`appliance`]), the relay for stream channels ([`bridge`]), the fallback that answers
+//! ([`appliance`]), FUSE passthrough registrations on its behalf ([`backing`]), the
+//! relay for stream channels ([`bridge`]), the fallback that answers
 //! requests with errors once an appliance is gone ([`fallback`]), the per-mount runtime
 //! files ([`registry`]) and the loop that ties them together ([`supervisor`]).
 //!
@@ -10,6 +11,7 @@
 //! route and validate frames, and answers with errors when no appliance can.
 
 pub mod appliance;
+pub mod backing;
 pub mod bridge;
 pub mod fallback;
 pub mod mount;

@@ -66,6 +66,8 @@ pub struct MountRequest {
     /// The fsva executable to run appliances with.
     pub exe: PathBuf,
     pub log_filter: String,
+    /// Offer FUSE passthrough (the kernel reads and writes the backend's files directly).
+    pub passthrough: bool,
     /// Written "ok\n" once the mount answers, or "error: ...\n"; then closed.
     pub ready: Option<OwnedFd>,
 }
@@ -127,23 +129,48 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         },
         sandbox: req.sandbox,
         log_filter: req.log_filter.clone(),
+        backing_link: offers_backing_files(&req),
+    };
+    let backing_files = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let data_path = data_path(&req);
+    let backing_link = if offers_backing_files(&req) {
+        let (ours, theirs) = Link::pair()?;
+        let allowed = match &req.backend {
+            BackendSpec::Mem { .. } => crate::backing::Allowed::Memfd,
+            BackendSpec::Passthrough { path } => {
+                let st = rustix::fs::stat(path).map_err(|e| SupervisorError::Io {
+                    what: format!("inspecting {}", path.display()),
+                    source: e.into(),
+                })?;
+                crate::backing::Allowed::ExportDevice(st.st_dev)
+            }
+        };
+        let session_dup = session
+            .try_clone()
+            .map_err(io_err("duplicating the session descriptor"))?;
+        let live = backing_files.clone();
+        std::thread::Builder::new()
+            .name("fsva-backing".into())
+            .spawn(move || crate::backing::serve(ours, session_dup, allowed, live))
+            .map_err(io_err("spawning the backing-file thread"))?;
+        Some(theirs)
+    } else {
+        None
     };
 
     let mut bridge = None;
     let (appliance, child) = match req.channel {
         ChannelKind::Fusedev => {
-            let fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
+            let mut fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
+            fds.extend(backing_link.as_ref().map(|l| l.as_fd()));
             Appliance::start(&req.exe, &config, &fds, Duration::from_secs(30))?
         }
         ChannelKind::Stream => {
             let (ours, theirs) =
                 UnixStream::pair().map_err(io_err("creating the stream channel"))?;
-            let started = Appliance::start(
-                &req.exe,
-                &config,
-                &[theirs.as_fd()],
-                Duration::from_secs(30),
-            )?;
+            let mut fds = vec![theirs.as_fd()];
+            fds.extend(backing_link.as_ref().map(|l| l.as_fd()));
+            let started = Appliance::start(&req.exe, &config, &fds, Duration::from_secs(30))?;
             let tx = events_tx.clone();
             let pid = started.0.pid;
             bridge = Some(
@@ -164,6 +191,8 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             started
         }
     };
+    // Only the appliance holds its end now: when it dies the backing thread sees EOF.
+    drop(backing_link);
     tracing::info!(pid = appliance.pid, backend = %req.backend, channel = %req.channel, sandbox = %req.sandbox, "appliance serving");
 
     {
@@ -275,6 +304,8 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             requests: stats.map(|s| s.requests).unwrap_or(0),
                             errors: stats.map(|s| s.errors).unwrap_or(0),
                             state: state.clone(),
+                            data_path: data_path.clone(),
+                            backing_files: backing_files.load(std::sync::atomic::Ordering::Relaxed),
                         };
                         let _ = link.send(&AdminReply::Status(status), &[]);
                     }
@@ -304,6 +335,23 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     entry.remove();
     drop(session);
     Ok(())
+}
+
+/// Whether this mount's appliance gets a backing link for FUSE passthrough. `mem` does
+/// not offer its memfds yet (its times would go stale under direct writes).
+fn offers_backing_files(req: &MountRequest) -> bool {
+    req.passthrough && matches!(req.backend, BackendSpec::Passthrough { .. })
+}
+
+/// How file data moves, as `fsva status` says it.
+fn data_path(req: &MountRequest) -> String {
+    if offers_backing_files(req) {
+        "FUSE passthrough: the kernel reads and writes the export's files directly".into()
+    } else if !req.passthrough {
+        "through the appliance (passthrough turned off)".into()
+    } else {
+        "through the appliance (the mem backend does not offer backing files yet)".into()
+    }
 }
 
 /// After unmount the appliance sees ENODEV on every channel and exits on its own;

@@ -16,8 +16,8 @@ use fsva_channel::fusedev::FuseDev;
 use fsva_channel::stream::StreamChannel;
 use fsva_channel::Channel;
 use fsva_control::{
-    ApplianceStats, BackendSpec, ChannelKind, Link, SandboxKind, StartConfig, ToAppliance,
-    ToSupervisor,
+    ApplianceStats, BackendSpec, BackingReply, BackingRequest, ChannelKind, Link, SandboxKind,
+    StartConfig, ToAppliance, ToSupervisor,
 };
 use fsva_sandbox::{RootSpec, SandboxConfig, SeccompMode};
 use rustix::fs::{Mode, OFlags};
@@ -118,13 +118,51 @@ fn open_export_inside(backend: &BackendSpec) -> anyhow::Result<Option<OwnedFd>> 
     }
 }
 
+/// Backing-file registration through the supervisor (see `fsva_supervisor::backing`).
+struct SupervisorBacking {
+    link: std::sync::Mutex<Link>,
+}
+
+impl fsva_appliance::BackingFiles for SupervisorBacking {
+    fn open(&self, file: std::os::fd::BorrowedFd<'_>) -> std::io::Result<i32> {
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        link.send(&BackingRequest::Open, &[file])
+            .map_err(std::io::Error::other)?;
+        match link.recv::<BackingReply>().map_err(std::io::Error::other)? {
+            (BackingReply::Opened { id }, _) => Ok(id),
+            (BackingReply::Refused { errno, reason }, _) => Err(std::io::Error::new(
+                std::io::Error::from_raw_os_error(errno).kind(),
+                reason,
+            )),
+            (other, _) => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn close(&self, id: i32) {
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if link.send(&BackingRequest::Close { id }, &[]).is_ok() {
+            let _ = link.recv::<BackingReply>();
+        }
+    }
+}
+
 fn serve(
     config: &StartConfig,
     link: &Link,
-    fds: Vec<OwnedFd>,
+    mut fds: Vec<OwnedFd>,
     root: Option<OwnedFd>,
     proc_self_fd: Option<OwnedFd>,
 ) -> i32 {
+    let backing: Option<Arc<dyn fsva_appliance::BackingFiles>> = if config.backing_link {
+        match fds.pop() {
+            Some(fd) => Some(Arc::new(SupervisorBacking {
+                link: std::sync::Mutex::new(Link::from_fd(fd)),
+            })),
+            None => return fail(link, "the backing link was announced but not passed".into()),
+        }
+    } else {
+        None
+    };
     let fs = match crate::backends::build(&config.backend, root, proc_self_fd) {
         Ok(fs) => fs,
         Err(e) => return fail(link, format!("{e:#}")),
@@ -147,7 +185,7 @@ fn serve(
     if channels.is_empty() {
         return fail(link, "no channel descriptors were passed".into());
     }
-    let server = Server::new(fs, SessionConfig::default());
+    let server = Server::new(fs, SessionConfig::default(), backing);
     let stats = server.stats();
     if link
         .send(

@@ -49,6 +49,7 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
                 None => std::env::current_exe().context("locating the fsva executable")?,
             },
             log_filter: log.to_string(),
+            passthrough: !args.no_passthrough,
             ready,
         };
         fsva_supervisor::run(request)?;
@@ -82,6 +83,9 @@ fn foreground_args(
             .unwrap_or_default()
             .into(),
     ];
+    if args.no_passthrough {
+        v.push("--no-passthrough".into());
+    }
     if let Some(w) = args.workers {
         v.extend(["--workers".into(), w.to_string().into()]);
     }

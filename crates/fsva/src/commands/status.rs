@@ -4,18 +4,33 @@
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fsva_control::{AdminReply, AdminRequest, Link, MountStatus};
+use fsva_control::{AdminReply, AdminRequest, Link, LinkError, MountStatus};
+
+/// Prints a line, quietly stopping at a closed pipe (`fsva status | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 use fsva_supervisor::registry;
 
 pub fn run() -> anyhow::Result<ExitCode> {
     let records = registry::all_records();
     if records.is_empty() {
-        println!("no fsva mounts");
+        outln!("no fsva mounts");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<28} {:<22} {:<8} {:<10} {:>9} {:>8} {:>10} {:>7}  STATE",
-        "MOUNTPOINT", "BACKEND", "CHANNEL", "SANDBOX", "APPLIANCE", "UPTIME", "REQUESTS", "ERRORS"
+        "MOUNTPOINT",
+        "BACKEND",
+        "CHANNEL",
+        "SANDBOX",
+        "APPLIANCE",
+        "UPTIME",
+        "REQUESTS",
+        "ERRORS"
     );
     for record in records {
         let Ok(fields) = registry::read_record(&record) else {
@@ -23,8 +38,11 @@ pub fn run() -> anyhow::Result<ExitCode> {
         };
         let mountpoint = fields.get("mountpoint").cloned().unwrap_or_default();
         match query(&record.with_extension("sock")) {
-            Some(s) => print_status(&s),
-            None => println!(
+            Ok(s) => print_status(&s),
+            Err(Query::Incompatible(e)) => outln!(
+                "{mountpoint:<28} supervisor answered in a form this fsva does not understand ({e}): it runs another fsva version"
+            ),
+            Err(Query::Gone) => outln!(
                 "{:<28} {:<22} {:<8} {:<10} {:>9} {:>8} {:>10} {:>7}  supervisor gone: run `fsva umount {}`",
                 mountpoint,
                 fields.get("backend").map(String::as_str).unwrap_or("?"),
@@ -35,12 +53,22 @@ pub fn run() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn query(socket: &std::path::Path) -> Option<MountStatus> {
-    let link = Link::connect(socket).ok()?;
-    link.send(&AdminRequest::Status, &[]).ok()?;
-    match link.recv::<AdminReply>().ok()? {
-        (AdminReply::Status(s), _) => Some(s),
-        _ => None,
+enum Query {
+    /// Nobody listens: the supervisor was killed.
+    Gone,
+    /// Somebody answered, but not in this version's format.
+    Incompatible(String),
+}
+
+fn query(socket: &std::path::Path) -> Result<MountStatus, Query> {
+    let link = Link::connect(socket).map_err(|_| Query::Gone)?;
+    link.send(&AdminRequest::Status, &[])
+        .map_err(|_| Query::Gone)?;
+    match link.recv::<AdminReply>() {
+        Ok((AdminReply::Status(s), _)) => Ok(s),
+        Ok((other, _)) => Err(Query::Incompatible(format!("{other:?}"))),
+        Err(LinkError::Decode(e)) => Err(Query::Incompatible(e.to_string())),
+        Err(_) => Err(Query::Gone),
     }
 }
 
@@ -55,7 +83,7 @@ fn print_status(s: &MountStatus) {
     } else {
         format!("{}m{:02}s", up / 60, up % 60)
     };
-    println!(
+    outln!(
         "{:<28} {:<22} {:<8} {:<10} {:>9} {:>8} {:>10} {:>7}  {}",
         s.mountpoint.display(),
         s.backend,
@@ -68,5 +96,11 @@ fn print_status(s: &MountStatus) {
         s.requests,
         s.errors,
         s.state
+    );
+    outln!(
+        "{:<28} data: {}; {} backing files open",
+        "",
+        s.data_path,
+        s.backing_files
     );
 }

@@ -1,0 +1,116 @@
+//! FUSE passthrough from the appliance's side: asking for a backing id for a file a
+//! backend opened, and giving it back on release.
+//!
+//! Registering needs CAP_SYS_ADMIN in the initial user namespace, which an appliance
+//! never holds, so the runtime asks the supervisor ([`BackingFiles`], implemented over
+//! the control link by the appliance entry point). This module only tracks which open
+//! handle holds which id; it never decides whether a file may be registered.
+
+use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+use std::sync::Mutex;
+
+/// Something that can register backing files with the kernel for this mount.
+pub trait BackingFiles: Send + Sync {
+    /// Registers `file` and returns its backing id.
+    fn open(&self, file: BorrowedFd<'_>) -> std::io::Result<i32>;
+    /// Drops a backing id.
+    fn close(&self, id: i32);
+}
+
+/// Backing ids held by open file handles. The kernel allows one backing file per
+/// inode (every passthrough open of an inode must name the same id; it opens its own
+/// backing file with each open's flags), so ids are per inode, counted by handle.
+#[derive(Debug, Default)]
+pub struct BackingIds {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// inode → (backing id, open handles using it)
+    by_inode: HashMap<u64, (i32, usize)>,
+    /// handle → inode
+    by_handle: HashMap<u64, u64>,
+}
+
+impl BackingIds {
+    /// The backing id for a new handle `fh` of `ino`: the inode's existing one, or one
+    /// made by `register` (called with the table locked, so an inode never gets two).
+    pub fn acquire(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce() -> std::io::Result<i32>,
+    ) -> std::io::Result<i32> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let id = match t.by_inode.get_mut(&ino) {
+            Some((id, users)) => {
+                *users += 1;
+                *id
+            }
+            None => {
+                let id = register()?;
+                t.by_inode.insert(ino, (id, 1));
+                id
+            }
+        };
+        t.by_handle.insert(fh, ino);
+        Ok(id)
+    }
+
+    /// Releases handle `fh`; returns the id to close when it was the inode's last user.
+    pub fn release(&self, fh: u64) -> Option<i32> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let ino = t.by_handle.remove(&fh)?;
+        let (id, users) = t.by_inode.get_mut(&ino)?;
+        *users -= 1;
+        if *users == 0 {
+            let id = *id;
+            t.by_inode.remove(&ino);
+            Some(id)
+        } else {
+            None
+        }
+    }
+
+    /// Inodes with a registered backing file.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_inode
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_id_per_inode_closed_with_its_last_handle() {
+        let ids = BackingIds::default();
+        let mut made = 0;
+        let mut reg = || {
+            made += 1;
+            Ok(40 + made)
+        };
+        assert_eq!(ids.acquire(7, 100, &mut reg).unwrap(), 41);
+        assert_eq!(
+            ids.acquire(7, 101, &mut reg).unwrap(),
+            41,
+            "same inode, same id"
+        );
+        assert_eq!(ids.acquire(8, 102, &mut reg).unwrap(), 42);
+        assert_eq!(ids.release(100), None, "another handle still uses it");
+        assert_eq!(ids.release(101), Some(41));
+        assert_eq!(ids.release(102), Some(42));
+        assert_eq!(ids.release(102), None, "unknown handles are ignored");
+        assert!(ids.is_empty());
+    }
+}

@@ -1,0 +1,69 @@
+//! FUSE passthrough: with the passthrough backend the kernel reads and writes the
+//! export's files itself, so file data no longer crosses to the appliance; with
+//! `--no-passthrough` every read is a request the appliance serves.
+
+use std::io::{Read, Write};
+
+use fsva_tests::{fsva, Mount};
+
+/// The REQUESTS column of `fsva status` for the mount at `m`.
+fn requests(m: &Mount) -> u64 {
+    let out = fsva(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(m.path().to_str().unwrap()))
+        .unwrap_or_else(|| panic!("status does not list {}:\n{text}", m.path().display()));
+    line.split_whitespace().nth(6).unwrap().parse().unwrap()
+}
+
+/// Writes 32 MiB through the mount, drops the page cache, reads it back and returns
+/// how many requests the appliance served for the read.
+fn requests_for_a_32mib_read(m: &Mount) -> u64 {
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let path = m.path().join("big");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+    let before = requests(m);
+    let mut back = Vec::new();
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    let served = requests(m) - before;
+    assert!(back == data, "data read back differs from what was written");
+    // The export holds the same bytes.
+    let export = m.export.as_ref().unwrap().path.join("big");
+    assert!(std::fs::read(export).unwrap() == data, "export differs");
+    served
+}
+
+#[test]
+fn reads_bypass_the_appliance_with_passthrough() {
+    let m = Mount::new("passthrough", &[]);
+    let served = requests_for_a_32mib_read(&m);
+    // open, flush, release, a getattr or two: never one request per chunk of data.
+    assert!(
+        served < 16,
+        "{served} requests for a 32 MiB read: data went through the appliance"
+    );
+    let status = String::from_utf8_lossy(&fsva(&["status"]).stdout).to_string();
+    assert!(status.contains("FUSE passthrough"), "{status}");
+    m.unmount();
+}
+
+#[test]
+fn reads_go_through_the_appliance_without_passthrough() {
+    let m = Mount::new("passthrough", &["--no-passthrough"]);
+    let served = requests_for_a_32mib_read(&m);
+    assert!(
+        served >= 32,
+        "only {served} requests for 32 MiB without passthrough"
+    );
+    m.unmount();
+}
