@@ -111,6 +111,35 @@ pub enum Xattr {
     Data(Vec<u8>),
 }
 
+/// The INIT capabilities a POSIX backend asks for when the kernel checks permissions
+/// (`default_permissions`) and keeps locks, as fsva's backends do:
+/// - READDIRPLUS (adaptive), parallel directory operations, asynchronous reads;
+/// - export support (name_to_handle_at on the mount), cached symlinks, and dropping
+///   cached pages when a file's mtime changes underneath;
+/// - POSIX ACLs enforced by the kernel, with DONT_MASK: the backend applies the umask
+///   (or a default ACL's inheritance) itself, from the umask each request carries;
+/// - the caller's supplementary group with creating requests (setgid directories);
+/// - HANDLE_KILLPRIV_V2: set-id bits are cleared by the backend for the caller the
+///   kernel names ([`mode_after_kill_suidgid`]); without it the kernel keeps S_ISGID on
+///   a file without group-exec that a non-member writes to, where ext4 clears it.
+///
+/// Not asked: POSIX_LOCKS/FLOCK_LOCKS (locks stay in the kernel), WRITEBACK_CACHE and
+/// ATOMIC_O_TRUNC.
+pub const POSIX_BACKEND_FLAGS: u64 = {
+    use fsva_protocol::abi::init_flags as f;
+    f::ASYNC_READ
+        | f::DO_READDIRPLUS
+        | f::READDIRPLUS_AUTO
+        | f::PARALLEL_DIROPS
+        | f::EXPORT_SUPPORT
+        | f::POSIX_ACL
+        | f::DONT_MASK
+        | f::CREATE_SUPP_GROUP
+        | f::CACHE_SYMLINKS
+        | f::AUTO_INVAL_DATA
+        | f::HANDLE_KILLPRIV_V2
+};
+
 /// What a backend asks for at INIT (the runtime intersects it with what the kernel offers).
 #[derive(Debug, Clone, Copy)]
 pub struct InitRequest {

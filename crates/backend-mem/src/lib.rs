@@ -29,10 +29,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use fsva_appliance::filesystem::POSIX_BACKEND_FLAGS;
 use fsva_appliance::{
     Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
 };
-use fsva_protocol::abi::{self, fattr, flags as wflags, fopen, init_flags as f};
+use fsva_protocol::abi::{self, fattr, flags as wflags, fopen};
 
 use acl::Acl;
 use attr::{dtype, Time};
@@ -435,25 +436,7 @@ impl MemFs {
 impl Filesystem for MemFs {
     fn init(&self, _kernel_flags: u64) -> InitRequest {
         InitRequest {
-            // Not asked: POSIX_LOCKS/FLOCK_LOCKS (locks stay in the kernel),
-            // HANDLE_KILLPRIV (v1),
-            // WRITEBACK_CACHE and ATOMIC_O_TRUNC. DONT_MASK: with POSIX_ACL the umask
-            // must be applied here, after default-ACL inheritance (fuse otherwise masks
-            // the mode before sending it unless the mount carried MS_POSIXACL).
-            flags: f::ASYNC_READ
-                | f::DO_READDIRPLUS
-                | f::READDIRPLUS_AUTO
-                | f::PARALLEL_DIROPS
-                | f::EXPORT_SUPPORT
-                | f::POSIX_ACL
-                | f::DONT_MASK
-                | f::CREATE_SUPP_GROUP
-                | f::CACHE_SYMLINKS
-                | f::AUTO_INVAL_DATA
-                // Set-id clearing decided by the kernel with the caller's credentials and
-                // applied here; without it the kernel keeps S_ISGID on files without
-                // group-exec that a non-member writes to (ext4 clears it).
-                | f::HANDLE_KILLPRIV_V2,
+            flags: POSIX_BACKEND_FLAGS,
             max_write: 1 << 20,
         }
     }

@@ -1,6 +1,7 @@
 //! Unit tests of the `Filesystem` implementation, calling the trait methods directly.
 
 use super::*;
+use fsva_protocol::abi::init_flags as f;
 
 fn root() -> Context {
     Context {

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fsva_appliance::filesystem::mode_after_kill_suidgid;
+use fsva_appliance::filesystem::POSIX_BACKEND_FLAGS;
 use fsva_appliance::{
     Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
 };
@@ -451,24 +452,8 @@ impl PassthroughFs {
 impl Filesystem for PassthroughFs {
     fn init(&self, _kernel_flags: u64) -> InitRequest {
         InitRequest {
-            flags: f::ASYNC_READ
-                | f::DO_READDIRPLUS
-                | f::READDIRPLUS_AUTO
-                | f::PARALLEL_DIROPS
-                | f::EXPORT_SUPPORT
-                | f::POSIX_ACL
-                // The kernel then sends the raw mode and the umask; the real file
-                // system applies the umask (set per thread) or the default ACL.
-                | f::DONT_MASK
-                | f::CREATE_SUPP_GROUP
-                | f::CACHE_SYMLINKS
-                // Files may change behind the kernel's back: drop stale pages on mtime change.
-                | f::AUTO_INVAL_DATA
-                // Set-id clearing decided by the kernel for the real caller, applied here
-                // (the appliance's own writes would not clear them as the caller's do).
-                | f::HANDLE_KILLPRIV_V2
-                // Offer our open files to the kernel as passthrough backing files.
-                | f::PASSTHROUGH,
+            // Our open files may also serve as FUSE passthrough backing files.
+            flags: POSIX_BACKEND_FLAGS | f::PASSTHROUGH,
             max_write: 1 << 20,
         }
     }
