@@ -79,7 +79,17 @@ impl FileData {
         // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor or -1.
         let fd = unsafe { libc::memfd_create(c"fsva-mem".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
-            return Err(Errno::last());
+            let e = Errno::last();
+            if e.0 == libc::EMFILE || e.0 == libc::ENFILE {
+                // Every file's contents are a memfd: the descriptor limit is the file
+                // system's file limit. Say so, and answer as a full file system does.
+                tracing::warn!(
+                    "mem is out of descriptors for file contents (RLIMIT_NOFILE); \
+                     refusing new files with ENOSPC"
+                );
+                return Err(Errno(libc::ENOSPC));
+            }
+            return Err(e);
         }
         Ok(FileData {
             // SAFETY: `fd` was just created and is owned by nobody else.

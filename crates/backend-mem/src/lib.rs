@@ -96,19 +96,28 @@ fn default_capacity() -> u64 {
 }
 
 /// Raises the soft descriptor limit to the hard one: every opened regular file holds a memfd.
-fn raise_nofile_limit() {
+/// Raises the soft descriptor limit to the hard one and returns it: every regular
+/// file's contents are a memfd, so this bounds how many files mem can hold.
+fn raise_nofile_limit() -> u64 {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `rl` is a valid rlimit buffer.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return u64::MAX;
+        }
+        if rl.rlim_cur < rl.rlim_max {
             rl.rlim_cur = rl.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
         }
     }
+    rl.rlim_cur
 }
+
+/// Descriptors kept free for the appliance itself (channels, sockets, directories).
+const RESERVED_FDS: u64 = 256;
 
 struct State {
     inodes: InodeTable,
@@ -147,8 +156,12 @@ fn kill_suidgid(mode: u32, gid: u32, ctx: &Context) -> u32 {
 }
 
 impl MemFs {
-    pub fn new(config: MemConfig) -> MemFs {
-        raise_nofile_limit();
+    pub fn new(mut config: MemConfig) -> MemFs {
+        // statfs reports the real file limit, so `df -i` tells before ENOSPC does.
+        let nofile = raise_nofile_limit();
+        config.max_inodes = config
+            .max_inodes
+            .min(nofile.saturating_sub(RESERVED_FDS).max(RESERVED_FDS));
         let mut root = Inode::new(
             libc::S_IFDIR | (config.root_mode & 0o7777),
             config.root_uid,
