@@ -56,10 +56,8 @@ P=0; F=0
 run_one() { # run_one LABEL DIR [runner...]
     local label="$1" dir="$2"; shift 2
     local out="$LOGDIR/$label.out" rc
-    set +e
-    "$@" timeout 300 "$BIN" "$dir" -u > "$out" 2>&1
-    rc=$?
-    set -e
+    rc=0
+    "$@" timeout 300 "$BIN" "$dir" -u > "$out" 2>&1 || rc=$?
     local ok fail
     ok=$(grep -cE '^ *[0-9]+ \[.*\] OK$' "$out" || true)
     { grep -vE '^ *[0-9]+ \[.*\] OK$' "$out" || true; } | sed -nE 's/^ *[0-9]+ \[(.*)\] [A-Za-z_0-9]+\(\) - .*/\1/p' \
