@@ -78,6 +78,11 @@ pub struct SandboxConfig {
     /// before entering if needed (that needs privileges in the initial namespace). 0 keeps
     /// the inherited limit.
     pub rlimit_nofile: u64,
+    /// Enter a new user namespace (identity-mapped). Without one (root only), the kept
+    /// capabilities are those of the initial namespace: what a file server needs to
+    /// behave as root does on a native file system (device nodes with CAP_MKNOD), at the
+    /// price that a compromised appliance holds them for real, within its export.
+    pub user_namespace: bool,
 }
 
 impl SandboxConfig {
@@ -95,6 +100,7 @@ impl SandboxConfig {
             extra_syscalls: Vec::new(),
             open_proc_self_fd: false,
             rlimit_nofile: hard.min(65536),
+            user_namespace: true,
         }
     }
 
@@ -207,7 +213,12 @@ pub fn run_sandboxed(
     let (status_rx, status_tx) = pipe()?;
 
     tracing::debug!(root = ?config.root, seccomp = ?config.seccomp, "entering sandbox");
-    match sys::clone_into_namespaces(sys::CLONE_NAMESPACES).map_err(SandboxError::Clone)? {
+    let flags = if config.user_namespace {
+        sys::CLONE_NAMESPACES
+    } else {
+        sys::CLONE_NAMESPACES & !libc::CLONE_NEWUSER
+    };
+    match sys::clone_into_namespaces(flags).map_err(SandboxError::Clone)? {
         sys::Forked::Child => {
             drop(release_tx);
             drop(status_rx);
@@ -226,7 +237,7 @@ pub fn run_sandboxed(
             drop(status_tx);
             drop(policy);
             tracing::debug!(pid, "sandbox child created");
-            reaper::supervise(pid, release_tx, status_rx)
+            reaper::supervise(pid, release_tx, status_rx, config.user_namespace)
         }
     }
 }

@@ -55,12 +55,17 @@ pub(crate) fn supervise(
     pid: i32,
     release_tx: OwnedFd,
     status_rx: OwnedFd,
+    user_namespace: bool,
 ) -> Result<i32, SandboxError> {
     // setgroups must be written before gid_map; "allow" keeps setgroups(2) usable inside,
     // which the appliance needs to switch supplementary groups per request.
-    let maps = write_proc(pid, "setgroups", "allow\n")
-        .and_then(|_| write_proc(pid, "uid_map", IDENTITY_MAP))
-        .and_then(|_| write_proc(pid, "gid_map", IDENTITY_MAP));
+    let maps = if user_namespace {
+        write_proc(pid, "setgroups", "allow\n")
+            .and_then(|_| write_proc(pid, "uid_map", IDENTITY_MAP))
+            .and_then(|_| write_proc(pid, "gid_map", IDENTITY_MAP))
+    } else {
+        Ok(())
+    };
     if let Err(e) = maps {
         abandon(pid);
         return Err(e);

@@ -95,9 +95,10 @@ const KEEP: &[&str] = &[
 
 #[test]
 fn export_is_readable_and_writable_and_writes_reach_the_host() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, KEEP);
     assert_eq!(get(&m, "read_export"), INSIDE.trim());
@@ -121,9 +122,10 @@ fn export_is_readable_and_writable_and_writes_reach_the_host() {
 
 #[test]
 fn host_paths_outside_the_export_cannot_be_opened() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, &[]);
     for k in [
@@ -140,9 +142,10 @@ fn host_paths_outside_the_export_cannot_be_opened() {
 
 #[test]
 fn forbidden_syscalls_kill_the_process() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, KEEP);
     for k in [
@@ -190,9 +193,10 @@ fn forbidden_syscalls_kill_the_process() {
 
 #[test]
 fn without_seccomp_the_namespaces_and_dropped_caps_still_deny_mounting() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, &["--seccomp", "off"]);
     assert_eq!(get(&m, "seccomp_mode"), "0");
@@ -203,9 +207,10 @@ fn without_seccomp_the_namespaces_and_dropped_caps_still_deny_mounting() {
 
 #[test]
 fn process_identity_is_isolated() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, &[]);
     assert_eq!(get(&m, "pid"), "1");
@@ -225,9 +230,10 @@ fn process_identity_is_isolated() {
 
 #[test]
 fn only_kept_capabilities_remain() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, KEEP);
     let kept = "0xc1"; // CAP_CHOWN(0) | CAP_SETGID(6) | CAP_SETUID(7)
@@ -247,9 +253,10 @@ fn only_kept_capabilities_remain() {
 
 #[test]
 fn proc_self_fd_works_and_does_not_reach_the_host() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, &["--proc-fd"]);
     assert_eq!(get(&m, "proc_reopen"), "ok");
@@ -261,9 +268,10 @@ fn proc_self_fd_works_and_does_not_reach_the_host() {
 
 #[test]
 fn read_only_export_and_empty_root() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let m = probe(&f, &["--ro"]);
     assert_eq!(get(&m, "read_export"), INSIDE.trim());
@@ -279,9 +287,10 @@ fn read_only_export_and_empty_root() {
 }
 
 fn threads(mode: &str) {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let f = fixture();
     let out = run(&[
         "threads",
@@ -315,9 +324,10 @@ fn multithreaded_child_with_seccomp_kill() {
 
 #[test]
 fn exit_code_and_sigterm_are_forwarded() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let out = run(&["exit", "--empty", "--code", "42"]);
     assert_eq!(out.status.code(), Some(42));
 
@@ -339,9 +349,10 @@ fn exit_code_and_sigterm_are_forwarded() {
 
 #[test]
 fn setup_errors_are_reported() {
-    if !is_root() {
-        return;
-    }
+    assert!(
+        is_root(),
+        "the sandbox tests need root (namespaces, id maps, mounts)"
+    );
     let out = run(&["probe", "--export", "/nonexistent/fsva-export"]);
     assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -361,4 +372,32 @@ fn refuses_to_fork_a_multithreaded_process() {
         "{err}"
     );
     assert!(err.to_string().contains("must be single-threaded"));
+}
+
+#[test]
+fn user_namespace_forbids_device_nodes() {
+    let f = fixture();
+    let m = probe(&f, &["--keep-cap", "mknod"]);
+    assert_eq!(get(&m, "mknod_chr_in_export"), "EPERM");
+}
+
+#[test]
+fn without_a_user_namespace_device_nodes_work_and_the_walls_stay() {
+    let f = fixture();
+    let m = probe(&f, &["--no-userns", "--keep-cap", "mknod"]);
+    assert_eq!(get(&m, "mknod_chr_in_export"), "ok");
+    let open = get(&m, "open_chr_in_export");
+    assert!(
+        open == "EACCES" || open == "EPERM",
+        "device nodes must not open inside: {open}"
+    );
+    for k in [
+        "open_etc_hostname",
+        "open_outside_dotdot",
+        "open_outside_symlink",
+    ] {
+        let v = get(&m, k);
+        assert!(v == "ENOENT" || v == "EACCES", "{k}: {v}");
+    }
+    assert_eq!(get(&m, "pid"), "1");
 }

@@ -86,6 +86,17 @@ fn sandbox_config(backend: &BackendSpec) -> SandboxConfig {
     let mut c = SandboxConfig::new(root);
     c.keep_caps = caps;
     c.open_proc_self_fd = proc_fd;
+    if matches!(backend, BackendSpec::Passthrough { .. }) && rustix::process::geteuid().is_root() {
+        // A root user's passthrough mount behaves as the native file system does for
+        // root only if the appliance holds the file-server capabilities in the initial
+        // user namespace (device nodes need CAP_MKNOD there), as virtiofsd does when run
+        // as root. The walls stay: mount, pid, net, ipc and uts namespaces, the export as
+        // `/` mounted nodev inside, seccomp (no mount, no open_by_handle_at, no sockets).
+        // File capabilities are not kept: an appliance must not mint privileged binaries.
+        c.user_namespace = false;
+        c.keep_caps
+            .retain(|cap| *cap != fsva_sandbox::Capability::Setfcap);
+    }
     c.seccomp = match std::env::var("FSVA_SECCOMP").as_deref() {
         Ok("log") => SeccompMode::Log,
         Ok("off") => SeccompMode::Off,

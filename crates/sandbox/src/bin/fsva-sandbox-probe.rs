@@ -6,7 +6,7 @@
 //!
 //! Usage: `fsva-sandbox-probe <probe|threads|wait-signal|exit|bench> [--export DIR | --empty] [--ro]
 //!         [--seccomp kill|log|off] [--keep-cap NAME]... [--secret HOST_PATH] [--proc-fd]
-//!         [--code N]`
+//!         [--code N] [--no-userns]`
 //!
 //! Forbidden attempts run in their own forked child inside the sandbox, so a seccomp kill
 //! shows up as `killed by SIGSYS` instead of ending the probe.
@@ -63,6 +63,7 @@ fn parse_args() -> Args {
             }
             "--secret" => secret = Some(PathBuf::from(value())),
             "--proc-fd" => config.open_proc_self_fd = true,
+            "--no-userns" => config.user_namespace = false,
             "--code" => {
                 code = value()
                     .parse()
@@ -324,6 +325,28 @@ fn probe(sandboxed: Sandboxed, secret: Option<PathBuf>) -> i32 {
             "open_outside_parent_of_root",
             io_result(std::fs::File::open(format!("/../{name}"))),
         );
+    }
+    // A character device node (1:3, like /dev/null) in the export: needs CAP_MKNOD in
+    // the initial user namespace.
+    let dev = c"/probe-chr";
+    // SAFETY: a NUL-terminated path and plain integer arguments.
+    let rc = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+    report(
+        "mknod_chr_in_export",
+        if rc == 0 {
+            "ok".to_string()
+        } else {
+            errno_name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        },
+    );
+    // The export is mounted nodev inside: even a node made here cannot be opened.
+    if rc == 0 {
+        report(
+            "open_chr_in_export",
+            io_result(std::fs::File::open("/probe-chr")),
+        );
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::unlink(dev.as_ptr()) };
     }
     if let Some(fd) = &sandboxed.proc_self_fd {
         proc_checks(fd);

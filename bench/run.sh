@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Benchmark fsva against native ext4 and bindfs (the FUSE peer).
+#
+#   bench/run.sh [--quick]
+#
+# Builds fsva (release), then for each target mounts it, runs the fio
+# workloads and bench/meta.py, unmounts, and prints/writes the tables to
+# bench/out/results-<date>.md. Needs root (drop_caches, FUSE mounts), fio,
+# bindfs, python3. Full run: 256 MiB files, ≤10 s per timed job;
+# --quick: 64 MiB, 3 s, fewer metadata ops.
+set -euo pipefail
+
+QUICK=0
+case "${1:-}" in
+  --quick) QUICK=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+esac
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$REPO/bench
+FSVA=$REPO/target/release/fsva
+WORK=/var/tmp/fsva-bench
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RAW=$BENCH/out/raw-$STAMP
+OUT=$BENCH/out/results-$STAMP.md
+
+if [ $QUICK = 1 ]; then
+  SIZE=64M; RUNTIME=3; META_N=500; META_M=200
+else
+  SIZE=256M; RUNTIME=10; META_N=2000; META_M=500
+fi
+
+TARGETS=(native fsva-passthrough fsva-no-passthrough fsva-mem bindfs)
+MOUNTED=()
+
+log() { echo "[bench $(date +%T)] $*" >&2; }
+
+unmount() {  # unmount MNT, whatever is mounted there
+  local mnt=$1
+  mountpoint -q "$mnt" || return 0
+  case "$(findmnt -n -o FSTYPE "$mnt")" in
+    fuse.fsva) timeout 30 "$FSVA" umount "$mnt" >/dev/null 2>&1 || timeout 30 "$FSVA" umount --lazy "$mnt" >/dev/null 2>&1 || true ;;
+    *) fusermount -u "$mnt" 2>/dev/null || true ;;
+  esac
+  mountpoint -q "$mnt" && umount -l "$mnt" 2>/dev/null || true
+}
+
+cleanup() {
+  local m
+  for m in "${MOUNTED[@]}"; do unmount "$m"; done
+  rm -rf "$WORK"/native "$WORK"/backing-* 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for tool in fio bindfs python3; do
+  command -v $tool >/dev/null || { echo "missing $tool (apt-get install -y fio bindfs)" >&2; exit 1; }
+done
+[ "$(id -u)" = 0 ] || { echo "run as root (drop_caches, mounts)" >&2; exit 1; }
+
+T0=$(date +%s)
+log "building fsva (release)"
+(cd "$REPO" && cargo build --release -p fsva)
+
+mkdir -p "$RAW"
+
+# mount_target TARGET -> prints the directory to benchmark in
+mount_target() {
+  local t=$1 mnt=$WORK/mnt-$1 back=$WORK/backing-$1
+  case $t in
+    native) rm -rf "$WORK/native"; mkdir -p "$WORK/native"; echo "$WORK/native"; return ;;
+  esac
+  unmount "$mnt"
+  rm -rf "$back"; mkdir -p "$mnt" "$back"
+  MOUNTED+=("$mnt")
+  case $t in
+    fsva-passthrough)    "$FSVA" mount --backend "passthrough:$back" "$mnt" >&2 ;;
+    fsva-no-passthrough) "$FSVA" mount --backend "passthrough:$back" --no-passthrough "$mnt" >&2 ;;
+    fsva-mem)            "$FSVA" mount --backend mem "$mnt" >&2 ;;
+    bindfs)              bindfs "$back" "$mnt" >&2 ;;
+  esac
+  mountpoint -q "$mnt" || { echo "$t: not mounted at $mnt" >&2; return 1; }
+  echo "$mnt"
+}
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+run_fio() {  # run_fio TARGET WORKLOAD DIR extra-args...
+  local t=$1 wl=$2 dir=$3; shift 3
+  timeout 120 fio --name="$wl" --directory="$dir" --filename=bench.dat --size="$SIZE" \
+    --ioengine=psync --output-format=json "$@" > "$RAW/$t-$wl.json"
+}
+
+for t in "${TARGETS[@]}"; do
+  dir=$(mount_target "$t")
+  log "$t: $dir"
+  # 1. sequential write (creates the file used by the read jobs)
+  run_fio "$t" seqwrite "$dir" --rw=write --bs=1M --end_fsync=1
+  # 2. sequential read, cold: one pass over the file after dropping caches
+  drop_caches
+  run_fio "$t" seqread "$dir" --rw=read --bs=1M
+  # 3. random 4 KiB reads, time-based, cache as left by the sequential read
+  run_fio "$t" randread "$dir" --rw=randread --bs=4k --time_based --runtime="$RUNTIME" --invalidate=0
+  rm -f "$dir/bench.dat"
+  # 4. metadata micro-workload
+  timeout 300 python3 "$BENCH/meta.py" "$dir" "$META_N" "$META_M" > "$RAW/$t-meta.json"
+  [ "$t" = native ] || unmount "$WORK/mnt-$t"
+done
+
+ELAPSED=$(( $(date +%s) - T0 ))
+MODE=$([ $QUICK = 1 ] && echo "--quick" || echo "full")
+HEADER="## fsva benchmark — $(date -u '+%Y-%m-%d %H:%M UTC') ($MODE)
+
+$(nproc) CPUs, Linux $(uname -r), $(findmnt -n -o FSTYPE --target "$WORK") under $WORK.
+fio: ${SIZE}B file, psync, one job; random read time-based ${RUNTIME} s.
+Metadata: $META_N files, $META_M mkdir/rmdir pairs (bench/meta.py). Single run, build + run took ${ELAPSED} s.
+Raw results: bench/out/raw-$STAMP/."
+python3 "$BENCH/report.py" "$RAW" "$OUT" "$HEADER" "${TARGETS[@]}"
+log "written $OUT (${ELAPSED} s)"
