@@ -41,7 +41,13 @@ pub fn build(
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
     match spec {
         BackendSpec::Mem { capacity } => {
-            let mut config = fsva_backend_mem::MemConfig::default();
+            // The root directory belongs to whoever runs the appliance: root, or the
+            // user who mounted without privileges.
+            let mut config = fsva_backend_mem::MemConfig {
+                root_uid: rustix::process::getuid().as_raw(),
+                root_gid: rustix::process::getgid().as_raw(),
+                ..Default::default()
+            };
             if *capacity > 0 {
                 config.capacity_bytes = *capacity;
             }

@@ -80,9 +80,9 @@ pub enum SandboxError {
 
     /// The parent could not write the child's uid/gid map.
     #[error(
-        "cannot write {file} for sandbox child {pid} (content {content:?}): {source}; an identity \
-         map of all ids needs CAP_SETUID and CAP_SETGID in the launcher's user namespace — run \
-         the launcher as root"
+        "cannot write {file} for sandbox child {pid} (content {content:?}): {source}; check that \
+         unprivileged user namespaces are enabled (kernel.unprivileged_userns_clone) or run the \
+         launcher as root"
     )]
     IdMap {
         /// `uid_map`, `gid_map` or `setgroups`.
@@ -90,7 +90,7 @@ pub enum SandboxError {
         /// Child pid.
         pid: i32,
         /// What was written.
-        content: &'static str,
+        content: String,
         /// The error.
         source: io::Error,
     },

@@ -29,7 +29,7 @@ extern "C" fn forward_signal(signo: libc::c_int) {
     }
 }
 
-fn write_proc(pid: i32, file: &'static str, content: &'static str) -> Result<(), SandboxError> {
+fn write_proc(pid: i32, file: &'static str, content: &str) -> Result<(), SandboxError> {
     let path = format!("/proc/{pid}/{file}");
     File::options()
         .write(true)
@@ -38,7 +38,7 @@ fn write_proc(pid: i32, file: &'static str, content: &'static str) -> Result<(),
         .map_err(|source| SandboxError::IdMap {
             file,
             pid,
-            content,
+            content: content.to_string(),
             source,
         })
 }
@@ -59,10 +59,18 @@ pub(crate) fn supervise(
 ) -> Result<i32, SandboxError> {
     // setgroups must be written before gid_map; "allow" keeps setgroups(2) usable inside,
     // which the appliance needs to switch supplementary groups per request.
-    let maps = if user_namespace {
+    let maps = if user_namespace && rustix::process::geteuid().is_root() {
         write_proc(pid, "setgroups", "allow\n")
             .and_then(|_| write_proc(pid, "uid_map", IDENTITY_MAP))
             .and_then(|_| write_proc(pid, "gid_map", IDENTITY_MAP))
+    } else if user_namespace {
+        // An unprivileged launcher may map only its own ids (and must deny setgroups
+        // first): the appliance then serves as, and only as, the user who mounted.
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
+        write_proc(pid, "setgroups", "deny\n")
+            .and_then(|_| write_proc(pid, "uid_map", &format!("{uid} {uid} 1\n")))
+            .and_then(|_| write_proc(pid, "gid_map", &format!("{gid} {gid} 1\n")))
     } else {
         Ok(())
     };

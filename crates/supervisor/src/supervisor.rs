@@ -339,8 +339,11 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
 
 /// Whether this mount's appliance gets a backing link for FUSE passthrough. `mem` does
 /// not offer its memfds yet (its times would go stale under direct writes).
+/// Registering backing files needs CAP_SYS_ADMIN, so only a root supervisor offers it.
 fn offers_backing_files(req: &MountRequest) -> bool {
-    req.passthrough && matches!(req.backend, BackendSpec::Passthrough { .. })
+    req.passthrough
+        && matches!(req.backend, BackendSpec::Passthrough { .. })
+        && rustix::process::geteuid().is_root()
 }
 
 /// How file data moves, as `fsva status` says it.
@@ -349,6 +352,8 @@ fn data_path(req: &MountRequest) -> String {
         "FUSE passthrough: the kernel reads and writes the export's files directly".into()
     } else if !req.passthrough {
         "through the appliance (passthrough turned off)".into()
+    } else if !rustix::process::geteuid().is_root() {
+        "through the appliance (FUSE passthrough needs a root supervisor)".into()
     } else {
         "through the appliance (the mem backend does not offer backing files yet)".into()
     }
