@@ -3,9 +3,9 @@
 
 usage: report.py RAWDIR OUT.md "header line" target...
 RAWDIR holds <target>-{seqread,seqwrite,randread}.json (fio --output-format=json)
-and <target>-meta.json (bench/meta.py).
+and <target>-meta*.json (bench/meta.py); repeated runs are reduced to the median.
 """
-import json, os, sys
+import glob, json, os, statistics, sys
 
 NATIVE, PEER = "native", "bindfs"
 
@@ -16,21 +16,26 @@ def fio_result(path, rw):
     job = json.loads(text[text.index("{"):])["jobs"][0][rw]
     return {"MB/s": job["bw_bytes"] / 1e6, "IOPS": job["iops"]}
 
+def median_of(paths, read):
+    vals = [read(p) for p in paths]
+    return {k: statistics.median(v[k] for v in vals) for k in vals[0]} if vals else {}
+
 def load(raw, targets):
     data = {}
     for t in targets:
         d = {}
         for wl, rw in (("seqread", "read"), ("seqwrite", "write"), ("randread", "read")):
-            p = os.path.join(raw, f"{t}-{wl}.json")
-            if os.path.exists(p):
-                r = fio_result(p, rw)
+            # seqread-1.json, seqread-2.json, ... (not the -warmup pass)
+            paths = [p for p in glob.glob(os.path.join(raw, f"{t}-{wl}*.json")) if "warmup" not in p]
+            r = median_of(paths, lambda p: fio_result(p, rw))
+            if r:
                 d[wl] = r["MB/s"]
                 if wl == "randread":
                     d["randread_kiops"] = r["IOPS"] / 1000
-        p = os.path.join(raw, f"{t}-meta.json")
-        if os.path.exists(p):
+        def meta(p):
             with open(p) as f:
-                d.update(json.load(f))
+                return json.load(f)
+        d.update(median_of(glob.glob(os.path.join(raw, f"{t}-meta*.json")), meta))
         data[t] = d
     return data
 
@@ -50,7 +55,7 @@ def table(title, unit, key, data, targets, note):
 TPUT = "Higher is better; ratios = target / reference."
 LAT = "Lower is better; ratios = target / reference."
 TABLES = [
-    ("Sequential read, 1 MiB, buffered, cold cache", "MB/s", "seqread", TPUT),
+    ("Sequential read, 1 MiB, buffered, cold page cache (median)", "MB/s", "seqread", TPUT),
     ("Sequential write, 1 MiB, buffered, end_fsync=1", "MB/s", "seqwrite", TPUT),
     ("Random read, 4 KiB, buffered (cache warm from the sequential read)", "MB/s", "randread", TPUT),
     ("Random read, 4 KiB, buffered — IOPS", "kIOPS", "randread_kiops", TPUT),

@@ -461,10 +461,9 @@ impl Filesystem for MemFs {
         let st = self.rlock();
         let p = st.inodes.get(parent)?;
         let ino = match name.as_bytes() {
-            b"." => {
-                p.dir()?;
-                parent
-            }
+            // The VFS resolves "." itself; the kernel sends it only to find a node again
+            // by its id (open_by_handle_at), for any kind of node.
+            b"." => parent,
             b".." => p.dir()?.parent,
             _ => p.dir()?.get(name).ok_or(Errno::ENOENT)?,
         };
