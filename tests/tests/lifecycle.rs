@@ -202,3 +202,24 @@ fn mount_fuse_fsva_helper_mounts_like_mount_t() {
     assert!(out.status.success());
     assert!(!is_mounted(&mp));
 }
+
+#[test]
+fn missing_dev_fuse_gets_a_one_line_error() {
+    // A private mount namespace whose /dev lacks the fuse device.
+    let s = Scratch::new("nofuse");
+    let mp = s.path.join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} mount {}",
+        fsva_tests::binary("fsva").display(),
+        mp.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("/dev/fuse is missing"), "{err}");
+}

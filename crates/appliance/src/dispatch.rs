@@ -37,6 +37,7 @@ pub struct Dispatcher {
     backing: Option<Arc<dyn BackingFiles>>,
     backing_ids: BackingIds,
     backing_refused: std::sync::atomic::AtomicBool,
+    destroyed: std::sync::atomic::AtomicBool,
 }
 
 /// Maps a backend result onto the reply buffer.
@@ -88,6 +89,18 @@ impl Dispatcher {
             backing,
             backing_ids: BackingIds::default(),
             backing_refused: Default::default(),
+            destroyed: Default::default(),
+        }
+    }
+
+    /// Tells the backend the mount is gone (once: on DESTROY, or when every channel
+    /// closed without one, as a plain FUSE unmount does).
+    pub fn destroy(&self) {
+        if !self
+            .destroyed
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.fs.destroy();
         }
     }
 
@@ -198,7 +211,7 @@ impl Dispatcher {
                 Outcome::Reply
             }
             Operation::Destroy => {
-                fs.destroy();
+                self.destroy();
                 reply.empty(u);
                 Outcome::Reply
             }

@@ -79,6 +79,7 @@ impl Server {
             }
         }
         let mut first_error = None;
+        let dispatcher = self.dispatcher.clone();
         for h in handles {
             match h.join() {
                 Ok(Ok(())) => {}
@@ -88,6 +89,7 @@ impl Server {
                 Err(_) => tracing::error!("a worker thread panicked"),
             }
         }
+        dispatcher.destroy();
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),

@@ -1025,6 +1025,14 @@ impl Filesystem for PassthroughFs {
         Ok((attr::to_statx(&stx), self.attr_ttl))
     }
 
+    /// The mount is going away (unmount): make everything written durable, so a clean
+    /// unmount never loses acknowledged data even on a file system with write-back.
+    fn destroy(&self) {
+        if let Err(e) = self.syncfs(&Context::default()) {
+            tracing::error!(error = %e, "syncing the export at unmount failed");
+        }
+    }
+
     fn syncfs(&self, _ctx: &Context) -> Result<()> {
         let root = self.nodes.root();
         let fd = self.reopen(root.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;

@@ -119,11 +119,18 @@ fn unescape(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// Checks that the FUSE device exists.
+pub fn check_device() -> Result<(), MountError> {
+    if Path::new("/dev/fuse").exists() {
+        Ok(())
+    } else {
+        Err(MountError::NoDevice)
+    }
+}
+
 /// Mounts and returns the session's `/dev/fuse` descriptor.
 pub fn mount(path: &Path, opts: &MountOptions) -> Result<OwnedFd, MountError> {
-    if !Path::new("/dev/fuse").exists() {
-        return Err(MountError::NoDevice);
-    }
+    check_device()?;
     if rustix::process::geteuid().is_root() {
         mount_directly(path, opts)
     } else {

@@ -21,6 +21,7 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
     let options = parse_options(&args.options, &args.backend)?;
     // Fail fast, in the caller's terminal, on the mistakes users make most.
     let mountpoint = fsva_supervisor::mount::check_mountpoint(&args.mountpoint)?;
+    fsva_supervisor::mount::check_device()?;
     if args.foreground {
         crate::commands::init_logging(log);
         let ready = args.ready_fd.map(|fd| {
