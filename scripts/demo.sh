@@ -30,4 +30,4 @@ echo
 "$fsva" status
 echo
 echo "It stays mounted: use $mp like any directory."
-echo "Unmount with:  $fsva umount $mp"
+echo "Unmount with:  fsva umount $mp"

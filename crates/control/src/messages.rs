@@ -142,8 +142,10 @@ pub struct ApplianceStats {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AdminRequest {
     Status,
-    /// Flush, stop the appliance and unmount.
-    Unmount,
+    /// Flush, stop the appliance and unmount; `lazy` detaches even when busy.
+    Unmount {
+        lazy: bool,
+    },
 }
 
 /// Supervisor → CLI.

@@ -309,7 +309,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                         };
                         let _ = link.send(&AdminReply::Status(status), &[]);
                     }
-                    AdminRequest::Unmount => match mount::unmount(&mountpoint, false) {
+                    AdminRequest::Unmount { lazy } => match mount::unmount(&mountpoint, lazy) {
                         Ok(()) => {
                             mounted.armed = false;
                             finish_appliance(&appliance, alive);

@@ -12,17 +12,10 @@ pub fn run(args: crate::cli::UmountArgs) -> anyhow::Result<ExitCode> {
     let mountpoint = absolute(&args.mountpoint)?;
     let entry = registry::Entry::for_mount(&mountpoint);
     if let Ok(link) = Link::connect(&entry.socket) {
-        link.send(&AdminRequest::Unmount, &[])?;
+        link.send(&AdminRequest::Unmount { lazy: args.lazy }, &[])?;
         return match link.recv::<AdminReply>() {
             Ok((AdminReply::Unmounted, _)) => Ok(ExitCode::SUCCESS),
-            Ok((AdminReply::Error { message }, _)) => {
-                if args.lazy {
-                    mount::unmount(&mountpoint, true)?;
-                    Ok(ExitCode::SUCCESS)
-                } else {
-                    anyhow::bail!("{message}")
-                }
-            }
+            Ok((AdminReply::Error { message }, _)) => anyhow::bail!("{message}"),
             Ok((other, _)) => anyhow::bail!("unexpected answer from the supervisor: {other:?}"),
             Err(e) => Err(e).context("waiting for the supervisor to unmount"),
         };
