@@ -7,7 +7,7 @@
 # workloads and bench/meta.py, unmounts, and prints/writes the tables to
 # bench/out/results-<date>.md. Needs root (drop_caches, FUSE mounts), fio,
 # bindfs, python3. Full run: 256 MiB files, ≤10 s per timed job;
-# --quick: 64 MiB, 3 s, fewer metadata ops, one repetition instead of three.
+# --quick: 64 MiB, 3 s, fewer metadata ops, one repetition instead of five.
 set -euo pipefail
 
 QUICK=0
@@ -26,13 +26,12 @@ RAW=$BENCH/out/raw-$STAMP
 OUT=$BENCH/out/results-$STAMP.md
 
 if [ $QUICK = 1 ]; then
-  SIZE=64M; RUNTIME=3; META_N=500; META_M=200; REPS=1
+  SIZE=64M; RUNTIME=3; META_N=500; META_M=200; REPS=1; SETTLE=1
 else
-  SIZE=256M; RUNTIME=10; META_N=2000; META_M=500; REPS=3
+  SIZE=256M; RUNTIME=10; META_N=2000; META_M=500; REPS=5; SETTLE=3
 fi
 
 TARGETS=(native fsva-passthrough fsva-no-passthrough fsva-mem bindfs)
-MOUNTED=()
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 
@@ -47,8 +46,8 @@ unmount() {  # unmount MNT, whatever is mounted there
 }
 
 cleanup() {
-  local m
-  for m in "${MOUNTED[@]}"; do unmount "$m"; done
+  local t
+  for t in "${TARGETS[@]}"; do unmount "$WORK/mnt-$t"; done
   rm -rf "$WORK"/native "$WORK"/backing-* 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -73,7 +72,6 @@ mount_target() {
   esac
   unmount "$mnt"
   rm -rf "$back"; mkdir -p "$mnt" "$back"
-  MOUNTED+=("$mnt")
   case $t in
     fsva-passthrough)    "$FSVA" mount --backend "passthrough:$back" "$mnt" >&2 ;;
     fsva-no-passthrough) "$FSVA" mount --backend "passthrough:$back" --no-passthrough "$mnt" >&2 ;;
@@ -85,6 +83,9 @@ mount_target() {
 }
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# The virtual disk of this VM is cached and written back by the host; let that
+# writeback settle so one job's (or target's) flush does not slow the next.
+settle() { sync; sleep "$SETTLE"; }
 
 run_fio() {  # run_fio TARGET WORKLOAD DIR extra-args...
   local t=$1 wl=$2 dir=$3; shift 3
@@ -95,8 +96,10 @@ run_fio() {  # run_fio TARGET WORKLOAD DIR extra-args...
 for t in "${TARGETS[@]}"; do
   dir=$(mount_target "$t")
   log "$t: $dir"
+  settle
   # 1. sequential write (creates the file used by the read jobs)
   run_fio "$t" seqwrite "$dir" --rw=write --bs=1M --end_fsync=1
+  settle
   # 2. sequential read, cold page cache: one untimed pass first so that every
   #    target reads from the same place (this VM's virtual disk is cached by
   #    the host; its first read after a write is much slower and erratic), then
@@ -123,7 +126,7 @@ MODE=$([ $QUICK = 1 ] && echo "--quick" || echo "full")
 HEADER="## fsva benchmark — $(date -u '+%Y-%m-%d %H:%M UTC') ($MODE)
 
 $(nproc) CPUs, Linux $(uname -r), $(findmnt -n -o FSTYPE --target "$WORK") under $WORK.
-fio: ${SIZE}B file, psync, one job; cold sequential read = median of $REPS passes; random read time-based ${RUNTIME} s.
+fio: ${SIZE}iB file, psync, one job; cold sequential read = median of $REPS passes; random read time-based ${RUNTIME} s.
 Metadata: $META_N files, $META_M mkdir/rmdir pairs (bench/meta.py), median of $REPS runs. Build + run took ${ELAPSED} s.
 Raw results: bench/out/raw-$STAMP/."
 python3 "$BENCH/report.py" "$RAW" "$OUT" "$HEADER" "${TARGETS[@]}"
