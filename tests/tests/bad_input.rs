@@ -71,3 +71,31 @@ fn invalid_error_code_drops_the_appliance() {
 fn truncated_reply_then_exit_drops_the_appliance() {
     hostile_mount("truncated");
 }
+
+#[test]
+fn an_appliance_that_dies_before_answering_fails_the_mount_at_once() {
+    let dir = Scratch::new("hostile-exit");
+    let mp = dir.path.to_str().unwrap().to_string();
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(binary("fsva"))
+        .args(["mount", "--channel", "stream", "--sandbox", "none", &mp])
+        .env("FSVA_APPLIANCE_EXE", binary("fsva-hostile-appliance"))
+        .env("FSVA_HOSTILE_MODE", "exit-at-init")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exited") && err.contains("before the mount answered"),
+        "{err}"
+    );
+    assert!(
+        !is_mounted(&dir.path),
+        "a failed mount must not be left behind"
+    );
+}

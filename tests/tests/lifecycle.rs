@@ -223,3 +223,52 @@ fn missing_dev_fuse_gets_a_one_line_error() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("/dev/fuse is missing"), "{err}");
 }
+
+#[test]
+fn a_plain_umount_ends_the_supervisor_and_its_records() {
+    for channel in ["fusedev", "stream"] {
+        let m = Mount::new("mem", &["--channel", channel]);
+        let (sup, app) = m.pids();
+        let st = std::process::Command::new("umount")
+            .arg(m.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(
+            wait_for(Duration::from_secs(5), || !alive(sup)
+                && !alive(app.unwrap())),
+            "{channel}: supervisor or appliance still running after umount"
+        );
+        assert!(
+            mount_record(m.path()).is_none(),
+            "{channel}: runtime record left behind"
+        );
+    }
+}
+
+#[test]
+fn a_lazy_unmount_keeps_serving_open_files_until_they_close() {
+    let m = Mount::new("mem", &[]);
+    let (sup, _) = m.pids();
+    let mut f = std::fs::File::create(m.path().join("open")).unwrap();
+    let out = fsva(&["umount", "--lazy", m.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(m.path()));
+    // The detached file system still serves the open file.
+    std::thread::sleep(Duration::from_millis(300));
+    f.write_all(b"still served").unwrap();
+    f.sync_all().unwrap();
+    assert!(
+        alive(sup),
+        "the supervisor left while a file was still open"
+    );
+    drop(f);
+    assert!(
+        wait_for(Duration::from_secs(5), || !alive(sup)),
+        "the supervisor did not end after the last file closed"
+    );
+}

@@ -90,7 +90,7 @@ pub fn negotiate(init: &abi::InitIn, backend: InitRequest, config: &SessionConfi
         congestion_threshold: 48,
         max_write,
         time_gran: 1,
-        max_pages: max_write.div_ceil(4096) as u16,
+        max_pages: max_write.div_ceil(page_size()) as u16,
         max_stack_depth: if flags & f::PASSTHROUGH != 0 { 1 } else { 0 },
         ..Default::default()
     };
@@ -105,6 +105,19 @@ pub fn negotiate(init: &abi::InitIn, backend: InitRequest, config: &SessionConfi
             },
         },
     )
+}
+
+/// The kernel's page size: `max_pages` counts pages of this size.
+fn page_size() -> u32 {
+    // sysconf answers from the auxiliary vector libc read at start-up: no system call
+    // (rustix asks prctl(PR_GET_AUXV), which the appliance's seccomp policy refuses).
+    // SAFETY: sysconf has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u32
+    } else {
+        4096
+    }
 }
 
 /// The per-connection state shared by all workers.

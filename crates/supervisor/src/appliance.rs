@@ -32,6 +32,8 @@ pub enum ApplianceError {
 pub struct Appliance {
     /// Host pid of the appliance process.
     pub pid: u32,
+    /// A pidfd of the appliance: signals through it never reach a recycled pid.
+    pidfd: std::sync::Arc<std::os::fd::OwnedFd>,
     link: Link,
 }
 
@@ -72,25 +74,48 @@ impl Appliance {
         })?;
         drop(theirs);
         let pid = child.id();
+        let pidfd = rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| ApplianceError::Failed("the kernel reported pid 0".into()))
+            .and_then(|p| {
+                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                    .map_err(|e| ApplianceError::Failed(format!("pidfd_open: {e}")))
+            })?;
+        let pidfd = std::sync::Arc::new(pidfd);
+        let kill_on_error = |e: ApplianceError| {
+            let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
+            e
+        };
         rustix::net::sockopt::set_socket_timeout(
             &ours,
             rustix::net::sockopt::Timeout::Recv,
             Some(timeout),
         )
         .ok();
-        ours.send(&ToAppliance::Start(config.clone()), fds)?;
+        ours.send(&ToAppliance::Start(config.clone()), fds)
+            .map_err(|e| kill_on_error(e.into()))?;
         match ours.recv::<ToSupervisor>() {
             Ok((ToSupervisor::Ready { .. }, _)) => {}
             Ok((ToSupervisor::Failed { message }, _)) => {
-                return Err(ApplianceError::Failed(message))
+                return Err(kill_on_error(ApplianceError::Failed(message)))
             }
-            Ok((other, _)) => return Err(ApplianceError::Unexpected(format!("{other:?}"))),
+            Ok((other, _)) => {
+                return Err(kill_on_error(ApplianceError::Unexpected(format!(
+                    "{other:?}"
+                ))))
+            }
             Err(LinkError::Closed) => {
                 return Err(ApplianceError::Failed(
                     "it exited before it was ready (see the log for why)".into(),
                 ))
             }
-            Err(e) => return Err(e.into()),
+            Err(LinkError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                return Err(kill_on_error(ApplianceError::Failed(format!(
+                    "it did not report ready within {timeout:?}; it was stopped"
+                ))))
+            }
+            Err(e) => return Err(kill_on_error(e.into())),
         }
         rustix::net::sockopt::set_socket_timeout(
             &ours,
@@ -98,7 +123,14 @@ impl Appliance {
             Some(Duration::from_secs(2)),
         )
         .ok();
-        Ok((Appliance { pid, link: ours }, child))
+        Ok((
+            Appliance {
+                pid,
+                pidfd,
+                link: ours,
+            },
+            child,
+        ))
     }
 
     /// Asks the appliance for its counters.
@@ -110,10 +142,16 @@ impl Appliance {
         }
     }
 
-    /// Sends SIGKILL to the appliance.
+    /// Sends SIGKILL to the appliance (never to a later process with its pid).
     pub fn kill(&self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);
+    }
+
+    /// A function that kills the appliance, for threads that outlive this borrow.
+    pub fn killer(&self) -> impl Fn() + Send + Sync + 'static {
+        let pidfd = self.pidfd.clone();
+        move || {
+            let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
         }
     }
 }

@@ -78,6 +78,11 @@ fn check(file: BorrowedFd<'_>, allowed: Allowed) -> Result<(), String> {
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err("not a regular file".into());
     }
+    // The kernel writes backing files with our credentials, which would keep set-id
+    // bits a caller's write must clear: such files stay on the appliance path.
+    if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+        return Err("a set-id file".into());
+    }
     match allowed {
         Allowed::ExportDevice(dev) if st.st_dev == dev => Ok(()),
         Allowed::ExportDevice(_) => Err("not a file of the appliance's export".into()),

@@ -27,6 +27,11 @@ use crate::fallback::error_reply;
 
 /// Largest frame either way: a 1 MiB payload plus headers.
 const MAX_FRAME: usize = (1 << 20) + 8192;
+/// Largest `max_write` an appliance may negotiate: the kernel refuses reads into
+/// buffers smaller than a request of that size, and ours are `MAX_FRAME`.
+const MAX_WRITE: u32 = 1 << 20;
+/// More unanswered requests than the kernel can have outstanding means a broken peer.
+const MAX_PENDING: usize = 1 << 16;
 
 /// Why the bridge gave up on an appliance.
 pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
@@ -34,9 +39,13 @@ pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 struct Shared {
     devs: Vec<Arc<FuseDev>>,
     to_appliance: Mutex<UnixStream>,
-    /// unique → index of the clone that read the request.
-    pending: Mutex<HashMap<u64, usize>>,
+    /// A handle to the same socket for shutting it down without taking the writer's
+    /// lock (a writer blocked on a full socket must not keep the bridge from failing).
+    shutdown: UnixStream,
+    /// unique → (index of the clone that read the request, its opcode).
+    pending: Mutex<HashMap<u64, (usize, u32)>>,
     dead: AtomicBool,
+    notifications_dropped: AtomicBool,
     on_failure: FailureHook,
 }
 
@@ -55,11 +64,14 @@ impl Bridge {
         on_failure: FailureHook,
     ) -> std::io::Result<Bridge> {
         let reader = stream.try_clone()?;
+        let shutdown = stream.try_clone()?;
         let shared = Arc::new(Shared {
             devs,
             to_appliance: Mutex::new(stream),
+            shutdown,
             pending: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
+            notifications_dropped: AtomicBool::new(false),
             on_failure,
         });
         let mut threads = Vec::new();
@@ -90,6 +102,13 @@ impl Bridge {
         fail(&self.shared, why);
     }
 
+    /// The mount is gone: closes the appliance's stream so its workers see the end and
+    /// exit (as fusedev workers do on ENODEV). Not a failure.
+    pub fn close(&self) {
+        self.shared.dead.store(true, Ordering::SeqCst);
+        let _ = self.shared.shutdown.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Waits for the relay threads (they end when the mount goes away).
     pub fn join(self) {
         for t in self.threads {
@@ -106,19 +125,15 @@ fn fail(s: &Shared, why: &str) {
         reason = why,
         "dropping the appliance; answering its requests with EIO"
     );
-    let _ = s
-        .to_appliance
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .shutdown(std::net::Shutdown::Both);
-    let pending: Vec<(u64, usize)> = s
+    let _ = s.shutdown.shutdown(std::net::Shutdown::Both);
+    let pending: Vec<(u64, (usize, u32))> = s
         .pending
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .drain()
         .collect();
     let mut reply = ReplyBuf::default();
-    for (unique, dev) in pending {
+    for (unique, (dev, _)) in pending {
         let _ = s.devs[dev].send(reply.error(unique, libc::EIO));
     }
     (s.on_failure)(why);
@@ -128,7 +143,16 @@ fn forward_requests(s: &Shared, index: usize) {
     let dev = &s.devs[index];
     let mut buf = vec![0u8; MAX_FRAME];
     let mut reply = ReplyBuf::default();
-    while let Ok(Some(n)) = dev.receive(&mut buf) {
+    loop {
+        let n = match dev.receive(&mut buf) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                // Not an unmount: the kernel refuses our reads (a negotiated max_write
+                // larger than our buffer) or the device broke. Nobody can serve now.
+                return fail(s, &format!("reading /dev/fuse failed: {e}"));
+            }
+        };
         let frame = &buf[..n];
         if s.dead.load(Ordering::SeqCst) {
             if let Some(r) = error_reply(frame, libc::EIO, &mut reply) {
@@ -139,15 +163,16 @@ fn forward_requests(s: &Shared, index: usize) {
         let Ok(h) = decode_header(frame) else {
             continue;
         };
-        let one_way = matches!(
-            h.opcode,
-            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
-        );
+        let one_way = one_way(h.opcode);
         if !one_way {
-            s.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(h.unique, index);
+            let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.len() >= MAX_PENDING || pending.contains_key(&h.unique) {
+                drop(pending);
+                let _ = dev.send(reply.error(h.unique, libc::EIO));
+                fail(s, "too many or duplicate outstanding requests");
+                continue;
+            }
+            pending.insert(h.unique, (index, h.opcode));
         }
         let sent = s
             .to_appliance
@@ -191,11 +216,18 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             return fail(s, "reply shorter than its header");
         };
         if h.unique == 0 {
-            // A notification (cache invalidation): the kernel validates it itself.
+            // A notification. Writing one can block in the kernel on locks a request
+            // waiting for its reply holds, and this thread delivers all replies, so
+            // stream appliances may not send them (none of fsva's backends does yet).
             if h.error <= 0 {
                 return fail(s, &format!("notification with invalid code {}", h.error));
             }
-            let _ = s.devs[0].send(frame);
+            if !s.notifications_dropped.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    code = h.error,
+                    "dropping notifications from a stream appliance"
+                );
+            }
             continue;
         }
         if h.error > 0 || h.error < -4095 {
@@ -204,7 +236,7 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
                 &format!("reply to {} carries invalid error {}", h.unique, h.error),
             );
         }
-        let Some(dev) = s
+        let Some((dev, op)) = s
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -212,6 +244,21 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
         else {
             return fail(s, &format!("reply to unknown request {}", h.unique));
         };
+        if op == opcode::INIT && h.error == 0 {
+            // fuse_init_out.max_write sits 20 bytes into the body.
+            let max_write = frame
+                .get(36..40)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                .unwrap_or(0);
+            if max_write > MAX_WRITE {
+                let mut reply = ReplyBuf::default();
+                let _ = s.devs[dev].send(reply.error(h.unique, libc::EIO));
+                return fail(
+                    s,
+                    &format!("INIT asks for max_write {max_write}, above {MAX_WRITE}"),
+                );
+            }
+        }
         if let Err(e) = s.devs[dev].send(frame) {
             // The kernel refused the frame (EINVAL: malformed for its request).
             tracing::warn!(unique = h.unique, error = %e, "kernel rejected a reply");
@@ -220,4 +267,12 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             return fail(s, &format!("the kernel rejected reply {}: {e}", h.unique));
         }
     }
+}
+
+/// Requests the kernel expects no reply to.
+fn one_way(op: u32) -> bool {
+    matches!(
+        op,
+        opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT | opcode::NOTIFY_REPLY
+    )
 }

@@ -19,7 +19,7 @@ use fsva_protocol::request::decode_header;
 pub fn error_reply<'a>(frame: &[u8], errno: i32, reply: &'a mut ReplyBuf) -> Option<&'a [u8]> {
     let h = decode_header(frame).ok()?;
     match h.opcode {
-        opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT => None,
+        opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT | opcode::NOTIFY_REPLY => None,
         // Let an unmount complete cleanly.
         opcode::DESTROY => Some(reply.empty(h.unique)),
         _ => Some(reply.error(h.unique, errno)),
@@ -28,30 +28,50 @@ pub fn error_reply<'a>(frame: &[u8], errno: i32, reply: &'a mut ReplyBuf) -> Opt
 
 /// Starts answering every request on `devs` with `errno`, after asking the kernel to
 /// resend what the dead appliance had taken. The threads end when the mount goes away.
-pub fn answer_with_errors(devs: &[Arc<FuseDev>], errno: i32) -> Vec<JoinHandle<()>> {
+/// When that is impossible — a kernel without FUSE_NOTIFY_RESEND (before 6.9), or reads
+/// the kernel refuses — `abort` is called, so applications get an error, not a hang.
+pub fn answer_with_errors(
+    devs: &[Arc<FuseDev>],
+    errno: i32,
+    abort: impl Fn() + Send + Sync + 'static,
+) -> Vec<JoinHandle<()>> {
+    let abort = Arc::new(abort);
     if let Some(first) = devs.first() {
         let mut buf = ReplyBuf::default();
         if let Err(e) = first.send(notify_resend(&mut buf)) {
-            tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed; requests the appliance had taken stay pending");
+            tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed; aborting the connection instead");
+            abort();
+            return Vec::new();
         }
     }
     devs.iter()
         .cloned()
         .map(|dev| {
+            let abort = abort.clone();
             std::thread::Builder::new()
                 .name("fsva-fallback".into())
-                .spawn(move || serve_errors(&dev, errno))
+                .spawn(move || serve_errors(&dev, errno, &*abort))
                 .expect("spawning a fallback thread")
         })
         .collect()
 }
 
-fn serve_errors(dev: &FuseDev, errno: i32) {
+fn serve_errors(dev: &FuseDev, errno: i32, abort: &dyn Fn()) {
     let mut buf = vec![0u8; (1 << 20) + 8192];
     let mut reply = ReplyBuf::default();
-    while let Ok(Some(n)) = dev.receive(&mut buf) {
-        if let Some(frame) = error_reply(&buf[..n], errno, &mut reply) {
-            let _ = dev.send(frame);
+    loop {
+        match dev.receive(&mut buf) {
+            Ok(Some(n)) => {
+                if let Some(frame) = error_reply(&buf[..n], errno, &mut reply) {
+                    let _ = dev.send(frame);
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read requests to answer them; aborting the connection");
+                abort();
+                return;
+            }
         }
     }
 }

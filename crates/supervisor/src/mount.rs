@@ -203,22 +203,30 @@ fn mount_with_fusermount(path: &Path, opts: &MountOptions) -> Result<OwnedFd, Mo
     if opts.allow_other {
         o.push("allow_other".into());
     }
-    let status = Command::new("fusermount3")
+    let out = Command::new("fusermount3")
         .arg("-o")
         .arg(o.join(","))
         .arg("--")
         .arg(path)
         .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
-        .status()
+        .stdin(std::process::Stdio::null())
+        .output()
         .map_err(|e| MountError::Fusermount {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
     drop(theirs);
-    if !status.success() {
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .replace('\n', "; ");
         return Err(MountError::Fusermount {
             path: path.to_path_buf(),
-            message: format!("it exited with {status}"),
+            message: if said.is_empty() {
+                format!("it exited with {}", out.status)
+            } else {
+                said
+            },
         });
     }
     let link = fsva_control::Link::from_fd(ours);
@@ -297,6 +305,41 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
                 path: path.to_path_buf(),
                 source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
             })
+        }
+    }
+}
+
+/// Aborts the FUSE connection of the mount at `path` through fusectl
+/// (`/sys/fs/fuse/connections/<minor>/abort`), mounting fusectl first if needed: every
+/// waiting and future request then fails at once (ENOTCONN) instead of hanging. The
+/// last resort when nobody can answer the kernel any more.
+pub fn abort_connection(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path)?.dev();
+    let minor = libc::minor(dev);
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(minor.to_string()).exists() {
+        rustix::mount::mount("fusectl", ctl, "fusectl", MountFlags::empty(), None)
+            .map_err(io::Error::from)?;
+    }
+    std::fs::write(ctl.join(minor.to_string()).join("abort"), b"1")
+}
+
+/// Waits until the FUSE connection behind `session` is gone (unmounted, or aborted):
+/// `/dev/fuse` then polls as an error. Never reads a request.
+pub fn wait_until_disconnected(session: std::os::fd::BorrowedFd<'_>) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::new(&session, PollFlags::empty())];
+        match poll(&mut fds, None) {
+            Ok(_) => {
+                let r = fds[0].revents();
+                if r.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
+                    return;
+                }
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return,
         }
     }
 }

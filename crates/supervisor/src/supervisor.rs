@@ -39,6 +39,8 @@ pub enum SupervisorError {
         "the mount at {0} did not answer within {1:?} after the appliance started (see the log)"
     )]
     NotAnswering(PathBuf, Duration),
+    #[error("the appliance exited ({0}) before the mount answered (see the log for why)")]
+    ApplianceExited(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -76,6 +78,8 @@ enum Event {
     Admin(Link),
     ApplianceExited(String),
     Signal(i32),
+    /// The FUSE connection is gone: unmounted (by us or anyone) or aborted.
+    Disconnected,
 }
 
 /// Mounts, serves until unmounted, and cleans up.
@@ -172,16 +176,14 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             fds.extend(backing_link.as_ref().map(|l| l.as_fd()));
             let started = Appliance::start(&req.exe, &config, &fds, Duration::from_secs(30))?;
             let tx = events_tx.clone();
-            let pid = started.0.pid;
+            let kill = started.0.killer();
             bridge = Some(
                 Bridge::start(
                     devs.clone(),
                     ours,
                     Box::new(move |why| {
                         // A misbehaving appliance is stopped; its exit is reported by the waiter.
-                        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-                            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-                        }
+                        kill();
                         tracing::error!(reason = why, "appliance dropped by the stream relay");
                         let _ = tx.send(Event::ApplianceExited(format!("dropped: {why}")));
                     }),
@@ -195,8 +197,10 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     drop(backing_link);
     tracing::info!(pid = appliance.pid, backend = %req.backend, channel = %req.channel, sandbox = %req.sandbox, "appliance serving");
 
+    let exited = Arc::new(std::sync::Mutex::new(None::<String>));
     {
         let tx = events_tx.clone();
+        let exited = exited.clone();
         let mut child = child;
         std::thread::Builder::new()
             .name("fsva-appliance-waiter".into())
@@ -205,9 +209,23 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                     .wait()
                     .map(|s| s.to_string())
                     .unwrap_or_else(|e| e.to_string());
+                *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
                 let _ = tx.send(Event::ApplianceExited(status));
             })
             .map_err(io_err("spawning the appliance waiter"))?;
+    }
+    {
+        let tx = events_tx.clone();
+        let session = session
+            .try_clone()
+            .map_err(io_err("duplicating the session descriptor"))?;
+        std::thread::Builder::new()
+            .name("fsva-mount-watch".into())
+            .spawn(move || {
+                mount::wait_until_disconnected(session.as_fd());
+                let _ = tx.send(Event::Disconnected);
+            })
+            .map_err(io_err("spawning the mount watcher"))?;
     }
     {
         let tx = events_tx.clone();
@@ -235,7 +253,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             .map_err(io_err("spawning the signal thread"))?;
     }
 
-    wait_until_answering(&mountpoint, Duration::from_secs(30))?;
+    wait_until_answering(&mountpoint, Duration::from_secs(30), &exited)?;
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -256,20 +274,44 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     let mut state = String::from("serving");
     let mut alive = true;
     let mut mounted = mounted;
+    // Who asked for the unmount, answered once the connection is really gone.
+    let mut unmount_waiter: Option<Link> = None;
     loop {
         let Ok(event) = events.recv() else { break };
         match event {
+            Event::Disconnected => {
+                tracing::info!("the mount is gone; stopping the appliance");
+                mounted.armed = false;
+                if let Some(b) = &bridge {
+                    b.close();
+                }
+                finish_appliance(&appliance, alive);
+                entry.remove();
+                if let Some(link) = unmount_waiter.take() {
+                    let _ = link.send(&AdminReply::Unmounted, &[]);
+                }
+                return Ok(());
+            }
             Event::ApplianceExited(status) => {
                 if !alive {
                     continue;
                 }
                 alive = false;
+                if unmount_waiter.is_some() || !mount::is_fsva_mount(&mountpoint) {
+                    // The appliance ended because the mount went away.
+                    continue;
+                }
                 state = format!("appliance gone ({status}); answering EIO");
                 tracing::error!(status = %status, "appliance exited; the mount now answers EIO");
                 match &bridge {
                     Some(b) => b.fail(&format!("appliance exited ({status})")),
                     None => {
-                        fallback_threads(&devs);
+                        let abort_path = mountpoint.clone();
+                        crate::fallback::answer_with_errors(&devs, libc::EIO, move || {
+                            if let Err(e) = mount::abort_connection(&abort_path) {
+                                tracing::error!(error = %e, "could not abort the FUSE connection");
+                            }
+                        });
                     }
                 }
             }
@@ -278,15 +320,22 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 match mount::unmount(&mountpoint, false) {
                     Ok(()) => {}
                     Err(MountError::Busy { .. }) => {
-                        tracing::warn!("mount busy; detaching it lazily");
+                        tracing::warn!(
+                            "mount busy; detaching it now, serving its open files until they close"
+                        );
                         mount::unmount(&mountpoint, true)?;
                     }
                     Err(e) => return Err(e.into()),
                 }
                 mounted.armed = false;
-                break;
             }
             Event::Admin(link) => {
+                // A client that connects and says nothing must not stall the supervisor.
+                let _ = rustix::net::sockopt::set_socket_timeout(
+                    &link,
+                    rustix::net::sockopt::Timeout::Recv,
+                    Some(Duration::from_secs(1)),
+                );
                 let Ok((request, _)) = link.recv::<AdminRequest>() else {
                     continue;
                 };
@@ -312,11 +361,14 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                     AdminRequest::Unmount { lazy } => match mount::unmount(&mountpoint, lazy) {
                         Ok(()) => {
                             mounted.armed = false;
-                            finish_appliance(&appliance, alive);
-                            entry.remove();
-                            let _ = link.send(&AdminReply::Unmounted, &[]);
-                            drop(bridge);
-                            return Ok(());
+                            if lazy {
+                                // Detached: open files keep it alive; serve them until the
+                                // kernel lets go (Disconnected), then stop.
+                                state = "detached; serving files still open".into();
+                                let _ = link.send(&AdminReply::Unmounted, &[]);
+                            } else {
+                                unmount_waiter = Some(link);
+                            }
                         }
                         Err(e) => {
                             let _ = link.send(
@@ -389,11 +441,6 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-fn fallback_threads(devs: &[Arc<FuseDev>]) {
-    // Threads end when the mount goes away.
-    let _ = crate::fallback::answer_with_errors(devs, libc::EIO);
-}
-
 /// Removes a mount's runtime files when the supervisor ends.
 struct RuntimeFiles(registry::Entry);
 
@@ -419,16 +466,41 @@ impl Drop for MountGuard {
     }
 }
 
-fn wait_until_answering(path: &Path, timeout: Duration) -> Result<(), SupervisorError> {
+/// Waits until the new mount answers a stat, or the appliance exits, or `timeout`.
+fn wait_until_answering(
+    path: &Path,
+    timeout: Duration,
+    exited: &std::sync::Mutex<Option<String>>,
+) -> Result<(), SupervisorError> {
     let (tx, rx) = mpsc::channel();
     let p = path.to_path_buf();
     std::thread::spawn(move || {
         let _ = tx.send(std::fs::metadata(&p));
     });
-    match rx.recv_timeout(timeout) {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(io_err(format!("checking the new mount {}", path.display()))(e)),
-        Err(_) => Err(SupervisorError::NotAnswering(path.to_path_buf(), timeout)),
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => {
+                // Most often the appliance died and INIT failed: say so if it did.
+                let until = std::time::Instant::now() + Duration::from_secs(1);
+                while std::time::Instant::now() < until {
+                    if let Some(status) = exited.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                        return Err(SupervisorError::ApplianceExited(status));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return Err(io_err(format!("checking the new mount {}", path.display()))(e));
+            }
+            Err(_) => {
+                if let Some(status) = exited.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                    return Err(SupervisorError::ApplianceExited(status));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(SupervisorError::NotAnswering(path.to_path_buf(), timeout));
+                }
+            }
+        }
     }
 }
 

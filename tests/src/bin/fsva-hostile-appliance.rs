@@ -7,7 +7,8 @@
 //! - `oversized`: a frame claiming 64 MiB;
 //! - `unknown`: a well-formed reply to a request that was never sent;
 //! - `errno`: a reply with a positive (invalid) error code;
-//! - `truncated`: a header announcing more bytes than follow, then exit.
+//! - `truncated`: a header announcing more bytes than follow, then exit;
+//! - `exit-at-init`: reports ready, then exits without answering INIT.
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -37,6 +38,9 @@ fn main() {
     )
     .unwrap();
     let mode = std::env::var("FSVA_HOSTILE_MODE").unwrap_or_else(|_| "unknown".into());
+    if mode == "exit-at-init" {
+        std::process::exit(3);
+    }
     let mut buf = vec![0u8; 2 << 20];
     let mut reply = ReplyBuf::default();
     let mut out = &stream;
