@@ -128,9 +128,11 @@ impl Dispatcher {
                 .acquire(ino, o.fh, || backing.open(file.as_fd()))
             {
                 Ok(id) => {
+                    // The kernel refuses a passthrough open with any other flag than
+                    // these (FOPEN_PASSTHROUGH_MASK); KEEP_CACHE and the like make no
+                    // sense when the backing file's page cache is the cache.
+                    out.open_flags &= abi::fopen::PARALLEL_DIRECT_WRITES | abi::fopen::NOFLUSH;
                     out.open_flags |= abi::fopen::PASSTHROUGH;
-                    // The kernel ignores KEEP_CACHE/DIRECT_IO for passthrough files.
-                    out.open_flags &= !abi::fopen::DIRECT_IO;
                     out.backing_id = id;
                 }
                 Err(e) => {

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use fsva_appliance::{Errno, Result};
 
+use crate::attr::Time;
+
 const PAGE: u64 = 4096;
 
 fn cvt(r: libc::c_long) -> Result<u64> {
@@ -111,14 +113,50 @@ impl FileData {
 
     /// `(st_size, st_blocks)` of the memfd.
     pub fn stat(&self) -> Result<(u64, u64)> {
+        self.fstat().map(|st| (st.st_size as u64, st.st_blocks as u64))
+    }
+
+    fn fstat(&self) -> Result<libc::stat> {
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: `st` is a writable stat buffer; fstat fills it on success.
         if unsafe { libc::fstat(self.raw(), st.as_mut_ptr()) } < 0 {
             return Err(Errno::last());
         }
         // SAFETY: fstat succeeded.
-        let st = unsafe { st.assume_init() };
-        Ok((st.st_size as u64, st.st_blocks as u64))
+        Ok(unsafe { st.assume_init() })
+    }
+
+    /// The memfd's own (mtime, ctime). With FUSE passthrough the kernel writes the
+    /// memfd directly, and only these times know about it.
+    pub fn times(&self) -> Option<(Time, Time)> {
+        let st = self.fstat().ok()?;
+        Some((
+            Time {
+                sec: st.st_mtime,
+                nsec: st.st_mtime_nsec as u32,
+            },
+            Time {
+                sec: st.st_ctime,
+                nsec: st.st_ctime_nsec as u32,
+            },
+        ))
+    }
+
+    /// Sets the memfd's mtime to the file's, so that the later of the two is always the
+    /// file's real mtime (see [`FileData::times`]).
+    pub fn set_mtime(&self, t: Time) {
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: t.sec,
+                tv_nsec: i64::from(t.nsec),
+            },
+        ];
+        // SAFETY: a valid descriptor and a pointer to two initialised timespecs.
+        unsafe { libc::futimens(self.raw(), times.as_ptr()) };
     }
 
     pub fn size(&self) -> Result<u64> {

@@ -99,6 +99,25 @@ impl Inode {
     pub fn touch_mc(&mut self, now: Time) {
         self.mtime = now;
         self.ctime = now;
+        self.mirror_mtime();
+    }
+
+    /// Takes in times the memfd gained from writes that bypassed us (FUSE passthrough),
+    /// before changing them.
+    pub fn absorb_data_times(&mut self) {
+        if let Kind::File(Some(d)) = &self.kind {
+            if let Some((m, c)) = d.times() {
+                self.mtime = self.mtime.max(m);
+                self.ctime = self.ctime.max(c);
+            }
+        }
+    }
+
+    /// Copies a regular file's mtime onto its memfd (see `FileData::times`).
+    pub fn mirror_mtime(&self) {
+        if let Kind::File(Some(d)) = &self.kind {
+            d.set_mtime(self.mtime);
+        }
     }
 
     /// Attribute values for a reply (file size and blocks come from the memfd).
@@ -109,6 +128,14 @@ impl Inode {
             Kind::Dir(d) => (4096 + 32 * d.len() as u64 / 4096 * 4096, 8),
             Kind::Symlink(t) => (t.len() as u64, 0),
         };
+        // Writes through FUSE passthrough reach only the memfd: its times are newer then.
+        let (mut mtime, mut ctime) = (self.mtime, self.ctime);
+        if let Kind::File(Some(d)) = &self.kind {
+            if let Some((m, c)) = d.times() {
+                mtime = mtime.max(m);
+                ctime = ctime.max(c);
+            }
+        }
         Meta {
             ino,
             mode: self.mode,
@@ -119,8 +146,8 @@ impl Inode {
             size,
             blocks,
             atime: self.atime,
-            mtime: self.mtime,
-            ctime: self.ctime,
+            mtime,
+            ctime,
             btime: self.btime,
         }
     }

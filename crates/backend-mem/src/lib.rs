@@ -313,6 +313,17 @@ impl MemFs {
         }
     }
 
+    /// The memfd to offer the kernel as a FUSE passthrough backing file: the shared
+    /// memory of the seed, literally. Not for set-id files, whose writes must reach us
+    /// to clear the bits for the caller.
+    fn backing_for(&self, ino: u64, data: &FileData) -> Option<std::os::fd::OwnedFd> {
+        let mode = self.rlock().inodes.get(ino).ok()?.mode;
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            return None;
+        }
+        data.fd().try_clone().ok()
+    }
+
     /// Updates m/ctime (and applies WRITE_KILL_SUIDGID) after data changed.
     fn data_changed(&self, ino: u64, kill: Option<&Context>) {
         let mut st = self.wlock();
@@ -449,7 +460,8 @@ impl MemFs {
 impl Filesystem for MemFs {
     fn init(&self, _kernel_flags: u64) -> InitRequest {
         InitRequest {
-            flags: POSIX_BACKEND_FLAGS,
+            // Our memfds may serve as FUSE passthrough backing files.
+            flags: POSIX_BACKEND_FLAGS | fsva_protocol::abi::init_flags::PASSTHROUGH,
             max_write: 1 << 20,
         }
     }
@@ -506,6 +518,7 @@ impl Filesystem for MemFs {
         let mut st = self.wlock();
         let now = Time::now();
         let inode = st.inodes.get_mut(ino)?;
+        inode.absorb_data_times();
         // A SETATTR with nothing to set is what chown(f, -1, -1) or a set-id kill the
         // kernel dropped turn into (it never sends FATTR_CTIME without writeback cache);
         // a local file system updates ctime for them, so do that here too.
@@ -556,6 +569,9 @@ impl Filesystem for MemFs {
             inode.ctime = Time::from_wire(set.ctime, set.ctimensec);
         } else if changed {
             inode.ctime = now;
+        }
+        if v & (fattr::MTIME | fattr::SIZE) != 0 {
+            inode.mirror_mtime();
         }
         Ok((inode.meta(ino).to_attr(), self.config.ttl))
     }
@@ -755,11 +771,12 @@ impl Filesystem for MemFs {
             data.truncate(0)?;
             self.data_changed(ino, None);
         }
+        let backing = self.backing_for(ino, &data);
         Ok(Opened {
             fh,
             // mem is the only writer of its files: the page cache stays valid across opens.
             open_flags: fopen::KEEP_CACHE,
-            backing: None,
+            backing,
         })
     }
 
@@ -1020,14 +1037,15 @@ impl Filesystem for MemFs {
             }
         };
         let data = self.file_data(&mut st, ino)?;
-        let fh = Self::open_handle(&mut st, ino, Some(data), flags)?;
+        let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
         let entry = self.entry(ino, st.inodes.get(ino)?);
+        drop(st);
         Ok((
             entry,
             Opened {
                 fh,
                 open_flags: fopen::KEEP_CACHE,
-                backing: None,
+                backing: self.backing_for(ino, &data),
             },
         ))
     }
@@ -1052,14 +1070,15 @@ impl Filesystem for MemFs {
             umask,
             Kind::File(Some(data.clone())),
         )?;
-        let fh = Self::open_handle(&mut st, ino, Some(data), flags)?;
+        let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
         let entry = self.entry(ino, st.inodes.get(ino)?);
+        drop(st);
         Ok((
             entry,
             Opened {
                 fh,
                 open_flags: fopen::KEEP_CACHE,
-                backing: None,
+                backing: self.backing_for(ino, &data),
             },
         ))
     }

@@ -389,25 +389,30 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     Ok(())
 }
 
-/// Whether this mount's appliance gets a backing link for FUSE passthrough. `mem` does
-/// not offer its memfds yet (its times would go stale under direct writes).
+/// Whether this mount's appliance gets a backing link for FUSE passthrough.
 /// Registering backing files needs CAP_SYS_ADMIN, so only a root supervisor offers it.
 fn offers_backing_files(req: &MountRequest) -> bool {
-    req.passthrough
-        && matches!(req.backend, BackendSpec::Passthrough { .. })
-        && rustix::process::geteuid().is_root()
+    req.passthrough && rustix::process::geteuid().is_root()
 }
 
 /// How file data moves, as `fsva status` says it.
 fn data_path(req: &MountRequest) -> String {
     if offers_backing_files(req) {
-        "FUSE passthrough: the kernel reads and writes the export's files directly".into()
+        match req.backend {
+            BackendSpec::Passthrough { .. } => {
+                "FUSE passthrough: the kernel reads and writes the export's files directly"
+                    .into()
+            }
+            BackendSpec::Mem { .. } => {
+                "FUSE passthrough: the kernel reads and writes mem's memfds directly".into()
+            }
+        }
     } else if !req.passthrough {
         "through the appliance (passthrough turned off)".into()
     } else if !rustix::process::geteuid().is_root() {
         "through the appliance (FUSE passthrough needs a root supervisor)".into()
     } else {
-        "through the appliance (the mem backend does not offer backing files yet)".into()
+        "through the appliance".into()
     }
 }
 
