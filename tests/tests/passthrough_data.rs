@@ -39,7 +39,10 @@ fn requests_for_a_32mib_read(m: &Mount) -> u64 {
     assert!(back == data, "data read back differs from what was written");
     // A passthrough export holds the same bytes.
     if let Some(export) = &m.export {
-        assert!(std::fs::read(export.path.join("big")).unwrap() == data, "export differs");
+        assert!(
+            std::fs::read(export.path.join("big")).unwrap() == data,
+            "export differs"
+        );
     }
     served
 }
@@ -73,7 +76,10 @@ fn reads_go_through_the_appliance_without_passthrough() {
 fn mem_reads_come_straight_from_its_memfds() {
     let m = Mount::new("mem", &[]);
     let served = requests_for_a_32mib_read(&m);
-    assert!(served < 16, "{served} requests for a 32 MiB read: data went through the appliance");
+    assert!(
+        served < 16,
+        "{served} requests for a 32 MiB read: data went through the appliance"
+    );
     m.unmount();
 }
 
@@ -81,6 +87,9 @@ fn mem_reads_come_straight_from_its_memfds() {
 fn mem_without_passthrough_serves_reads_itself() {
     let m = Mount::new("mem", &["--no-passthrough"]);
     let served = requests_for_a_32mib_read(&m);
-    assert!(served >= 32, "only {served} requests for 32 MiB without passthrough");
+    assert!(
+        served >= 32,
+        "only {served} requests for 32 MiB without passthrough"
+    );
     m.unmount();
 }

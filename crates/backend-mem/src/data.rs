@@ -113,7 +113,8 @@ impl FileData {
 
     /// `(st_size, st_blocks)` of the memfd.
     pub fn stat(&self) -> Result<(u64, u64)> {
-        self.fstat().map(|st| (st.st_size as u64, st.st_blocks as u64))
+        self.fstat()
+            .map(|st| (st.st_size as u64, st.st_blocks as u64))
     }
 
     fn fstat(&self) -> Result<libc::stat> {

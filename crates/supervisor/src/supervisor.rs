@@ -400,8 +400,7 @@ fn data_path(req: &MountRequest) -> String {
     if offers_backing_files(req) {
         match req.backend {
             BackendSpec::Passthrough { .. } => {
-                "FUSE passthrough: the kernel reads and writes the export's files directly"
-                    .into()
+                "FUSE passthrough: the kernel reads and writes the export's files directly".into()
             }
             BackendSpec::Mem { .. } => {
                 "FUSE passthrough: the kernel reads and writes mem's memfds directly".into()

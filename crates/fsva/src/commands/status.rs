@@ -62,6 +62,11 @@ enum Query {
 
 fn query(socket: &std::path::Path) -> Result<MountStatus, Query> {
     let link = Link::connect(socket).map_err(|_| Query::Gone)?;
+    let _ = rustix::net::sockopt::set_socket_timeout(
+        &link,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(std::time::Duration::from_secs(5)),
+    );
     link.send(&AdminRequest::Status, &[])
         .map_err(|_| Query::Gone)?;
     match link.recv::<AdminReply>() {

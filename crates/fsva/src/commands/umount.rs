@@ -12,6 +12,12 @@ pub fn run(args: crate::cli::UmountArgs) -> anyhow::Result<ExitCode> {
     let mountpoint = absolute(&args.mountpoint)?;
     let entry = registry::Entry::for_mount(&mountpoint);
     if let Ok(link) = Link::connect(&entry.socket) {
+        // Unmounting waits for the appliance to flush and exit (at most ~10 s).
+        let _ = rustix::net::sockopt::set_socket_timeout(
+            &link,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(std::time::Duration::from_secs(30)),
+        );
         link.send(&AdminRequest::Unmount { lazy: args.lazy }, &[])?;
         return match link.recv::<AdminReply>() {
             Ok((AdminReply::Unmounted, _)) => Ok(ExitCode::SUCCESS),
