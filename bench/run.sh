@@ -26,9 +26,9 @@ RAW=$BENCH/out/raw-$STAMP
 OUT=$BENCH/out/results-$STAMP.md
 
 if [ $QUICK = 1 ]; then
-  SIZE=64M; RUNTIME=3; META_N=500; META_M=200; REPS=1; SETTLE=1
+  SIZE=64M; RUNTIME=3; META_N=500; META_M=200; REPS=1; SETTLE=1; FOOT_MIB=256
 else
-  SIZE=256M; RUNTIME=10; META_N=2000; META_M=500; REPS=5; SETTLE=3
+  SIZE=256M; RUNTIME=10; META_N=2000; META_M=500; REPS=5; SETTLE=3; FOOT_MIB=1024
 fi
 
 TARGETS=(native fsva-passthrough fsva-no-passthrough fsva-mem bindfs)
@@ -83,6 +83,22 @@ mount_target() {
 }
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+cached_kib() { awk '/^Cached:/ {print $2}' /proc/meminfo; }
+
+# Page-cache footprint: how much the page cache grows when a FOOT_MIB file is read
+# twice (native: one copy; a FUSE file system that also caches in its server: two).
+footprint() {  # footprint TARGET DIR
+  local t=$1 dir=$2 before after
+  dd if=/dev/urandom of="$dir/foot.dat" bs=1M count="$FOOT_MIB" conv=fsync status=none
+  drop_caches
+  before=$(cached_kib)
+  cat "$dir/foot.dat" > /dev/null
+  cat "$dir/foot.dat" > /dev/null
+  after=$(cached_kib)
+  echo $(( (after - before) / 1024 )) > "$RAW/$t-footprint.txt"
+  rm -f "$dir/foot.dat"
+  sync
+}
 # The virtual disk of this VM is cached and written back by the host; let that
 # writeback settle so one job's (or target's) flush does not slow the next.
 settle() { sync; sleep "$SETTLE"; }
@@ -118,6 +134,8 @@ for t in "${TARGETS[@]}"; do
   for i in $(seq "$REPS"); do
     timeout 300 python3 "$BENCH/meta.py" "$dir" "$META_N" "$META_M" > "$RAW/$t-meta-$i.json"
   done
+  # 5. page-cache footprint of reading a large file twice
+  footprint "$t" "$dir"
   [ "$t" = native ] || unmount "$WORK/mnt-$t"
 done
 
@@ -130,4 +148,18 @@ fio: ${SIZE}iB file, psync, one job; cold sequential read = median of $REPS pass
 Metadata: $META_N files, $META_M mkdir/rmdir pairs (bench/meta.py), median of $REPS runs. Build + run took ${ELAPSED} s.
 Raw results: bench/out/raw-$STAMP/."
 python3 "$BENCH/report.py" "$RAW" "$OUT" "$HEADER" "${TARGETS[@]}"
+{
+  echo
+  echo "### Page-cache footprint: growth of Cached after reading a ${FOOT_MIB} MiB file twice"
+  echo
+  echo "Lower is better: one copy of the data is ${FOOT_MIB} MiB; two copies (FUSE page cache plus the server's) about twice that. mem's data lives in memfds, which a cache drop does not evict, so it shows only what reading adds."
+  echo
+  echo "| target | MiB | × native |"
+  echo "|---|---:|---:|"
+  native=$(cat "$RAW/native-footprint.txt")
+  for t in "${TARGETS[@]}"; do
+    v=$(cat "$RAW/$t-footprint.txt")
+    echo "| $t | $v | $(awk -v a="$v" -v b="$native" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }') |"
+  done
+} | tee -a "$OUT"
 log "written $OUT (${ELAPSED} s)"
