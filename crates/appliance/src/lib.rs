@@ -6,13 +6,15 @@
 //! - [`session`]: INIT negotiation (protocol version, capability flags, limits);
 //! - [`dispatch`]: one frame in, one reply out: decode, call the backend, encode;
 //! - [`server`]: the worker threads, one per channel endpoint, and their counters;
-//! - [`backing`]: FUSE passthrough backing ids held by open handles.
+//! - [`backing`]: FUSE passthrough backing ids held by open handles;
+//! - [`fileio`]: positioned reads into reply buffers and complete writes, for backends.
 //!
 //! The runtime never interprets file system semantics (that is the backend's job) and
 //! never touches mounts, namespaces or the supervisor's state.
 
 pub mod backing;
 pub mod dispatch;
+pub mod fileio;
 pub mod filesystem;
 pub mod server;
 pub mod session;

@@ -14,7 +14,7 @@
 //! This module must never touch inode metadata (times, modes, names) or take the
 //! metadata lock: the caller drops that lock before calling in here.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -223,68 +223,11 @@ impl FileData {
 
     /// Appends up to `size` bytes from `off` to `out`, straight into its spare capacity.
     pub fn read_into(&self, off: u64, size: u32, out: &mut Vec<u8>) -> Result<()> {
-        let size = size as usize;
-        out.reserve(size);
-        let start = out.len();
-        let mut done = 0usize;
-        while done < size {
-            let spare = out.spare_capacity_mut();
-            // SAFETY: `spare` has at least `size - done` writable bytes; pread writes at
-            // most that many and reports how many it wrote.
-            let n = unsafe {
-                libc::pread(
-                    self.raw(),
-                    spare.as_mut_ptr().cast(),
-                    size - done,
-                    (off + done as u64) as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = Errno::last();
-                if e.0 == libc::EINTR {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                break;
-            }
-            // SAFETY: pread initialized `n` more bytes right after the current length.
-            unsafe { out.set_len(out.len() + n as usize) };
-            done += n as usize;
-        }
-        debug_assert_eq!(out.len(), start + done);
-        Ok(())
+        fsva_appliance::fileio::read_at_into(self.fd.as_fd(), off, size as usize, out)
     }
 
     fn pwrite_all(&self, off: u64, data: &[u8]) -> Result<u64> {
-        let mut done = 0usize;
-        while done < data.len() {
-            // SAFETY: `data[done..]` is a valid readable buffer of the given length.
-            let n = unsafe {
-                libc::pwrite(
-                    self.raw(),
-                    data[done..].as_ptr().cast(),
-                    data.len() - done,
-                    (off + done as u64) as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = Errno::last();
-                if e.0 == libc::EINTR {
-                    continue;
-                }
-                if done > 0 {
-                    break;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                break;
-            }
-            done += n as usize;
-        }
-        Ok(done as u64)
+        fsva_appliance::fileio::write_all_at(self.fd.as_fd(), off, data)
     }
 
     /// Writes `data` at `off`, or at the end of file when `append`; returns the count.

@@ -412,35 +412,7 @@ impl PassthroughFs {
     /// Writes all of `data` at `offset` (on an O_APPEND descriptor Linux ignores the
     /// offset and appends); a short count only when an error follows some progress.
     fn pwrite_all(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> Result<u32> {
-        let fd = fd.as_raw_fd();
-        let mut done = 0usize;
-        while done < data.len() {
-            let rest = &data[done..];
-            // SAFETY: `rest` is readable for its length.
-            let r = unsafe {
-                libc::pwrite64(
-                    fd,
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    (offset + done as u64) as i64,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if done > 0 {
-                    break;
-                }
-                return Err(e.into());
-            }
-            if r == 0 {
-                break;
-            }
-            done += r as usize;
-        }
-        Ok(done as u32)
+        fsva_appliance::fileio::write_all_at(fd, offset, data).map(|n| n as u32)
     }
 
     /// Whether a directory listing entry is "." or "..".
@@ -689,38 +661,7 @@ impl Filesystem for PassthroughFs {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let h = self.handle(fh)?;
-        let fd = h.fd().as_raw_fd();
-        out.reserve(size as usize);
-        let mut done = 0usize;
-        while done < size as usize {
-            let spare = &mut out.spare_capacity_mut()[..size as usize - done];
-            // SAFETY: `spare` is writable, uninitialised memory of the given length.
-            let r = unsafe {
-                libc::pread64(
-                    fd,
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                    (offset + done as u64) as i64,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if done > 0 {
-                    break;
-                }
-                return Err(e.into());
-            }
-            if r == 0 {
-                break;
-            }
-            // SAFETY: pread initialised `r` more bytes right after the current length.
-            unsafe { out.set_len(out.len() + r as usize) };
-            done += r as usize;
-        }
-        Ok(())
+        fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)
     }
 
     fn write(

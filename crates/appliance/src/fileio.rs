@@ -1,0 +1,109 @@
+//! Positioned reads and writes on a backend's descriptors, shared by every backend.
+//!
+//! A READ reply is built by reading straight into the reply buffer's spare capacity (no
+//! intermediate copy); a WRITE is retried until complete or until an error after some
+//! progress, which is then reported as a short write, as the kernel expects. This
+//! module owns the only `unsafe` those two need; it knows nothing of FUSE semantics.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use crate::filesystem::{Errno, Result};
+
+/// Appends up to `size` bytes read at `offset` to `out` (fewer at end of file).
+pub fn read_at_into(fd: BorrowedFd<'_>, offset: u64, size: usize, out: &mut Vec<u8>) -> Result<()> {
+    out.reserve(size);
+    let mut done = 0usize;
+    while done < size {
+        let spare = out.spare_capacity_mut();
+        // SAFETY: `spare` has at least `size - done` writable bytes (reserved above and
+        // not yet filled); pread writes at most that many and returns how many.
+        let n = unsafe {
+            libc::pread64(
+                fd.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                size - done,
+                (offset + done as u64) as libc::off64_t,
+            )
+        };
+        if n < 0 {
+            let e = Errno::last();
+            if e.0 == libc::EINTR {
+                continue;
+            }
+            if done > 0 {
+                break;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        // SAFETY: pread initialised `n` bytes right after the current length.
+        unsafe { out.set_len(out.len() + n as usize) };
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Writes all of `data` at `offset`; returns how much was written (short only when an
+/// error followed some progress).
+pub fn write_all_at(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> Result<u64> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let rest = &data[done..];
+        // SAFETY: `rest` is readable for its whole length.
+        let n = unsafe {
+            libc::pwrite64(
+                fd.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                (offset + done as u64) as libc::off64_t,
+            )
+        };
+        if n < 0 {
+            let e = Errno::last();
+            if e.0 == libc::EINTR {
+                continue;
+            }
+            if done > 0 {
+                break;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    Ok(done as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn reads_append_and_stop_at_end_of_file() {
+        let f = tempfile_with(b"hello world");
+        let mut out = b"x".to_vec();
+        read_at_into(f.as_fd(), 6, 100, &mut out).unwrap();
+        assert_eq!(out, b"xworld");
+        assert_eq!(write_all_at(f.as_fd(), 0, b"HELLO").unwrap(), 5);
+        let mut out = Vec::new();
+        read_at_into(f.as_fd(), 0, 5, &mut out).unwrap();
+        assert_eq!(out, b"HELLO");
+    }
+
+    fn tempfile_with(data: &[u8]) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("fsva-fileio-{}", std::process::id()));
+        std::fs::write(&path, data).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+}
