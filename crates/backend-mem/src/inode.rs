@@ -49,12 +49,16 @@ pub struct Inode {
     pub opens: u64,
     pub kind: Kind,
     pub xattrs: Xattrs,
+    /// The memfd's ctime when we last brought our times in line with it: a later one
+    /// means the kernel wrote the memfd directly (FUSE passthrough) since.
+    data_ctime_seen: Time,
 }
 
 impl Inode {
     pub fn new(mode: u32, uid: u32, gid: u32, kind: Kind) -> Inode {
         let now = Time::now();
         Inode {
+            data_ctime_seen: Time::default(),
             mode,
             uid,
             gid,
@@ -102,22 +106,35 @@ impl Inode {
         self.mirror_mtime();
     }
 
+    /// Records the memfd's ctime as seen (after we changed our times ourselves).
+    pub fn note_data_times(&mut self) {
+        if let Kind::File(Some(d)) = &self.kind {
+            if let Some((_, c)) = d.times() {
+                self.data_ctime_seen = c;
+            }
+        }
+    }
+
     /// Takes in times the memfd gained from writes that bypassed us (FUSE passthrough),
     /// before changing them.
     pub fn absorb_data_times(&mut self) {
         if let Kind::File(Some(d)) = &self.kind {
             if let Some((m, c)) = d.times() {
                 self.mtime = self.mtime.max(m);
-                self.ctime = self.ctime.max(c);
+                if c > self.data_ctime_seen {
+                    self.ctime = self.ctime.max(c);
+                    self.data_ctime_seen = c;
+                }
             }
         }
     }
 
     /// Copies a regular file's mtime onto its memfd (see `FileData::times`).
-    pub fn mirror_mtime(&self) {
+    pub fn mirror_mtime(&mut self) {
         if let Kind::File(Some(d)) = &self.kind {
             d.set_mtime(self.mtime);
         }
+        self.note_data_times();
     }
 
     /// Attribute values for a reply (file size and blocks come from the memfd).
@@ -133,7 +150,9 @@ impl Inode {
         if let Kind::File(Some(d)) = &self.kind {
             if let Some((m, c)) = d.times() {
                 mtime = mtime.max(m);
-                ctime = ctime.max(c);
+                if c > self.data_ctime_seen {
+                    ctime = ctime.max(c);
+                }
             }
         }
         Meta {

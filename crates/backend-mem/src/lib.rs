@@ -572,6 +572,8 @@ impl Filesystem for MemFs {
         }
         if v & (fattr::MTIME | fattr::SIZE) != 0 {
             inode.mirror_mtime();
+        } else {
+            inode.note_data_times();
         }
         Ok((inode.meta(ino).to_attr(), self.config.ttl))
     }

@@ -79,19 +79,9 @@ pub(crate) fn supervise(
         return Err(e);
     }
 
-    let mut release = File::from(release_tx);
-    if let Err(source) = release.write_all(&[1]) {
-        abandon(pid);
-        return Err(SandboxError::Child {
-            what: "releasing",
-            pid,
-            source,
-        });
-    }
-    drop(release);
-
-    // Forward stop signals from here on; a signal before this point kills the launcher and
-    // the child follows through PR_SET_PDEATHSIG.
+    // Forward stop signals from here on, before the child is released (so that nothing
+    // the child does can be observed before a SIGTERM to us reaches it); a signal
+    // before this point kills the launcher and the child follows (PR_SET_PDEATHSIG).
     FORWARD_TO.store(pid, Ordering::SeqCst);
     let mut saved = Vec::new();
     for signo in [libc::SIGTERM, libc::SIGINT] {
@@ -108,6 +98,19 @@ pub(crate) fn supervise(
             }
         }
     }
+    let mut release = File::from(release_tx);
+    if let Err(source) = release.write_all(&[1]) {
+        FORWARD_TO.store(0, Ordering::SeqCst);
+        saved.into_iter().for_each(sys::restore_signal);
+        abandon(pid);
+        return Err(SandboxError::Child {
+            what: "releasing",
+            pid,
+            source,
+        });
+    }
+    drop(release);
+
     let result = wait_setup_then_end(pid, status_rx);
     FORWARD_TO.store(0, Ordering::SeqCst);
     saved.into_iter().for_each(sys::restore_signal);
