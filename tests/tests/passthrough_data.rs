@@ -93,3 +93,39 @@ fn mem_without_passthrough_serves_reads_itself() {
     );
     m.unmount();
 }
+
+/// Bytes of `path` resident in the page cache (util-linux fincore).
+fn resident_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "-o", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux)");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn without_passthrough_the_appliance_keeps_no_second_copy() {
+    let m = Mount::new("passthrough", &["--no-passthrough"]);
+    let path = m.path().join("big");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&vec![7u8; 32 << 20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+    let mut back = Vec::new();
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back.len(), 32 << 20);
+    // The data was just read through the appliance: the user side caches it, the
+    // export's own file must not hold a second copy.
+    let export_file = m.export.as_ref().unwrap().path.join("big");
+    let resident = resident_bytes(&export_file);
+    assert!(
+        resident < 4 << 20,
+        "the appliance kept {resident} bytes of a 32 MiB file cached: double caching"
+    );
+    m.unmount();
+}

@@ -287,7 +287,9 @@ impl PassthroughFs {
         });
         Opened {
             fh,
-            open_flags: 0,
+            // The user side is the one cache of file data (we drop what we read): keep it
+            // across opens; AUTO_INVAL_DATA drops it when the file's mtime changes.
+            open_flags: abi::fopen::KEEP_CACHE,
             backing,
         }
     }
@@ -661,7 +663,26 @@ impl Filesystem for PassthroughFs {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let h = self.handle(fh)?;
-        fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)
+        let before = out.len();
+        fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)?;
+        // Reads reach the appliance only when FUSE passthrough is off: the kernel then
+        // caches the data for the FUSE inode, so keeping it here too would cache it
+        // twice. Drop our copy (the unified buffer cache's fallback). Pages of recent
+        // reads that were still being added to the LRU escape one DONTNEED, so the
+        // range reaches back over the last few reads too.
+        const LAG: u64 = 8 << 20;
+        let start = offset.saturating_sub(LAG);
+        let end = offset + (out.len() - before) as u64;
+        // SAFETY: posix_fadvise only takes integers and a descriptor we own.
+        unsafe {
+            libc::posix_fadvise(
+                h.fd().as_raw_fd(),
+                start as libc::off_t,
+                (end - start) as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        Ok(())
     }
 
     fn write(
