@@ -210,6 +210,13 @@ pub trait Filesystem: Send + Sync {
     /// The mount is going away: make everything durable.
     fn destroy(&self) {}
 
+    /// The user side's cache budget for this appliance changed: the most file data the
+    /// backend may keep in memory (for `mem`, all it may hold). Memory the backend does
+    /// not account itself is bounded by the appliance's cgroup.
+    fn set_cache_budget(&self, bytes: u64) {
+        let _ = bytes;
+    }
+
     fn lookup(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }

@@ -35,16 +35,26 @@ fn cvt(r: libc::c_long) -> Result<u64> {
 /// Capacity and usage shared by all files of one file system.
 #[derive(Debug)]
 pub struct Space {
-    pub capacity: u64,
+    /// Bytes the file system may hold; changed at run time by the cache budget.
+    capacity: AtomicU64,
     used: AtomicU64,
 }
 
 impl Space {
     pub fn new(capacity: u64) -> Arc<Space> {
         Arc::new(Space {
-            capacity,
+            capacity: AtomicU64::new(capacity),
             used: AtomicU64::new(0),
         })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Sets a new capacity; below what is used, new writes get ENOSPC until files shrink.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Ordering::Relaxed);
     }
 
     /// Bytes allocated by file data.
@@ -53,7 +63,7 @@ impl Space {
     }
 
     fn free(&self) -> u64 {
-        self.capacity.saturating_sub(self.used())
+        self.capacity().saturating_sub(self.used())
     }
 }
 

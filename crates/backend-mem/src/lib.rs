@@ -466,6 +466,11 @@ impl Filesystem for MemFs {
         }
     }
 
+    /// The cache budget is mem's capacity: what it may hold before writes get ENOSPC.
+    fn set_cache_budget(&self, bytes: u64) {
+        self.space.set_capacity(bytes);
+    }
+
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
         if name.len() > NAME_MAX {
             return Err(Errno(libc::ENAMETOOLONG));
@@ -917,7 +922,7 @@ impl Filesystem for MemFs {
 
     fn statfs(&self, _ctx: &Context, _ino: u64) -> Result<abi::Kstatfs> {
         let bs = attr::BLKSIZE as u64;
-        let blocks = self.space.capacity / bs;
+        let blocks = self.space.capacity() / bs;
         let used = self.space.used().div_ceil(bs).min(blocks);
         let files = self.rlock().inodes.len() as u64;
         Ok(abi::Kstatfs {

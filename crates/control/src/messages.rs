@@ -82,6 +82,8 @@ pub struct StartConfig {
     /// The supervisor registers FUSE passthrough backing files for this appliance: the
     /// last descriptor of `Start` is then a link for [`BackingRequest`]s.
     pub backing_link: bool,
+    /// Most bytes of file data the appliance may keep in memory (`--cache-budget`).
+    pub cache_budget: Option<u64>,
 }
 
 /// Appliance → supervisor, on the backing link: register or drop a FUSE passthrough
@@ -116,6 +118,8 @@ pub enum ToAppliance {
     Start(StartConfig),
     /// Ask for counters.
     Stats,
+    /// The cache budget changed (`fsva cache`).
+    SetCacheBudget { bytes: u64 },
 }
 
 /// Appliance → supervisor.
@@ -126,6 +130,7 @@ pub enum ToSupervisor {
         pid: u32,
     },
     Stats(ApplianceStats),
+    CacheBudgetSet,
     /// Start-up failed; the message says what and what to do.
     Failed {
         message: String,
@@ -146,6 +151,10 @@ pub enum AdminRequest {
     Unmount {
         lazy: bool,
     },
+    /// Change the appliance's cache budget.
+    SetCacheBudget {
+        bytes: u64,
+    },
 }
 
 /// Supervisor → CLI.
@@ -153,6 +162,7 @@ pub enum AdminRequest {
 pub enum AdminReply {
     Status(MountStatus),
     Unmounted,
+    CacheBudgetSet,
     Error { message: String },
 }
 
@@ -176,4 +186,8 @@ pub struct MountStatus {
     pub data_path: String,
     /// Backing files registered right now.
     pub backing_files: u64,
+    /// The appliance's cache budget, if one is set.
+    pub cache_budget: Option<u64>,
+    /// Memory the appliance's cgroup uses now (file data it caches included).
+    pub memory_used: Option<u64>,
 }

@@ -27,6 +27,8 @@ pub enum Command {
     Umount(UmountArgs),
     /// List fsva mounts with their appliance, uptime and request counters.
     Status,
+    /// Change a mount's cache budget at run time (it must have been mounted with one).
+    Cache(CacheArgs),
     /// Internal: the appliance process (started by the supervisor).
     #[command(name = "__appliance", hide = true)]
     Appliance(ApplianceArgs),
@@ -63,6 +65,10 @@ pub struct MountArgs {
     /// kernel reads and writes the backend's files directly, with one page cache).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Most file data the appliance may keep in memory, e.g. 256M or 2G (for mem: all it
+    /// may hold before writes get ENOSPC). Enforced by the appliance's memory cgroup.
+    #[arg(long, value_parser = parse_size)]
+    pub cache_budget: Option<u64>,
     /// Appliance worker threads (default: one per CPU, at least 2).
     #[arg(long)]
     pub workers: Option<u32>,
@@ -96,4 +102,53 @@ pub struct ApplianceArgs {
     /// The control socket inherited from the supervisor.
     #[arg(long)]
     pub control_fd: i32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CacheArgs {
+    pub mountpoint: PathBuf,
+    /// The new budget, e.g. 128M.
+    #[arg(value_parser = parse_size)]
+    pub size: u64,
+}
+
+/// Parses `4096`, `64K`, `256M`, `2G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: use a number with an optional K, M or G"))?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("unknown size unit in `{s}`: use K, M, G or T")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+    }
 }

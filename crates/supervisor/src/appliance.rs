@@ -9,6 +9,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -44,10 +45,15 @@ impl Appliance {
         exe: &Path,
         config: &StartConfig,
         fds: &[BorrowedFd<'_>],
+        cgroup_procs: Option<&Path>,
         timeout: Duration,
     ) -> Result<(Appliance, Child), ApplianceError> {
         let (ours, theirs) = Link::pair()?;
         let their_fd = theirs.as_fd().as_raw_fd();
+        let cgroup_procs = cgroup_procs
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes().to_vec()))
+            .transpose()
+            .map_err(|e| ApplianceError::Failed(format!("cgroup path: {e}")))?;
         let mut cmd = Command::new(exe);
         cmd.arg("__appliance")
             .arg("--control-fd")
@@ -64,6 +70,14 @@ impl Appliance {
                 // Die with the supervisor: a mount is never served by an orphan.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Enter the appliance's memory cgroup before anything is charged.
+                if let Some(procs) = &cgroup_procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
                 }
                 Ok(())
             });
@@ -131,6 +145,16 @@ impl Appliance {
             },
             child,
         ))
+    }
+
+    /// Tells the appliance its new cache budget.
+    pub fn set_cache_budget(&self, bytes: u64) -> Result<(), ApplianceError> {
+        self.link
+            .send(&ToAppliance::SetCacheBudget { bytes }, &[])?;
+        match self.link.recv::<ToSupervisor>()? {
+            (ToSupervisor::CacheBudgetSet, _) => Ok(()),
+            (other, _) => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Asks the appliance for its counters.

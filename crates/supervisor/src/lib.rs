@@ -3,7 +3,8 @@
 //! It owns everything the user's side must keep whatever the appliance does: the mount
 //! ([`mount`]), the `/dev/fuse` session and every clone of it, the appliance process
 //! ([`appliance`]), FUSE passthrough registrations on its behalf ([`backing`]), the
-//! relay for stream channels ([`bridge`]), the fallback that answers
+//! relay for stream channels ([`bridge`]), the appliance's memory cgroup that enforces
+//! its cache budget ([`cgroup`]), the fallback that answers
 //! requests with errors once an appliance is gone ([`fallback`]), the per-mount runtime
 //! files ([`registry`]) and the loop that ties them together ([`supervisor`]).
 //!
@@ -13,6 +14,7 @@
 pub mod appliance;
 pub mod backing;
 pub mod bridge;
+pub mod cgroup;
 pub mod fallback;
 pub mod mount;
 pub mod registry;

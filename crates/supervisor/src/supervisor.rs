@@ -70,6 +70,8 @@ pub struct MountRequest {
     pub log_filter: String,
     /// Offer FUSE passthrough (the kernel reads and writes the backend's files directly).
     pub passthrough: bool,
+    /// Most bytes of file data the appliance may keep in memory (`--cache-budget`).
+    pub cache_budget: Option<u64>,
     /// Written "ok\n" once the mount answers, or "error: ...\n"; then closed.
     pub ready: Option<OwnedFd>,
 }
@@ -134,7 +136,22 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         sandbox: req.sandbox,
         log_filter: req.log_filter.clone(),
         backing_link: offers_backing_files(&req),
+        cache_budget: req.cache_budget,
     };
+    // The budget is enforced by the kernel on the appliance's memory cgroup, with room
+    // for the appliance's own code, heap and request buffers on top.
+    let mut cache_budget = req.cache_budget;
+    let cgroup = match cache_budget {
+        Some(bytes) => {
+            let cg = crate::cgroup::MemoryCgroup::create(&registry::mount_id(&mountpoint))
+                .map_err(io_err("creating the appliance's memory cgroup"))?;
+            cg.set_limit(bytes + CGROUP_HEADROOM)
+                .map_err(io_err(format!("limiting {}", cg.path().display())))?;
+            Some(cg)
+        }
+        None => None,
+    };
+    let cgroup_procs = cgroup.as_ref().map(|c| c.procs_file());
     let backing_files = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let data_path = data_path(&req);
     let backing_link = if offers_backing_files(&req) {
@@ -167,14 +184,26 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         ChannelKind::Fusedev => {
             let mut fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
             fds.extend(backing_link.as_ref().map(|l| l.as_fd()));
-            Appliance::start(&req.exe, &config, &fds, Duration::from_secs(30))?
+            Appliance::start(
+                &req.exe,
+                &config,
+                &fds,
+                cgroup_procs.as_deref(),
+                Duration::from_secs(30),
+            )?
         }
         ChannelKind::Stream => {
             let (ours, theirs) =
                 UnixStream::pair().map_err(io_err("creating the stream channel"))?;
             let mut fds = vec![theirs.as_fd()];
             fds.extend(backing_link.as_ref().map(|l| l.as_fd()));
-            let started = Appliance::start(&req.exe, &config, &fds, Duration::from_secs(30))?;
+            let started = Appliance::start(
+                &req.exe,
+                &config,
+                &fds,
+                cgroup_procs.as_deref(),
+                Duration::from_secs(30),
+            )?;
             let tx = events_tx.clone();
             let kill = started.0.killer();
             bridge = Some(
@@ -355,8 +384,26 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             state: state.clone(),
                             data_path: data_path.clone(),
                             backing_files: backing_files.load(std::sync::atomic::Ordering::Relaxed),
+                            cache_budget,
+                            memory_used: cgroup.as_ref().and_then(|c| c.usage().ok()),
                         };
                         let _ = link.send(&AdminReply::Status(status), &[]);
+                    }
+                    AdminRequest::SetCacheBudget { bytes } => {
+                        let reply = match set_cache_budget(
+                            &appliance,
+                            alive,
+                            &cgroup,
+                            &mountpoint,
+                            bytes,
+                        ) {
+                            Ok(()) => {
+                                cache_budget = Some(bytes);
+                                AdminReply::CacheBudgetSet
+                            }
+                            Err(message) => AdminReply::Error { message },
+                        };
+                        let _ = link.send(&reply, &[]);
                     }
                     AdminRequest::Unmount { lazy } => match mount::unmount(&mountpoint, lazy) {
                         Ok(()) => {
@@ -389,10 +436,54 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     Ok(())
 }
 
+/// Memory an appliance needs beyond its cache budget: code, heap, request buffers.
+const CGROUP_HEADROOM: u64 = 64 << 20;
+
+/// Applies a new cache budget: the cgroup limit first (the kernel reclaims down to it
+/// at once), then the appliance's own accounting.
+fn set_cache_budget(
+    appliance: &Appliance,
+    alive: bool,
+    cgroup: &Option<crate::cgroup::MemoryCgroup>,
+    mountpoint: &Path,
+    bytes: u64,
+) -> Result<(), String> {
+    let Some(cg) = cgroup else {
+        return Err(format!(
+            "{} was mounted without --cache-budget; remount with one to change it at run time",
+            mountpoint.display()
+        ));
+    };
+    if let Err(e) = cg.set_limit(bytes + CGROUP_HEADROOM) {
+        // Memory that cannot be reclaimed (mem's file data) is above the new budget:
+        // hold the limit where it is used now; the appliance refuses growth (ENOSPC).
+        let used = cg.usage().unwrap_or(0);
+        cg.set_limit(used.max(bytes) + CGROUP_HEADROOM)
+            .map_err(|_| {
+                format!("the kernel refused a limit of {bytes} bytes for the appliance: {e}")
+            })?;
+        tracing::info!(
+            bytes,
+            used,
+            "budget below unreclaimable use; limit held at current use"
+        );
+    }
+    if alive {
+        appliance
+            .set_cache_budget(bytes)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Whether this mount's appliance gets a backing link for FUSE passthrough.
 /// Registering backing files needs CAP_SYS_ADMIN, so only a root supervisor offers it.
+/// A `mem` appliance with a cache budget gets none: writes through passthrough would
+/// grow its memfds past the budget without asking it.
 fn offers_backing_files(req: &MountRequest) -> bool {
-    req.passthrough && rustix::process::geteuid().is_root()
+    req.passthrough
+        && rustix::process::geteuid().is_root()
+        && !(matches!(req.backend, BackendSpec::Mem { .. }) && req.cache_budget.is_some())
 }
 
 /// How file data moves, as `fsva status` says it.
@@ -408,6 +499,8 @@ fn data_path(req: &MountRequest) -> String {
         }
     } else if !req.passthrough {
         "through the appliance (passthrough turned off)".into()
+    } else if req.cache_budget.is_some() {
+        "through the appliance (mem with a cache budget accounts every write itself)".into()
     } else if !rustix::process::geteuid().is_root() {
         "through the appliance (FUSE passthrough needs a root supervisor)".into()
     } else {

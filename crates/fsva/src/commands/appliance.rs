@@ -196,6 +196,10 @@ fn serve(
     if channels.is_empty() {
         return fail(link, "no channel descriptors were passed".into());
     }
+    if let Some(bytes) = config.cache_budget {
+        fs.set_cache_budget(bytes);
+    }
+    let control_fs = fs.clone();
     let server = Server::new(fs, SessionConfig::default(), backing);
     let stats = server.stats();
     if link
@@ -211,16 +215,22 @@ fn serve(
     }
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            // Answer counter queries until the supervisor goes away.
-            while let Ok((ToAppliance::Stats, _)) = link.recv::<ToAppliance>() {
-                let (requests, errors) = stats.snapshot();
-                if link
-                    .send(
-                        &ToSupervisor::Stats(ApplianceStats { requests, errors }),
-                        &[],
-                    )
-                    .is_err()
-                {
+            // Answer the supervisor until it goes away.
+            while let Ok((request, _)) = link.recv::<ToAppliance>() {
+                let reply = match request {
+                    ToAppliance::Stats => {
+                        let (requests, errors) = stats.snapshot();
+                        ToSupervisor::Stats(ApplianceStats { requests, errors })
+                    }
+                    ToAppliance::SetCacheBudget { bytes } => {
+                        control_fs.set_cache_budget(bytes);
+                        ToSupervisor::CacheBudgetSet
+                    }
+                    ToAppliance::Start(_) => ToSupervisor::Failed {
+                        message: "already started".into(),
+                    },
+                };
+                if link.send(&reply, &[]).is_err() {
                     break;
                 }
             }

@@ -2,6 +2,7 @@
 //! crates and prints short, useful output; long-lived work happens in the libraries.
 
 pub mod appliance;
+pub mod cache;
 pub mod mount;
 pub mod mount_helper;
 pub mod status;
@@ -16,6 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mount(args) => mount::run(args, &cli.log),
         Command::Umount(args) => umount::run(args),
         Command::Status => status::run(),
+        Command::Cache(args) => cache::run(args),
         Command::Appliance(args) => appliance::run(args),
     }
 }

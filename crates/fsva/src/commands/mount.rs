@@ -51,6 +51,7 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
             },
             log_filter: log.to_string(),
             passthrough: !args.no_passthrough,
+            cache_budget: args.cache_budget,
             ready,
         };
         fsva_supervisor::run(request)?;
@@ -86,6 +87,9 @@ fn foreground_args(
     ];
     if args.no_passthrough {
         v.push("--no-passthrough".into());
+    }
+    if let Some(b) = args.cache_budget {
+        v.extend(["--cache-budget".into(), b.to_string().into()]);
     }
     if let Some(w) = args.workers {
         v.extend(["--workers".into(), w.to_string().into()]);

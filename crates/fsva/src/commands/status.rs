@@ -108,4 +108,15 @@ fn print_status(s: &MountStatus) {
         s.data_path,
         s.backing_files
     );
+    if let Some(budget) = s.cache_budget {
+        let used = s
+            .memory_used
+            .map(|u| format!("{} MiB", u >> 20))
+            .unwrap_or_else(|| "?".into());
+        outln!(
+            "{:<28} cache budget: {} MiB; appliance memory in use: {used}",
+            "",
+            budget >> 20
+        );
+    }
 }
