@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Benchmark fsva against native ext4 and bindfs (the FUSE peer).
+# Benchmark fsva against native ext4 and FUSE peers: bindfs and libfuse's
+# passthrough_ll / passthrough_hp (built by bench/fuse3-peers.sh).
 #
 #   bench/run.sh [--quick]
 #
 # Builds fsva (release), then for each target mounts it, runs the fio
-# workloads and bench/meta.py, unmounts, and prints/writes the tables to
+# workloads, bench/meta.py, a page-cache footprint check and a macro workload
+# (extract a real source tree -- Debian's golang-1.19-src, ~11.7k files,
+# 108 MiB -- then time `find | wc -l`, `du -s` and `cat` of every file, each
+# after dropping caches), unmounts, and prints/writes the tables to
 # bench/out/results-<date>.md. Needs root (drop_caches, FUSE mounts), fio,
-# bindfs, python3. Full run: 256 MiB files, ≤10 s per timed job;
-# --quick: 64 MiB, 3 s, fewer metadata ops, one repetition instead of five.
+# bindfs, python3; gcc/g++/libfuse3-dev for the libfuse peers (installed with
+# apt-get if missing). Full run: 256 MiB files, ≤10 s per timed job, whole
+# Go tree; --quick: 64 MiB, 3 s, fewer metadata ops, one repetition instead of
+# five, only the tree's test/ directory (~3.1k files).
 set -euo pipefail
 
 QUICK=0
@@ -27,11 +33,19 @@ OUT=$BENCH/out/results-$STAMP.md
 
 if [ $QUICK = 1 ]; then
   SIZE=64M; RUNTIME=3; META_N=500; META_M=200; REPS=1; SETTLE=1; FOOT_MIB=256
+  MACRO_REPS=1; MACRO_PART=test
 else
   SIZE=256M; RUNTIME=10; META_N=2000; META_M=500; REPS=5; SETTLE=3; FOOT_MIB=1024
+  MACRO_REPS=1; MACRO_PART=
 fi
 
-TARGETS=(native fsva-passthrough fsva-no-passthrough fsva-mem bindfs)
+CACHE=/var/cache/fsva-bench
+PEERS=$CACHE/fuse3-peers
+MACRO_PKG=golang-1.19-src
+MACRO_ROOT=./usr/share/go-1.19
+MACRO_TAR=$CACHE/$MACRO_PKG.tar
+
+TARGETS=(native fsva-passthrough fsva-no-passthrough fsva-mem bindfs passthrough_ll passthrough_hp)
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 
@@ -40,7 +54,12 @@ unmount() {  # unmount MNT, whatever is mounted there
   mountpoint -q "$mnt" || return 0
   case "$(findmnt -n -o FSTYPE "$mnt")" in
     fuse.fsva) timeout 30 "$FSVA" umount "$mnt" >/dev/null 2>&1 || timeout 30 "$FSVA" umount --lazy "$mnt" >/dev/null 2>&1 || true ;;
-    *) fusermount -u "$mnt" 2>/dev/null || true ;;
+    *) # right after heavy use the kernel may still report EBUSY for a moment
+       local i
+       for i in 1 2 3 4 5; do
+         fusermount3 -u "$mnt" 2>/dev/null && break
+         sleep 1
+       done ;;
   esac
   mountpoint -q "$mnt" && umount -l "$mnt" 2>/dev/null || true
 }
@@ -61,6 +80,26 @@ done
 T0=$(date +%s)
 log "building fsva (release)"
 (cd "$REPO" && cargo build --release -p fsva)
+bash "$BENCH/fuse3-peers.sh" "$PEERS"
+for p in passthrough_ll passthrough_hp; do
+  if [ ! -x "$PEERS/$p" ]; then
+    log "$p did not build: leaving it out"
+    TARGETS=($(printf '%s\n' "${TARGETS[@]}" | grep -vx "$p"))
+  fi
+done
+
+# Macro workload input: the .deb's data as a plain (uncompressed) tar, so that
+# timing the extraction measures the file system, not xz.
+if [ ! -s "$MACRO_TAR" ]; then
+  log "fetching $MACRO_PKG into $CACHE"
+  mkdir -p "$CACHE"
+  (cd "$CACHE" && rm -f "$MACRO_PKG"_*.deb && apt-get download -q "$MACRO_PKG" >&2)
+  dpkg-deb --fsys-tarfile "$CACHE/$MACRO_PKG"_*.deb > "$MACRO_TAR.tmp"
+  mv "$MACRO_TAR.tmp" "$MACRO_TAR"
+fi
+MACRO_MEMBER=$MACRO_ROOT${MACRO_PART:+/$MACRO_PART}
+MACRO_FILES=$(tar -tf "$MACRO_TAR" "$MACRO_MEMBER" | grep -vc '/$')
+MACRO_MIB=$(tar -tvf "$MACRO_TAR" "$MACRO_MEMBER" | awk '{s += $3} END {printf "%.0f", s / 1048576}')
 
 mkdir -p "$RAW"
 
@@ -77,6 +116,8 @@ mount_target() {
     fsva-no-passthrough) "$FSVA" mount --backend "passthrough:$back" --no-passthrough "$mnt" >&2 ;;
     fsva-mem)            "$FSVA" mount --backend mem "$mnt" >&2 ;;
     bindfs)              bindfs "$back" "$mnt" >&2 ;;
+    passthrough_ll)      "$PEERS/passthrough_ll" -o source="$back" "$mnt" >&2 ;;
+    passthrough_hp)      "$PEERS/passthrough_hp" "$back" "$mnt" >&2 ;;
   esac
   mountpoint -q "$mnt" || { echo "$t: not mounted at $mnt" >&2; return 1; }
   echo "$mnt"
@@ -102,6 +143,39 @@ footprint() {  # footprint TARGET DIR
 # The virtual disk of this VM is cached and written back by the host; let that
 # writeback settle so one job's (or target's) flush does not slow the next.
 settle() { sync; sleep "$SETTLE"; }
+
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+
+# Macro workload: extract the source tree (timed: tar -x, page cache as it is,
+# no sync), then MACRO_REPS times: `find | wc -l`, `du -s`, and `cat` of every
+# file, each after dropping caches. Writes <target>-macro-<i>.json (seconds);
+# a failed extraction (e.g. ENOSPC) is recorded as an error, not a number.
+macro() {  # macro TARGET DIR
+  local t=$1 dir=$2/tree i t0 n err=""
+  mkdir -p "$dir"
+  sync; cat "$MACRO_TAR" > /dev/null   # the tarball is read from the cache by every target
+  t0=$(now_ms)
+  if ! tar -xf "$MACRO_TAR" -C "$dir" "$MACRO_MEMBER" 2> "$RAW/$t-macro-tar.err"; then
+    err=$(grep -m1 -o 'No space left on device\|[^:]*$' "$RAW/$t-macro-tar.err" | head -n1)
+    err=${err//\"/}
+    log "$t: extraction failed: $err"
+  fi
+  local ext=$(( $(now_ms) - t0 ))
+  settle
+  for i in $(seq "$MACRO_REPS"); do
+    local f d c
+    drop_caches; t0=$(now_ms); n=$(find "$dir" | wc -l); f=$(( $(now_ms) - t0 ))
+    drop_caches; t0=$(now_ms); du -s "$dir" > /dev/null; d=$(( $(now_ms) - t0 ))
+    drop_caches; t0=$(now_ms); find "$dir" -type f -exec cat {} + > /dev/null; c=$(( $(now_ms) - t0 ))
+    local files; files=$(find "$dir" -type f | wc -l)
+    printf '{"extract": %s, "find": %s, "du": %s, "cat": %s, "entries": %s, "files": %s, "error": "%s"}\n' \
+      "$(awk -v x=$ext 'BEGIN{print x/1000}')" "$(awk -v x=$f 'BEGIN{print x/1000}')" \
+      "$(awk -v x=$d 'BEGIN{print x/1000}')" "$(awk -v x=$c 'BEGIN{print x/1000}')" \
+      "$n" "$files" "$err" > "$RAW/$t-macro-$i.json"
+  done
+  rm -rf "$dir"
+  sync
+}
 
 run_fio() {  # run_fio TARGET WORKLOAD DIR extra-args...
   local t=$1 wl=$2 dir=$3; shift 3
@@ -136,6 +210,8 @@ for t in "${TARGETS[@]}"; do
   done
   # 5. page-cache footprint of reading a large file twice
   footprint "$t" "$dir"
+  # 6. macro workload: a real source tree
+  macro "$t" "$dir"
   [ "$t" = native ] || unmount "$WORK/mnt-$t"
 done
 
@@ -145,21 +221,9 @@ HEADER="## fsva benchmark — $(date -u '+%Y-%m-%d %H:%M UTC') ($MODE)
 
 $(nproc) CPUs, Linux $(uname -r), $(findmnt -n -o FSTYPE --target "$WORK") under $WORK.
 fio: ${SIZE}iB file, psync, one job; cold sequential read = median of $REPS passes; random read time-based ${RUNTIME} s.
-Metadata: $META_N files, $META_M mkdir/rmdir pairs (bench/meta.py), median of $REPS runs. Build + run took ${ELAPSED} s.
+Metadata: $META_N files, $META_M mkdir/rmdir pairs (bench/meta.py), median of $REPS runs.
+Macro: $MACRO_PKG ($MACRO_MEMBER: $MACRO_FILES files, $MACRO_MIB MiB), extraction once, find/du/cat median of $MACRO_REPS cold runs.
+Build + run took ${ELAPSED} s.
 Raw results: bench/out/raw-$STAMP/."
-python3 "$BENCH/report.py" "$RAW" "$OUT" "$HEADER" "${TARGETS[@]}"
-{
-  echo
-  echo "### Page-cache footprint: growth of Cached after reading a ${FOOT_MIB} MiB file twice"
-  echo
-  echo "Lower is better: one copy of the data is ${FOOT_MIB} MiB; two copies (FUSE page cache plus the server's) about twice that. mem's data lives in memfds, which a cache drop does not evict, so it shows only what reading adds."
-  echo
-  echo "| target | MiB | × native |"
-  echo "|---|---:|---:|"
-  native=$(cat "$RAW/native-footprint.txt")
-  for t in "${TARGETS[@]}"; do
-    v=$(cat "$RAW/$t-footprint.txt")
-    echo "| $t | $v | $(awk -v a="$v" -v b="$native" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }') |"
-  done
-} | tee -a "$OUT"
+python3 "$BENCH/report.py" "$RAW" "$OUT" "$HEADER" "$FOOT_MIB" "$MACRO_FILES" "${TARGETS[@]}"
 log "written $OUT (${ELAPSED} s)"

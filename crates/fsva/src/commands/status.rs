@@ -91,7 +91,7 @@ fn print_status(s: &MountStatus) {
     outln!(
         "{:<28} {:<22} {:<8} {:<10} {:>9} {:>8} {:>10} {:>7}  {}",
         s.mountpoint.display(),
-        s.backend,
+        fit(&s.backend, 22),
         s.channel,
         s.sandbox,
         s.appliance_pid
@@ -119,4 +119,14 @@ fn print_status(s: &MountStatus) {
             budget >> 20
         );
     }
+}
+
+/// `text` in at most `width` characters, keeping its end (where paths differ).
+fn fit(text: &str, width: usize) -> String {
+    let n = text.chars().count();
+    if n <= width {
+        return text.to_string();
+    }
+    let tail: String = text.chars().skip(n - (width - 1)).collect();
+    format!("…{tail}")
 }
