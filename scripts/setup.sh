@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=(fuse3 attr acl)
 if [[ " $* " == *" --test-tools "* ]]; then
-  need_pkgs+=(fio bindfs stress-ng python3-venv gcc pkg-config libfuse3-dev)
+  need_pkgs+=(fio bindfs stress-ng python3-venv gcc g++ pkg-config libfuse3-dev dpkg-dev)
 fi
 missing=()
 for p in "${need_pkgs[@]}"; do
