@@ -159,10 +159,10 @@ fn default_inherited(c: &Ctx) -> String {
         (OTHER_TAG, 0, UNDEFINED_ID),
     ]);
     let r = sys::setxattr(&d, DEFAULT, &def, 0);
-    unsafe { libc::umask(0o077) };
+    sys::umask(0o077);
     let f = sys::open(d.join("f"), libc::O_CREAT | libc::O_WRONLY, 0o666);
     let sub = sys::mkdir(d.join("sub"), 0o777);
-    unsafe { libc::umask(0o022) };
+    sys::umask(0o022);
     let _ = sys::write_file(d.join("f"), b"inherited");
     let reader = if c.root {
         let q = d.join("f");

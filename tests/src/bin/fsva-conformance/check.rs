@@ -84,7 +84,7 @@ pub fn run_all(target: &Path, checks: &[&Check]) {
     for c in checks {
         let dir = target.join(c.name);
         remove_tree(&dir);
-        unsafe { libc::umask(0o022) };
+        sys::umask(0o022);
         let obs = match sys::mkdir(&dir, 0o755) {
             Err(e) => format!("SETUP_FAILED mkdir err={e}"),
             Ok(()) => {
@@ -100,7 +100,7 @@ pub fn run_all(target: &Path, checks: &[&Check]) {
                 }
             }
         };
-        unsafe { libc::umask(0o022) };
+        sys::umask(0o022);
         let mut out = stdout.lock();
         let _ = writeln!(out, "{}: {}", c.name, obs);
         let _ = out.flush();

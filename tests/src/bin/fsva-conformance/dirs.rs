@@ -34,14 +34,7 @@ fn open_dir(p: impl AsRef<std::path::Path>) -> sys::Res<OwnedFd> {
 /// One getdents64 call with a `buf_size` buffer; empty vector = end of directory.
 fn getdents(fd: &OwnedFd, buf_size: usize) -> sys::Res<Vec<Dirent>> {
     let mut buf = vec![0u8; buf_size];
-    let n = sys::cvt_long(unsafe {
-        libc::syscall(
-            libc::SYS_getdents64,
-            sys::raw(fd),
-            buf.as_mut_ptr(),
-            buf_size,
-        )
-    })? as usize;
+    let n = sys::getdents64(fd, &mut buf)?;
     let mut out = Vec::new();
     let mut off = 0;
     while off < n {

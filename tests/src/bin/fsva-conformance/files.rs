@@ -219,15 +219,7 @@ fn tmpfile(c: &Ctx) -> String {
     let listed = std::fs::read_dir(&c.dir).map_or(0, |d| d.count());
     let proc_path = format!("/proc/self/fd/{}", sys::raw(&fd));
     let name = c.p("linked");
-    let l = sys::cvt(unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            sys::cs(&proc_path).as_ptr(),
-            libc::AT_FDCWD,
-            sys::cs(&name).as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    });
+    let l = sys::linkat(&proc_path, &name, libc::AT_SYMLINK_FOLLOW);
     let st2 = sys::stat(&name).ok();
     let content = sys::read_file(&name).unwrap_or_default();
     format!(
@@ -249,15 +241,7 @@ fn tmpfile_excl(c: &Ctx) -> String {
         Err(e) => return format!("open err={e}"),
     };
     let proc_path = format!("/proc/self/fd/{}", sys::raw(&fd));
-    let l = sys::cvt(unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            sys::cs(&proc_path).as_ptr(),
-            libc::AT_FDCWD,
-            sys::cs(c.p("linked")).as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    });
+    let l = sys::linkat(&proc_path, c.p("linked"), libc::AT_SYMLINK_FOLLOW);
     format!("open=ok linkat={}", show(&l))
 }
 
@@ -289,11 +273,12 @@ fn flush_on_close(c: &Ctx) -> String {
     let p = c.p("f");
     let reader = sys::open(&p, O_RDONLY | O_CREAT, 0o644).expect("create");
     let w = sys::open(&p, O_WRONLY, 0).expect("open");
-    let dup = unsafe { libc::dup(sys::raw(&w)) };
+    let dup = sys::dup(&w);
     let _ = sys::write(&w, b"written-then-closed");
-    let close_dup = sys::cvt(unsafe { libc::close(dup) });
+    // A failed dup leaves nothing to close: report EBADF, which is what close(-1) gives.
+    let close_dup = dup.map_or(Err(sys::Errno(libc::EBADF)), sys::close);
     let still = sys::write(&w, b"+more");
-    let close = sys::cvt(unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(w)) });
+    let close = sys::close(w);
     let seen = sys::pread(&reader, 100, 0).unwrap_or_default();
     let fresh = sys::read_file(&p).unwrap_or_default();
     format!(

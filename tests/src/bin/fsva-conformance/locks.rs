@@ -23,24 +23,15 @@ pub const CHECKS: &[Check] = &[
     check("locks.flock_eintr", flock_eintr),
 ];
 
-fn lock(kind: i32, start: i64, len: i64) -> libc::flock {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as i16;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = start;
-    fl.l_len = len;
-    fl
-}
-
 fn setlk(fd: &OwnedFd, cmd: i32, kind: i32, start: i64, len: i64) -> sys::Res<()> {
-    let fl = lock(kind, start, len);
-    sys::cvt(unsafe { libc::fcntl(sys::raw(fd), cmd, &fl) }).map(drop)
+    let mut fl = sys::lock_range(kind, start, len);
+    sys::fcntl_lock(fd, cmd, &mut fl)
 }
 
 /// F_GETLK for a write lock on the range; reports what is in the way.
 fn getlk(fd: &OwnedFd, start: i64, len: i64, holder: libc::pid_t) -> String {
-    let mut fl = lock(libc::F_WRLCK, start, len);
-    match sys::cvt(unsafe { libc::fcntl(sys::raw(fd), libc::F_GETLK, &mut fl) }) {
+    let mut fl = sys::lock_range(libc::F_WRLCK, start, len);
+    match sys::fcntl_lock(fd, libc::F_GETLK, &mut fl) {
         Err(e) => format!("err={e}"),
         Ok(_) if fl.l_type == libc::F_UNLCK as i16 => "unlocked".into(),
         Ok(_) => format!(
@@ -58,7 +49,7 @@ fn getlk(fd: &OwnedFd, start: i64, len: i64, holder: libc::pid_t) -> String {
 }
 
 fn flock(fd: &OwnedFd, op: i32) -> sys::Res<()> {
-    sys::cvt(unsafe { libc::flock(sys::raw(fd), op) }).map(drop)
+    sys::flock(fd, op)
 }
 
 fn file(c: &Ctx) -> std::path::PathBuf {
@@ -76,7 +67,7 @@ fn posix_conflict(c: &Ctx) -> String {
     let fd = rw(&p);
     let held = setlk(&fd, libc::F_SETLK, libc::F_WRLCK, 0, 100);
     let own_getlk = getlk(&fd, 0, 100, 0);
-    let parent = unsafe { libc::getpid() };
+    let parent = sys::getpid();
     let child = proc::in_child(|| {
         let fd = rw(&p);
         format!(
@@ -115,7 +106,7 @@ fn posix_unlock(c: &Ctx) -> String {
     let _ = setlk(&fd, libc::F_SETLK, libc::F_WRLCK, 0, 0);
     // Unlock the middle: two locked pieces remain.
     let un = setlk(&fd, libc::F_SETLK, libc::F_UNLCK, 100, 100);
-    let parent = unsafe { libc::getpid() };
+    let parent = sys::getpid();
     let child = proc::in_child(|| {
         let fd = rw(&p);
         format!(
@@ -196,28 +187,10 @@ fn flock_posix_independent(c: &Ctx) -> String {
     format!("flock_held={} child_posix_lock={child}", show(&held))
 }
 
-extern "C" fn on_signal(_: libc::c_int) {}
-
 /// In the child: SIGALRM handler without SA_RESTART and a 200 ms timer.
 fn arm_interrupt() {
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = 0;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
-        let t = libc::itimerval {
-            it_interval: libc::timeval {
-                tv_sec: 0,
-                tv_usec: 0,
-            },
-            it_value: libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            },
-        };
-        libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut());
-    }
+    let _ = sys::interrupt_on(libc::SIGALRM);
+    let _ = sys::alarm_after_usec(200_000);
 }
 
 fn setlkw_eintr(c: &Ctx) -> String {

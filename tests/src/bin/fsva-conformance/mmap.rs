@@ -24,6 +24,8 @@ struct Map {
 
 impl Map {
     fn new(fd: &OwnedFd, len: usize, prot: i32, flags: i32) -> sys::Res<Map> {
+        // SAFETY: a null address hint without MAP_FIXED (callers pass only MAP_SHARED or
+        // MAP_PRIVATE) lets the kernel pick fresh pages, so no existing memory is replaced.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, sys::raw(fd), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(sys::errno());
@@ -36,23 +38,30 @@ impl Map {
 
     fn write(&self, off: usize, data: &[u8]) {
         assert!(off + data.len() <= self.len);
+        // SAFETY: `off + data.len() <= len` (asserted), so the destination lies inside the live
+        // mapping, which callers create with PROT_WRITE; a kernel mapping never overlaps `data`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
     }
 
     fn read(&self, off: usize, len: usize) -> Vec<u8> {
         assert!(off + len <= self.len);
         let mut v = vec![0u8; len];
+        // SAFETY: `off + len <= self.len` (asserted), so the source lies inside the live, readable
+        // mapping; `v` is a fresh buffer of `len` bytes that cannot overlap it.
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), v.as_mut_ptr(), len) };
         v
     }
 
     fn msync(&self) -> sys::Res<()> {
+        // SAFETY: `ptr`/`len` are exactly the page-aligned range returned by mmap, still mapped.
         sys::cvt(unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) }).map(drop)
     }
 }
 
 impl Drop for Map {
     fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the range this `Map` mapped; no reference into it
+        // outlives `self`, and drop runs once, so it is unmapped exactly once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }

@@ -16,7 +16,7 @@ pub const CHECKS: &[Check] = &[
 fn mknod_fifo(c: &Ctx) -> String {
     let r = sys::mknod(c.p("p"), libc::S_IFIFO | 0o640, 0);
     let st = sys::lstat(c.p("p"));
-    let mk = sys::cvt(unsafe { libc::mkfifo(sys::cs(c.p("q")).as_ptr(), 0o600) });
+    let mk = sys::mkfifo(c.p("q"), 0o600);
     format!(
         "mknod={} type={} mode={} size={} mkfifo={} type={}",
         show(&r),

@@ -64,10 +64,8 @@ fn fsuid_owner(c: &Ctx) -> String {
     let _ = sys::chmod(&c.dir, 0o777);
     let d = c.dir.clone();
     let obs = proc::in_child(move || {
-        unsafe {
-            libc::setfsgid(OTHER);
-            libc::setfsuid(OTHER);
-        }
+        sys::setfsgid(OTHER);
+        sys::setfsuid(OTHER);
         let f = sys::write_file(d.join("f"), b"");
         let m = sys::mkdir(d.join("d"), 0o755);
         format!("file={} dir={}", show(&f), show(&m))

@@ -64,18 +64,18 @@ fn chmod_special_bits(c: &Ctx) -> String {
 }
 
 fn umask(c: &Ctx) -> String {
-    let old = unsafe { libc::umask(0o027) };
+    let old = sys::umask(0o027);
     let f = sys::open(c.p("f"), libc::O_CREAT | libc::O_WRONLY, 0o666);
     let d = sys::mkdir(c.p("d"), 0o777);
     let _ = sys::mknod(c.p("p"), libc::S_IFIFO | 0o666, 0);
-    unsafe { libc::umask(0o000) };
+    sys::umask(0o000);
     let _ = sys::open(c.p("g"), libc::O_CREAT | libc::O_WRONLY, 0o777);
     let _ = sys::mkdir(c.p("e"), 0o1777);
-    unsafe { libc::umask(old) };
+    sys::umask(old);
     let chmod_ignores = {
-        unsafe { libc::umask(0o777) };
+        sys::umask(0o777);
         let r = sys::chmod(c.p("g"), 0o666);
-        unsafe { libc::umask(old) };
+        sys::umask(old);
         r
     };
     format!(

@@ -4,7 +4,6 @@
 //! writes the returned observation into a pipe and `_exit`s; the parent reads it with a
 //! watchdog, killing a child that hangs and reporting `HANG` instead of blocking forever.
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
@@ -30,11 +29,13 @@ pub fn in_child_with(
     after_fork: impl FnOnce(libc::pid_t),
     f: impl FnOnce() -> String,
 ) -> String {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return format!("SETUP_FAILED pipe err={}", sys::errno());
-    }
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (rd, wr) = match sys::pipe() {
+        Ok(ends) => ends,
+        Err(e) => return format!("SETUP_FAILED pipe err={e}"),
+    };
+    // SAFETY: the probe is single-threaded (see the module docs), so the child starts with
+    // consistent heap and lock state; it runs `f`, writes to the pipe and `_exit`s without
+    // returning into the caller's frames.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return format!("SETUP_FAILED fork err={}", sys::errno());
@@ -53,6 +54,8 @@ pub fn in_child_with(
                 Err(_) => break,
             }
         }
+        // SAFETY: _exit takes an integer and never returns; skipping atexit handlers and the
+        // parent's buffered state is intended in a forked child.
         unsafe { libc::_exit(0) };
     }
     drop(wr);
@@ -61,21 +64,14 @@ pub fn in_child_with(
     let mut out = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: sys::raw(&rd),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
-        if n < 0 && sys::errno().0 == libc::EINTR {
-            continue;
-        }
-        if n <= 0 {
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
+        match sys::poll_in(&rd, left.as_millis() as i32) {
+            Err(e) if e.0 == libc::EINTR => continue,
+            Ok(0) | Err(_) => {
+                let _ = sys::kill(pid, libc::SIGKILL);
+                let _ = sys::waitpid(pid);
+                return "HANG".to_string();
             }
-            return "HANG".to_string();
+            Ok(_) => {}
         }
         match sys::read(&rd, 4096) {
             Ok(chunk) if chunk.is_empty() => break,
@@ -84,8 +80,7 @@ pub fn in_child_with(
             Err(_) => break,
         }
     }
-    let mut status = 0;
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let status = sys::waitpid(pid).unwrap_or(0);
     if libc::WIFSIGNALED(status) {
         return format!("CHILD_DIED sig={}", libc::WTERMSIG(status));
     }
@@ -95,17 +90,9 @@ pub fn in_child_with(
 /// Switches the current (child) process to `uid`/`gid` with `gid` as the only
 /// supplementary group.
 pub fn become_user(uid: u32, gid: u32) -> Result<(), String> {
-    unsafe {
-        if libc::setgroups(1, &gid) < 0 {
-            return Err(format!("setgroups err={}", sys::errno()));
-        }
-        if libc::setresgid(gid, gid, gid) < 0 {
-            return Err(format!("setgid err={}", sys::errno()));
-        }
-        if libc::setresuid(uid, uid, uid) < 0 {
-            return Err(format!("setuid err={}", sys::errno()));
-        }
-    }
+    sys::setgroups(&[gid]).map_err(|e| format!("setgroups err={e}"))?;
+    sys::setresgid(gid, gid, gid).map_err(|e| format!("setgid err={e}"))?;
+    sys::setresuid(uid, uid, uid).map_err(|e| format!("setuid err={e}"))?;
     Ok(())
 }
 

@@ -135,28 +135,38 @@ pub fn tick() {
 }
 
 pub fn open(p: impl AsRef<Path>, flags: i32, mode: u32) -> Res<OwnedFd> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive until the end of the
+    // statement; open does not retain the pointer.
     let fd = cvt(unsafe { libc::open(cs(p).as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    // SAFETY: `fd` was just returned by a successful open, so it is a valid descriptor that
+    // nothing else owns; the `OwnedFd` takes over closing it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub fn mkdir(p: impl AsRef<Path>, mode: u32) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::mkdir(cs(p).as_ptr(), mode) }).map(drop)
 }
 
 pub fn rmdir(p: impl AsRef<Path>) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::rmdir(cs(p).as_ptr()) }).map(drop)
 }
 
 pub fn unlink(p: impl AsRef<Path>) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::unlink(cs(p).as_ptr()) }).map(drop)
 }
 
 pub fn rename(a: impl AsRef<Path>, b: impl AsRef<Path>) -> Res<()> {
+    // SAFETY: both paths are NUL-terminated `CString` temporaries alive for the whole call.
     cvt(unsafe { libc::rename(cs(a).as_ptr(), cs(b).as_ptr()) }).map(drop)
 }
 
 pub fn renameat2(a: impl AsRef<Path>, b: impl AsRef<Path>, flags: u32) -> Res<()> {
     let (a, b) = (cs(a), cs(b));
+    // SAFETY: `a` and `b` are NUL-terminated `CString`s that outlive the call; AT_FDCWD is
+    // always a valid dirfd.
     cvt(unsafe {
         libc::renameat2(
             libc::AT_FDCWD,
@@ -170,16 +180,20 @@ pub fn renameat2(a: impl AsRef<Path>, b: impl AsRef<Path>, flags: u32) -> Res<()
 }
 
 pub fn link(a: impl AsRef<Path>, b: impl AsRef<Path>) -> Res<()> {
+    // SAFETY: both paths are NUL-terminated `CString` temporaries alive for the whole call.
     cvt(unsafe { libc::link(cs(a).as_ptr(), cs(b).as_ptr()) }).map(drop)
 }
 
 pub fn symlink(target: &str, p: impl AsRef<Path>) -> Res<()> {
+    // SAFETY: target and path are NUL-terminated `CString` temporaries alive for the call.
     cvt(unsafe { libc::symlink(cstr(target).as_ptr(), cs(p).as_ptr()) }).map(drop)
 }
 
 /// readlink with an explicit buffer size; returns the bytes the kernel filled in.
 pub fn readlink_buf(p: impl AsRef<Path>, size: usize) -> Res<Vec<u8>> {
     let mut buf = vec![0u8; size];
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the call; `buf` is a
+    // writable buffer of exactly `size` bytes and readlink writes at most `size` bytes.
     let n =
         cvt_long(unsafe { libc::readlink(cs(p).as_ptr(), buf.as_mut_ptr().cast(), size) as i64 })?;
     buf.truncate(n as usize);
@@ -191,41 +205,55 @@ pub fn readlink(p: impl AsRef<Path>) -> Res<String> {
 }
 
 pub fn stat(p: impl AsRef<Path>) -> Res<libc::stat> {
+    // SAFETY: `libc::stat` is a plain C struct of integers, so all-zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated `CString` alive for the call; `st` is a valid,
+    // exclusively borrowed `stat` for the kernel to fill in.
     cvt(unsafe { libc::stat(cs(p).as_ptr(), &mut st) })?;
     Ok(st)
 }
 
 pub fn lstat(p: impl AsRef<Path>) -> Res<libc::stat> {
+    // SAFETY: `libc::stat` is a plain C struct of integers, so all-zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated `CString` alive for the call; `st` is a valid,
+    // exclusively borrowed `stat` for the kernel to fill in.
     cvt(unsafe { libc::lstat(cs(p).as_ptr(), &mut st) })?;
     Ok(st)
 }
 
 pub fn fstat(fd: &impl AsRawFd) -> Res<libc::stat> {
+    // SAFETY: `libc::stat` is a plain C struct of integers, so all-zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a borrowed, open descriptor; `st` is a valid, exclusively
+    // borrowed `stat` for the kernel to fill in.
     cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
     Ok(st)
 }
 
 pub fn chmod(p: impl AsRef<Path>, mode: u32) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::chmod(cs(p).as_ptr(), mode) }).map(drop)
 }
 
 /// chown; pass `u32::MAX` to leave a field unchanged.
 pub fn chown(p: impl AsRef<Path>, uid: u32, gid: u32) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::chown(cs(p).as_ptr(), uid, gid) }).map(drop)
 }
 
 pub fn lchown(p: impl AsRef<Path>, uid: u32, gid: u32) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::lchown(cs(p).as_ptr(), uid, gid) }).map(drop)
 }
 
 pub fn truncate(p: impl AsRef<Path>, len: i64) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::truncate(cs(p).as_ptr(), len) }).map(drop)
 }
 
 pub fn ftruncate(fd: &impl AsRawFd, len: i64) -> Res<()> {
+    // SAFETY: plain integer arguments, no pointers involved.
     cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(drop)
 }
 
@@ -239,29 +267,36 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
 
 pub fn utimensat(p: impl AsRef<Path>, times: Option<[libc::timespec; 2]>, flags: i32) -> Res<()> {
     let ptr = times.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the call; `ptr` is
+    // null or points to `times`, an array of two timespecs that outlives the call.
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, cs(p).as_ptr(), ptr, flags) }).map(drop)
 }
 
 pub fn mknod(p: impl AsRef<Path>, mode: u32, dev: u64) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::mknod(cs(p).as_ptr(), mode, dev) }).map(drop)
 }
 
 pub fn access(p: impl AsRef<Path>, mode: i32) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary alive for the whole call.
     cvt(unsafe { libc::access(cs(p).as_ptr(), mode) }).map(drop)
 }
 
 pub fn write(fd: &impl AsRawFd, buf: &[u8]) -> Res<usize> {
+    // SAFETY: `buf` is a live slice, readable for `buf.len()` bytes during the call.
     cvt_long(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) as i64 })
         .map(|n| n as usize)
 }
 
 pub fn pwrite(fd: &impl AsRawFd, buf: &[u8], off: i64) -> Res<usize> {
+    // SAFETY: `buf` is a live slice, readable for `buf.len()` bytes during the call.
     cvt_long(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off) as i64 })
         .map(|n| n as usize)
 }
 
 pub fn read(fd: &impl AsRawFd, len: usize) -> Res<Vec<u8>> {
     let mut buf = vec![0u8; len];
+    // SAFETY: `buf` is an owned, writable buffer of exactly `len` bytes.
     let n = cvt_long(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), len) as i64 })?;
     buf.truncate(n as usize);
     Ok(buf)
@@ -269,6 +304,7 @@ pub fn read(fd: &impl AsRawFd, len: usize) -> Res<Vec<u8>> {
 
 pub fn pread(fd: &impl AsRawFd, len: usize, off: i64) -> Res<Vec<u8>> {
     let mut buf = vec![0u8; len];
+    // SAFETY: `buf` is an owned, writable buffer of exactly `len` bytes.
     let n =
         cvt_long(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), len, off) as i64 })?;
     buf.truncate(n as usize);
@@ -304,18 +340,22 @@ pub fn read_fd_all(fd: &impl AsRawFd) -> Res<Vec<u8>> {
 }
 
 pub fn lseek(fd: &impl AsRawFd, off: i64, whence: i32) -> Res<i64> {
+    // SAFETY: plain integer arguments, no pointers involved.
     cvt_long(unsafe { libc::lseek(fd.as_raw_fd(), off, whence) })
 }
 
 pub fn fsync(fd: &impl AsRawFd) -> Res<()> {
+    // SAFETY: plain integer argument, no pointers involved.
     cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
 }
 
 pub fn fdatasync(fd: &impl AsRawFd) -> Res<()> {
+    // SAFETY: plain integer argument, no pointers involved.
     cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) }).map(drop)
 }
 
 pub fn fallocate(fd: &impl AsRawFd, mode: i32, off: i64, len: i64) -> Res<()> {
+    // SAFETY: plain integer arguments, no pointers involved.
     cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off, len) }).map(drop)
 }
 
@@ -328,6 +368,8 @@ pub fn copy_file_range(
     len: usize,
 ) -> Res<usize> {
     let (mut so, mut d) = (src_off, dst_off);
+    // SAFETY: `so` and `d` are live local i64s the kernel may update; the remaining arguments
+    // are integers and flags=0, matching the copy_file_range(2) signature.
     let r = unsafe {
         libc::syscall(
             libc::SYS_copy_file_range,
@@ -343,25 +385,36 @@ pub fn copy_file_range(
 }
 
 pub fn statfs(p: impl AsRef<Path>) -> Res<libc::statfs> {
+    // SAFETY: `libc::statfs` is a plain C struct of integers, so all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated `CString` alive for the call; `st` is a valid,
+    // exclusively borrowed `statfs` for the kernel to fill in.
     cvt(unsafe { libc::statfs(cs(p).as_ptr(), &mut st) })?;
     Ok(st)
 }
 
 pub fn statvfs(p: impl AsRef<Path>) -> Res<libc::statvfs> {
+    // SAFETY: `libc::statvfs` is a plain C struct of integers, so all-zero bytes are a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated `CString` alive for the call; `st` is a valid,
+    // exclusively borrowed `statvfs` for the kernel to fill in.
     cvt(unsafe { libc::statvfs(cs(p).as_ptr(), &mut st) })?;
     Ok(st)
 }
 
 pub fn statx(p: impl AsRef<Path>, flags: i32, mask: u32) -> Res<libc::statx> {
+    // SAFETY: `libc::statx` is a plain C struct of integers, so all-zero bytes are a valid value.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated `CString` alive for the call; `st` is a valid,
+    // exclusively borrowed `statx` for the kernel to fill in.
     cvt(unsafe { libc::statx(libc::AT_FDCWD, cs(p).as_ptr(), flags, mask, &mut st) })?;
     Ok(st)
 }
 
 pub fn setxattr(p: impl AsRef<Path>, name: &str, val: &[u8], flags: i32) -> Res<()> {
     let (p, n) = (cs(p), cstr(name));
+    // SAFETY: `p` and `n` are NUL-terminated `CString`s alive for the call; `val` is a live
+    // slice readable for `val.len()` bytes.
     cvt(unsafe {
         libc::setxattr(
             p.as_ptr(),
@@ -376,6 +429,8 @@ pub fn setxattr(p: impl AsRef<Path>, name: &str, val: &[u8], flags: i32) -> Res<
 
 pub fn lsetxattr(p: impl AsRef<Path>, name: &str, val: &[u8], flags: i32) -> Res<()> {
     let (p, n) = (cs(p), cstr(name));
+    // SAFETY: `p` and `n` are NUL-terminated `CString`s alive for the call; `val` is a live
+    // slice readable for `val.len()` bytes.
     cvt(unsafe {
         libc::lsetxattr(
             p.as_ptr(),
@@ -398,6 +453,8 @@ pub fn getxattr(p: impl AsRef<Path>, name: &str, size: usize) -> Res<Vec<u8>> {
     } else {
         buf.as_mut_ptr().cast()
     };
+    // SAFETY: `p` and `n` are NUL-terminated `CString`s alive for the call; `ptr` is null with
+    // size 0 (size query) or points to `buf`, which is writable for exactly `size` bytes.
     let r = cvt_long(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), ptr, size) as i64 })?;
     buf.resize(r as usize, 0);
     Ok(buf)
@@ -407,6 +464,8 @@ pub fn getxattr(p: impl AsRef<Path>, name: &str, size: usize) -> Res<Vec<u8>> {
 pub fn listxattr(p: impl AsRef<Path>) -> Res<Vec<String>> {
     let p = cs(p);
     let mut buf = vec![0u8; 65536];
+    // SAFETY: `p` is a NUL-terminated `CString` alive for the call; `buf` is writable for
+    // `buf.len()` bytes, the size passed.
     let r = cvt_long(unsafe {
         libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) as i64
     })?;
@@ -429,11 +488,14 @@ pub fn listxattr_size(p: impl AsRef<Path>, size: usize) -> Res<usize> {
     } else {
         buf.as_mut_ptr().cast()
     };
+    // SAFETY: `p` is a NUL-terminated `CString` alive for the call; `ptr` is null with size 0
+    // or points to `buf`, which holds `size.max(1)` >= `size` writable bytes.
     cvt_long(unsafe { libc::listxattr(p.as_ptr(), ptr, size) as i64 }).map(|n| n as usize)
 }
 
 pub fn removexattr(p: impl AsRef<Path>, name: &str) -> Res<()> {
     let (p, n) = (cs(p), cstr(name));
+    // SAFETY: `p` and `n` are NUL-terminated `CString`s alive for the call.
     cvt(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) }).map(drop)
 }
 
@@ -480,9 +542,210 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 pub fn geteuid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
     unsafe { libc::geteuid() }
 }
 
 pub fn getegid() -> u32 {
+    // SAFETY: getegid takes no arguments and cannot fail.
     unsafe { libc::getegid() }
+}
+
+/// Sets the process umask; returns the previous one.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask takes an integer, cannot fail and touches no memory of ours.
+    unsafe { libc::umask(mask) }
+}
+
+pub fn getpid() -> libc::pid_t {
+    // SAFETY: getpid takes no arguments and cannot fail.
+    unsafe { libc::getpid() }
+}
+
+pub fn mkfifo(p: impl AsRef<Path>, mode: u32) -> Res<()> {
+    // SAFETY: the path is a NUL-terminated `CString` temporary that lives until the end of the
+    // statement.
+    cvt(unsafe { libc::mkfifo(cs(p).as_ptr(), mode) }).map(drop)
+}
+
+/// linkat with both paths relative to the current directory.
+pub fn linkat(a: impl AsRef<Path>, b: impl AsRef<Path>, flags: i32) -> Res<()> {
+    // SAFETY: both paths are NUL-terminated `CString` temporaries alive for the whole call;
+    // AT_FDCWD is always a valid dirfd.
+    cvt(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            cs(a).as_ptr(),
+            libc::AT_FDCWD,
+            cs(b).as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// dup(2): a second, independently owned descriptor for the same open file.
+pub fn dup(fd: &impl AsRawFd) -> Res<OwnedFd> {
+    // SAFETY: plain integer argument; `fd` is borrowed, so it stays open during the call.
+    let new = cvt(unsafe { libc::dup(fd.as_raw_fd()) })?;
+    // SAFETY: `new` was just returned by a successful dup, so it is a valid descriptor that
+    // nothing else owns; the `OwnedFd` takes over closing it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Closes `fd` explicitly and reports close(2)'s result (dropping an `OwnedFd` ignores it).
+pub fn close(fd: OwnedFd) -> Res<()> {
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    // SAFETY: `raw` came from an `OwnedFd` we consumed, so we are its sole owner and it is
+    // closed exactly once.
+    cvt(unsafe { libc::close(raw) }).map(drop)
+}
+
+/// getdents64(2) into `buf`; returns the number of bytes filled in (0 = end of directory).
+pub fn getdents64(fd: &impl AsRawFd, buf: &mut [u8]) -> Res<usize> {
+    // SAFETY: `buf` is an exclusively borrowed buffer writable for `buf.len()` bytes, the size
+    // passed to the kernel.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            fd.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    })
+    .map(|n| n as usize)
+}
+
+/// A `struct flock` describing `kind` (F_RDLCK/F_WRLCK/F_UNLCK) on `start..start+len`.
+pub fn lock_range(kind: i32, start: i64, len: i64) -> libc::flock {
+    // SAFETY: `libc::flock` is a plain C struct of integers, so all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    fl
+}
+
+/// fcntl(2) with a record-lock command (F_GETLK, F_SETLK, F_SETLKW or their OFD variants).
+pub fn fcntl_lock(fd: &impl AsRawFd, cmd: i32, fl: &mut libc::flock) -> Res<()> {
+    assert!(matches!(
+        cmd,
+        libc::F_GETLK
+            | libc::F_SETLK
+            | libc::F_SETLKW
+            | libc::F_OFD_GETLK
+            | libc::F_OFD_SETLK
+            | libc::F_OFD_SETLKW
+    ));
+    // SAFETY: `cmd` is a lock command (asserted above), whose third argument is a pointer to a
+    // `struct flock`; `fl` is a valid, exclusively borrowed one the kernel may read or fill in.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), cmd, fl as *mut libc::flock) }).map(drop)
+}
+
+/// flock(2).
+pub fn flock(fd: &impl AsRawFd, op: i32) -> Res<()> {
+    // SAFETY: plain integer arguments, no pointers involved.
+    cvt(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Installs a handler that does nothing for `sig`, without SA_RESTART, so that the signal
+/// interrupts blocking system calls with EINTR instead of killing the process.
+pub fn interrupt_on(sig: i32) -> Res<()> {
+    // SAFETY: `libc::sigaction` is a plain C struct, so all-zero bytes are a valid value.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = ignore_signal as *const () as usize;
+    sa.sa_flags = 0;
+    // SAFETY: `sa.sa_mask` is a valid, exclusively borrowed sigset_t.
+    unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+    // SAFETY: `sa` is a fully initialised sigaction that outlives the call; the old action is
+    // not requested (null). The handler is empty, hence trivially async-signal-safe.
+    cvt(unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) }).map(drop)
+}
+
+/// Arms the one-shot real-time interval timer (SIGALRM) to fire after `usec` microseconds.
+pub fn alarm_after_usec(usec: i64) -> Res<()> {
+    let t = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: libc::timeval {
+            tv_sec: 0,
+            tv_usec: usec,
+        },
+    };
+    // SAFETY: `t` is a valid itimerval that outlives the call; the old value is not requested.
+    cvt(unsafe { libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut()) }).map(drop)
+}
+
+/// setfsuid(2); returns the previous filesystem uid.
+pub fn setfsuid(uid: u32) -> i32 {
+    // SAFETY: plain integer argument; it only changes this process's credentials.
+    unsafe { libc::setfsuid(uid) }
+}
+
+/// setfsgid(2); returns the previous filesystem gid.
+pub fn setfsgid(gid: u32) -> i32 {
+    // SAFETY: plain integer argument; it only changes this process's credentials.
+    unsafe { libc::setfsgid(gid) }
+}
+
+pub fn setgroups(groups: &[u32]) -> Res<()> {
+    // SAFETY: `groups` is a live slice of `groups.len()` gid_t values.
+    cvt(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) }).map(drop)
+}
+
+pub fn setresgid(r: u32, e: u32, s: u32) -> Res<()> {
+    // SAFETY: plain integer arguments, no pointers involved.
+    cvt(unsafe { libc::setresgid(r, e, s) }).map(drop)
+}
+
+pub fn setresuid(r: u32, e: u32, s: u32) -> Res<()> {
+    // SAFETY: plain integer arguments, no pointers involved.
+    cvt(unsafe { libc::setresuid(r, e, s) }).map(drop)
+}
+
+/// clock_gettime(2); on failure the result stays zero.
+pub fn clock_gettime(clock: libc::clockid_t) -> libc::timespec {
+    let mut t = ts(0, 0);
+    // SAFETY: `t` is a valid, exclusively borrowed timespec for the kernel to fill in.
+    unsafe { libc::clock_gettime(clock, &mut t) };
+    t
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> Res<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a writable array of two c_ints, as pipe2 requires.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both entries are fresh descriptors that nothing else owns;
+    // each `OwnedFd` takes over closing one of them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// poll(2) for readability of one descriptor; returns the number of ready descriptors.
+pub fn poll_in(fd: &impl AsRawFd, timeout_ms: i32) -> Res<i32> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid, exclusively borrowed array of exactly one pollfd.
+    cvt(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })
+}
+
+pub fn kill(pid: libc::pid_t, sig: i32) -> Res<()> {
+    // SAFETY: plain integer arguments, no pointers involved.
+    cvt(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// waitpid(2) without options; returns the wait status.
+pub fn waitpid(pid: libc::pid_t) -> Res<i32> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid, exclusively borrowed c_int for the kernel to fill in.
+    cvt(unsafe { libc::waitpid(pid, &mut status, 0) })?;
+    Ok(status)
 }

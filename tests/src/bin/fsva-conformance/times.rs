@@ -147,8 +147,7 @@ fn utimens_exact(c: &Ctx) -> String {
 }
 
 fn now() -> (i64, i64) {
-    let mut t = sys::ts(0, 0);
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
+    let t = sys::clock_gettime(libc::CLOCK_REALTIME);
     (t.tv_sec, t.tv_nsec)
 }
 
