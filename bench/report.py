@@ -116,9 +116,9 @@ def main():
         return None
     for key, title in (
             ("extract", "extract the tree (tar -x of an uncompressed tar, tarball in page cache, no sync)"),
-            ("find", "`find | wc -l`, cold caches (median)"),
-            ("du", "`du -s`, cold caches (median)"),
-            ("cat", "`find -type f -exec cat {} +`, cold caches (median)")):
+            ("find", "`find | wc -l`, cold caches"),
+            ("du", "`du -s`, cold caches"),
+            ("cat", "`find -type f -exec cat {} +`, cold caches")):
         doc += "\n" + table(f"Macro, {macro_files} files: {title}", "s", f"macro_{key}",
                              data, targets, LAT, fmt="{:,.3f}", invalid=invalid)
     print(doc)
