@@ -11,31 +11,13 @@ source "$(dirname "$0")/lib.sh"
 parse_args "$@"
 trap cleanup_work EXIT
 
-SRC_ROOT="$CACHE/fuse3-src"
 BIN_DIR="$CACHE/test_syscalls"
 BIN="$BIN_DIR/test_syscalls"
 
 # ---- install (idempotent) ----
-find_src() { ls -d "$SRC_ROOT"/fuse3-*/test/test_syscalls.c 2>/dev/null | sort -V | tail -n 1; }
-if [ -z "$(find_src)" ]; then
-    command -v dpkg-source >/dev/null || apt_install dpkg-source dpkg-dev
-    if ! apt-get source --print-uris fuse3 >/dev/null 2>&1; then
-        log "adding a deb-src entry for Debian bookworm"
-        cat > /etc/apt/sources.list.d/fsva-deb-src.sources <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-        apt-get update -q >&2
-    fi
-    mkdir -p "$SRC_ROOT"
-    log "apt-get source fuse3 into $SRC_ROOT"
-    (cd "$SRC_ROOT" && apt-get source -q fuse3 >&2)
-fi
-SRC="$(find_src)"
-[ -n "$SRC" ] || die "fuse3 source not found under $SRC_ROOT"
+FUSE3_SRC="$("$REPO_ROOT/scripts/fuse3-source.sh")" || die "could not get Debian's fuse3 source"
+SRC="$FUSE3_SRC/test/test_syscalls.c"
+[ -f "$SRC" ] || die "$SRC is missing from the fuse3 source"
 if [ ! -x "$BIN" ] || [ "$SRC" -nt "$BIN" ]; then
     command -v gcc >/dev/null || apt_install gcc gcc libc6-dev
     mkdir -p "$BIN_DIR"
