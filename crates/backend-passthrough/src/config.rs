@@ -1,12 +1,29 @@
 //! What a passthrough backend is built from, and what can go wrong building it.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+/// Creates device nodes for the backend when its own credentials cannot: an appliance
+/// in a user namespace holds CAP_MKNOD only there, and the host's file system wants it
+/// in the initial namespace. The appliance's supervisor implements this.
+pub trait DeviceNodes: Send + Sync {
+    /// Creates `name` in `dir` as `mknodat` would for a root caller whose group is
+    /// `gid` and umask `umask`.
+    fn make_device(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u64,
+        gid: u32,
+    ) -> io::Result<()>;
+}
+
 /// Configuration of [`crate::PassthroughFs`].
-#[derive(Debug)]
 pub struct PassthroughConfig {
     /// `O_PATH | O_DIRECTORY` descriptor of the export (inside the sandbox: "/").
     pub root: OwnedFd,
@@ -17,6 +34,20 @@ pub struct PassthroughConfig {
     pub entry_ttl: Duration,
     /// How long the kernel may trust attributes.
     pub attr_ttl: Duration,
+    /// Who makes device nodes when this process cannot; `None` makes them itself.
+    pub device_nodes: Option<Arc<dyn DeviceNodes>>,
+}
+
+impl std::fmt::Debug for PassthroughConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassthroughConfig")
+            .field("root", &self.root)
+            .field("proc_self_fd", &self.proc_self_fd)
+            .field("entry_ttl", &self.entry_ttl)
+            .field("attr_ttl", &self.attr_ttl)
+            .field("device_nodes", &self.device_nodes.is_some())
+            .finish()
+    }
 }
 
 impl PassthroughConfig {
@@ -28,6 +59,7 @@ impl PassthroughConfig {
             proc_self_fd: None,
             entry_ttl: Duration::from_secs(1),
             attr_ttl: Duration::from_secs(1),
+            device_nodes: None,
         }
     }
 

@@ -38,7 +38,7 @@ use fsva_appliance::{
 };
 use fsva_protocol::abi::{self, fattr, init_flags as f, ROOT_ID};
 
-pub use config::{open_dir_path, PassthroughConfig, PassthroughError};
+pub use config::{open_dir_path, DeviceNodes, PassthroughConfig, PassthroughError};
 use creds::{Caller, CredGuard};
 use dir::DirStream;
 use handle::{Handle, HandleTable};
@@ -62,6 +62,8 @@ pub struct PassthroughFs {
     attr_ttl: Duration,
     /// Supplementary groups of the appliance, restored after a creating operation.
     base_groups: Vec<libc::gid_t>,
+    /// Who makes device nodes when this process cannot.
+    device_nodes: Option<std::sync::Arc<dyn DeviceNodes>>,
 }
 
 fn key_of(stx: &libc::statx) -> InodeKey {
@@ -116,6 +118,7 @@ impl PassthroughFs {
             entry_ttl: config.entry_ttl,
             attr_ttl: config.attr_ttl,
             base_groups: creds::current_groups(),
+            device_nodes: config.device_nodes,
         })
     }
 
@@ -536,6 +539,27 @@ impl Filesystem for PassthroughFs {
     ) -> Result<Entry> {
         let p = self.node(parent)?;
         let c = cname(name)?;
+        let kind = mode & libc::S_IFMT;
+        // A whiteout (character device 0:0) needs no privilege; other devices do.
+        let device = kind == libc::S_IFBLK || (kind == libc::S_IFCHR && rdev != 0);
+        if let (true, Some(maker)) = (device, &self.device_nodes) {
+            // Only a privileged caller may make devices; root stands for one, as for
+            // every FUSE file system (the request carries no capabilities).
+            if ctx.uid != 0 {
+                return Err(Errno(libc::EPERM));
+            }
+            maker
+                .make_device(
+                    p.fd(),
+                    name.as_bytes(),
+                    mode,
+                    umask,
+                    attr::decode_dev(rdev),
+                    ctx.gid,
+                )
+                .map_err(Errno::from)?;
+            return Ok(self.do_lookup(&p, name)?);
+        }
         self.as_caller(ctx, Some(umask), |g| {
             // SAFETY: C string name relative to the parent's descriptor.
             cvt(unsafe {

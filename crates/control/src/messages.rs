@@ -79,32 +79,47 @@ pub struct StartConfig {
     pub sandbox: SandboxKind,
     /// `tracing` filter for the appliance's log.
     pub log_filter: String,
-    /// The supervisor registers FUSE passthrough backing files for this appliance: the
-    /// last descriptor of `Start` is then a link for [`BackingRequest`]s.
-    pub backing_link: bool,
+    /// The supervisor does privileged work for this appliance: the last descriptor of
+    /// `Start` is then a link for [`BrokerRequest`]s.
+    pub broker_link: bool,
+    /// The broker registers FUSE passthrough backing files (needs `broker_link`).
+    pub backing_files: bool,
+    /// The broker creates device nodes in the export (needs `broker_link`).
+    pub device_nodes: bool,
     /// Most bytes of file data the appliance may keep in memory (`--cache-budget`).
     pub cache_budget: Option<u64>,
 }
 
-/// Appliance → supervisor, on the backing link: register or drop a FUSE passthrough
-/// backing file (`FUSE_DEV_IOC_BACKING_OPEN` needs CAP_SYS_ADMIN in the initial user
-/// namespace, which the appliance must not hold).
+/// Appliance → supervisor, on the broker link: the few operations that need a
+/// capability in the initial user namespace, which the appliance must not hold.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum BackingRequest {
-    /// Register the file attached to this message.
-    Open,
-    /// Drop a registration.
-    Close { id: i32 },
+pub enum BrokerRequest {
+    /// Register the file attached to this message as a FUSE passthrough backing file
+    /// (`FUSE_DEV_IOC_BACKING_OPEN` needs CAP_SYS_ADMIN).
+    OpenBacking,
+    /// Drop a backing-file registration.
+    CloseBacking { id: i32 },
+    /// Create a character or block device node `name` in the directory attached to
+    /// this message (`mknod` of a device needs CAP_MKNOD), for a caller with group
+    /// `gid` and `umask` (applied by the kernel, which knows about default ACLs).
+    MakeDevice {
+        name: Vec<u8>,
+        mode: u32,
+        umask: u32,
+        rdev: u64,
+        gid: u32,
+    },
 }
 
-/// Supervisor → appliance, on the backing link.
+/// Supervisor → appliance, on the broker link.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum BackingReply {
-    Opened {
+pub enum BrokerReply {
+    BackingOpened {
         id: i32,
     },
-    Closed,
-    /// Not registered: the file failed a check or the kernel refused.
+    BackingClosed,
+    DeviceMade,
+    /// Not done: the request failed a check or the kernel refused.
     Refused {
         errno: i32,
         reason: String,

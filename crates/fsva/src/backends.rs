@@ -33,11 +33,13 @@ pub fn parse_spec(s: &str) -> anyhow::Result<BackendSpec> {
 }
 
 /// Instantiates the backend inside the appliance. `root` is the export opened before
-/// (or after) entering the sandbox; `proc_self_fd` the appliance's /proc/self/fd.
+/// (or after) entering the sandbox; `proc_self_fd` the appliance's /proc/self/fd;
+/// `device_nodes` who makes device nodes for a passthrough backend that cannot.
 pub fn build(
     spec: &BackendSpec,
     root: Option<OwnedFd>,
     proc_self_fd: Option<OwnedFd>,
+    device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
     match spec {
         BackendSpec::Mem { capacity } => {
@@ -57,6 +59,7 @@ pub fn build(
             let root = root.with_context(|| format!("opening the export {}", path.display()))?;
             let config = fsva_backend_passthrough::PassthroughConfig {
                 proc_self_fd,
+                device_nodes,
                 ..fsva_backend_passthrough::PassthroughConfig::new(root)
             };
             let fs = fsva_backend_passthrough::PassthroughFs::new(config)

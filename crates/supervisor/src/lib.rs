@@ -2,7 +2,8 @@
 //!
 //! It owns everything the user's side must keep whatever the appliance does: the mount
 //! ([`mount`]), the `/dev/fuse` session and every clone of it, the appliance process
-//! ([`appliance`]), FUSE passthrough registrations on its behalf ([`backing`]), the
+//! ([`appliance`]), the privileged operations it does on the appliance's behalf
+//! ([`broker`]: FUSE passthrough registrations checked by [`backing`], device nodes), the
 //! relay for stream channels ([`bridge`]), the appliance's memory cgroup that enforces
 //! its cache budget ([`cgroup`]), the fallback that answers
 //! requests with errors once an appliance is gone ([`fallback`]), the per-mount runtime
@@ -14,6 +15,7 @@
 pub mod appliance;
 pub mod backing;
 pub mod bridge;
+pub mod broker;
 pub mod cgroup;
 pub mod fallback;
 pub mod mount;

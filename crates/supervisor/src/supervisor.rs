@@ -8,7 +8,7 @@
 //! the mount so that in-flight requests survive an appliance's death.
 
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -135,7 +135,9 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         },
         sandbox: req.sandbox,
         log_filter: req.log_filter.clone(),
-        backing_link: offers_backing_files(&req),
+        broker_link: needs_broker(&req),
+        backing_files: offers_backing_files(&req),
+        device_nodes: brokers_device_nodes(&req),
         cache_budget: req.cache_budget,
     };
     // The budget is enforced by the kernel on the appliance's memory cgroup, with room
@@ -154,26 +156,13 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     let cgroup_procs = cgroup.as_ref().map(|c| c.procs_file());
     let backing_files = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let data_path = data_path(&req);
-    let backing_link = if offers_backing_files(&req) {
+    let broker_link = if needs_broker(&req) {
         let (ours, theirs) = Link::pair()?;
-        let allowed = match &req.backend {
-            BackendSpec::Mem { .. } => crate::backing::Allowed::Memfd,
-            BackendSpec::Passthrough { path } => {
-                let st = rustix::fs::stat(path).map_err(|e| SupervisorError::Io {
-                    what: format!("inspecting {}", path.display()),
-                    source: e.into(),
-                })?;
-                crate::backing::Allowed::ExportDevice(st.st_dev)
-            }
-        };
-        let session_dup = session
-            .try_clone()
-            .map_err(io_err("duplicating the session descriptor"))?;
-        let live = backing_files.clone();
+        let scope = broker_scope(&req, session.as_fd(), backing_files.clone())?;
         std::thread::Builder::new()
-            .name("fsva-backing".into())
-            .spawn(move || crate::backing::serve(ours, session_dup, allowed, live))
-            .map_err(io_err("spawning the backing-file thread"))?;
+            .name("fsva-broker".into())
+            .spawn(move || crate::broker::serve(ours, scope))
+            .map_err(io_err("spawning the broker thread"))?;
         Some(theirs)
     } else {
         None
@@ -183,7 +172,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     let (appliance, child) = match req.channel {
         ChannelKind::Fusedev => {
             let mut fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
-            fds.extend(backing_link.as_ref().map(|l| l.as_fd()));
+            fds.extend(broker_link.as_ref().map(|l| l.as_fd()));
             Appliance::start(
                 &req.exe,
                 &config,
@@ -196,7 +185,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             let (ours, theirs) =
                 UnixStream::pair().map_err(io_err("creating the stream channel"))?;
             let mut fds = vec![theirs.as_fd()];
-            fds.extend(backing_link.as_ref().map(|l| l.as_fd()));
+            fds.extend(broker_link.as_ref().map(|l| l.as_fd()));
             let started = Appliance::start(
                 &req.exe,
                 &config,
@@ -222,8 +211,8 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             started
         }
     };
-    // Only the appliance holds its end now: when it dies the backing thread sees EOF.
-    drop(backing_link);
+    // Only the appliance holds its end now: when it dies the broker thread sees EOF.
+    drop(broker_link);
     tracing::info!(pid = appliance.pid, backend = %req.backend, channel = %req.channel, sandbox = %req.sandbox, "appliance serving");
 
     let exited = Arc::new(std::sync::Mutex::new(None::<String>));
@@ -474,6 +463,71 @@ fn set_cache_budget(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Whether this mount's appliance gets a broker link (see [`crate::broker`]).
+fn needs_broker(req: &MountRequest) -> bool {
+    offers_backing_files(req) || brokers_device_nodes(req)
+}
+
+/// A root user's passthrough appliance has its device nodes made by the broker: in its
+/// user namespace CAP_MKNOD does not reach the host's file system.
+fn brokers_device_nodes(req: &MountRequest) -> bool {
+    matches!(req.backend, BackendSpec::Passthrough { .. })
+        && req.sandbox == SandboxKind::Namespaces
+        && rustix::process::geteuid().is_root()
+}
+
+/// What this mount's broker may do for its appliance.
+fn broker_scope(
+    req: &MountRequest,
+    session: BorrowedFd<'_>,
+    live_backing: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<crate::broker::BrokerScope, SupervisorError> {
+    let export = match &req.backend {
+        BackendSpec::Passthrough { path } => Some(
+            rustix::fs::open(
+                path,
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| SupervisorError::Io {
+                what: format!("opening the export {}", path.display()),
+                source: e.into(),
+            })?,
+        ),
+        BackendSpec::Mem { .. } => None,
+    };
+    let backing = if offers_backing_files(req) {
+        let allowed = match &export {
+            Some(dir) => crate::backing::Allowed::ExportDevice(
+                rustix::fs::fstat(dir)
+                    .map_err(|e| SupervisorError::Io {
+                        what: "inspecting the export".into(),
+                        source: e.into(),
+                    })?
+                    .st_dev,
+            ),
+            None => crate::backing::Allowed::Memfd,
+        };
+        let session = rustix::io::fcntl_dupfd_cloexec(session, 0)
+            .map_err(|e| io_err("duplicating the session descriptor")(e.into()))?;
+        Some((session, allowed))
+    } else {
+        None
+    };
+    let devices_in = if brokers_device_nodes(req) {
+        export
+    } else {
+        None
+    };
+    Ok(crate::broker::BrokerScope {
+        backing,
+        devices_in,
+        live_backing,
+    })
 }
 
 /// Whether this mount's appliance gets a backing link for FUSE passthrough.

@@ -16,7 +16,7 @@ use fsva_channel::fusedev::FuseDev;
 use fsva_channel::stream::StreamChannel;
 use fsva_channel::Channel;
 use fsva_control::{
-    ApplianceStats, BackendSpec, BackingReply, BackingRequest, ChannelKind, Link, SandboxKind,
+    ApplianceStats, BackendSpec, BrokerReply, BrokerRequest, ChannelKind, Link, SandboxKind,
     StartConfig, ToAppliance, ToSupervisor,
 };
 use fsva_sandbox::{RootSpec, SandboxConfig, SeccompMode};
@@ -86,17 +86,13 @@ fn sandbox_config(backend: &BackendSpec) -> SandboxConfig {
     let mut c = SandboxConfig::new(root);
     c.keep_caps = caps;
     c.open_proc_self_fd = proc_fd;
-    if matches!(backend, BackendSpec::Passthrough { .. }) && rustix::process::geteuid().is_root() {
-        // A root user's passthrough mount behaves as the native file system does for
-        // root only if the appliance holds the file-server capabilities in the initial
-        // user namespace (device nodes need CAP_MKNOD there), as virtiofsd does when run
-        // as root. The walls stay: mount, pid, net, ipc and uts namespaces, the export as
-        // `/` mounted nodev inside, seccomp (no mount, no open_by_handle_at, no sockets).
-        // File capabilities are not kept: an appliance must not mint privileged binaries.
-        c.user_namespace = false;
-        c.keep_caps
-            .retain(|cap| *cap != fsva_sandbox::Capability::Setfcap);
-    }
+    // Every appliance, root's passthrough included, lives in its own user namespace
+    // (root's maps every id onto itself, so ownership works as on the host). What needs
+    // a capability the host honours — device nodes, backing files — the supervisor's
+    // broker does after checking it. File capabilities are never kept: in a namespace
+    // whose root is the host's root, an appliance must not mint privileged binaries.
+    c.keep_caps
+        .retain(|cap| *cap != fsva_sandbox::Capability::Setfcap);
     c.seccomp = match std::env::var("FSVA_SECCOMP").as_deref() {
         Ok("log") => SeccompMode::Log,
         Ok("off") => SeccompMode::Off,
@@ -129,30 +125,63 @@ fn open_export_inside(backend: &BackendSpec) -> anyhow::Result<Option<OwnedFd>> 
     }
 }
 
-/// Backing-file registration through the supervisor (see `fsva_supervisor::backing`).
-struct SupervisorBacking {
+/// The appliance's side of the supervisor's privilege broker (`fsva_supervisor::broker`):
+/// backing-file registration and device nodes, one request at a time.
+struct SupervisorBroker {
     link: std::sync::Mutex<Link>,
 }
 
-impl fsva_appliance::BackingFiles for SupervisorBacking {
-    fn open(&self, file: std::os::fd::BorrowedFd<'_>) -> std::io::Result<i32> {
+impl SupervisorBroker {
+    fn call(
+        &self,
+        request: &BrokerRequest,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::io::Result<BrokerReply> {
         let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        link.send(&BackingRequest::Open, &[file])
-            .map_err(std::io::Error::other)?;
-        match link.recv::<BackingReply>().map_err(std::io::Error::other)? {
-            (BackingReply::Opened { id }, _) => Ok(id),
-            (BackingReply::Refused { errno, reason }, _) => Err(std::io::Error::new(
-                std::io::Error::from_raw_os_error(errno).kind(),
-                reason,
-            )),
-            (other, _) => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
+        link.send(request, fds).map_err(std::io::Error::other)?;
+        match link.recv::<BrokerReply>().map_err(std::io::Error::other)? {
+            (BrokerReply::Refused { errno, reason }, _) => {
+                tracing::debug!(?request, reason, "the supervisor refused");
+                Err(std::io::Error::from_raw_os_error(errno))
+            }
+            (reply, _) => Ok(reply),
+        }
+    }
+}
+
+impl fsva_appliance::BackingFiles for SupervisorBroker {
+    fn open(&self, file: std::os::fd::BorrowedFd<'_>) -> std::io::Result<i32> {
+        match self.call(&BrokerRequest::OpenBacking, &[file])? {
+            BrokerReply::BackingOpened { id } => Ok(id),
+            other => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
         }
     }
 
     fn close(&self, id: i32) {
-        let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        if link.send(&BackingRequest::Close { id }, &[]).is_ok() {
-            let _ = link.recv::<BackingReply>();
+        let _ = self.call(&BrokerRequest::CloseBacking { id }, &[]);
+    }
+}
+
+impl fsva_backend_passthrough::DeviceNodes for SupervisorBroker {
+    fn make_device(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u64,
+        gid: u32,
+    ) -> std::io::Result<()> {
+        let request = BrokerRequest::MakeDevice {
+            name: name.to_vec(),
+            mode,
+            umask,
+            rdev,
+            gid,
+        };
+        match self.call(&request, &[dir])? {
+            BrokerReply::DeviceMade => Ok(()),
+            other => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
         }
     }
 }
@@ -164,17 +193,24 @@ fn serve(
     root: Option<OwnedFd>,
     proc_self_fd: Option<OwnedFd>,
 ) -> i32 {
-    let backing: Option<Arc<dyn fsva_appliance::BackingFiles>> = if config.backing_link {
+    let broker = if config.broker_link {
         match fds.pop() {
-            Some(fd) => Some(Arc::new(SupervisorBacking {
+            Some(fd) => Some(Arc::new(SupervisorBroker {
                 link: std::sync::Mutex::new(Link::from_fd(fd)),
             })),
-            None => return fail(link, "the backing link was announced but not passed".into()),
+            None => return fail(link, "the broker link was announced but not passed".into()),
         }
     } else {
         None
     };
-    let fs = match crate::backends::build(&config.backend, root, proc_self_fd) {
+    let backing = broker
+        .clone()
+        .filter(|_| config.backing_files)
+        .map(|b| b as Arc<dyn fsva_appliance::BackingFiles>);
+    let device_nodes = broker
+        .filter(|_| config.device_nodes)
+        .map(|b| b as Arc<dyn fsva_backend_passthrough::DeviceNodes>);
+    let fs = match crate::backends::build(&config.backend, root, proc_self_fd, device_nodes) {
         Ok(fs) => fs,
         Err(e) => return fail(link, format!("{e:#}")),
     };
