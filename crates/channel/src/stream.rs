@@ -6,8 +6,9 @@
 //! never interleave. This module must never trust a length it reads: every frame is
 //! bounds-checked before its body is read.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
 use crate::{Channel, ChannelError};
@@ -48,18 +49,20 @@ pub fn read_frame(
     Ok(Some(len))
 }
 
-/// The appliance's end of a stream channel.
+/// The appliance's end of a stream channel: a connected unix socket, or a character
+/// device that moves bytes the same way (a VM's virtio-serial port).
 #[derive(Debug)]
 pub struct StreamChannel {
-    reader: Mutex<UnixStream>,
-    writer: Mutex<UnixStream>,
+    reader: Mutex<File>,
+    writer: Mutex<File>,
 }
 
 impl StreamChannel {
-    pub fn new(stream: UnixStream) -> io::Result<Self> {
+    pub fn new(stream: impl Into<OwnedFd>) -> io::Result<Self> {
+        let reader = File::from(stream.into());
         Ok(Self {
-            writer: Mutex::new(stream.try_clone()?),
-            reader: Mutex::new(stream),
+            writer: Mutex::new(reader.try_clone()?),
+            reader: Mutex::new(reader),
         })
     }
 }
@@ -86,6 +89,7 @@ impl Channel for StreamChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn frames_round_trip_and_bad_lengths_are_rejected() {

@@ -4,13 +4,17 @@
 //! - [`messages`]: what is said (appliance start-up configuration, readiness, counters,
 //!   status and unmount requests), each wrapped in a versioned envelope;
 //! - [`link`]: how it is carried: one message per `SOCK_SEQPACKET` datagram, encoded with
-//!   postcard, with descriptors attached as `SCM_RIGHTS`.
+//!   postcard, with descriptors attached as `SCM_RIGHTS`;
+//! - [`framed`]: the same messages length-framed over a byte stream, for VM appliances
+//!   reached through a virtio-serial port.
 //!
 //! This crate must never carry FUSE traffic and never act on a message: it only encodes,
 //! decodes and moves them.
 
+pub mod framed;
 pub mod link;
 pub mod messages;
 
+pub use framed::FramedLink;
 pub use link::{Link, LinkError};
 pub use messages::*;

@@ -22,6 +22,13 @@ pub enum BackendSpec {
     Mem { capacity: u64 },
     /// A directory of the appliance's OS, served through system calls.
     Passthrough { path: PathBuf },
+    /// A disk image mounted by a VM appliance's kernel and served by `passthrough`
+    /// over that mount; `fstype` `None` lets the appliance detect it.
+    Image {
+        path: PathBuf,
+        fstype: Option<String>,
+        read_only: bool,
+    },
 }
 
 impl std::fmt::Display for BackendSpec {
@@ -29,6 +36,9 @@ impl std::fmt::Display for BackendSpec {
         match self {
             BackendSpec::Mem { .. } => write!(f, "mem"),
             BackendSpec::Passthrough { path } => write!(f, "passthrough:{}", path.display()),
+            BackendSpec::Image { path, fstype, .. } => {
+                write!(f, "image:{}:{}", fstype.as_deref().unwrap_or("auto"), path.display())
+            }
         }
     }
 }
@@ -58,6 +68,8 @@ pub enum SandboxKind {
     Namespaces,
     /// A plain child process (debugging only).
     None,
+    /// A QEMU virtual machine with its own kernel.
+    Vm,
 }
 
 impl std::fmt::Display for SandboxKind {
@@ -65,6 +77,7 @@ impl std::fmt::Display for SandboxKind {
         f.write_str(match self {
             SandboxKind::Namespaces => "namespaces",
             SandboxKind::None => "none",
+            SandboxKind::Vm => "vm",
         })
     }
 }
@@ -143,6 +156,14 @@ pub enum ToSupervisor {
     /// Serving; `pid` as seen from the host.
     Ready {
         pid: u32,
+    },
+    /// A VM appliance's kernel mounted the image and serves it.
+    VmReady {
+        /// `uname -r` of the appliance's kernel.
+        kernel: String,
+        /// The file system type the kernel mounted the image with.
+        fstype: String,
+        read_only: bool,
     },
     Stats(ApplianceStats),
     CacheBudgetSet,

@@ -66,5 +66,9 @@ pub fn build(
                 .with_context(|| format!("serving {}", path.display()))?;
             Ok(Arc::new(fs))
         }
+        BackendSpec::Image { path, .. } => anyhow::bail!(
+            "{} is a disk image: it is served by a VM appliance (fsva mount --vm), not here",
+            path.display()
+        ),
     }
 }

@@ -29,9 +29,42 @@ pub enum Command {
     Status,
     /// Change a mount's cache budget at run time (it must have been mounted with one).
     Cache(CacheArgs),
+    /// Build or inspect the VM appliance (a kernel and a small initramfs with the fsva
+    /// runtime) that `fsva mount --vm` boots.
+    #[command(subcommand)]
+    Appliance(VmApplianceCommand),
     /// Internal: the appliance process (started by the supervisor).
     #[command(name = "__appliance", hide = true)]
-    Appliance(ApplianceArgs),
+    ApplianceProcess(ApplianceArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmApplianceCommand {
+    /// Assemble the appliance and cache it (done on first use too), then check which
+    /// accelerator boots it.
+    Build(VmBuildArgs),
+    /// Show what the cached appliance contains: kernel, file systems, size, accelerator.
+    Info,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VmBuildArgs {
+    /// The appliance's kernel (default: the newest /boot/vmlinuz-*, from Debian's
+    /// linux-image-amd64).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// The kernel's modules directory, …/lib/modules/RELEASE (default: derived from the
+    /// kernel's name).
+    #[arg(long)]
+    pub modules: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    /// KVM if a probe boot under it works, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,6 +115,26 @@ pub struct MountArgs {
     /// fsva version, or a test's deliberately broken appliance, serve the mount.
     #[arg(long, hide = true, env = "FSVA_APPLIANCE_EXE")]
     pub appliance_exe: Option<PathBuf>,
+    /// Serve a disk image from a VM appliance: its own kernel mounts the image (see
+    /// `fsva appliance`). Needs --image.
+    #[arg(long, requires = "image")]
+    pub vm: bool,
+    /// The disk image a VM appliance mounts.
+    #[arg(long, requires = "vm")]
+    pub image: Option<PathBuf>,
+    /// The image's file system type as the appliance's kernel names it (default:
+    /// detected).
+    #[arg(long, requires = "vm")]
+    pub fstype: Option<String>,
+    /// Mount the image read-only (the disk is attached read-only, too).
+    #[arg(long, requires = "vm")]
+    pub ro: bool,
+    /// Memory of the VM appliance in MiB (default 256, more with --cache-budget).
+    #[arg(long, requires = "vm")]
+    pub vm_memory: Option<u32>,
+    /// How QEMU runs the VM appliance.
+    #[arg(long, value_enum, default_value = "auto", requires = "vm")]
+    pub accel: AccelArg,
     /// Internal: descriptor to report readiness on (used when daemonizing).
     #[arg(long, hide = true)]
     pub ready_fd: Option<i32>,

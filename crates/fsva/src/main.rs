@@ -5,6 +5,7 @@
 mod backends;
 mod cli;
 mod commands;
+mod vm;
 
 use std::process::ExitCode;
 

@@ -4,6 +4,8 @@
 //! __appliance`) with one end of a control [`Link`]; the `Start` message carries the
 //! configuration and the channel descriptors. The appliance dies with its supervisor
 //! (`PR_SET_PDEATHSIG`), so a killed supervisor never leaves an orphan serving a mount.
+//! A VM appliance is a QEMU process instead ([`Appliance::start_vm`]); it is configured
+//! by its kernel command line and talks over a framed control port.
 //! This module does not decide what happens when an appliance dies; the supervisor does.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -13,7 +15,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fsva_control::{ApplianceStats, Link, LinkError, StartConfig, ToAppliance, ToSupervisor};
+use fsva_control::{
+    ApplianceStats, FramedLink, Link, LinkError, StartConfig, ToAppliance, ToSupervisor,
+};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -28,14 +32,93 @@ pub enum ApplianceError {
     Unexpected(String),
 }
 
+/// How the supervisor talks to a running appliance.
+#[derive(Debug)]
+enum Control {
+    /// A local appliance process: a seqpacket link.
+    Local(Link),
+    /// A VM appliance: framed messages over its control port.
+    Vm(FramedLink),
+}
+
+impl Control {
+    fn request(&self, msg: &ToAppliance) -> Result<ToSupervisor, ApplianceError> {
+        match self {
+            Control::Local(link) => {
+                link.send(msg, &[])?;
+                Ok(link.recv::<ToSupervisor>()?.0)
+            }
+            Control::Vm(link) => {
+                link.send(msg)?;
+                Ok(link.recv::<ToSupervisor>()?)
+            }
+        }
+    }
+}
+
 /// A running appliance as the supervisor sees it.
 #[derive(Debug)]
 pub struct Appliance {
-    /// Host pid of the appliance process.
+    /// Host pid of the appliance process (QEMU, for a VM appliance).
     pub pid: u32,
     /// A pidfd of the appliance: signals through it never reach a recycled pid.
     pidfd: std::sync::Arc<std::os::fd::OwnedFd>,
-    link: Link,
+    control: Control,
+}
+
+/// What a VM appliance reported when it came up.
+#[derive(Debug, Clone)]
+pub struct VmReady {
+    pub kernel: String,
+    pub fstype: String,
+    pub read_only: bool,
+}
+
+/// Prepares `cmd` so that the child keeps `keep` open across exec, dies with the
+/// supervisor, and enters the memory cgroup `cgroup_procs` before anything is charged.
+fn prepare_child(
+    cmd: &mut Command,
+    keep: Vec<i32>,
+    cgroup_procs: Option<&Path>,
+) -> Result<(), ApplianceError> {
+    let cgroup_procs = cgroup_procs
+        .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes().to_vec()))
+        .transpose()
+        .map_err(|e| ApplianceError::Failed(format!("cgroup path: {e}")))?;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (fcntl, prctl, open, write, close) on values it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Die with the supervisor: a mount is never served by an orphan.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(procs) = &cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn pidfd_of(pid: u32) -> Result<std::sync::Arc<std::os::fd::OwnedFd>, ApplianceError> {
+    rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| ApplianceError::Failed("the kernel reported pid 0".into()))
+        .and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                .map_err(|e| ApplianceError::Failed(format!("pidfd_open: {e}")))
+        })
+        .map(std::sync::Arc::new)
 }
 
 impl Appliance {
@@ -50,51 +133,19 @@ impl Appliance {
     ) -> Result<(Appliance, Child), ApplianceError> {
         let (ours, theirs) = Link::pair()?;
         let their_fd = theirs.as_fd().as_raw_fd();
-        let cgroup_procs = cgroup_procs
-            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes().to_vec()))
-            .transpose()
-            .map_err(|e| ApplianceError::Failed(format!("cgroup path: {e}")))?;
         let mut cmd = Command::new(exe);
         cmd.arg("__appliance")
             .arg("--control-fd")
             .arg(their_fd.to_string())
             .stdin(Stdio::null());
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (fcntl, prctl, getppid) on values it owns.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Keep the appliance's end of the link open across exec.
-                if libc::fcntl(their_fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Die with the supervisor: a mount is never served by an orphan.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Enter the appliance's memory cgroup before anything is charged.
-                if let Some(procs) = &cgroup_procs {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                }
-                Ok(())
-            });
-        }
+        prepare_child(&mut cmd, vec![their_fd], cgroup_procs)?;
         let child = cmd.spawn().map_err(|source| ApplianceError::Spawn {
             exe: exe.display().to_string(),
             source,
         })?;
         drop(theirs);
         let pid = child.id();
-        let pidfd = rustix::process::Pid::from_raw(pid as i32)
-            .ok_or_else(|| ApplianceError::Failed("the kernel reported pid 0".into()))
-            .and_then(|p| {
-                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
-                    .map_err(|e| ApplianceError::Failed(format!("pidfd_open: {e}")))
-            })?;
-        let pidfd = std::sync::Arc::new(pidfd);
+        let pidfd = pidfd_of(pid)?;
         let kill_on_error = |e: ApplianceError| {
             let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
             e
@@ -141,28 +192,104 @@ impl Appliance {
             Appliance {
                 pid,
                 pidfd,
-                link: ours,
+                control: Control::Local(ours),
             },
             child,
         ))
     }
 
+    /// Starts a VM appliance with `qemu` (its command line refers to the sockets in
+    /// `keep`) and waits until the guest reports it serves.
+    pub fn start_vm(
+        mut qemu: Command,
+        keep: &[BorrowedFd<'_>],
+        control: std::os::unix::net::UnixStream,
+        cgroup_procs: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<(Appliance, Child, VmReady), ApplianceError> {
+        prepare_child(
+            &mut qemu,
+            keep.iter().map(|fd| fd.as_raw_fd()).collect(),
+            cgroup_procs,
+        )?;
+        // The guest's console goes to our log.
+        if let Ok(log) = std::io::stderr().as_fd().try_clone_to_owned() {
+            qemu.stdout(Stdio::from(log));
+        }
+        let child = qemu.spawn().map_err(|source| ApplianceError::Spawn {
+            exe: fsva_vm::qemu::QEMU.into(),
+            source,
+        })?;
+        let pid = child.id();
+        let pidfd = pidfd_of(pid)?;
+        let kill_on_error = |e: ApplianceError| {
+            let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
+            e
+        };
+        let _ = control.set_read_timeout(Some(timeout));
+        let timeout_control = control
+            .try_clone()
+            .map_err(|e| kill_on_error(ApplianceError::Failed(format!("control socket: {e}"))))?;
+        let link = FramedLink::new(control)
+            .map_err(|e| kill_on_error(ApplianceError::Failed(format!("control socket: {e}"))))?;
+        let ready = match link.recv::<ToSupervisor>() {
+            Ok(ToSupervisor::VmReady {
+                kernel,
+                fstype,
+                read_only,
+            }) => VmReady {
+                kernel,
+                fstype,
+                read_only,
+            },
+            Ok(ToSupervisor::Failed { message }) => {
+                return Err(kill_on_error(ApplianceError::Failed(message)))
+            }
+            Ok(other) => {
+                return Err(kill_on_error(ApplianceError::Unexpected(format!(
+                    "{other:?}"
+                ))))
+            }
+            Err(LinkError::Closed) => {
+                return Err(ApplianceError::Failed(
+                    "the VM stopped before it was ready (its console output is in the log)"
+                        .into(),
+                ))
+            }
+            Err(LinkError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                return Err(kill_on_error(ApplianceError::Failed(format!(
+                    "the VM did not report ready within {timeout:?}; it was stopped"
+                ))))
+            }
+            Err(e) => return Err(kill_on_error(e.into())),
+        };
+        let _ = timeout_control.set_read_timeout(Some(Duration::from_secs(5)));
+        Ok((
+            Appliance {
+                pid,
+                pidfd,
+                control: Control::Vm(link),
+            },
+            child,
+            ready,
+        ))
+    }
+
     /// Tells the appliance its new cache budget.
     pub fn set_cache_budget(&self, bytes: u64) -> Result<(), ApplianceError> {
-        self.link
-            .send(&ToAppliance::SetCacheBudget { bytes }, &[])?;
-        match self.link.recv::<ToSupervisor>()? {
-            (ToSupervisor::CacheBudgetSet, _) => Ok(()),
-            (other, _) => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        match self.control.request(&ToAppliance::SetCacheBudget { bytes })? {
+            ToSupervisor::CacheBudgetSet => Ok(()),
+            other => Err(ApplianceError::Unexpected(format!("{other:?}"))),
         }
     }
 
     /// Asks the appliance for its counters.
     pub fn stats(&self) -> Result<ApplianceStats, ApplianceError> {
-        self.link.send(&ToAppliance::Stats, &[])?;
-        match self.link.recv::<ToSupervisor>()? {
-            (ToSupervisor::Stats(s), _) => Ok(s),
-            (other, _) => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        match self.control.request(&ToAppliance::Stats)? {
+            ToSupervisor::Stats(s) => Ok(s),
+            other => Err(ApplianceError::Unexpected(format!("{other:?}"))),
         }
     }
 

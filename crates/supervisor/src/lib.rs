@@ -22,4 +22,4 @@ pub mod mount;
 pub mod registry;
 pub mod supervisor;
 
-pub use supervisor::{run, MountRequest, SupervisorError};
+pub use supervisor::{run, MountRequest, SupervisorError, VmPlan};

@@ -8,7 +8,7 @@
 //! the mount so that in-flight requests survive an appliance's death.
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -74,6 +74,17 @@ pub struct MountRequest {
     pub cache_budget: Option<u64>,
     /// Written "ok\n" once the mount answers, or "error: ...\n"; then closed.
     pub ready: Option<OwnedFd>,
+    /// For a VM appliance (`sandbox` is `Vm`): the machine to boot.
+    pub vm: Option<VmPlan>,
+}
+
+/// A VM appliance to boot: the built appliance, the machine, and how the accelerator
+/// was chosen (shown by `fsva status`).
+#[derive(Debug)]
+pub struct VmPlan {
+    pub appliance: fsva_vm::bundle::Appliance,
+    pub spec: fsva_vm::qemu::VmSpec,
+    pub accel_note: String,
 }
 
 enum Event {
@@ -169,8 +180,56 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     };
 
     let mut bridge = None;
-    let (appliance, child) = match req.channel {
-        ChannelKind::Fusedev => {
+    let mut data_path = data_path;
+    let (appliance, child) = match (&req.vm, req.channel) {
+        (Some(plan), _) => {
+            let (fuse_ours, fuse_theirs) =
+                UnixStream::pair().map_err(io_err("creating the FUSE port's socket"))?;
+            let (control_ours, control_theirs) =
+                UnixStream::pair().map_err(io_err("creating the control port's socket"))?;
+            let qemu = fsva_vm::qemu::command(
+                &plan.appliance,
+                &plan.spec,
+                fuse_theirs.as_raw_fd(),
+                control_theirs.as_raw_fd(),
+                false,
+            );
+            let (appliance, child, ready) = Appliance::start_vm(
+                qemu,
+                &[fuse_theirs.as_fd(), control_theirs.as_fd()],
+                control_ours,
+                cgroup_procs.as_deref(),
+                VM_START_TIMEOUT,
+            )?;
+            drop((fuse_theirs, control_theirs));
+            tracing::info!(kernel = %ready.kernel, fstype = %ready.fstype, read_only = ready.read_only, accel = %plan.spec.accel, "VM appliance up");
+            data_path = format!(
+                "through a VM appliance (kernel {}, {}{}) over virtio-serial; {}",
+                ready.kernel,
+                ready.fstype,
+                if ready.read_only { ", read-only" } else { "" },
+                plan.accel_note
+            );
+            if let Some(bytes) = req.cache_budget {
+                appliance.set_cache_budget(bytes)?;
+            }
+            let tx = events_tx.clone();
+            let kill = appliance.killer();
+            bridge = Some(
+                Bridge::start(
+                    devs.clone(),
+                    fuse_ours,
+                    Box::new(move |why| {
+                        kill();
+                        tracing::error!(reason = why, "VM appliance dropped by the stream relay");
+                        let _ = tx.send(Event::ApplianceExited(format!("dropped: {why}")));
+                    }),
+                )
+                .map_err(io_err("starting the stream relay"))?,
+            );
+            (appliance, child)
+        }
+        (None, ChannelKind::Fusedev) => {
             let mut fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
             fds.extend(broker_link.as_ref().map(|l| l.as_fd()));
             Appliance::start(
@@ -181,7 +240,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 Duration::from_secs(30),
             )?
         }
-        ChannelKind::Stream => {
+        (None, ChannelKind::Stream) => {
             let (ours, theirs) =
                 UnixStream::pair().map_err(io_err("creating the stream channel"))?;
             let mut fds = vec![theirs.as_fd()];
@@ -303,7 +362,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 if let Some(b) = &bridge {
                     b.close();
                 }
-                finish_appliance(&appliance, alive);
+                finish_appliance(&appliance, alive, req.vm.is_some());
                 entry.remove();
                 if let Some(link) = unmount_waiter.take() {
                     let _ = link.send(&AdminReply::Unmounted, &[]);
@@ -419,11 +478,16 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             }
         }
     }
-    finish_appliance(&appliance, alive);
+    finish_appliance(&appliance, alive, req.vm.is_some());
     entry.remove();
     drop(session);
     Ok(())
 }
+
+/// How long a VM appliance may take to boot and mount its image (TCG is slow).
+const VM_START_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a VM appliance may take to sync, unmount and power off.
+const VM_STOP_GRACE: Duration = Duration::from_secs(60);
 
 /// Memory an appliance needs beyond its cache budget: code, heap, request buffers.
 const CGROUP_HEADROOM: u64 = 64 << 20;
@@ -498,7 +562,7 @@ fn broker_scope(
                 source: e.into(),
             })?,
         ),
-        BackendSpec::Mem { .. } => None,
+        BackendSpec::Mem { .. } | BackendSpec::Image { .. } => None,
     };
     let backing = if offers_backing_files(req) {
         let allowed = match &export {
@@ -535,7 +599,10 @@ fn broker_scope(
 /// A `mem` appliance with a cache budget gets none: writes through passthrough would
 /// grow its memfds past the budget without asking it.
 fn offers_backing_files(req: &MountRequest) -> bool {
-    req.passthrough
+    matches!(
+        req.backend,
+        BackendSpec::Mem { .. } | BackendSpec::Passthrough { .. }
+    ) && req.passthrough
         && rustix::process::geteuid().is_root()
         && !(matches!(req.backend, BackendSpec::Mem { .. }) && req.cache_budget.is_some())
 }
@@ -550,7 +617,10 @@ fn data_path(req: &MountRequest) -> String {
             BackendSpec::Mem { .. } => {
                 "FUSE passthrough: the kernel reads and writes mem's memfds directly".into()
             }
+            BackendSpec::Image { .. } => "through the VM appliance".into(),
         }
+    } else if req.vm.is_some() {
+        "through the VM appliance".into()
     } else if !req.passthrough {
         "through the appliance (passthrough turned off)".into()
     } else if req.cache_budget.is_some() {
@@ -564,11 +634,14 @@ fn data_path(req: &MountRequest) -> String {
 
 /// After unmount the appliance sees ENODEV on every channel and exits on its own;
 /// give it a moment to flush, then make sure.
-fn finish_appliance(appliance: &Appliance, alive: bool) {
+fn finish_appliance(appliance: &Appliance, alive: bool, vm: bool) {
     if !alive {
         return;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // A VM appliance syncs and unmounts its disk, then powers off; under emulation
+    // that takes longer than a process exiting.
+    let grace = if vm { VM_STOP_GRACE } else { Duration::from_secs(10) };
+    let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
         if !Path::new(&format!("/proc/{}", appliance.pid)).exists() || is_zombie(appliance.pid) {
             return;

@@ -33,7 +33,15 @@ pub fn run(args: crate::cli::ApplianceArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("the supervisor did not start with a Start message");
     };
     super::init_logging(&config.log_filter);
+    if config.sandbox == SandboxKind::Vm || matches!(config.backend, BackendSpec::Image { .. }) {
+        return Ok(fail_code(
+            &link,
+            "disk images are served by VM appliances (fsva mount --vm), not appliance processes"
+                .into(),
+        ));
+    }
     let code = match config.sandbox {
+        SandboxKind::Vm => unreachable!("refused above"),
         SandboxKind::None => {
             let root = open_export(&config.backend)?;
             serve(&config, &link, fds, root, None)
@@ -73,7 +81,9 @@ fn fail(link: &Link, message: String) -> i32 {
 
 fn sandbox_config(backend: &BackendSpec) -> SandboxConfig {
     let (root, caps, proc_fd) = match backend {
-        BackendSpec::Mem { .. } => (RootSpec::Empty, Vec::new(), false),
+        BackendSpec::Mem { .. } | BackendSpec::Image { .. } => {
+            (RootSpec::Empty, Vec::new(), false)
+        }
         BackendSpec::Passthrough { path } => (
             RootSpec::Export {
                 path: path.clone(),
@@ -113,7 +123,7 @@ fn open_dir(path: &std::path::Path) -> anyhow::Result<OwnedFd> {
 fn open_export(backend: &BackendSpec) -> anyhow::Result<Option<OwnedFd>> {
     match backend {
         BackendSpec::Passthrough { path } => open_dir(path).map(Some),
-        BackendSpec::Mem { .. } => Ok(None),
+        BackendSpec::Mem { .. } | BackendSpec::Image { .. } => Ok(None),
     }
 }
 
@@ -121,7 +131,7 @@ fn open_export(backend: &BackendSpec) -> anyhow::Result<Option<OwnedFd>> {
 fn open_export_inside(backend: &BackendSpec) -> anyhow::Result<Option<OwnedFd>> {
     match backend {
         BackendSpec::Passthrough { .. } => open_dir(std::path::Path::new("/")).map(Some),
-        BackendSpec::Mem { .. } => Ok(None),
+        BackendSpec::Mem { .. } | BackendSpec::Image { .. } => Ok(None),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod mount;
 pub mod mount_helper;
 pub mod status;
 pub mod umount;
+pub mod vm_appliance;
 
 use std::process::ExitCode;
 
@@ -18,7 +19,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => umount::run(args),
         Command::Status => status::run(),
         Command::Cache(args) => cache::run(args),
-        Command::Appliance(args) => appliance::run(args),
+        Command::ApplianceProcess(args) => appliance::run(args),
+        Command::Appliance(cmd) => vm_appliance::run(cmd),
     }
 }
 

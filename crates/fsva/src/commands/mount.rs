@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::Context as _;
-use fsva_control::{ChannelKind, SandboxKind};
+use fsva_control::{BackendSpec, ChannelKind, SandboxKind};
 use fsva_supervisor::mount::MountOptions;
 use fsva_supervisor::{registry, MountRequest};
 
@@ -17,11 +17,49 @@ use clap::ValueEnum;
 use crate::cli::{ChannelArg, MountArgs, SandboxArg};
 
 pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
-    let backend = crate::backends::parse_spec(&args.backend)?;
-    let options = parse_options(&args.options, &args.backend)?;
+    let backend = match (&args.image, args.vm) {
+        (Some(image), true) => image_spec(image, &args)?,
+        _ => crate::backends::parse_spec(&args.backend)?,
+    };
+    let options = parse_options(&args.options, &backend.to_string())?;
     // Fail fast, in the caller's terminal, on the mistakes users make most.
     let mountpoint = fsva_supervisor::mount::check_mountpoint(&args.mountpoint)?;
     fsva_supervisor::mount::check_device()?;
+    // The VM appliance is built (once) and probed here, with progress in the terminal.
+    let vm = if args.vm {
+        fsva_vm::qemu::check_installed()?;
+        let appliance = crate::vm::ensure_built()?;
+        let (accel, accel_note) = crate::vm::choose_accel(&appliance, args.accel);
+        if accel == fsva_vm::qemu::Accel::Tcg && !args.foreground {
+            eprintln!("fsva: booting the appliance under TCG emulation (slower than KVM); this takes a few seconds");
+        }
+        let BackendSpec::Image {
+            path,
+            fstype,
+            read_only,
+        } = &backend
+        else {
+            unreachable!("--vm always serves an image")
+        };
+        Some(fsva_supervisor::VmPlan {
+            appliance,
+            spec: fsva_vm::qemu::VmSpec {
+                image: path.clone(),
+                fstype: fstype.clone(),
+                read_only: *read_only,
+                memory_mib: args.vm_memory.unwrap_or_else(|| {
+                    256.max((args.cache_budget.unwrap_or(0) >> 20) as u32 + 192)
+                }),
+                cpus: default_workers().min(2),
+                accel,
+                workers: args.workers.unwrap_or_else(default_workers),
+                log_filter: "info".into(),
+            },
+            accel_note,
+        })
+    } else {
+        None
+    };
     if args.foreground {
         crate::commands::init_logging(log);
         let ready = args.ready_fd.map(|fd| {
@@ -36,10 +74,12 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
             mountpoint,
             backend,
             channel: match args.channel {
+                _ if vm.is_some() => ChannelKind::Stream,
                 ChannelArg::Fusedev => ChannelKind::Fusedev,
                 ChannelArg::Stream => ChannelKind::Stream,
             },
             sandbox: match args.sandbox {
+                _ if vm.is_some() => SandboxKind::Vm,
                 SandboxArg::Namespaces => SandboxKind::Namespaces,
                 SandboxArg::None => SandboxKind::None,
             },
@@ -53,6 +93,7 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
             passthrough: !args.no_passthrough,
             cache_budget: args.cache_budget,
             ready,
+            vm,
         };
         fsva_supervisor::run(request)?;
         return Ok(ExitCode::SUCCESS);
@@ -88,6 +129,26 @@ fn foreground_args(
     if args.no_passthrough {
         v.push("--no-passthrough".into());
     }
+    if let (true, Some(image)) = (args.vm, &args.image) {
+        v.extend(["--vm".into(), "--image".into(), image.clone().into()]);
+        if let Some(t) = &args.fstype {
+            v.extend(["--fstype".into(), t.into()]);
+        }
+        if args.ro {
+            v.push("--ro".into());
+        }
+        if let Some(m) = args.vm_memory {
+            v.extend(["--vm-memory".into(), m.to_string().into()]);
+        }
+        v.extend([
+            "--accel".into(),
+            args.accel
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+                .into(),
+        ]);
+    }
     if let Some(b) = args.cache_budget {
         v.extend(["--cache-budget".into(), b.to_string().into()]);
     }
@@ -103,6 +164,31 @@ fn foreground_args(
     v.push("-f".into());
     v.push(mountpoint.into());
     v
+}
+
+/// The image a VM appliance serves, checked here so that a typo fails in the terminal.
+fn image_spec(image: &std::path::Path, args: &MountArgs) -> anyhow::Result<BackendSpec> {
+    let path = image
+        .canonicalize()
+        .with_context(|| format!("disk image {} cannot be used (does it exist?)", image.display()))?;
+    let md = std::fs::metadata(&path)?;
+    use std::os::unix::fs::FileTypeExt;
+    if !(md.is_file() || md.file_type().is_block_device()) {
+        anyhow::bail!(
+            "{} is not a disk image (a regular file or a block device)",
+            path.display()
+        );
+    }
+    if let Some(t) = &args.fstype {
+        if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            anyhow::bail!("--fstype {t}: give a kernel file system name such as ext4 or vfat");
+        }
+    }
+    Ok(BackendSpec::Image {
+        path,
+        fstype: args.fstype.clone(),
+        read_only: args.ro,
+    })
 }
 
 fn default_workers() -> u32 {

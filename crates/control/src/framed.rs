@@ -1,0 +1,116 @@
+//! A control link over a byte stream: one postcard-encoded [`Envelope`] per frame, each
+//! frame a little-endian u32 length and that many bytes.
+//!
+//! VM appliances talk to their supervisor over a virtio-serial port, which keeps no
+//! message boundaries and carries no descriptors; this is the [`crate::Link`] of that
+//! case. A length above [`MAX_FRAME`] is refused before anything is allocated. This
+//! module must never interpret a message beyond decoding it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::link::LinkError;
+use crate::messages::Envelope;
+
+/// Largest control frame.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// One end of a framed control connection. Sends and receives may come from different
+/// threads; each direction is serialised by its own lock.
+#[derive(Debug)]
+pub struct FramedLink {
+    reader: Mutex<File>,
+    writer: Mutex<File>,
+}
+
+impl FramedLink {
+    /// Wraps a connected stream (a socket or a character device).
+    pub fn new(stream: impl Into<OwnedFd>) -> std::io::Result<Self> {
+        let reader = File::from(stream.into());
+        Ok(Self {
+            writer: Mutex::new(reader.try_clone()?),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Sends one message.
+    pub fn send<T: Serialize>(&self, msg: &T) -> Result<(), LinkError> {
+        let body = postcard::to_stdvec(&Envelope::V1(msg)).map_err(LinkError::Decode)?;
+        if body.len() > MAX_FRAME {
+            return Err(LinkError::TooLarge);
+        }
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(&frame).map_err(|source| LinkError::Io {
+            op: "write",
+            source,
+        })
+    }
+
+    /// Receives one message; [`LinkError::Closed`] at a clean end of stream.
+    pub fn recv<T: DeserializeOwned>(&self) -> Result<T, LinkError> {
+        let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match r.read(&mut len[got..]) {
+                Ok(0) if got == 0 => return Err(LinkError::Closed),
+                Ok(0) => {
+                    return Err(LinkError::Io {
+                        op: "read",
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(LinkError::Io { op: "read", source }),
+            }
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(LinkError::TooLarge);
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)
+            .map_err(|source| LinkError::Io { op: "read", source })?;
+        match postcard::from_bytes::<Envelope<T>>(&body).map_err(LinkError::Decode)? {
+            Envelope::V1(m) => Ok(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::ToSupervisor;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn messages_round_trip_and_hostile_lengths_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (a2, mut raw) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let (a, b) = (FramedLink::new(a).unwrap(), FramedLink::new(b).unwrap());
+        a.send(&ToSupervisor::Failed {
+            message: "x".into(),
+        })
+        .unwrap();
+        assert!(matches!(
+            b.recv::<ToSupervisor>().unwrap(),
+            ToSupervisor::Failed { message } if message == "x"
+        ));
+        raw.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(a.recv::<ToSupervisor>(), Err(LinkError::TooLarge)));
+        raw.write_all(&3u32.to_le_bytes()).unwrap();
+        raw.write_all(&[9, 9, 9]).unwrap();
+        assert!(matches!(a.recv::<ToSupervisor>(), Err(LinkError::Decode(_))));
+        drop((raw, b));
+        drop(a2);
+        assert!(matches!(a.recv::<ToSupervisor>(), Err(LinkError::Closed)));
+    }
+}

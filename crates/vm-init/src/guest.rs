@@ -1,0 +1,175 @@
+//! The guest as PID 1 must run it: pseudo file systems, modules, the disk, its page
+//! cache budget, and power-off. Everything here acts on the guest kernel only; nothing
+//! here talks to the host.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::mount::{mount, unmount, MountFlags, UnmountFlags};
+
+/// Where the disk is mounted and served from.
+pub const EXPORT: &str = "/export";
+
+pub fn mount_pseudo_filesystems() -> Result<(), String> {
+    for (src, dir, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+    ] {
+        mount(src, dir, fstype, MountFlags::NOSUID | MountFlags::NOEXEC, None)
+            .map_err(|e| format!("mounting {fstype} on {dir}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Loads every module in /etc/fsva/modules.load, in order. A module that fails is
+/// logged and skipped: the file systems that need it will fail to mount with a clear
+/// error, the others still work.
+pub fn load_modules() {
+    let list = std::fs::read_to_string("/etc/fsva/modules.load").unwrap_or_default();
+    for path in list.lines().filter(|l| !l.is_empty()) {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(module = path, error = %e, "module missing");
+                continue;
+            }
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: finit_module reads the module from a descriptor we own; the empty
+        // parameter string is a valid C string.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                0,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
+            tracing::warn!(module = path, error = %err, "module not loaded");
+        }
+    }
+}
+
+/// The disk to serve: the first virtio disk, once the kernel has probed it.
+pub fn wait_for_disk() -> Result<PathBuf, String> {
+    let disk = PathBuf::from("/dev/vda");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !disk.exists() {
+        if Instant::now() > deadline {
+            return Err("no disk (/dev/vda) appeared: the VM was started without its image".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(disk)
+}
+
+/// File system types the kernel can mount from a block device, in its order.
+fn block_filesystems() -> Vec<String> {
+    std::fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with("nodev"))
+        .map(|l| l.trim().to_string())
+        .filter(|t| !t.is_empty() && t != "fuseblk")
+        // ext4 serves ext2 and ext3 too; trying it first keeps their noise out of the log.
+        .fold(Vec::new(), |mut v, t| {
+            if t == "ext4" {
+                v.insert(0, t);
+            } else {
+                v.push(t);
+            }
+            v
+        })
+}
+
+/// Mounts `disk` on [`EXPORT`] as `fstype`, or as the first type the kernel accepts
+/// (the kernel checks each superblock's magic). Returns the type mounted.
+pub fn mount_disk(disk: &Path, fstype: Option<&str>, read_only: bool) -> Result<String, String> {
+    let flags = if read_only {
+        MountFlags::RDONLY
+    } else {
+        MountFlags::empty()
+    };
+    let candidates = match fstype {
+        Some(t) => vec![t.to_string()],
+        None => block_filesystems(),
+    };
+    let mut tried = Vec::new();
+    for t in &candidates {
+        match mount(disk, EXPORT, t.as_str(), flags, None) {
+            Ok(()) => return Ok(t.clone()),
+            Err(e) => tried.push(format!("{t}: {e}")),
+        }
+    }
+    Err(match fstype {
+        Some(t) if !block_filesystems().iter().any(|k| k == t) => format!(
+            "this appliance's kernel has no {t} driver (it knows {})",
+            block_filesystems().join(", ")
+        ),
+        Some(t) => format!(
+            "the appliance's kernel could not mount the image as {t} ({}){}",
+            tried.join("; "),
+            if read_only { "" } else { "; if it is read-only media, pass --ro" }
+        ),
+        None => format!(
+            "no file system this appliance knows recognised the image (tried {})",
+            candidates.join(", ")
+        ),
+    })
+}
+
+/// Syncs and unmounts the disk so it is consistent when the machine stops.
+pub fn unmount_disk() {
+    rustix::fs::sync();
+    if let Err(e) = unmount(EXPORT, UnmountFlags::empty()) {
+        // Something still holds it: a read-only remount still writes everything back
+        // and marks the file system clean.
+        let ro = rustix::mount::mount_remount(EXPORT, MountFlags::RDONLY, "");
+        tracing::warn!(error = %e, remounted_read_only = ro.is_ok(), "unmounting the disk failed");
+        rustix::fs::sync();
+    }
+}
+
+static CACHE_BUDGET: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Caps the guest's page cache at `bytes`: a watcher drops clean cached pages whenever
+/// the cache grows past it (the user side caches the data the host reads).
+pub fn set_cache_budget(bytes: u64) {
+    let first = CACHE_BUDGET.swap(bytes, Ordering::Relaxed) == u64::MAX;
+    if first {
+        let _ = std::thread::Builder::new()
+            .name("cache-budget".into())
+            .spawn(|| loop {
+                let budget = CACHE_BUDGET.load(Ordering::Relaxed);
+                if page_cache_bytes() > budget {
+                    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            });
+    }
+}
+
+fn page_cache_bytes() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("Cached:") || l.starts_with("Buffers:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
+}
+
+/// Stops the machine. QEMU (run with -no-reboot) exits.
+pub fn power_off() -> ! {
+    rustix::fs::sync();
+    // SAFETY: reboot(2) with the power-off command does not return on success.
+    unsafe {
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    // Power-off refused (should not happen to PID 1): exiting panics the guest, which
+    // `panic=-1` with QEMU's -no-reboot also turns into an exit.
+    std::process::exit(1)
+}
