@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=(fuse3 attr acl)
+# VM appliances (fsva mount --vm): QEMU, a Debian kernel for the appliance, kmod to
+# resolve its modules, cpio only for the initramfs unit test.
+need_pkgs=(fuse3 attr acl qemu-system-x86 linux-image-amd64 kmod)
 if [[ " $* " == *" --test-tools "* ]]; then
-  need_pkgs+=(fio bindfs stress-ng python3-venv gcc g++ pkg-config libfuse3-dev dpkg-dev)
+  need_pkgs+=(fio bindfs stress-ng python3-venv gcc g++ pkg-config libfuse3-dev dpkg-dev cpio)
+  # Images of file systems this host's kernel cannot mount, for the VM appliance tests.
+  need_pkgs+=(e2fsprogs dosfstools f2fs-tools jfsutils genisoimage)
 fi
 missing=()
 for p in "${need_pkgs[@]}"; do
@@ -35,8 +39,15 @@ if [[ " $* " == *" --release "* ]]; then profile=release; args+=(--release); fi
 echo "fsva setup: building ($profile)"
 cargo build --workspace --bins --locked "${args[@]}"
 
+# The VM appliance runtime runs as PID 1 of a guest with nothing else in it: it is
+# linked statically (explicit --target keeps the flags off build scripts and macros).
+echo "fsva setup: building the static VM appliance runtime (fsva-vm-init)"
+RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" \
+  cargo build --release --locked -p fsva-vm-init --target x86_64-unknown-linux-gnu
+
 # `mount -t fuse.fsva` and /etc/fstab look for mount.fuse.fsva in /sbin (= /usr/sbin).
 if [[ $(id -u) -eq 0 ]]; then
   install -m 0755 "target/$profile/fsva" /usr/local/bin/fsva
   ln -sf /usr/local/bin/fsva /usr/sbin/mount.fuse.fsva
+  install -D -m 0755 target/x86_64-unknown-linux-gnu/release/fsva-vm-init /usr/local/lib/fsva/fsva-vm-init
 fi

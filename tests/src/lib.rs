@@ -114,6 +114,27 @@ impl Mount {
         }
     }
 
+    /// Mounts the disk image `image` through a VM appliance (`fsva mount --vm`).
+    pub fn vm(image: &Path, extra: &[&str]) -> Mount {
+        let dir = Scratch::new("vmmnt");
+        let mut args = vec!["mount", "--vm", "--image", image.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(dir.path.to_str().unwrap());
+        let out = fsva(&args);
+        assert!(
+            out.status.success(),
+            "fsva mount --vm {} failed: {}{}",
+            image.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            dir,
+            backend: format!("image:{}", image.display()),
+            export: None,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.dir.path
     }

@@ -108,7 +108,10 @@ mod tests {
         assert!(matches!(a.recv::<ToSupervisor>(), Err(LinkError::TooLarge)));
         raw.write_all(&3u32.to_le_bytes()).unwrap();
         raw.write_all(&[9, 9, 9]).unwrap();
-        assert!(matches!(a.recv::<ToSupervisor>(), Err(LinkError::Decode(_))));
+        assert!(matches!(
+            a.recv::<ToSupervisor>(),
+            Err(LinkError::Decode(_))
+        ));
         drop((raw, b));
         drop(a2);
         assert!(matches!(a.recv::<ToSupervisor>(), Err(LinkError::Closed)));

@@ -37,7 +37,12 @@ impl std::fmt::Display for BackendSpec {
             BackendSpec::Mem { .. } => write!(f, "mem"),
             BackendSpec::Passthrough { path } => write!(f, "passthrough:{}", path.display()),
             BackendSpec::Image { path, fstype, .. } => {
-                write!(f, "image:{}:{}", fstype.as_deref().unwrap_or("auto"), path.display())
+                write!(
+                    f,
+                    "image:{}:{}",
+                    fstype.as_deref().unwrap_or("auto"),
+                    path.display()
+                )
             }
         }
     }

@@ -66,7 +66,21 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Appliance> {
     Ok(a)
 }
 
+/// Holds the cache's lock: one fsva at a time builds or probes the appliance.
+pub struct CacheLock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock_cache() -> anyhow::Result<CacheLock> {
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(CacheLock(f))
+}
+
 /// The cached appliance, built first if missing or made from another runtime/kernel.
+/// Call with the cache locked ([`lock_cache`]).
 pub fn ensure_built() -> anyhow::Result<Appliance> {
     let opts = BuildOptions {
         kernel: None,

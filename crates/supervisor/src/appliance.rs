@@ -252,8 +252,7 @@ impl Appliance {
             }
             Err(LinkError::Closed) => {
                 return Err(ApplianceError::Failed(
-                    "the VM stopped before it was ready (its console output is in the log)"
-                        .into(),
+                    "the VM stopped before it was ready (its console output is in the log)".into(),
                 ))
             }
             Err(LinkError::Io { source, .. })
@@ -279,7 +278,10 @@ impl Appliance {
 
     /// Tells the appliance its new cache budget.
     pub fn set_cache_budget(&self, bytes: u64) -> Result<(), ApplianceError> {
-        match self.control.request(&ToAppliance::SetCacheBudget { bytes })? {
+        match self
+            .control
+            .request(&ToAppliance::SetCacheBudget { bytes })?
+        {
             ToSupervisor::CacheBudgetSet => Ok(()),
             other => Err(ApplianceError::Unexpected(format!("{other:?}"))),
         }

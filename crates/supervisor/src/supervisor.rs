@@ -640,7 +640,11 @@ fn finish_appliance(appliance: &Appliance, alive: bool, vm: bool) {
     }
     // A VM appliance syncs and unmounts its disk, then powers off; under emulation
     // that takes longer than a process exiting.
-    let grace = if vm { VM_STOP_GRACE } else { Duration::from_secs(10) };
+    let grace = if vm {
+        VM_STOP_GRACE
+    } else {
+        Duration::from_secs(10)
+    };
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
         if !Path::new(&format!("/proc/{}", appliance.pid)).exists() || is_zombie(appliance.pid) {

@@ -17,8 +17,14 @@ pub fn mount_pseudo_filesystems() -> Result<(), String> {
         ("sysfs", "/sys", "sysfs"),
         ("devtmpfs", "/dev", "devtmpfs"),
     ] {
-        mount(src, dir, fstype, MountFlags::NOSUID | MountFlags::NOEXEC, None)
-            .map_err(|e| format!("mounting {fstype} on {dir}: {e}"))?;
+        mount(
+            src,
+            dir,
+            fstype,
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            None,
+        )
+        .map_err(|e| format!("mounting {fstype} on {dir}: {e}"))?;
     }
     Ok(())
 }
@@ -39,14 +45,8 @@ pub fn load_modules() {
         use std::os::fd::AsRawFd;
         // SAFETY: finit_module reads the module from a descriptor we own; the empty
         // parameter string is a valid C string.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                file.as_raw_fd(),
-                c"".as_ptr(),
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), c"".as_ptr(), 0) };
         let err = std::io::Error::last_os_error();
         if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
             tracing::warn!(module = path, error = %err, "module not loaded");
@@ -69,21 +69,24 @@ pub fn wait_for_disk() -> Result<PathBuf, String> {
 
 /// File system types the kernel can mount from a block device, in its order.
 fn block_filesystems() -> Vec<String> {
-    std::fs::read_to_string("/proc/filesystems")
+    let mut types: Vec<String> = std::fs::read_to_string("/proc/filesystems")
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.starts_with("nodev"))
         .map(|l| l.trim().to_string())
         .filter(|t| !t.is_empty() && t != "fuseblk")
-        // ext4 serves ext2 and ext3 too; trying it first keeps their noise out of the log.
-        .fold(Vec::new(), |mut v, t| {
-            if t == "ext4" {
-                v.insert(0, t);
-            } else {
-                v.push(t);
-            }
-            v
-        })
+        .collect();
+    // Where several drivers accept one image, the richer one goes first: ext4 serves
+    // ext2/ext3 too (and keeps their noise out of the log); vfat and msdos both take FAT
+    // images, and msdos would truncate names to 8.3.
+    let rank = |t: &String| match t.as_str() {
+        "ext4" => 0,
+        "vfat" => 1,
+        "msdos" => 3,
+        _ => 2,
+    };
+    types.sort_by_key(rank);
+    types
 }
 
 /// Mounts `disk` on [`EXPORT`] as `fstype`, or as the first type the kernel accepts
@@ -113,7 +116,11 @@ pub fn mount_disk(disk: &Path, fstype: Option<&str>, read_only: bool) -> Result<
         Some(t) => format!(
             "the appliance's kernel could not mount the image as {t} ({}){}",
             tried.join("; "),
-            if read_only { "" } else { "; if it is read-only media, pass --ro" }
+            if read_only {
+                ""
+            } else {
+                "; if it is read-only media, pass --ro"
+            }
         ),
         None => format!(
             "no file system this appliance knows recognised the image (tried {})",

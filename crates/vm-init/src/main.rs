@@ -116,7 +116,10 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
         Arc::new(StreamChannel::new(fuse).map_err(|e| format!("FUSE port: {e}"))?);
     let server = Server::new(Arc::new(fs), SessionConfig::default(), None);
     let stats = server.stats();
-    let kernel = rustix::system::uname().release().to_string_lossy().into_owned();
+    let kernel = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
     tracing::info!(%kernel, %fstype, read_only = s.read_only, "serving {}", disk.display());
     control
         .send(&ToSupervisor::VmReady {
@@ -165,7 +168,9 @@ mod tests {
 
     #[test]
     fn settings_come_from_the_kernel_command_line() {
-        let s = settings("console=ttyS0 quiet fsva.fstype=vfat fsva.ro=1 fsva.workers=3 fsva.log=debug");
+        let s = settings(
+            "console=ttyS0 quiet fsva.fstype=vfat fsva.ro=1 fsva.workers=3 fsva.log=debug",
+        );
         assert_eq!(s.fstype.as_deref(), Some("vfat"));
         assert!(s.read_only && !s.probe);
         assert_eq!((s.workers, s.log.as_str()), (3, "debug"));

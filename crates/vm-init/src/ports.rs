@@ -30,8 +30,6 @@ fn find(name: &str) -> Option<String> {
     std::fs::read_dir("/sys/class/virtio-ports")
         .ok()?
         .flatten()
-        .find(|e| {
-            std::fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == name)
-        })
+        .find(|e| std::fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == name))
         .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
 }

@@ -60,7 +60,8 @@ impl Appliance {
     pub fn load(dir: &Path) -> Result<Appliance, VmError> {
         let text = std::fs::read_to_string(dir.join("manifest"))
             .map_err(|_| VmError::BadBundle(dir.to_path_buf()))?;
-        let manifest = Manifest::parse(&text).ok_or_else(|| VmError::BadBundle(dir.to_path_buf()))?;
+        let manifest =
+            Manifest::parse(&text).ok_or_else(|| VmError::BadBundle(dir.to_path_buf()))?;
         let a = Appliance {
             dir: dir.to_path_buf(),
             manifest,
@@ -232,7 +233,16 @@ pub fn build(
     let mut cpio = CpioWriter::new(std::io::BufWriter::new(out));
     let write_err = VmError::file("writing", &tmp);
     let result = (|| -> std::io::Result<()> {
-        for d in ["dev", "proc", "sys", "export", "etc", "etc/fsva", "lib", "lib/modules"] {
+        for d in [
+            "dev",
+            "proc",
+            "sys",
+            "export",
+            "etc",
+            "etc/fsva",
+            "lib",
+            "lib/modules",
+        ] {
             cpio.dir(d, 0o755)?;
         }
         cpio.file("init", 0o755, &init)?;
@@ -243,8 +253,18 @@ pub fn build(
                 progress(&format!("adding modules {}/{}", i, set.files.len()));
             }
             let target = Path::new("lib/modules").join(&release).join(rel);
-            for anc in target.ancestors().skip(1).collect::<Vec<_>>().into_iter().rev() {
-                if !anc.as_os_str().is_empty() && made.insert(anc.to_path_buf()) && anc != Path::new("lib") && anc != Path::new("lib/modules") {
+            for anc in target
+                .ancestors()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                if !anc.as_os_str().is_empty()
+                    && made.insert(anc.to_path_buf())
+                    && anc != Path::new("lib")
+                    && anc != Path::new("lib/modules")
+                {
                     cpio.dir(&anc.to_string_lossy(), 0o755)?;
                 }
             }
@@ -261,7 +281,8 @@ pub fn build(
     result.map_err(write_err)?;
     std::fs::rename(&tmp, dir.join("initrd.cpio")).map_err(VmError::file("renaming", &tmp))?;
     progress("copying the kernel");
-    std::fs::copy(&kernel, dir.join("vmlinuz")).map_err(VmError::file("copying the kernel", &kernel))?;
+    std::fs::copy(&kernel, dir.join("vmlinuz"))
+        .map_err(VmError::file("copying the kernel", &kernel))?;
     let initrd_bytes = std::fs::metadata(dir.join("initrd.cpio"))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -298,7 +319,10 @@ mod tests {
             initrd_bytes: 123,
         };
         assert_eq!(Manifest::parse(&m.render()), Some(m.clone()));
-        assert_eq!(Manifest::parse(&m.render().replace("format=1", "format=0")), None);
+        assert_eq!(
+            Manifest::parse(&m.render().replace("format=1", "format=0")),
+            None
+        );
         assert_eq!(Manifest::parse("kernel_release=x\n"), None);
     }
 

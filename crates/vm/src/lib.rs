@@ -44,12 +44,17 @@ pub enum VmError {
     },
     #[error("the appliance in {0} is incomplete or from another fsva version: run `fsva appliance build`")]
     BadBundle(PathBuf),
-    #[error("QEMU ({0}) is not installed: apt-get install qemu-system-x86 (scripts/setup.sh does)")]
+    #[error(
+        "QEMU ({0}) is not installed: apt-get install qemu-system-x86 (scripts/setup.sh does)"
+    )]
     NoQemu(String),
 }
 
 impl VmError {
-    pub(crate) fn file(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> VmError {
+    pub(crate) fn file(
+        what: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> VmError {
         let path = path.to_path_buf();
         move |source| VmError::File { what, path, source }
     }

@@ -42,6 +42,7 @@ pub const FILESYSTEMS: &[(&str, &[&str])] = &[
     ("nls_cp437", &[]),
     ("nls_iso8859-1", &[]),
     ("nls_utf8", &[]),
+    ("nls_ascii", &[]),
 ];
 
 /// The modules to ship, in load order, and the file system types they make available.

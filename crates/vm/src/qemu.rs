@@ -113,8 +113,19 @@ pub fn command(
     cmd.args(["-machine", "q35", "-accel", accel, "-cpu", cpu])
         .args(["-m", &spec.memory_mib.to_string()])
         .args(["-smp", &spec.cpus.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
-        .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .args([
+            "-chardev",
+            "stdio,id=console,signal=off",
+            "-serial",
+            "chardev:console",
+        ])
         .arg("-kernel")
         .arg(appliance.kernel())
         .arg("-initrd")
@@ -129,7 +140,10 @@ pub fn command(
         .args(["-device", "virtio-blk-pci,drive=disk"])
         .args(["-device", "virtio-serial-pci"])
         .args(["-chardev", &format!("socket,id=fuse,fd={fuse_fd}")])
-        .args(["-device", &format!("virtserialport,chardev=fuse,name={FUSE_PORT}")])
+        .args([
+            "-device",
+            &format!("virtserialport,chardev=fuse,name={FUSE_PORT}"),
+        ])
         .args(["-chardev", &format!("socket,id=control,fd={control_fd}")])
         .args([
             "-device",

@@ -81,9 +81,7 @@ fn fail(link: &Link, message: String) -> i32 {
 
 fn sandbox_config(backend: &BackendSpec) -> SandboxConfig {
     let (root, caps, proc_fd) = match backend {
-        BackendSpec::Mem { .. } | BackendSpec::Image { .. } => {
-            (RootSpec::Empty, Vec::new(), false)
-        }
+        BackendSpec::Mem { .. } | BackendSpec::Image { .. } => (RootSpec::Empty, Vec::new(), false),
         BackendSpec::Passthrough { path } => (
             RootSpec::Export {
                 path: path.clone(),

@@ -28,8 +28,10 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
     // The VM appliance is built (once) and probed here, with progress in the terminal.
     let vm = if args.vm {
         fsva_vm::qemu::check_installed()?;
+        let lock = crate::vm::lock_cache()?;
         let appliance = crate::vm::ensure_built()?;
         let (accel, accel_note) = crate::vm::choose_accel(&appliance, args.accel);
+        drop(lock);
         if accel == fsva_vm::qemu::Accel::Tcg && !args.foreground {
             eprintln!("fsva: booting the appliance under TCG emulation (slower than KVM); this takes a few seconds");
         }
@@ -168,9 +170,12 @@ fn foreground_args(
 
 /// The image a VM appliance serves, checked here so that a typo fails in the terminal.
 fn image_spec(image: &std::path::Path, args: &MountArgs) -> anyhow::Result<BackendSpec> {
-    let path = image
-        .canonicalize()
-        .with_context(|| format!("disk image {} cannot be used (does it exist?)", image.display()))?;
+    let path = image.canonicalize().with_context(|| {
+        format!(
+            "disk image {} cannot be used (does it exist?)",
+            image.display()
+        )
+    })?;
     let md = std::fs::metadata(&path)?;
     use std::os::unix::fs::FileTypeExt;
     if !(md.is_file() || md.file_type().is_block_device()) {

@@ -13,13 +13,14 @@ pub fn run(cmd: VmApplianceCommand) -> anyhow::Result<ExitCode> {
                 modules: args.modules,
                 init: crate::vm::runtime_path()?,
             };
+            let _lock = crate::vm::lock_cache()?;
             let a = crate::vm::build(&opts)?;
             let (accel, note) = crate::vm::choose_accel(&a, AccelArg::Auto);
             print_info(&a, Some((accel, note)));
         }
         VmApplianceCommand::Info => {
-            let dir = crate::vm::cache_dir();
-            let a = fsva_vm::bundle::Appliance::load(&dir)?;
+            let _lock = crate::vm::lock_cache()?;
+            let a = fsva_vm::bundle::Appliance::load(&crate::vm::cache_dir())?;
             let accel = std::fs::read_to_string(a.dir.join("accel")).ok().map(|t| {
                 if t.starts_with("kvm") {
                     (fsva_vm::qemu::Accel::Kvm, "KVM".to_string())

@@ -1,0 +1,280 @@
+//! VM appliances: a disk image mounted by the appliance's own kernel in QEMU (TCG where
+//! KVM cannot boot it), served to the host mount. Each test boots real VMs, so there are
+//! few: ext4 read-write against native ext4 and fsck-clean afterwards; file systems this
+//! host's kernel lacks (f2fs, jfs, vfat; iso9660 read-only); a killed QEMU; bad images.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use fsva_tests::{conformance, fsva, is_mounted, transcript_diff, within, Mount, Scratch};
+
+/// A fresh image of `size_mib` made by `mkfs` (program and arguments; the image path is
+/// appended).
+fn make_image(dir: &Scratch, name: &str, size_mib: u64, mkfs: &[&str]) -> PathBuf {
+    let img = dir.path.join(name);
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    let st = Command::new(mkfs[0])
+        .args(&mkfs[1..])
+        .arg(&img)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/setup.sh --test-tools installs it)",
+                mkfs[0]
+            )
+        });
+    assert!(st.success(), "{mkfs:?} failed");
+    img
+}
+
+fn status_line(m: &Mount) -> String {
+    let out = fsva(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mp = m.path().to_string_lossy().into_owned();
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(&mp));
+    format!(
+        "{} {}",
+        lines.next().unwrap_or_default(),
+        lines.next().unwrap_or_default()
+    )
+}
+
+fn native_transcript() -> Vec<String> {
+    let native = Scratch::new("native");
+    native.open_to_all();
+    conformance(&native.path, None)
+}
+
+fn open_to_all(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
+#[test]
+fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
+    let dir = Scratch::new("vm-ext4");
+    let img = make_image(
+        &dir,
+        "ext4.img",
+        256,
+        &["mkfs.ext4", "-q", "-F", "-b", "4096"],
+    );
+    let expected = native_transcript();
+    let m = Mount::vm(&img, &[]);
+    let status = status_line(&m);
+    assert!(
+        status.contains("vm") && status.contains("ext4") && status.contains("kernel"),
+        "{status}"
+    );
+    open_to_all(m.path());
+    let got = conformance(m.path(), None);
+    let diff = transcript_diff(&expected, &got);
+    assert!(
+        diff.is_empty(),
+        "{} checks differ from native ext4:\n{}",
+        diff.len(),
+        diff.join("\n")
+    );
+    // Data written and fsync'd through the mount is on the image after unmount.
+    let data: Vec<u8> = (0..(3 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(m.path().join("kept.bin")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir(m.path().join("dir")).unwrap();
+    m.unmount();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck found problems after fsva umount:\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /kept.bin"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(cat.stdout == data, "the data written is not on the image");
+}
+
+/// (check or prefix, fstype) entries of tests/vm-filesystem-differences.txt for `fstype`.
+fn listed_differences(fstype: &str) -> Vec<String> {
+    include_str!("../vm-filesystem-differences.txt")
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(t, _)| *t == fstype)
+        .map(|(_, c)| c.trim().to_string())
+        .collect()
+}
+
+fn covers(entry: &str, check: &str) -> bool {
+    match entry.strip_suffix('*') {
+        Some(prefix) => check.starts_with(prefix),
+        None => check == entry,
+    }
+}
+
+#[test]
+fn file_systems_the_host_kernel_lacks_pass_the_checks_they_support() {
+    let expected = native_transcript();
+    let host_has = std::fs::read_to_string("/proc/filesystems").unwrap();
+    let dir = Scratch::new("vm-foreign");
+    // (type, mkfs, read-only fsck)
+    let cases: [(&str, &[&str], &[&str]); 3] = [
+        (
+            "f2fs",
+            &["mkfs.f2fs", "-q"],
+            &["fsck.f2fs", "--dry-run", "-f"],
+        ),
+        ("jfs", &["mkfs.jfs", "-q"], &["fsck.jfs", "-n", "-f"]),
+        ("vfat", &["mkfs.vfat"], &["fsck.vfat", "-n"]),
+    ];
+    let mut failures = Vec::new();
+    for (fstype, mkfs, fsck) in cases {
+        eprintln!(
+            "{fstype}: this host's kernel {} it",
+            if host_has.split_whitespace().any(|t| t == fstype) {
+                "could mount"
+            } else {
+                "cannot mount"
+            }
+        );
+        let img = make_image(&dir, &format!("{fstype}.img"), 512, mkfs);
+        // No --fstype: the appliance detects it.
+        let m = Mount::vm(&img, &[]);
+        let status = status_line(&m);
+        assert!(
+            status.contains(&format!(", {fstype}")),
+            "{fstype}: {status}"
+        );
+        open_to_all(m.path());
+        let got = conformance(m.path(), None);
+        m.unmount();
+        let listed = listed_differences(fstype);
+        let differing: Vec<String> = transcript_diff(&expected, &got);
+        let check_of = |d: &String| {
+            d.trim_start()
+                .trim_start_matches("native: ")
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        for d in &differing {
+            if !listed.iter().any(|e| covers(e, &check_of(d))) {
+                failures.push(format!("{fstype}: unexpected difference\n{d}"));
+            }
+        }
+        for e in &listed {
+            if !differing.iter().any(|d| covers(e, &check_of(d))) {
+                failures.push(format!(
+                    "{fstype}: {e} is listed in tests/vm-filesystem-differences.txt but matches ext4 now"
+                ));
+            }
+        }
+        let out = Command::new(fsck[0])
+            .args(&fsck[1..])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || said.contains("[Fail]") {
+            failures.push(format!("{fsck:?} found problems after fsva umount: {said}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn iso9660_image_is_served_read_only_with_its_content() {
+    let dir = Scratch::new("vm-iso");
+    let src = dir.path.join("src");
+    std::fs::create_dir_all(src.join("docs/deep")).unwrap();
+    let big: Vec<u8> = (0..(1 << 20) + 5).map(|i| (i % 253) as u8).collect();
+    std::fs::write(src.join("docs/deep/big.bin"), &big).unwrap();
+    std::fs::write(
+        src.join("readme.txt"),
+        b"served by the appliance's kernel\n",
+    )
+    .unwrap();
+    let img = dir.path.join("cd.iso");
+    let st = Command::new("genisoimage")
+        .args(["-quiet", "-R", "-J", "-o"])
+        .arg(&img)
+        .arg(&src)
+        .status()
+        .expect("genisoimage (scripts/setup.sh --test-tools installs it)");
+    assert!(st.success());
+    let m = Mount::vm(&img, &["--ro"]);
+    assert!(status_line(&m).contains(", iso9660, read-only"));
+    assert_eq!(
+        std::fs::read(m.path().join("docs/deep/big.bin")).unwrap(),
+        big
+    );
+    assert_eq!(
+        std::fs::read(m.path().join("readme.txt")).unwrap(),
+        b"served by the appliance's kernel\n"
+    );
+    let e = std::fs::write(m.path().join("new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    m.unmount();
+}
+
+#[test]
+fn a_killed_qemu_turns_into_errors_within_seconds_never_a_hang() {
+    let dir = Scratch::new("vm-kill");
+    let img = make_image(&dir, "ext4.img", 64, &["mkfs.ext4", "-q", "-F"]);
+    let m = Mount::vm(&img, &[]);
+    std::fs::write(m.path().join("f"), b"1").unwrap();
+    let (_, qemu) = m.pids();
+    let qemu = qemu.expect("the VM's pid");
+    assert!(std::fs::read_to_string(format!("/proc/{qemu}/cmdline"))
+        .unwrap()
+        .contains("qemu-system"));
+    // SAFETY: kill(2) on a pid we just read; no memory is involved.
+    assert_eq!(unsafe { libc::kill(qemu as i32, libc::SIGKILL) }, 0);
+    let p = m.path().join("g");
+    let r = within(Duration::from_secs(10), move || std::fs::write(&p, b"2"))
+        .expect("a write after QEMU died hung");
+    assert!(r.is_err(), "a write after QEMU died succeeded");
+    m.unmount();
+}
+
+#[test]
+fn bad_images_and_types_fail_the_mount_with_a_clear_error() {
+    let dir = Scratch::new("vm-bad");
+    let mnt = Scratch::new("vm-bad-mnt");
+    let mp = mnt.path.to_str().unwrap();
+    let missing = dir.path.join("nope.img");
+    let out = fsva(&["mount", "--vm", "--image", missing.to_str().unwrap(), mp]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does it exist"));
+
+    let garbage = dir.path.join("garbage.img");
+    std::fs::write(&garbage, vec![0x5a; 4 << 20]).unwrap();
+    let g = garbage.to_str().unwrap();
+    let out = fsva(&["mount", "--vm", "--image", g, mp]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no file system this appliance knows recognised the image"),
+        "{err}"
+    );
+    assert!(!is_mounted(&mnt.path), "a failed mount left a mount behind");
+
+    let out = fsva(&["mount", "--vm", "--image", g, "--fstype", "reiser5", mp]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("has no reiser5 driver"), "{err}");
+    assert!(!is_mounted(&mnt.path));
+}
