@@ -48,8 +48,16 @@ pub struct Appliance {
 }
 
 impl Appliance {
+    /// The kernel QEMU loads: the uncompressed ELF `vmlinux` (booted through its PVH
+    /// entry point, skipping the decompressor, which is slow under TCG) when it could be
+    /// extracted, the compressed `vmlinuz` otherwise.
     pub fn kernel(&self) -> PathBuf {
-        self.dir.join("vmlinuz")
+        let elf = self.dir.join("vmlinux");
+        if elf.is_file() {
+            elf
+        } else {
+            self.dir.join("vmlinuz")
+        }
     }
 
     pub fn initrd(&self) -> PathBuf {
@@ -181,6 +189,48 @@ fn check_static_elf(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Extracts the ELF kernel from a bzImage compressed with xz or zstd, with the
+/// decompressors Debian ships (xz-utils, zstd), keeping it only if it is an ELF file.
+fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
+    let image = std::fs::read(bzimage).map_err(|e| e.to_string())?;
+    let find = |magic: &[u8]| image.windows(magic.len()).position(|w| w == magic);
+    let (tool, args, start): (&str, &[&str], usize) =
+        if let Some(at) = find(b"\xfd7zXZ\x00") {
+            ("xz", &["-dc", "--single-stream"], at)
+        } else if let Some(at) = find(b"\x28\xb5\x2f\xfd") {
+            ("zstd", &["-dcq"], at)
+        } else {
+            return Err("no xz or zstd payload in the kernel image".into());
+        };
+    let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{tool}: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let payload = image[start..].to_vec();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        // The tool may stop reading at the end of its stream: a broken pipe is fine.
+        let _ = stdin.write_all(&payload);
+    });
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let _ = writer.join();
+    let mut head = [0u8; 4];
+    let elf = std::fs::File::open(out)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head == *b"\x7fELF";
+    if elf && (status.success() || tool == "zstd") {
+        Ok(())
+    } else {
+        Err(format!("{tool} did not produce an ELF kernel"))
+    }
+}
+
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, VmError> {
     let mut data = Vec::new();
     std::fs::File::open(path)
@@ -283,6 +333,14 @@ pub fn build(
     progress("copying the kernel");
     std::fs::copy(&kernel, dir.join("vmlinuz"))
         .map_err(VmError::file("copying the kernel", &kernel))?;
+    let _ = std::fs::remove_file(dir.join("vmlinux"));
+    match extract_vmlinux(&dir.join("vmlinuz"), &dir.join("vmlinux")) {
+        Ok(()) => progress("extracted the uncompressed kernel (boots without decompressing)"),
+        Err(why) => {
+            let _ = std::fs::remove_file(dir.join("vmlinux"));
+            tracing::info!(%why, "booting the compressed kernel");
+        }
+    }
     let initrd_bytes = std::fs::metadata(dir.join("initrd.cpio"))
         .map(|m| m.len())
         .unwrap_or(0);
