@@ -69,6 +69,8 @@ fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
         status.contains("vm") && status.contains("ext4") && status.contains("kernel"),
         "{status}"
     );
+    // Large frames (the 1 MiB writes below) cross the shared-memory region.
+    assert!(status.contains("data in shared memory"), "{status}");
     open_to_all(m.path());
     let got = conformance(m.path(), None);
     let diff = transcript_diff(&expected, &got);
@@ -86,7 +88,13 @@ fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();
     }
-    std::fs::create_dir(m.path().join("dir")).unwrap();
+    // More nodes than PID 1's default open-file limit (1024): the guest raises it.
+    let many = m.path().join("many");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..1100 {
+        std::fs::write(many.join(format!("f{i}")), b"").unwrap();
+    }
+    assert_eq!(std::fs::read_dir(&many).unwrap().count(), 1100);
     m.unmount();
     let fsck = Command::new("e2fsck")
         .arg("-fn")

@@ -7,10 +7,13 @@
 //!   the supervisor). The appliance reads requests from the kernel directly: no hop.
 //! - [`stream`]: frames over a connected byte stream (a unix socket today; vsock or
 //!   virtio-serial for VM appliances), relayed by the supervisor.
+//! - [`shm`]: the shared-memory data path a stream can use: large frames through a
+//!   region both ends map (a VM appliance's ivshmem BAR), a descriptor on the stream.
 //!
 //! Decoding and policy live elsewhere: this crate must never interpret an operation.
 
 pub mod fusedev;
+pub mod shm;
 pub mod stream;
 
 use thiserror::Error;

@@ -9,7 +9,9 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::shm::ShmRegion;
 
 use crate::{Channel, ChannelError};
 
@@ -55,14 +57,22 @@ pub fn read_frame(
 pub struct StreamChannel {
     reader: Mutex<File>,
     writer: Mutex<File>,
+    /// Large frames go through this region when the supervisor offered one.
+    shm: Option<Arc<ShmRegion>>,
 }
 
 impl StreamChannel {
     pub fn new(stream: impl Into<OwnedFd>) -> io::Result<Self> {
+        Self::with_shm(stream, None)
+    }
+
+    /// A stream whose large frames travel through `shm` (see [`crate::shm`]).
+    pub fn with_shm(stream: impl Into<OwnedFd>, shm: Option<Arc<ShmRegion>>) -> io::Result<Self> {
         let reader = File::from(stream.into());
         Ok(Self {
             writer: Mutex::new(reader.try_clone()?),
             reader: Mutex::new(reader),
+            shm,
         })
     }
 }
@@ -72,17 +82,22 @@ const REQUEST_HEADER: usize = core::mem::size_of::<fsva_protocol::abi::InHeader>
 impl Channel for StreamChannel {
     fn receive(&self, buf: &mut [u8]) -> Result<Option<usize>, ChannelError> {
         let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        read_frame(&*reader, buf, REQUEST_HEADER, "stream channel")
+        match &self.shm {
+            Some(shm) => shm.receive(&*reader, buf, REQUEST_HEADER, "stream channel"),
+            None => read_frame(&*reader, buf, REQUEST_HEADER, "stream channel"),
+        }
     }
 
     fn send(&self, frame: &[u8]) -> Result<(), ChannelError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        writer
-            .write_all(frame)
-            .map_err(|source| ChannelError::Send {
-                what: "stream channel",
-                source,
-            })
+        match &self.shm {
+            Some(shm) => shm.send(&mut *writer, frame),
+            None => writer.write_all(frame),
+        }
+        .map_err(|source| ChannelError::Send {
+            what: "stream channel",
+            source,
+        })
     }
 }
 

@@ -169,6 +169,8 @@ pub enum ToSupervisor {
         /// The file system type the kernel mounted the image with.
         fstype: String,
         read_only: bool,
+        /// It mapped the shared-memory region and sends large frames through it.
+        shared_memory: bool,
     },
     Stats(ApplianceStats),
     CacheBudgetSet,

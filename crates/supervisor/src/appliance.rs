@@ -72,6 +72,8 @@ pub struct VmReady {
     pub kernel: String,
     pub fstype: String,
     pub read_only: bool,
+    /// The guest mapped the shared-memory region and sends large frames through it.
+    pub shared_memory: bool,
 }
 
 /// Prepares `cmd` so that the child keeps `keep` open across exec, dies with the
@@ -237,10 +239,12 @@ impl Appliance {
                 kernel,
                 fstype,
                 read_only,
+                shared_memory,
             }) => VmReady {
                 kernel,
                 fstype,
                 read_only,
+                shared_memory,
             },
             Ok(ToSupervisor::Failed { message }) => {
                 return Err(kill_on_error(ApplianceError::Failed(message)))

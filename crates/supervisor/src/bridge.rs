@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use fsva_channel::fusedev::FuseDev;
+use fsva_channel::shm::ShmRegion;
 use fsva_channel::stream::read_frame;
 use fsva_channel::Channel;
 use fsva_protocol::abi::{opcode, OutHeader};
@@ -38,6 +39,8 @@ pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
 struct Shared {
     devs: Vec<Arc<FuseDev>>,
+    /// The shared-memory data path, for a VM appliance that maps the same region.
+    shm: Option<Arc<ShmRegion>>,
     to_appliance: Mutex<UnixStream>,
     /// A handle to the same socket for shutting it down without taking the writer's
     /// lock (a writer blocked on a full socket must not keep the bridge from failing).
@@ -61,12 +64,14 @@ impl Bridge {
     pub fn start(
         devs: Vec<Arc<FuseDev>>,
         stream: UnixStream,
+        shm: Option<Arc<ShmRegion>>,
         on_failure: FailureHook,
     ) -> std::io::Result<Bridge> {
         let reader = stream.try_clone()?;
         let shutdown = stream.try_clone()?;
         let shared = Arc::new(Shared {
             devs,
+            shm,
             to_appliance: Mutex::new(stream),
             shutdown,
             pending: Mutex::new(HashMap::new()),
@@ -174,11 +179,13 @@ fn forward_requests(s: &Shared, index: usize) {
             }
             pending.insert(h.unique, (index, h.opcode));
         }
-        let sent = s
-            .to_appliance
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_all(frame);
+        let sent = {
+            let mut stream = s.to_appliance.lock().unwrap_or_else(|p| p.into_inner());
+            match &s.shm {
+                Some(shm) => shm.send(&mut *stream, frame),
+                None => stream.write_all(frame),
+            }
+        };
         if let Err(e) = sent {
             fail(s, &format!("writing to the appliance failed: {e}"));
             // The request may have been drained by `fail` already; answer it if not.
@@ -198,12 +205,12 @@ fn forward_requests(s: &Shared, index: usize) {
 fn forward_replies(s: &Shared, reader: UnixStream) {
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
-        let n = match read_frame(
-            &reader,
-            &mut buf,
-            core::mem::size_of::<OutHeader>(),
-            "appliance stream",
-        ) {
+        let min = core::mem::size_of::<OutHeader>();
+        let received = match &s.shm {
+            Some(shm) => shm.receive(&reader, &mut buf, min, "appliance stream"),
+            None => read_frame(&reader, &mut buf, min, "appliance stream"),
+        };
+        let n = match received {
             Ok(Some(n)) => n,
             Ok(None) => return fail(s, "the appliance closed its stream"),
             Err(e) => return fail(s, &format!("malformed reply frame: {e}")),

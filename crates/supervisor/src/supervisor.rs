@@ -26,6 +26,7 @@ use crate::appliance::{Appliance, ApplianceError};
 use crate::bridge::Bridge;
 use crate::mount::{self, MountError, MountOptions};
 use crate::registry;
+use fsva_channel::shm::ShmRegion;
 
 #[derive(Debug, Error)]
 pub enum SupervisorError {
@@ -187,29 +188,49 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 UnixStream::pair().map_err(io_err("creating the FUSE port's socket"))?;
             let (control_ours, control_theirs) =
                 UnixStream::pair().map_err(io_err("creating the control port's socket"))?;
+            // The shared-memory data path: a region QEMU maps into the guest.
+            let (shm_fd, shm) = match ShmRegion::create(VM_SHM_BYTES, VM_SHM_SLOT) {
+                Ok((fd, region)) => (Some(fd), Some(Arc::new(region))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no shared-memory region; data goes through the serial port");
+                    (None, None)
+                }
+            };
             let qemu = fsva_vm::qemu::command(
                 &plan.appliance,
                 &plan.spec,
-                fuse_theirs.as_raw_fd(),
-                control_theirs.as_raw_fd(),
+                fsva_vm::qemu::Ports {
+                    fuse: fuse_theirs.as_raw_fd(),
+                    control: control_theirs.as_raw_fd(),
+                    shm: shm_fd.as_ref().map(|fd| (fd.as_raw_fd(), VM_SHM_BYTES)),
+                },
                 false,
             );
+            let mut keep = vec![fuse_theirs.as_fd(), control_theirs.as_fd()];
+            keep.extend(shm_fd.as_ref().map(|fd| fd.as_fd()));
             let (appliance, child, ready) = Appliance::start_vm(
                 qemu,
-                &[fuse_theirs.as_fd(), control_theirs.as_fd()],
+                &keep,
                 control_ours,
                 cgroup_procs.as_deref(),
                 VM_START_TIMEOUT,
             )?;
-            drop((fuse_theirs, control_theirs));
+            drop(keep);
+            drop((fuse_theirs, control_theirs, shm_fd));
             tracing::info!(kernel = %ready.kernel, fstype = %ready.fstype, read_only = ready.read_only, accel = %plan.spec.accel, "VM appliance up");
             data_path = format!(
-                "through a VM appliance (kernel {}, {}{}) over virtio-serial; {}",
+                "through a VM appliance (kernel {}, {}{}) over virtio-serial{}; {}",
                 ready.kernel,
                 ready.fstype,
                 if ready.read_only { ", read-only" } else { "" },
+                if ready.shared_memory {
+                    ", data in shared memory"
+                } else {
+                    ""
+                },
                 plan.accel_note
             );
+            let shm = shm.filter(|_| ready.shared_memory);
             if let Some(bytes) = req.cache_budget {
                 appliance.set_cache_budget(bytes)?;
             }
@@ -219,6 +240,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 Bridge::start(
                     devs.clone(),
                     fuse_ours,
+                    shm,
                     Box::new(move |why| {
                         kill();
                         tracing::error!(reason = why, "VM appliance dropped by the stream relay");
@@ -258,6 +280,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 Bridge::start(
                     devs.clone(),
                     ours,
+                    None,
                     Box::new(move |why| {
                         // A misbehaving appliance is stopped; its exit is reported by the waiter.
                         kill();
@@ -486,6 +509,10 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
 
 /// How long a VM appliance may take to boot and mount its image (TCG is slow).
 const VM_START_TIMEOUT: Duration = Duration::from_secs(180);
+/// The VM appliance's shared-memory region for file data, and its slot size: one whole
+/// frame (1 MiB payload plus headers), so 31 slots per direction.
+const VM_SHM_BYTES: usize = 64 << 20;
+const VM_SHM_SLOT: usize = (1 << 20) + 8192;
 /// How long a VM appliance may take to sync, unmount and power off.
 const VM_STOP_GRACE: Duration = Duration::from_secs(60);
 

@@ -29,6 +29,22 @@ pub fn mount_pseudo_filesystems() -> Result<(), String> {
     Ok(())
 }
 
+/// Lets the backend hold one descriptor per node it serves: PID 1 starts with the
+/// kernel's default of 1024 open files, far fewer than a source tree has.
+pub fn raise_open_file_limit() {
+    let max = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let limit = rustix::process::Rlimit {
+        current: Some(max),
+        maximum: Some(max),
+    };
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit) {
+        tracing::warn!(error = %e, max, "could not raise the open-file limit");
+    }
+}
+
 /// Loads every module in /etc/fsva/modules.load, in order. A module that fails is
 /// logged and skipped: the file systems that need it will fail to mount with a clear
 /// error, the others still work.

@@ -14,6 +14,7 @@
 
 mod guest;
 mod ports;
+mod shared_memory;
 
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ struct Settings {
     workers: usize,
     log: String,
     probe: bool,
+    /// The host offers a shared-memory region for file data.
+    shm: bool,
 }
 
 fn settings(cmdline: &str) -> Settings {
@@ -47,6 +50,7 @@ fn settings(cmdline: &str) -> Settings {
             "fsva.workers" => s.workers = value.parse().unwrap_or(2).clamp(1, 64),
             "fsva.log" => s.log = value.into(),
             "fsva.probe" => s.probe = value == "1",
+            "fsva.shm" => s.shm = value == "1",
             _ => {}
         }
     }
@@ -78,6 +82,7 @@ fn run() -> Result<(), String> {
         .with_ansi(false)
         .without_time()
         .init();
+    guest::raise_open_file_limit();
     guest::load_modules();
     let control = ports::open(fsva_vm_ports::CONTROL)?;
     let control = FramedLink::new(control).map_err(|e| format!("control port: {e}"))?;
@@ -96,6 +101,9 @@ fn run() -> Result<(), String> {
     }
 }
 
+/// Entry and attribute timeout for a disk only this appliance changes.
+const EXCLUSIVE_TTL: std::time::Duration = std::time::Duration::from_secs(86400);
+
 /// Port names shared with the host side (`fsva_vm::qemu`).
 mod fsva_vm_ports {
     pub const FUSE: &str = "fsva.fuse";
@@ -108,12 +116,31 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
     let fuse = ports::open(fsva_vm_ports::FUSE)?;
     let root = fsva_backend_passthrough::open_dir_path(std::path::Path::new(guest::EXPORT))
         .map_err(|e| format!("opening {}: {e}", guest::EXPORT))?;
-    let fs = fsva_backend_passthrough::PassthroughFs::new(
-        fsva_backend_passthrough::PassthroughConfig::new(root),
-    )
-    .map_err(|e| format!("serving {}: {e}", guest::EXPORT))?;
+    // The image is this VM's alone (QEMU locks it), so nothing changes the file system
+    // behind the host kernel's back: it may trust names and attributes as long as it
+    // likes, as for mem.
+    let mut config = fsva_backend_passthrough::PassthroughConfig::new(root);
+    config.entry_ttl = EXCLUSIVE_TTL;
+    config.attr_ttl = EXCLUSIVE_TTL;
+    let fs = fsva_backend_passthrough::PassthroughFs::new(config)
+        .map_err(|e| format!("serving {}: {e}", guest::EXPORT))?;
+    let shm = if s.shm {
+        match shared_memory::map() {
+            Ok(region) => {
+                tracing::info!(slots = region.slots(), "file data through shared memory");
+                Some(Arc::new(region))
+            }
+            Err(why) => {
+                tracing::warn!(%why, "no shared memory; file data goes through the port");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let shared_memory = shm.is_some();
     let channel: Arc<dyn Channel> =
-        Arc::new(StreamChannel::new(fuse).map_err(|e| format!("FUSE port: {e}"))?);
+        Arc::new(StreamChannel::with_shm(fuse, shm).map_err(|e| format!("FUSE port: {e}"))?);
     let server = Server::new(Arc::new(fs), SessionConfig::default(), None);
     let stats = server.stats();
     let kernel = rustix::system::uname()
@@ -126,6 +153,7 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
             kernel,
             fstype,
             read_only: s.read_only,
+            shared_memory,
         })
         .map_err(|e| format!("reporting ready: {e}"))?;
     std::thread::scope(|scope| {

@@ -194,14 +194,13 @@ fn check_static_elf(bytes: &[u8]) -> Result<(), String> {
 fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
     let image = std::fs::read(bzimage).map_err(|e| e.to_string())?;
     let find = |magic: &[u8]| image.windows(magic.len()).position(|w| w == magic);
-    let (tool, args, start): (&str, &[&str], usize) =
-        if let Some(at) = find(b"\xfd7zXZ\x00") {
-            ("xz", &["-dc", "--single-stream"], at)
-        } else if let Some(at) = find(b"\x28\xb5\x2f\xfd") {
-            ("zstd", &["-dcq"], at)
-        } else {
-            return Err("no xz or zstd payload in the kernel image".into());
-        };
+    let (tool, args, start): (&str, &[&str], usize) = if let Some(at) = find(b"\xfd7zXZ\x00") {
+        ("xz", &["-dc", "--single-stream"], at)
+    } else if let Some(at) = find(b"\x28\xb5\x2f\xfd") {
+        ("zstd", &["-dcq"], at)
+    } else {
+        return Err("no xz or zstd payload in the kernel image".into());
+    };
     let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
     let mut child = std::process::Command::new(tool)
         .args(args)

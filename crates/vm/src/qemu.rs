@@ -80,6 +80,16 @@ fn append(spec: &VmSpec, probe: bool) -> String {
     a
 }
 
+/// The kernel command line for `spec`, telling the guest whether a shared-memory
+/// region is there.
+fn append_for(spec: &VmSpec, ports: &Ports, probe: bool) -> String {
+    let mut a = append(spec, probe);
+    if ports.shm.is_some() {
+        a.push_str(" fsva.shm=1");
+    }
+    a
+}
+
 /// Whether QEMU can open `image` with O_DIRECT (then the host keeps no second cached
 /// copy of what the guest's page cache holds).
 fn supports_direct_io(image: &Path) -> bool {
@@ -91,15 +101,21 @@ fn supports_direct_io(image: &Path) -> bool {
         .is_ok()
 }
 
-/// The QEMU command for `appliance` serving `spec`, with the FUSE and control sockets
-/// at `fuse_fd` and `control_fd` (which the caller keeps open across exec).
-pub fn command(
-    appliance: &Appliance,
-    spec: &VmSpec,
-    fuse_fd: RawFd,
-    control_fd: RawFd,
-    probe: bool,
-) -> Command {
+/// The descriptors a VM appliance's QEMU inherits.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// The FUSE port's socket.
+    pub fuse: RawFd,
+    /// The control port's socket.
+    pub control: RawFd,
+    /// The shared-memory region (a memfd) and its size, shown to the guest as an
+    /// `ivshmem-plain` device.
+    pub shm: Option<(RawFd, usize)>,
+}
+
+/// The QEMU command for `appliance` serving `spec` through `ports` (which the caller
+/// keeps open across exec).
+pub fn command(appliance: &Appliance, spec: &VmSpec, ports: Ports, probe: bool) -> Command {
     let mut cmd = Command::new(QEMU);
     let (accel, cpu) = match spec.accel {
         Accel::Kvm => ("kvm", "host"),
@@ -130,7 +146,7 @@ pub fn command(
         .arg(appliance.kernel())
         .arg("-initrd")
         .arg(appliance.initrd())
-        .args(["-append", &append(spec, probe)])
+        .args(["-append", &append_for(spec, &ports, probe)])
         .arg("-drive")
         .arg(format!(
             "file={},if=none,id=disk,format=raw,cache={cache},readonly={}",
@@ -139,17 +155,30 @@ pub fn command(
         ))
         .args(["-device", "virtio-blk-pci,drive=disk"])
         .args(["-device", "virtio-serial-pci"])
-        .args(["-chardev", &format!("socket,id=fuse,fd={fuse_fd}")])
+        .args(["-chardev", &format!("socket,id=fuse,fd={}", ports.fuse)])
         .args([
             "-device",
             &format!("virtserialport,chardev=fuse,name={FUSE_PORT}"),
         ])
-        .args(["-chardev", &format!("socket,id=control,fd={control_fd}")])
+        .args([
+            "-chardev",
+            &format!("socket,id=control,fd={}", ports.control),
+        ])
         .args([
             "-device",
             &format!("virtserialport,chardev=control,name={CONTROL_PORT}"),
         ])
         .stdin(Stdio::null());
+    if let Some((fd, size)) = ports.shm {
+        cmd.args([
+            "-object",
+            &format!(
+                "memory-backend-file,id=fsvashm,mem-path=/proc/self/fd/{fd},size={size},share=on"
+            ),
+            "-device",
+            "ivshmem-plain,memdev=fsvashm",
+        ]);
+    }
     cmd
 }
 
@@ -210,13 +239,12 @@ pub fn probe_kvm(appliance: &Appliance, deadline: Duration) -> KvmProbe {
         log_filter: "warn".into(),
     };
     use std::os::fd::AsRawFd;
-    let mut cmd = command(
-        appliance,
-        &spec,
-        fuse_theirs.as_raw_fd(),
-        theirs.as_raw_fd(),
-        true,
-    );
+    let ports = Ports {
+        fuse: fuse_theirs.as_raw_fd(),
+        control: theirs.as_raw_fd(),
+        shm: None,
+    };
+    let mut cmd = command(appliance, &spec, ports, true);
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let keep = [fuse_theirs.as_raw_fd(), theirs.as_raw_fd()];
     crate::qemu::inherit(&mut cmd, &keep);

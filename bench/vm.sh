@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Benchmark fsva's VM appliance against libguestfs's guestmount (the established VM
+# appliance behind FUSE) on the same kind of ext4 image, under the same emulation.
+#
+#   bench/vm.sh [--quick] [--accel tcg|kvm]
+#
+# For each tool: a fresh ext4 image (1 GiB, 4 KiB blocks), then
+#   boot      time from the mount command to a mount that answers
+#   seq_write fio 1 MiB sequential write of $SIZE with a final fsync (MB/s)
+#   seq_read  fio 1 MiB sequential read of that file after dropping the host's page
+#             cache (the appliance's own cache is warm for both tools) (MB/s)
+#   meta      bench/meta.py: create+write 4 KiB, warm stat, readdir, rename, unlink,
+#             mkdir+rmdir (µs per op)
+#   extract   tar -x of /usr/include (~8k files), then find, du and a cat of every
+#             file (s)
+#   umount    time to unmount (and, for fsva, the VM powered off)
+# and prints each figure with the ratio fsva/guestmount (>1 = fsva better).
+# Default accelerator: tcg for both (KVM cannot boot guests on the machines this was
+# written on; pass --accel kvm where it can). Needs root; installs fio and
+# libguestfs-tools with apt-get if missing.
+set -euo pipefail
+
+QUICK=0
+ACCEL=tcg
+while (($#)); do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --accel) ACCEL=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--accel tcg|kvm]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+FSVA=$REPO/target/release/fsva
+WORK=/var/tmp/fsva-vm-bench
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+OUT=$REPO/bench/out/vm-results-$STAMP.md
+if [ $QUICK = 1 ]; then SIZE=64M; META_N=200; META_M=50; else SIZE=256M; META_N=1000; META_M=200; fi
+
+need=()
+for p in fio libguestfs-tools e2fsprogs bc; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+  echo "bench/vm.sh: installing ${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+"$REPO/scripts/setup.sh" --release >/dev/null
+
+rm -rf "$WORK"; mkdir -p "$WORK" "$REPO/bench/out"
+tar -C /usr -cf "$WORK/tree.tar" include
+TREE_FILES=$(tar -tf "$WORK/tree.tar" | grep -vc '/$')
+
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc -l; }
+
+# guestmount under TCG needs libguestfs told so (it asks KVM for -cpu host otherwise).
+export LIBGUESTFS_BACKEND=direct
+[ "$ACCEL" = tcg ] && export LIBGUESTFS_BACKEND_SETTINGS=force_tcg
+
+mount_tool() { # tool image mnt
+  case $1 in
+    fsva) "$FSVA" mount --vm --accel "$ACCEL" --image "$2" "$3" >/dev/null 2>&1 ;;
+    guestmount) guestmount -a "$2" -m /dev/sda --rw "$3" ;;
+  esac
+  stat "$3/." >/dev/null
+}
+umount_tool() { # tool mnt
+  case $1 in
+    fsva) "$FSVA" umount "$2" ;;
+    guestmount)
+      guestunmount "$2"
+      # guestunmount returns before its QEMU exits: wait for it, as fsva umount does.
+      while pgrep -f "qemu.*guestfs" >/dev/null; do sleep 0.05; done ;;
+  esac
+}
+
+declare -A R
+run_tool() {
+  local t=$1 img=$WORK/$1.img mnt=$WORK/mnt-$1
+  echo "bench/vm.sh: $t" >&2
+  rm -f "$img"; truncate -s 1G "$img"; mkfs.ext4 -q -F -b 4096 "$img"
+  mkdir -p "$mnt"
+  # A first boot builds caches (fsva's appliance, libguestfs's supermin appliance):
+  # time the second.
+  mount_tool "$t" "$img" "$mnt"; umount_tool "$t" "$mnt"
+  local t0; t0=$(now); mount_tool "$t" "$img" "$mnt"; R[$t.boot]=$(since "$t0")
+  mkdir "$mnt/fio"
+  R[$t.seq_write]=$(fio --name=w --directory="$mnt/fio" --rw=write --bs=1M --size=$SIZE \
+      --end_fsync=1 --output-format=json | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1e6)')
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  R[$t.seq_read]=$(fio --name=w --directory="$mnt/fio" --rw=read --bs=1M --size=$SIZE \
+      --invalidate=1 --output-format=json | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["bw_bytes"]/1e6)')
+  rm -rf "$mnt/fio"
+  local meta; meta=$(python3 "$REPO/bench/meta.py" "$mnt" "$META_N" "$META_M")
+  for op in create_write stat_warm readdir rename unlink mkdir_rmdir; do
+    R[$t.$op]=$(echo "$meta" | python3 -c "import json,sys; print(json.load(sys.stdin)['$op'])")
+  done
+  rm -rf "$mnt/meta"
+  t0=$(now); tar -C "$mnt" -xf "$WORK/tree.tar"; sync -f "$mnt/include"; R[$t.extract]=$(since "$t0")
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  t0=$(now); find "$mnt/include" | wc -l >/dev/null; R[$t.find]=$(since "$t0")
+  t0=$(now); du -s "$mnt/include" >/dev/null; R[$t.du]=$(since "$t0")
+  t0=$(now); find "$mnt/include" -type f -exec cat {} + >/dev/null; R[$t.cat]=$(since "$t0")
+  t0=$(now); umount_tool "$t" "$mnt"; R[$t.umount]=$(since "$t0")
+  if ! e2fsck -fn "$img" >/dev/null 2>&1; then echo "bench/vm.sh: $t left $img unclean" >&2; R[$t.clean]=no; else R[$t.clean]=yes; fi
+}
+
+run_tool fsva
+run_tool guestmount
+
+{
+  echo "# VM appliance: fsva vs guestmount ($(date -u +%F), accel $ACCEL, $(nproc) CPUs, quick=$QUICK)"
+  echo
+  echo "ext4 image 1 GiB; fio size $SIZE; metadata N=$META_N M=$META_M; tree: /usr/include ($TREE_FILES files)."
+  echo
+  echo "| workload | unit | fsva | guestmount | fsva advantage |"
+  echo "|---|---|---|---|---|"
+  row() { # key unit higher-is-better
+    local f=${R[fsva.$1]} g=${R[guestmount.$1]} ratio
+    if [ "$3" = 1 ]; then ratio=$(echo "$f / $g" | bc -l); else ratio=$(echo "$g / $f" | bc -l); fi
+    printf '| %s | %s | %.3g | %.3g | %.2fx |\n' "$1" "$2" "$f" "$g" "$ratio"
+  }
+  row boot s 0; row seq_write MB/s 1; row seq_read MB/s 1
+  for op in create_write stat_warm readdir rename unlink mkdir_rmdir; do row $op "µs/op" 0; done
+  row extract s 0; row find s 0; row du s 0; row cat s 0; row umount s 0
+  echo
+  echo "fsck clean after unmount: fsva ${R[fsva.clean]}, guestmount ${R[guestmount.clean]}"
+} | tee "$OUT"
+echo "bench/vm.sh: written to $OUT" >&2
