@@ -45,12 +45,43 @@ pub fn raise_open_file_limit() {
     }
 }
 
-/// Loads every module in /etc/fsva/modules.load, in order. A module that fails is
-/// logged and skipped: the file systems that need it will fail to mount with a clear
-/// error, the others still work.
-pub fn load_modules() {
-    let list = std::fs::read_to_string("/etc/fsva/modules.load").unwrap_or_default();
-    for path in list.lines().filter(|l| !l.is_empty()) {
+/// Loads the drivers every boot needs (/etc/fsva/modules.load).
+pub fn load_base_modules() {
+    load_module_list(Path::new("/etc/fsva/modules.load"));
+}
+
+/// Where the modules each file system type needs are listed.
+const PER_TYPE: &str = "/etc/fsva/fs";
+
+/// The file system types this appliance ships modules for.
+fn shipped_types() -> Vec<String> {
+    let mut types: Vec<String> = std::fs::read_dir(PER_TYPE)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    types.sort();
+    types
+}
+
+/// Loads the modules of `fstype`; false if the appliance has none for it.
+fn load_type(fstype: &str) -> bool {
+    let list = Path::new(PER_TYPE).join(fstype);
+    if fstype.contains('/') || !list.is_file() {
+        return false;
+    }
+    load_module_list(&list);
+    true
+}
+
+/// Loads the modules listed in `list`, in order. A module that fails is logged and
+/// skipped: accelerated variants the emulated CPU lacks fail with ENODEV and their
+/// generic versions serve; a file system whose module failed fails to mount, clearly.
+fn load_module_list(list: &Path) {
+    let text = std::fs::read_to_string(list).unwrap_or_default();
+    for path in text.lines().filter(|l| !l.is_empty()) {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) => {
@@ -64,8 +95,11 @@ pub fn load_modules() {
         let rc =
             unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), c"".as_ptr(), 0) };
         let err = std::io::Error::last_os_error();
-        if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
-            tracing::warn!(module = path, error = %err, "module not loaded");
+        match err.raw_os_error() {
+            _ if rc == 0 => {}
+            Some(libc::EEXIST) => {}
+            Some(libc::ENODEV) => tracing::debug!(module = path, "not for this CPU"),
+            _ => tracing::warn!(module = path, error = %err, "module not loaded"),
         }
     }
 }
@@ -113,36 +147,50 @@ pub fn mount_disk(disk: &Path, fstype: Option<&str>, read_only: bool) -> Result<
     } else {
         MountFlags::empty()
     };
-    let candidates = match fstype {
-        Some(t) => vec![t.to_string()],
-        None => block_filesystems(),
-    };
-    let mut tried = Vec::new();
-    for t in &candidates {
-        match mount(disk, EXPORT, t.as_str(), flags, None) {
-            Ok(()) => return Ok(t.clone()),
-            Err(e) => tried.push(format!("{t}: {e}")),
+    let try_mount = |t: &str| mount(disk, EXPORT, t, flags, None);
+    if let Some(t) = fstype {
+        if !load_type(t) && !block_filesystems().iter().any(|k| k == t) {
+            return Err(format!(
+                "this appliance's kernel has no {t} driver (it knows {})",
+                shipped_types().join(", ")
+            ));
+        }
+        return try_mount(t).map(|()| t.to_string()).map_err(|e| {
+            format!(
+                "the appliance's kernel could not mount the image as {t} ({e}){}",
+                if read_only {
+                    ""
+                } else {
+                    "; if it is read-only media, pass --ro"
+                }
+            )
+        });
+    }
+    // Recognised by its superblock: load only that driver.
+    if let Some(t) = crate::detect::fstype(disk) {
+        if load_type(t) {
+            match try_mount(t) {
+                Ok(()) => return Ok(t.to_string()),
+                Err(e) => {
+                    tracing::info!(fstype = t, error = %e, "looked like {t} but did not mount; trying every driver")
+                }
+            }
         }
     }
-    Err(match fstype {
-        Some(t) if !block_filesystems().iter().any(|k| k == t) => format!(
-            "this appliance's kernel has no {t} driver (it knows {})",
-            block_filesystems().join(", ")
-        ),
-        Some(t) => format!(
-            "the appliance's kernel could not mount the image as {t} ({}){}",
-            tried.join("; "),
-            if read_only {
-                ""
-            } else {
-                "; if it is read-only media, pass --ro"
-            }
-        ),
-        None => format!(
-            "no file system this appliance knows recognised the image (tried {})",
-            candidates.join(", ")
-        ),
-    })
+    // Otherwise every driver, each trying the image in turn (as mount(8) does).
+    for t in shipped_types() {
+        load_type(&t);
+    }
+    let candidates = block_filesystems();
+    for t in &candidates {
+        if try_mount(t).is_ok() {
+            return Ok(t.clone());
+        }
+    }
+    Err(format!(
+        "no file system this appliance knows recognised the image (tried {})",
+        candidates.join(", ")
+    ))
 }
 
 /// Syncs and unmounts the disk so it is consistent when the machine stops.

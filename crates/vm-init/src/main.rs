@@ -1,8 +1,8 @@
 //! `fsva-vm-init`: PID 1 of a VM appliance.
 //!
-//! It brings up just enough of the guest (proc, sysfs, devtmpfs, the modules listed in
-//! `/etc/fsva/modules.load`), mounts the disk with the guest kernel's own file system
-//! driver, and serves that mount with the same appliance runtime and `passthrough`
+//! It brings up just enough of the guest (proc, sysfs, devtmpfs, the drivers listed in
+//! `/etc/fsva/modules.load`), recognises the disk's file system and loads only its
+//! modules (`/etc/fsva/fs/TYPE`), mounts the disk with the guest kernel's own driver, and serves that mount with the same appliance runtime and `passthrough`
 //! backend as a sandboxed appliance, over the `fsva.fuse` virtio-serial port; it reports
 //! and answers control messages on `fsva.control`. When the host closes the FUSE port
 //! (the mount is gone) it syncs, unmounts the disk and powers the machine off.
@@ -12,6 +12,7 @@
 //! off (PID 1 exiting panics the guest), and never leave the disk mounted when it can
 //! unmount it.
 
+mod detect;
 mod guest;
 mod ports;
 mod shared_memory;
@@ -83,7 +84,7 @@ fn run() -> Result<(), String> {
         .without_time()
         .init();
     guest::raise_open_file_limit();
-    guest::load_modules();
+    guest::load_base_modules();
     let control = ports::open(fsva_vm_ports::CONTROL)?;
     let control = FramedLink::new(control).map_err(|e| format!("control port: {e}"))?;
     if s.probe {

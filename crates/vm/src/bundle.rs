@@ -1,8 +1,9 @@
 //! Assembling an appliance and finding it again.
 //!
 //! An appliance is a directory: `vmlinuz` (a copy of the kernel), `initrd.cpio` (an
-//! uncompressed `newc` archive: `/init` is the static `fsva-vm-init`, then the modules
-//! and their load order in `/etc/fsva/modules.load`) and `manifest` (`key=value` lines:
+//! uncompressed `newc` archive: `/init` is the static `fsva-vm-init`, then the modules,
+//! the drivers every boot loads in `/etc/fsva/modules.load`, and for each file system
+//! type the modules to load before mounting it in `/etc/fsva/fs/TYPE`) and `manifest` (`key=value` lines:
 //! what it holds and what it was built from, so a changed runtime or kernel is noticed).
 //! The archive is left uncompressed: under TCG, decompressing costs more boot time than
 //! QEMU copying a few more megabytes. This module never boots anything.
@@ -14,7 +15,7 @@ use crate::cpio::CpioWriter;
 use crate::{modules, VmError};
 
 /// Bumped when the layout of an appliance changes.
-const BUNDLE_FORMAT: &str = "1";
+const BUNDLE_FORMAT: &str = "2";
 
 /// What to build an appliance from.
 #[derive(Debug, Clone)]
@@ -296,34 +297,36 @@ pub fn build(
         }
         cpio.file("init", 0o755, &init)?;
         let mut made = std::collections::BTreeSet::new();
-        let mut order = String::new();
+        let in_initrd = |rel: &Path| Path::new("lib/modules").join(&release).join(rel);
         for (i, rel) in set.files.iter().enumerate() {
             if i % 10 == 0 {
                 progress(&format!("adding modules {}/{}", i, set.files.len()));
             }
-            let target = Path::new("lib/modules").join(&release).join(rel);
-            for anc in target
-                .ancestors()
-                .skip(1)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
-                if !anc.as_os_str().is_empty()
-                    && made.insert(anc.to_path_buf())
-                    && anc != Path::new("lib")
-                    && anc != Path::new("lib/modules")
-                {
+            let target = in_initrd(rel);
+            let parents: Vec<&Path> = target.ancestors().skip(1).collect();
+            for anc in parents.into_iter().rev() {
+                if anc.components().count() > 2 && made.insert(anc.to_path_buf()) {
                     cpio.dir(&anc.to_string_lossy(), 0o755)?;
                 }
             }
             let data = std::fs::read(modules_dir.join(rel))?;
             cpio.file(&target.to_string_lossy(), 0o644, &data)?;
-            order.push('/');
-            order.push_str(&target.to_string_lossy());
-            order.push('\n');
         }
-        cpio.file("etc/fsva/modules.load", 0o644, order.as_bytes())?;
+        let list = |files: &[PathBuf]| {
+            files
+                .iter()
+                .map(|rel| format!("/{}\n", in_initrd(rel).display()))
+                .collect::<String>()
+        };
+        cpio.file("etc/fsva/modules.load", 0o644, list(&set.base).as_bytes())?;
+        cpio.dir("etc/fsva/fs", 0o755)?;
+        for (fstype, files) in &set.per_type {
+            cpio.file(
+                &format!("etc/fsva/fs/{fstype}"),
+                0o644,
+                list(files).as_bytes(),
+            )?;
+        }
         cpio.finish()?;
         Ok(())
     })();
@@ -348,7 +351,7 @@ pub fn build(
         kernel_source: kernel,
         init_source: opts.init.clone(),
         init_id: init_id(&opts.init)?,
-        filesystems: set.filesystems,
+        filesystems: set.filesystems(),
         modules: set.files.len(),
         initrd_bytes,
     };
@@ -377,7 +380,7 @@ mod tests {
         };
         assert_eq!(Manifest::parse(&m.render()), Some(m.clone()));
         assert_eq!(
-            Manifest::parse(&m.render().replace("format=1", "format=0")),
+            Manifest::parse(&m.render().replace("format=2", "format=1")),
             None
         );
         assert_eq!(Manifest::parse("kernel_release=x\n"), None);
