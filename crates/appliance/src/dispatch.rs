@@ -166,6 +166,7 @@ impl Dispatcher {
         let h = req.header;
         let u = h.unique;
         let ino = h.nodeid;
+        tracing::trace!(unique = u, opcode = h.opcode, nodeid = ino, "request");
         let ctx = Context {
             unique: u,
             uid: h.uid,

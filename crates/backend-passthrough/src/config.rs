@@ -36,6 +36,9 @@ pub struct PassthroughConfig {
     pub attr_ttl: Duration,
     /// Who makes device nodes when this process cannot; `None` makes them itself.
     pub device_nodes: Option<Arc<dyn DeviceNodes>>,
+    /// The export is a local file system only this backend changes (a VM appliance's
+    /// disk): closing a file then needs no FLUSH round trip (nothing acts on close).
+    pub exclusive_local: bool,
 }
 
 impl std::fmt::Debug for PassthroughConfig {
@@ -46,6 +49,7 @@ impl std::fmt::Debug for PassthroughConfig {
             .field("entry_ttl", &self.entry_ttl)
             .field("attr_ttl", &self.attr_ttl)
             .field("device_nodes", &self.device_nodes.is_some())
+            .field("exclusive_local", &self.exclusive_local)
             .finish()
     }
 }
@@ -60,6 +64,7 @@ impl PassthroughConfig {
             entry_ttl: Duration::from_secs(1),
             attr_ttl: Duration::from_secs(1),
             device_nodes: None,
+            exclusive_local: false,
         }
     }
 

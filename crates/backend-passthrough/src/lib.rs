@@ -64,6 +64,8 @@ pub struct PassthroughFs {
     base_groups: Vec<libc::gid_t>,
     /// Who makes device nodes when this process cannot.
     device_nodes: Option<std::sync::Arc<dyn DeviceNodes>>,
+    /// See [`PassthroughConfig::exclusive_local`].
+    exclusive_local: bool,
 }
 
 fn key_of(stx: &libc::statx) -> InodeKey {
@@ -119,6 +121,7 @@ impl PassthroughFs {
             attr_ttl: config.attr_ttl,
             base_groups: creds::current_groups(),
             device_nodes: config.device_nodes,
+            exclusive_local: config.exclusive_local,
         })
     }
 
@@ -732,6 +735,11 @@ impl Filesystem for PassthroughFs {
     }
 
     fn flush(&self, _ctx: &Context, _ino: u64, fh: u64, _lock_owner: u64) -> Result<()> {
+        if self.exclusive_local {
+            // ENOSYS tells the kernel never to send FLUSH again: a local disk file
+            // system does nothing on close, and locks are the kernel's.
+            return Err(Errno(libc::ENOSYS));
+        }
         let h = self.handle(fh)?;
         // close(dup(fd)): file systems that act on close (NFS) see one now.
         let d = sys::dup(h.fd())?;

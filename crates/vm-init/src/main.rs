@@ -123,6 +123,7 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
     let mut config = fsva_backend_passthrough::PassthroughConfig::new(root);
     config.entry_ttl = EXCLUSIVE_TTL;
     config.attr_ttl = EXCLUSIVE_TTL;
+    config.exclusive_local = true;
     let fs = fsva_backend_passthrough::PassthroughFs::new(config)
         .map_err(|e| format!("serving {}: {e}", guest::EXPORT))?;
     let shm = if s.shm {

@@ -55,7 +55,7 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
                 cpus: default_workers().min(2),
                 accel,
                 workers: args.workers.unwrap_or_else(default_workers),
-                log_filter: "info".into(),
+                log_filter: log.to_string(),
             },
             accel_note,
         })
