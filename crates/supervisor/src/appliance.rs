@@ -113,6 +113,31 @@ fn prepare_child(
     Ok(())
 }
 
+/// Why an appliance did not come up, from what its control link said instead of
+/// "ready"; `true` when the process is still there and must be killed.
+fn not_ready(
+    said: Result<ToSupervisor, LinkError>,
+    ended: &str,
+    who: &str,
+    timeout: Duration,
+) -> (ApplianceError, bool) {
+    match said {
+        Ok(ToSupervisor::Failed { message }) => (ApplianceError::Failed(message), true),
+        Ok(other) => (ApplianceError::Unexpected(format!("{other:?}")), true),
+        Err(LinkError::Closed) => (
+            ApplianceError::Failed(format!("{ended} before it was ready (see the log for why)")),
+            false,
+        ),
+        Err(LinkError::Io { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock => (
+            ApplianceError::Failed(format!(
+                "{who} did not report ready within {timeout:?}; it was stopped"
+            )),
+            true,
+        ),
+        Err(e) => (e.into(), true),
+    }
+}
+
 fn pidfd_of(pid: u32) -> Result<std::sync::Arc<std::os::fd::OwnedFd>, ApplianceError> {
     rustix::process::Pid::from_raw(pid as i32)
         .ok_or_else(|| ApplianceError::Failed("the kernel reported pid 0".into()))
@@ -160,29 +185,14 @@ impl Appliance {
         .ok();
         ours.send(&ToAppliance::Start(config.clone()), fds)
             .map_err(|e| kill_on_error(e.into()))?;
-        match ours.recv::<ToSupervisor>() {
-            Ok((ToSupervisor::Ready { .. }, _)) => {}
-            Ok((ToSupervisor::Failed { message }, _)) => {
-                return Err(kill_on_error(ApplianceError::Failed(message)))
+        match ours.recv::<ToSupervisor>().map(|(m, _)| m) {
+            Ok(ToSupervisor::Ready { .. }) => {}
+            other => {
+                return Err(match not_ready(other, "it exited", "it", timeout) {
+                    (e, true) => kill_on_error(e),
+                    (e, false) => e,
+                })
             }
-            Ok((other, _)) => {
-                return Err(kill_on_error(ApplianceError::Unexpected(format!(
-                    "{other:?}"
-                ))))
-            }
-            Err(LinkError::Closed) => {
-                return Err(ApplianceError::Failed(
-                    "it exited before it was ready (see the log for why)".into(),
-                ))
-            }
-            Err(LinkError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::WouldBlock =>
-            {
-                return Err(kill_on_error(ApplianceError::Failed(format!(
-                    "it did not report ready within {timeout:?}; it was stopped"
-                ))))
-            }
-            Err(e) => return Err(kill_on_error(e.into())),
         }
         rustix::net::sockopt::set_socket_timeout(
             &ours,
@@ -246,27 +256,19 @@ impl Appliance {
                 read_only,
                 shared_memory,
             },
-            Ok(ToSupervisor::Failed { message }) => {
-                return Err(kill_on_error(ApplianceError::Failed(message)))
+            other => {
+                return Err(
+                    match not_ready(
+                        other,
+                        "the VM stopped",
+                        "the VM",
+                        timeout,
+                    ) {
+                        (e, true) => kill_on_error(e),
+                        (e, false) => e,
+                    },
+                )
             }
-            Ok(other) => {
-                return Err(kill_on_error(ApplianceError::Unexpected(format!(
-                    "{other:?}"
-                ))))
-            }
-            Err(LinkError::Closed) => {
-                return Err(ApplianceError::Failed(
-                    "the VM stopped before it was ready (its console output is in the log)".into(),
-                ))
-            }
-            Err(LinkError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::WouldBlock =>
-            {
-                return Err(kill_on_error(ApplianceError::Failed(format!(
-                    "the VM did not report ready within {timeout:?}; it was stopped"
-                ))))
-            }
-            Err(e) => return Err(kill_on_error(e.into())),
         };
         let _ = timeout_control.set_read_timeout(Some(Duration::from_secs(5)));
         Ok((
