@@ -132,6 +132,10 @@ pub struct MountArgs {
     /// Memory of the VM appliance in MiB (default 256, more with --cache-budget).
     #[arg(long, requires = "vm")]
     pub vm_memory: Option<u32>,
+    /// vCPUs of the VM appliance (default: 1 under TCG, where it answers requests
+    /// fastest; up to 4 under KVM).
+    #[arg(long, requires = "vm", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vm_cpus: Option<u32>,
     /// How QEMU runs the VM appliance.
     #[arg(long, value_enum, default_value = "auto", requires = "vm")]
     pub accel: AccelArg,

@@ -258,12 +258,7 @@ impl Appliance {
             },
             other => {
                 return Err(
-                    match not_ready(
-                        other,
-                        "the VM stopped",
-                        "the VM",
-                        timeout,
-                    ) {
+                    match not_ready(other, "the VM stopped", "the VM", timeout) {
                         (e, true) => kill_on_error(e),
                         (e, false) => e,
                     },
