@@ -88,6 +88,20 @@ fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();
     }
+    // The guest's clock is the host's (its RTC alone is whole seconds off): a file made
+    // now has a modification time of now, give or take the kernel's coarse clock.
+    let before = std::time::SystemTime::now();
+    std::fs::write(m.path().join("now"), b"").unwrap();
+    let after = std::time::SystemTime::now();
+    let mtime = std::fs::metadata(m.path().join("now"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let slack = Duration::from_millis(200);
+    assert!(
+        mtime + slack >= before && mtime <= after + slack,
+        "mtime {mtime:?} outside [{before:?}, {after:?}] ± {slack:?}"
+    );
     // More nodes than PID 1's default open-file limit (1024): the guest raises it.
     let many = m.path().join("many");
     std::fs::create_dir(&many).unwrap();

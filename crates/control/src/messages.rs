@@ -153,6 +153,9 @@ pub enum ToAppliance {
     Stats,
     /// The cache budget changed (`fsva cache`).
     SetCacheBudget { bytes: u64 },
+    /// A VM appliance sets its clock to the host's (its RTC has whole seconds only), so
+    /// that file times written in the guest agree with the host's.
+    SetClock { secs: i64, nanos: u32 },
 }
 
 /// Appliance → supervisor.
@@ -174,6 +177,7 @@ pub enum ToSupervisor {
     },
     Stats(ApplianceStats),
     CacheBudgetSet,
+    ClockSet,
     /// Start-up failed; the message says what and what to do.
     Failed {
         message: String,

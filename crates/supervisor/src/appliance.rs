@@ -288,6 +288,21 @@ impl Appliance {
         }
     }
 
+    /// Sets a VM appliance's clock to this host's.
+    pub fn set_clock(&self) -> Result<(), ApplianceError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let msg = ToAppliance::SetClock {
+            secs: now.as_secs() as i64,
+            nanos: now.subsec_nanos(),
+        };
+        match self.control.request(&msg)? {
+            ToSupervisor::ClockSet => Ok(()),
+            other => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Asks the appliance for its counters.
     pub fn stats(&self) -> Result<ApplianceStats, ApplianceError> {
         match self.control.request(&ToAppliance::Stats)? {

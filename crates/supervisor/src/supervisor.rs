@@ -234,6 +234,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             if let Some(bytes) = req.cache_budget {
                 appliance.set_cache_budget(bytes)?;
             }
+            appliance.set_clock()?;
             let tx = events_tx.clone();
             let kill = appliance.killer();
             bridge = Some(

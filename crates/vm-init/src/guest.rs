@@ -233,6 +233,20 @@ fn page_cache_bytes() -> u64 {
         * 1024
 }
 
+/// Sets the guest's wall clock (it boots from an RTC with whole seconds).
+pub fn set_clock(secs: i64, nanos: u32) -> std::io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: nanos.min(999_999_999) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads the timespec we pass by reference; nothing is kept.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Stops the machine. QEMU (run with -no-reboot) exits.
 pub fn power_off() -> ! {
     rustix::fs::sync();

@@ -170,6 +170,12 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                         guest::set_cache_budget(bytes);
                         ToSupervisor::CacheBudgetSet
                     }
+                    ToAppliance::SetClock { secs, nanos } => match guest::set_clock(secs, nanos) {
+                        Ok(()) => ToSupervisor::ClockSet,
+                        Err(e) => ToSupervisor::Failed {
+                            message: format!("setting the guest clock: {e}"),
+                        },
+                    },
                     ToAppliance::Start(_) => ToSupervisor::Failed {
                         message: "a VM appliance is configured by its kernel command line".into(),
                     },

@@ -273,6 +273,9 @@ fn serve(
                     ToAppliance::Start(_) => ToSupervisor::Failed {
                         message: "already started".into(),
                     },
+                    ToAppliance::SetClock { .. } => ToSupervisor::Failed {
+                        message: "an appliance process shares the host's clock".into(),
+                    },
                 };
                 if link.send(&reply, &[]).is_err() {
                     break;
