@@ -1,7 +1,8 @@
 //! VM appliances: a disk image mounted by the appliance's own kernel in QEMU (TCG where
 //! KVM cannot boot it), served to the host mount. Each test boots real VMs, so there are
 //! few: ext4 read-write against native ext4 and fsck-clean afterwards; file systems this
-//! host's kernel lacks (f2fs, jfs, vfat; iso9660 read-only); a killed QEMU; bad images.
+//! host's kernel lacks (f2fs, jfs, vfat; iso9660 read-only); a killed QEMU; bad images;
+//! a cache budget.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -299,4 +300,45 @@ fn bad_images_and_types_fail_the_mount_with_a_clear_error() {
     assert!(!out.status.success());
     assert!(err.contains("has no reiser5 driver"), "{err}");
     assert!(!is_mounted(&mnt.path));
+}
+
+#[test]
+fn a_cache_budget_bounds_the_vm_without_starving_it() {
+    let dir = Scratch::new("vm-budget");
+    let img = make_image(
+        &dir,
+        "ext4.img",
+        1024,
+        &["mkfs.ext4", "-q", "-F", "-b", "4096"],
+    );
+    let m = Mount::vm(&img, &["--cache-budget", "64M"]);
+    // More data than the VM has memory (256 MiB): the guest's page cache must give way
+    // and QEMU, whose cgroup also holds the guest's RAM, must not be killed.
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 13 % 256) as u8).collect();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(m.path().join("big")).unwrap();
+        for _ in 0..320 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let status = status_line(&m);
+    assert!(status.contains("serving"), "{status}");
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(m.path().join("big")).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..320 {
+            f.read_exact(&mut buf).unwrap();
+            assert!(buf == chunk, "MiB {i} differs");
+        }
+    }
+    // Within the VM's memory a budget changes at run time; beyond it, a clear error.
+    let mp = m.path().to_str().unwrap().to_string();
+    assert!(fsva(&["cache", &mp, "100M"]).status.success());
+    let out = fsva(&["cache", &mp, "1G"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vm-memory"));
+    m.unmount();
 }

@@ -154,12 +154,15 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     };
     // The budget is enforced by the kernel on the appliance's memory cgroup, with room
     // for the appliance's own code, heap and request buffers on top.
+    // A VM appliance's memory is its guest RAM (fixed at boot) plus QEMU's own: the
+    // guest keeps its page cache within the budget itself.
+    let limit_for = vm_memory_limit(&req);
     let mut cache_budget = req.cache_budget;
     let cgroup = match cache_budget {
         Some(bytes) => {
             let cg = crate::cgroup::MemoryCgroup::create(&registry::mount_id(&mountpoint))
                 .map_err(io_err("creating the appliance's memory cgroup"))?;
-            cg.set_limit(bytes + CGROUP_HEADROOM)
+            cg.set_limit(limit_for.unwrap_or(bytes + CGROUP_HEADROOM))
                 .map_err(io_err(format!("limiting {}", cg.path().display())))?;
             Some(cg)
         }
@@ -468,6 +471,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             &cgroup,
                             &mountpoint,
                             bytes,
+                            limit_for,
                         ) {
                             Ok(()) => {
                                 cache_budget = Some(bytes);
@@ -517,6 +521,18 @@ const VM_SHM_SLOT: usize = (1 << 20) + 8192;
 /// How long a VM appliance may take to sync, unmount and power off.
 const VM_STOP_GRACE: Duration = Duration::from_secs(60);
 
+/// What QEMU itself needs beside its guest's RAM (code, TCG translation cache, devices).
+const VM_QEMU_OVERHEAD: u64 = 256 << 20;
+/// What a VM appliance's guest needs beside its page cache (kernel, runtime).
+const VM_GUEST_BASE: u64 = 128 << 20;
+
+/// The memory limit of a VM appliance's cgroup: its guest RAM plus QEMU's own.
+fn vm_memory_limit(req: &MountRequest) -> Option<u64> {
+    req.vm
+        .as_ref()
+        .map(|plan| (u64::from(plan.spec.memory_mib) << 20) + VM_QEMU_OVERHEAD)
+}
+
 /// Memory an appliance needs beyond its cache budget: code, heap, request buffers.
 const CGROUP_HEADROOM: u64 = 64 << 20;
 
@@ -528,6 +544,7 @@ fn set_cache_budget(
     cgroup: &Option<crate::cgroup::MemoryCgroup>,
     mountpoint: &Path,
     bytes: u64,
+    vm_limit: Option<u64>,
 ) -> Result<(), String> {
     let Some(cg) = cgroup else {
         return Err(format!(
@@ -535,6 +552,24 @@ fn set_cache_budget(
             mountpoint.display()
         ));
     };
+    if let Some(limit) = vm_limit {
+        // The guest's RAM cannot shrink or grow under it: it keeps its cache within the
+        // new budget itself, inside the RAM it booted with.
+        if bytes + VM_GUEST_BASE > limit {
+            return Err(format!(
+                "{} is a VM appliance with {} MiB of memory: budgets above {} MiB need a remount with a larger --cache-budget or --vm-memory",
+                mountpoint.display(),
+                (limit - VM_QEMU_OVERHEAD) >> 20,
+                (limit - VM_QEMU_OVERHEAD - VM_GUEST_BASE) >> 20
+            ));
+        }
+        if alive {
+            appliance
+                .set_cache_budget(bytes)
+                .map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    }
     if let Err(e) = cg.set_limit(bytes + CGROUP_HEADROOM) {
         // Memory that cannot be reclaimed (mem's file data) is above the new budget:
         // hold the limit where it is used now; the appliance refuses growth (ENOSPC).
