@@ -782,7 +782,8 @@ impl Filesystem for MemFs {
         Ok(Opened {
             fh,
             // mem is the only writer of its files: the page cache stays valid across opens.
-            open_flags: fopen::KEEP_CACHE,
+            // Nothing happens on close, so no FLUSH round trip either.
+            open_flags: fopen::KEEP_CACHE | fopen::NOFLUSH,
             backing,
         })
     }
@@ -845,7 +846,9 @@ impl Filesystem for MemFs {
         let fh = Self::open_handle(&mut st, ino, None, flags)?;
         Ok(Opened {
             fh,
-            open_flags: 0,
+            // Only this mount changes mem's directories, and the kernel drops its cached
+            // listing whenever it changes one: a repeated listing costs no READDIR.
+            open_flags: fopen::CACHE_DIR | fopen::KEEP_CACHE,
             backing: None,
         })
     }
@@ -1051,7 +1054,7 @@ impl Filesystem for MemFs {
             entry,
             Opened {
                 fh,
-                open_flags: fopen::KEEP_CACHE,
+                open_flags: fopen::KEEP_CACHE | fopen::NOFLUSH,
                 backing: self.backing_for(ino, &data),
             },
         ))
@@ -1084,7 +1087,7 @@ impl Filesystem for MemFs {
             entry,
             Opened {
                 fh,
-                open_flags: fopen::KEEP_CACHE,
+                open_flags: fopen::KEEP_CACHE | fopen::NOFLUSH,
                 backing: self.backing_for(ino, &data),
             },
         ))

@@ -68,6 +68,17 @@ pub struct PassthroughFs {
     exclusive_local: bool,
 }
 
+/// Local file systems whose files need nothing on close(2) (no `->flush`), so a FUSE
+/// FLUSH on them would only be a wasted round trip. Checked per opened file: an export
+/// may hold mounts of other types (NFS, FUSE) below its root, which keep FLUSH.
+fn nothing_on_close(f_type: libc::__fsword_t) -> bool {
+    const EXT4: libc::__fsword_t = 0xEF53; // also ext2 and ext3
+    const XFS: libc::__fsword_t = 0x5846_5342;
+    const BTRFS: libc::__fsword_t = 0x9123_683E;
+    const TMPFS: libc::__fsword_t = 0x0102_1994;
+    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
+}
+
 fn key_of(stx: &libc::statx) -> InodeKey {
     InodeKey {
         dev: attr::dev_of(stx),
@@ -291,11 +302,19 @@ impl PassthroughFs {
             }
             h.fd().try_clone_to_owned().ok()
         });
+        // FLUSH exists for file systems that act on close (NFS, FUSE, CIFS): where the
+        // opened file's file system does nothing on close, skip the round trip.
+        let noflush = self.exclusive_local
+            || self
+                .handle(fh)
+                .ok()
+                .and_then(|h| sys::fstatfs(h.fd()).ok())
+                .is_some_and(|st| nothing_on_close(st.f_type));
         Opened {
             fh,
             // The user side is the one cache of file data (we drop what we read): keep it
             // across opens; AUTO_INVAL_DATA drops it when the file's mtime changes.
-            open_flags: abi::fopen::KEEP_CACHE,
+            open_flags: abi::fopen::KEEP_CACHE | if noflush { abi::fopen::NOFLUSH } else { 0 },
             backing,
         }
     }
