@@ -29,14 +29,18 @@ def load(raw, targets):
     data = {}
     for t in targets:
         d = {}
-        for wl, rw in (("seqread", "read"), ("seqwrite", "write"), ("randread", "read")):
+        for wl, rw in (("seqread", "read"), ("seqwrite", "write"), ("randread", "read"),
+                       ("randwrite", "write"), ("dseqread", "read"), ("dseqwrite", "write"),
+                       ("drandread-qd1", "read"), ("drandread-qd16", "read"),
+                       ("drandwrite-qd1", "write"), ("drandwrite-qd16", "write")):
             # seqread-1.json, seqread-2.json, ... (not the -warmup pass)
-            paths = [p for p in glob.glob(os.path.join(raw, f"{t}-{wl}*.json")) if "warmup" not in p]
+            paths = [p for p in glob.glob(os.path.join(raw, f"{t}-{wl}.json"))
+                     + glob.glob(os.path.join(raw, f"{t}-{wl}-[0-9]*.json"))]
             r = median_of(paths, lambda p: fio_result(p, rw))
             if r:
                 d[wl] = r["MB/s"]
-                if wl == "randread":
-                    d["randread_kiops"] = r["IOPS"] / 1000
+                if wl.startswith("rand") or wl.startswith("drand"):
+                    d[wl + "_kiops"] = r["IOPS"] / 1000
         def meta(p):
             with open(p) as f:
                 return json.load(f)
@@ -87,6 +91,13 @@ TABLES = [
     ("Sequential write, 1 MiB, buffered, end_fsync=1", "MB/s", "seqwrite", TPUT),
     ("Random read, 4 KiB, buffered (cache warm from the sequential read)", "MB/s", "randread", TPUT),
     ("Random read, 4 KiB, buffered — IOPS", "kIOPS", "randread_kiops", TPUT),
+    ("Random write, 4 KiB, buffered — IOPS", "kIOPS", "randwrite_kiops", TPUT),
+    ("Sequential read, 1 MiB, O_DIRECT", "MB/s", "dseqread", TPUT),
+    ("Sequential write, 1 MiB, O_DIRECT", "MB/s", "dseqwrite", TPUT),
+    ("Random read, 4 KiB, O_DIRECT, queue depth 1 — IOPS", "kIOPS", "drandread-qd1_kiops", TPUT),
+    ("Random read, 4 KiB, O_DIRECT, queue depth 16 (libaio) — IOPS", "kIOPS", "drandread-qd16_kiops", TPUT),
+    ("Random write, 4 KiB, O_DIRECT, queue depth 1 — IOPS", "kIOPS", "drandwrite-qd1_kiops", TPUT),
+    ("Random write, 4 KiB, O_DIRECT, queue depth 16 (libaio) — IOPS", "kIOPS", "drandwrite-qd16_kiops", TPUT),
     ("Metadata: create + write 4 KiB + close", "µs/op", "create_write", LAT),
     ("Metadata: stat (warm)", "µs/op", "stat_warm", LAT),
     ("Metadata: readdir of the whole directory (median of 5 listings)", "µs/listing", "readdir", LAT),

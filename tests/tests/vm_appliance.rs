@@ -342,3 +342,35 @@ fn a_cache_budget_bounds_the_vm_without_starving_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vm-memory"));
     m.unmount();
 }
+
+#[test]
+fn appliance_info_says_what_it_serves_and_how_it_boots() {
+    // Any mount builds and probes the appliance first.
+    let dir = Scratch::new("vm-info");
+    let img = make_image(&dir, "ext4.img", 64, &["mkfs.ext4", "-q", "-F"]);
+    Mount::vm(&img, &[]).unmount();
+    let out = fsva(&["appliance", "info"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for fs in [
+        "ext4", "vfat", "f2fs", "jfs", "iso9660", "udf", "btrfs", "xfs",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("file systems:") && l.split_whitespace().any(|w| w == fs)),
+            "{fs} missing:\n{text}"
+        );
+    }
+    let accel = text
+        .lines()
+        .find(|l| l.starts_with("accelerator:"))
+        .unwrap_or_default();
+    assert!(
+        accel.contains("KVM") || (accel.contains("TCG (") && accel.len() > 20),
+        "the accelerator and, for TCG, why: {accel}"
+    );
+    let out = fsva(&["appliance", "build", "--kernel", "/nonexistent/vmlinuz-9.9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/nonexistent"), "{err}");
+}

@@ -250,6 +250,13 @@ pub fn build(
         Some(k) => k.clone(),
         None => newest_kernel()?,
     };
+    if let Err(e) = std::fs::metadata(&kernel) {
+        return Err(VmError::File {
+            what: "reading the appliance kernel",
+            path: kernel,
+            source: e,
+        });
+    }
     let release = match &opts.modules {
         Some(m) => m.file_name().and_then(|n| n.to_str()).map(str::to_string),
         None => kernel
