@@ -479,7 +479,10 @@ impl Filesystem for MemFs {
         let p = st.inodes.get(parent)?;
         let ino = match name.as_bytes() {
             // The VFS resolves "." itself; the kernel sends it only to find a node again
-            // by its id (open_by_handle_at), for any kind of node.
+            // by its id (open_by_handle_at), for any kind of node. A node that was
+            // removed is stale, even while the kernel's FORGET for it is still on its
+            // way (the node then lingers here with no name).
+            b"." if p.nlink == 0 => return Err(Errno(libc::ESTALE)),
             b"." => parent,
             b".." => p.dir()?.parent,
             _ => p.dir()?.get(name).ok_or(Errno::ENOENT)?,

@@ -117,6 +117,8 @@ fn create_lookup_forget_lifetime() {
     // Unlinked while open: still readable and writable.
     fs.unlink(&root(), ROOT, n("f")).unwrap();
     assert_eq!(attr(&fs, ino).nlink, 0);
+    // ... but no longer found again by its id: a handle to it is stale.
+    assert_eq!(err(fs.lookup(&root(), ino, n("."))), libc::ESTALE);
     fs.write(&root(), ino, fh, 5, b"!", 0, 0).unwrap();
     assert_eq!(read_all(&fs, ino, fh), b"hello!");
     fs.forget(ino, 2);
