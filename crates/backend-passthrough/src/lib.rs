@@ -792,7 +792,11 @@ impl Filesystem for PassthroughFs {
         let fh = self.handles.insert(Handle::Dir(DirStream::new(fd)));
         Ok(Opened {
             fh,
-            open_flags: 0,
+            // The kernel may keep the listing: it drops it when an entry changes through
+            // the mount, and (AUTO_INVAL_DATA) when the directory's mtime has moved once
+            // its attributes time out — so a change made beside the mount shows as
+            // soon as a changed attribute would.
+            open_flags: abi::fopen::CACHE_DIR | abi::fopen::KEEP_CACHE,
             backing: None,
         })
     }
