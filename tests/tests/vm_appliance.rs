@@ -300,6 +300,21 @@ fn bad_images_and_types_fail_the_mount_with_a_clear_error() {
     assert!(!out.status.success());
     assert!(err.contains("has no reiser5 driver"), "{err}");
     assert!(!is_mounted(&mnt.path));
+
+    // An image another VM holds: QEMU refuses it (image lock) and exits before the
+    // guest runs; the mount fails at once instead of waiting out the boot time-out.
+    let img = make_image(&dir, "held.img", 64, &["mkfs.ext4", "-q", "-F"]);
+    let held = Mount::vm(&img, &[]);
+    let t0 = std::time::Instant::now();
+    let out = fsva(&["mount", "--vm", "--image", img.to_str().unwrap(), mp]);
+    assert!(!out.status.success(), "the same image mounted twice");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "a QEMU that exits at start-up took {:?} to notice",
+        t0.elapsed()
+    );
+    assert!(!is_mounted(&mnt.path));
+    held.unmount();
 }
 
 #[test]

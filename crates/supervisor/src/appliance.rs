@@ -37,9 +37,17 @@ pub enum ApplianceError {
 enum Control {
     /// A local appliance process: a seqpacket link.
     Local(Link),
-    /// A VM appliance: framed messages over its control port.
-    Vm(FramedLink),
+    /// A VM appliance: framed messages over its control port. A guest that answered
+    /// late or wrongly once is not asked again (`broken`): its late answer would be
+    /// taken for the next one's, and the event loop must never wait on it.
+    Vm {
+        link: FramedLink,
+        broken: std::sync::atomic::AtomicBool,
+    },
 }
+
+/// How long a VM appliance has to answer a control request, the whole message.
+const VM_CONTROL_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Control {
     fn request(&self, msg: &ToAppliance) -> Result<ToSupervisor, ApplianceError> {
@@ -48,9 +56,20 @@ impl Control {
                 link.send(msg, &[])?;
                 Ok(link.recv::<ToSupervisor>()?.0)
             }
-            Control::Vm(link) => {
-                link.send(msg)?;
-                Ok(link.recv::<ToSupervisor>()?)
+            Control::Vm { link, broken } => {
+                use std::sync::atomic::Ordering;
+                if broken.load(Ordering::Relaxed) {
+                    return Err(ApplianceError::Failed(
+                        "the VM appliance stopped answering control requests".into(),
+                    ));
+                }
+                let answer = link
+                    .send(msg)
+                    .and_then(|()| link.recv_within::<ToSupervisor>(VM_CONTROL_TIMEOUT));
+                if answer.is_err() {
+                    broken.store(true, Ordering::Relaxed);
+                }
+                Ok(answer?)
             }
         }
     }
@@ -212,16 +231,19 @@ impl Appliance {
 
     /// Starts a VM appliance with `qemu` (its command line refers to the sockets in
     /// `keep`) and waits until the guest reports it serves.
+    /// `give` are the descriptors QEMU inherits; they are closed here as soon as QEMU
+    /// runs, so that a QEMU that dies before the guest is ready shows as end-of-file on
+    /// the control socket at once, not as a time-out.
     pub fn start_vm(
         mut qemu: Command,
-        keep: &[BorrowedFd<'_>],
+        give: Vec<std::os::fd::OwnedFd>,
         control: std::os::unix::net::UnixStream,
         cgroup_procs: Option<&Path>,
         timeout: Duration,
     ) -> Result<(Appliance, Child, VmReady), ApplianceError> {
         prepare_child(
             &mut qemu,
-            keep.iter().map(|fd| fd.as_raw_fd()).collect(),
+            give.iter().map(|fd| fd.as_raw_fd()).collect(),
             cgroup_procs,
         )?;
         // The guest's console goes to our log.
@@ -232,19 +254,16 @@ impl Appliance {
             exe: fsva_vm::qemu::QEMU.into(),
             source,
         })?;
+        drop(give);
         let pid = child.id();
         let pidfd = pidfd_of(pid)?;
         let kill_on_error = |e: ApplianceError| {
             let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
             e
         };
-        let _ = control.set_read_timeout(Some(timeout));
-        let timeout_control = control
-            .try_clone()
-            .map_err(|e| kill_on_error(ApplianceError::Failed(format!("control socket: {e}"))))?;
         let link = FramedLink::new(control)
             .map_err(|e| kill_on_error(ApplianceError::Failed(format!("control socket: {e}"))))?;
-        let ready = match link.recv::<ToSupervisor>() {
+        let ready = match link.recv_within::<ToSupervisor>(timeout) {
             Ok(ToSupervisor::VmReady {
                 kernel,
                 fstype,
@@ -265,12 +284,14 @@ impl Appliance {
                 )
             }
         };
-        let _ = timeout_control.set_read_timeout(Some(Duration::from_secs(5)));
         Ok((
             Appliance {
                 pid,
                 pidfd,
-                control: Control::Vm(link),
+                control: Control::Vm {
+                    link,
+                    broken: std::sync::atomic::AtomicBool::new(false),
+                },
             },
             child,
             ready,

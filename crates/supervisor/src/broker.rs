@@ -9,6 +9,13 @@
 //! its own export or one of its memfds; a directory inside its export — and does
 //! exactly that one thing. It never follows a path the appliance names beyond one
 //! component, never reads file data, and never acts on anything outside the export.
+//!
+//! What it must trust: the broker does not see the FUSE request behind a device node,
+//! so the appliance checks that its caller is root. A compromised appliance can
+//! therefore make any device node *inside its export* (never outside it); host users
+//! who can reach the export directly could open such a node. A root user's passthrough
+//! export must not be open to untrusted host users — as for any root file server
+//! (virtiofsd running as root makes such nodes itself).
 
 use std::ffi::CString;
 use std::io;

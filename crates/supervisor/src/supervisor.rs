@@ -209,17 +209,15 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 },
                 false,
             );
-            let mut keep = vec![fuse_theirs.as_fd(), control_theirs.as_fd()];
-            keep.extend(shm_fd.as_ref().map(|fd| fd.as_fd()));
+            let mut give: Vec<OwnedFd> = vec![fuse_theirs.into(), control_theirs.into()];
+            give.extend(shm_fd);
             let (appliance, child, ready) = Appliance::start_vm(
                 qemu,
-                &keep,
+                give,
                 control_ours,
                 cgroup_procs.as_deref(),
                 VM_START_TIMEOUT,
             )?;
-            drop(keep);
-            drop((fuse_theirs, control_theirs, shm_fd));
             tracing::info!(kernel = %ready.kernel, fstype = %ready.fstype, read_only = ready.read_only, accel = %plan.spec.accel, "VM appliance up");
             data_path = format!(
                 "through a VM appliance (kernel {}, {}{}) over virtio-serial{}; {}",
@@ -518,8 +516,10 @@ const VM_START_TIMEOUT: Duration = Duration::from_secs(180);
 /// frame (1 MiB payload plus headers), so 31 slots per direction.
 const VM_SHM_BYTES: usize = 64 << 20;
 const VM_SHM_SLOT: usize = (1 << 20) + 8192;
-/// How long a VM appliance may take to sync, unmount and power off.
-const VM_STOP_GRACE: Duration = Duration::from_secs(60);
+/// How long a VM appliance may take to sync, unmount and power off: writing back a
+/// large guest page cache to an emulated disk takes minutes, and killing QEMU before
+/// would lose data the applications closed (without fsync) before the unmount.
+const VM_STOP_GRACE: Duration = Duration::from_secs(600);
 
 /// What QEMU itself needs beside its guest's RAM (code, TCG translation cache, devices).
 const VM_QEMU_OVERHEAD: u64 = 256 << 20;
@@ -555,12 +555,14 @@ fn set_cache_budget(
     if let Some(limit) = vm_limit {
         // The guest's RAM cannot shrink or grow under it: it keeps its cache within the
         // new budget itself, inside the RAM it booted with.
-        if bytes + VM_GUEST_BASE > limit {
+        let guest_ram = limit.saturating_sub(VM_QEMU_OVERHEAD);
+        let most = guest_ram.saturating_sub(VM_GUEST_BASE);
+        if bytes > most {
             return Err(format!(
                 "{} is a VM appliance with {} MiB of memory: budgets above {} MiB need a remount with a larger --cache-budget or --vm-memory",
                 mountpoint.display(),
-                (limit - VM_QEMU_OVERHEAD) >> 20,
-                (limit - VM_QEMU_OVERHEAD - VM_GUEST_BASE) >> 20
+                guest_ram >> 20,
+                most >> 20
             ));
         }
         if alive {

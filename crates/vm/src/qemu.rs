@@ -129,6 +129,12 @@ pub fn command(appliance: &Appliance, spec: &VmSpec, ports: Ports, probe: bool) 
     cmd.args(["-machine", "q35", "-accel", accel, "-cpu", cpu])
         .args(["-m", &spec.memory_mib.to_string()])
         .args(["-smp", &spec.cpus.to_string()])
+        // QEMU's own seccomp filter: a guest that escapes into QEMU still cannot gain
+        // privileges, start programs or change resource limits.
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ])
         .args([
             "-nodefaults",
             "-no-user-config",

@@ -35,6 +35,18 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
         if accel == fsva_vm::qemu::Accel::Tcg && !args.foreground {
             eprintln!("fsva: booting the appliance under TCG emulation (slower than KVM); this takes a few seconds");
         }
+        // The guest needs ~128 MiB besides the page cache its budget allows.
+        let budget_mib = args.cache_budget.unwrap_or(0) >> 20;
+        let memory_mib = match args.vm_memory {
+            Some(m) if u64::from(m) < budget_mib + 128 => anyhow::bail!(
+                "--vm-memory {m} leaves no room for --cache-budget {budget_mib}M: give at least {} MiB",
+                budget_mib + 128
+            ),
+            Some(m) => m,
+            None => u32::try_from(budget_mib.saturating_add(192))
+                .unwrap_or(u32::MAX)
+                .max(256),
+        };
         let BackendSpec::Image {
             path,
             fstype,
@@ -49,9 +61,7 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
                 image: path.clone(),
                 fstype: fstype.clone(),
                 read_only: *read_only,
-                memory_mib: args.vm_memory.unwrap_or_else(|| {
-                    256.max((args.cache_budget.unwrap_or(0) >> 20) as u32 + 192)
-                }),
+                memory_mib,
                 // Under TCG a second vCPU buys throughput (+30% for 1 MiB I/O) but
                 // costs every request a cross-thread hand-off: a round trip takes
                 // 290 µs with two, 165 µs with one (measured here).

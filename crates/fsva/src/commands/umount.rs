@@ -12,11 +12,13 @@ pub fn run(args: crate::cli::UmountArgs) -> anyhow::Result<ExitCode> {
     let mountpoint = absolute(&args.mountpoint)?;
     let entry = registry::Entry::for_mount(&mountpoint);
     if let Ok(link) = Link::connect(&entry.socket) {
-        // Unmounting waits for the appliance to flush and exit (at most ~10 s).
+        // Unmounting waits for the appliance to flush and exit: a process appliance
+        // within 10 s, a VM appliance writing back its page cache under emulation within
+        // 10 minutes (the supervisor's bounds); wait a little longer than either.
         let _ = rustix::net::sockopt::set_socket_timeout(
             &link,
             rustix::net::sockopt::Timeout::Recv,
-            Some(std::time::Duration::from_secs(30)),
+            Some(std::time::Duration::from_secs(11 * 60)),
         );
         link.send(&AdminRequest::Unmount { lazy: args.lazy }, &[])?;
         return match link.recv::<AdminReply>() {
