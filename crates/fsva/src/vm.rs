@@ -59,11 +59,27 @@ fn progress(msg: &str) {
 /// Builds the appliance from `opts` into the cache, unconditionally.
 pub fn build(opts: &BuildOptions) -> anyhow::Result<Appliance> {
     let dir = cache_dir();
-    let a = bundle::build(opts, &dir, &mut |m| progress(m))
-        .with_context(|| format!("building the VM appliance in {}", dir.display()))?;
-    // A rebuilt appliance may boot differently: probe again when asked.
-    let _ = std::fs::remove_file(dir.join("accel"));
-    Ok(a)
+    // Built beside the cache and swapped in whole, so that a VM starting meanwhile
+    // finds either the old kernel and initramfs or the new pair, never a mix.
+    let fresh = sibling(&dir, &format!("new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&fresh);
+    bundle::build(opts, &fresh, &mut |m| progress(m))
+        .with_context(|| format!("building the VM appliance in {}", fresh.display()))?;
+    let old = sibling(&dir, &format!("old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(&dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+    }
+    std::fs::rename(&fresh, &dir).with_context(|| format!("installing {}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    // The new appliance's accelerator is probed again on first use (no `accel` memo).
+    Appliance::load(&dir).with_context(|| format!("loading {}", dir.display()))
+}
+
+/// `dir` with a suffix, in the same parent (so renames between them are atomic).
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
 }
 
 /// Holds the cache's lock: one fsva at a time builds or probes the appliance.
@@ -71,8 +87,10 @@ pub struct CacheLock(#[allow(dead_code)] std::fs::File);
 
 pub fn lock_cache() -> anyhow::Result<CacheLock> {
     let dir = cache_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(".lock");
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    // Beside the cache, not in it: a rebuild replaces the cache directory whole.
+    let path = sibling(&dir, "lock");
     let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
         .with_context(|| format!("locking {}", path.display()))?;
