@@ -13,8 +13,9 @@
 # bench/out/results-<date>.md. Needs root (drop_caches, FUSE mounts), fio,
 # bindfs, python3; gcc/g++/libfuse3-dev for the libfuse peers (installed with
 # apt-get if missing). Full run: 256 MiB files, 5 s per timed job, three
-# repetitions, whole Go tree; --quick: 64 MiB, 3 s, fewer metadata ops, one
-# repetition, only the tree's test/ directory (~3.1k files).
+# repetitions, whole Go tree; --quick (a smoke run, ~50 s, figures indicative
+# only): 32 MiB, 0.5 s per timed job, 200 files, one repetition, only the tree's
+# src/net directory (358 files).
 set -euo pipefail
 
 QUICK=0
@@ -33,10 +34,10 @@ RAW=$BENCH/out/raw-$STAMP
 OUT=$BENCH/out/results-$STAMP.md
 
 if [ $QUICK = 1 ]; then
-  SIZE=64M; RUNTIME=3; META_N=500; META_M=200; REPS=1; SETTLE=1; FOOT_MIB=256
-  MACRO_REPS=1; MACRO_PART=test
+  SIZE=32M; RUNTIME=500ms; META_N=200; META_M=50; REPS=1; SETTLE=0; FOOT_MIB=64
+  MACRO_REPS=1; MACRO_PART=src/net
 else
-  SIZE=256M; RUNTIME=5; META_N=2000; META_M=500; REPS=3; SETTLE=2; FOOT_MIB=1024
+  SIZE=256M; RUNTIME=5s; META_N=2000; META_M=500; REPS=3; SETTLE=2; FOOT_MIB=1024
   MACRO_REPS=1; MACRO_PART=
 fi
 
@@ -238,7 +239,7 @@ MODE=$([ $QUICK = 1 ] && echo "--quick" || echo "full")
 HEADER="## fsva benchmark — $(date -u '+%Y-%m-%d %H:%M UTC') ($MODE)
 
 $(nproc) CPUs, Linux $(uname -r), $(findmnt -n -o FSTYPE --target "$WORK") under $WORK.
-fio: ${SIZE}iB file, psync (libaio for queue depth 16), one job; cold sequential read = median of $REPS passes; random jobs time-based ${RUNTIME} s.
+fio: ${SIZE}iB file, psync (libaio for queue depth 16), one job; cold sequential read = median of $REPS passes; random jobs time-based ${RUNTIME}.
 Metadata: $META_N files, $META_M mkdir/rmdir pairs (bench/meta.py), median of $REPS runs.
 Macro: $MACRO_PKG ($MACRO_MEMBER: $MACRO_FILES files, $MACRO_MIB MiB), extraction once, find/du/cat median of $MACRO_REPS cold runs.
 Build + run took ${ELAPSED} s.
