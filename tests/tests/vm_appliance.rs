@@ -129,6 +129,31 @@ fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
     assert!(cat.stdout == data, "the data written is not on the image");
 }
 
+#[test]
+fn ext4_image_behaves_as_native_ext4_for_an_unprivileged_user() {
+    let dir = Scratch::new("vm-ext4-user");
+    let img = make_image(
+        &dir,
+        "ext4.img",
+        256,
+        &["mkfs.ext4", "-q", "-F", "-b", "4096"],
+    );
+    let native = Scratch::new("native-user");
+    native.open_to_all();
+    let expected = conformance(&native.path, Some(65534));
+    let m = Mount::vm(&img, &[]);
+    open_to_all(m.path());
+    let got = conformance(m.path(), Some(65534));
+    m.unmount();
+    let diff = transcript_diff(&expected, &got);
+    assert!(
+        diff.is_empty(),
+        "{} checks differ from native ext4 for uid 65534:\n{}",
+        diff.len(),
+        diff.join("\n")
+    );
+}
+
 /// (check or prefix, fstype) entries of tests/vm-filesystem-differences.txt for `fstype`.
 fn listed_differences(fstype: &str) -> Vec<String> {
     include_str!("../vm-filesystem-differences.txt")
