@@ -9,14 +9,42 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crate::filesystem::{Errno, Result};
 
+/// Repeats `step(done)` — one system call that moves at most `total - done` bytes and
+/// returns how many it moved, or -1 with errno — until `total` bytes have moved, the
+/// call moves none (end of file), or it fails. EINTR is retried; an error after some
+/// progress ends the loop with that progress (a short count, as the kernel expects),
+/// an error before any is returned. Returns the bytes moved.
+pub fn complete_io(total: usize, mut step: impl FnMut(usize) -> isize) -> Result<usize> {
+    let mut done = 0usize;
+    while done < total {
+        let n = step(done);
+        if n < 0 {
+            let e = Errno::last();
+            if e.0 == libc::EINTR {
+                continue;
+            }
+            if done > 0 {
+                break;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    Ok(done)
+}
+
 /// Appends up to `size` bytes read at `offset` to `out` (fewer at end of file).
 pub fn read_at_into(fd: BorrowedFd<'_>, offset: u64, size: usize, out: &mut Vec<u8>) -> Result<()> {
     out.reserve(size);
-    let mut done = 0usize;
-    while done < size {
+    let start = out.len();
+    let read = complete_io(size, |done| {
         let spare = out.spare_capacity_mut();
-        // SAFETY: `spare` has at least `size - done` writable bytes (reserved above and
-        // not yet filled); pread writes at most that many and returns how many.
+        // SAFETY: `spare` has at least `size - done` writable bytes (reserved above,
+        // and `out`'s length grows only by what was read); pread writes at most that
+        // many and returns how many.
         let n = unsafe {
             libc::pread64(
                 fd.as_raw_fd(),
@@ -25,57 +53,32 @@ pub fn read_at_into(fd: BorrowedFd<'_>, offset: u64, size: usize, out: &mut Vec<
                 (offset + done as u64) as libc::off64_t,
             )
         };
-        if n < 0 {
-            let e = Errno::last();
-            if e.0 == libc::EINTR {
-                continue;
-            }
-            if done > 0 {
-                break;
-            }
-            return Err(e);
+        if n > 0 {
+            // SAFETY: pread initialised `n` bytes right after the current length.
+            unsafe { out.set_len(out.len() + n as usize) };
         }
-        if n == 0 {
-            break;
-        }
-        // SAFETY: pread initialised `n` bytes right after the current length.
-        unsafe { out.set_len(out.len() + n as usize) };
-        done += n as usize;
-    }
+        n
+    })?;
+    debug_assert_eq!(out.len(), start + read);
     Ok(())
 }
 
 /// Writes all of `data` at `offset`; returns how much was written (short only when an
 /// error followed some progress).
 pub fn write_all_at(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> Result<u64> {
-    let mut done = 0usize;
-    while done < data.len() {
+    complete_io(data.len(), |done| {
         let rest = &data[done..];
         // SAFETY: `rest` is readable for its whole length.
-        let n = unsafe {
+        unsafe {
             libc::pwrite64(
                 fd.as_raw_fd(),
                 rest.as_ptr().cast(),
                 rest.len(),
                 (offset + done as u64) as libc::off64_t,
             )
-        };
-        if n < 0 {
-            let e = Errno::last();
-            if e.0 == libc::EINTR {
-                continue;
-            }
-            if done > 0 {
-                break;
-            }
-            return Err(e);
         }
-        if n == 0 {
-            break;
-        }
-        done += n as usize;
-    }
-    Ok(done as u64)
+    })
+    .map(|n| n as u64)
 }
 
 #[cfg(test)]

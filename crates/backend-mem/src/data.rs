@@ -314,27 +314,11 @@ impl FileData {
         let _g = dst.io.read().unwrap_or_else(|e| e.into_inner());
         let mut oi = off_in as libc::loff_t;
         let mut oo = off_out as libc::loff_t;
-        let mut done = 0u64;
-        while done < len {
-            let chunk = (len - done).min(1 << 30) as usize;
+        let done = fsva_appliance::fileio::complete_io(len as usize, |done| {
+            let chunk = (len as usize - done).min(1 << 30);
             // SAFETY: both descriptors are owned and the offsets point to live locals.
-            let n =
-                unsafe { libc::copy_file_range(self.raw(), &mut oi, dst.raw(), &mut oo, chunk, 0) };
-            if n < 0 {
-                let e = Errno::last();
-                if e.0 == libc::EINTR {
-                    continue;
-                }
-                if done > 0 {
-                    break;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                break;
-            }
-            done += n as u64;
-        }
+            unsafe { libc::copy_file_range(self.raw(), &mut oi, dst.raw(), &mut oo, chunk, 0) }
+        })? as u64;
         drop(_g);
         dst.recharge();
         Ok(done)

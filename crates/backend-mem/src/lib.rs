@@ -119,6 +119,10 @@ fn raise_nofile_limit() -> u64 {
 /// Descriptors kept free for the appliance itself (channels, sockets, directories).
 const RESERVED_FDS: u64 = 256;
 
+/// Open flags of every mem file: mem is the only writer of its files, so the page cache
+/// stays valid across opens; nothing happens on close, so no FLUSH round trip either.
+const FILE_OPEN_FLAGS: u32 = fopen::KEEP_CACHE | fopen::NOFLUSH;
+
 struct State {
     inodes: InodeTable,
     handles: HandleTable,
@@ -185,6 +189,29 @@ impl MemFs {
 
     fn wlock(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a file just made by CREATE or TMPFILE: its handle, the entry the kernel
+    /// counts, and the open flags (the write lock is released before the backing file
+    /// is registered, which may ask the supervisor).
+    fn open_created(
+        &self,
+        mut st: RwLockWriteGuard<'_, State>,
+        ino: u64,
+        data: Arc<FileData>,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
+        let entry = self.entry(ino, st.inodes.get(ino)?);
+        drop(st);
+        Ok((
+            entry,
+            Opened {
+                fh,
+                open_flags: FILE_OPEN_FLAGS,
+                backing: self.backing_for(ino, &data),
+            },
+        ))
     }
 
     /// An `Entry` for `ino`, counting one kernel lookup reference.
@@ -781,13 +808,10 @@ impl Filesystem for MemFs {
             data.truncate(0)?;
             self.data_changed(ino, None);
         }
-        let backing = self.backing_for(ino, &data);
         Ok(Opened {
             fh,
-            // mem is the only writer of its files: the page cache stays valid across opens.
-            // Nothing happens on close, so no FLUSH round trip either.
-            open_flags: fopen::KEEP_CACHE | fopen::NOFLUSH,
-            backing,
+            open_flags: FILE_OPEN_FLAGS,
+            backing: self.backing_for(ino, &data),
         })
     }
 
@@ -1050,17 +1074,7 @@ impl Filesystem for MemFs {
             }
         };
         let data = self.file_data(&mut st, ino)?;
-        let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
-        let entry = self.entry(ino, st.inodes.get(ino)?);
-        drop(st);
-        Ok((
-            entry,
-            Opened {
-                fh,
-                open_flags: fopen::KEEP_CACHE | fopen::NOFLUSH,
-                backing: self.backing_for(ino, &data),
-            },
-        ))
+        self.open_created(st, ino, data, flags)
     }
 
     fn tmpfile(
@@ -1083,17 +1097,7 @@ impl Filesystem for MemFs {
             umask,
             Kind::File(Some(data.clone())),
         )?;
-        let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
-        let entry = self.entry(ino, st.inodes.get(ino)?);
-        drop(st);
-        Ok((
-            entry,
-            Opened {
-                fh,
-                open_flags: fopen::KEEP_CACHE | fopen::NOFLUSH,
-                backing: self.backing_for(ino, &data),
-            },
-        ))
+        self.open_created(st, ino, data, flags)
     }
 
     fn fallocate(

@@ -236,21 +236,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 appliance.set_cache_budget(bytes)?;
             }
             appliance.set_clock()?;
-            let tx = events_tx.clone();
-            let kill = appliance.killer();
-            bridge = Some(
-                Bridge::start(
-                    devs.clone(),
-                    fuse_ours,
-                    shm,
-                    Box::new(move |why| {
-                        kill();
-                        tracing::error!(reason = why, "VM appliance dropped by the stream relay");
-                        let _ = tx.send(Event::ApplianceExited(format!("dropped: {why}")));
-                    }),
-                )
-                .map_err(io_err("starting the stream relay"))?,
-            );
+            bridge = Some(relay(&devs, fuse_ours, shm, &appliance, &events_tx)?);
             (appliance, child)
         }
         (None, ChannelKind::Fusedev) => {
@@ -276,22 +262,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 cgroup_procs.as_deref(),
                 Duration::from_secs(30),
             )?;
-            let tx = events_tx.clone();
-            let kill = started.0.killer();
-            bridge = Some(
-                Bridge::start(
-                    devs.clone(),
-                    ours,
-                    None,
-                    Box::new(move |why| {
-                        // A misbehaving appliance is stopped; its exit is reported by the waiter.
-                        kill();
-                        tracing::error!(reason = why, "appliance dropped by the stream relay");
-                        let _ = tx.send(Event::ApplianceExited(format!("dropped: {why}")));
-                    }),
-                )
-                .map_err(io_err("starting the stream relay"))?,
-            );
+            bridge = Some(relay(&devs, ours, None, &started.0, &events_tx)?);
             started
         }
     };
@@ -508,6 +479,30 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     entry.remove();
     drop(session);
     Ok(())
+}
+
+/// Starts the stream relay between the mount's clones and an appliance's stream. A
+/// misbehaving appliance is stopped; its exit is then reported by the waiter thread.
+fn relay(
+    devs: &[Arc<FuseDev>],
+    stream: UnixStream,
+    shm: Option<Arc<ShmRegion>>,
+    appliance: &Appliance,
+    events: &mpsc::Sender<Event>,
+) -> Result<Bridge, SupervisorError> {
+    let tx = events.clone();
+    let kill = appliance.killer();
+    Bridge::start(
+        devs.to_vec(),
+        stream,
+        shm,
+        Box::new(move |why| {
+            kill();
+            tracing::error!(reason = why, "appliance dropped by the stream relay");
+            let _ = tx.send(Event::ApplianceExited(format!("dropped: {why}")));
+        }),
+    )
+    .map_err(io_err("starting the stream relay"))
 }
 
 /// How long a VM appliance may take to boot and mount its image (TCG is slow).
