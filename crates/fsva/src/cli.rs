@@ -29,6 +29,9 @@ pub enum Command {
     Status,
     /// Change a mount's cache budget at run time (it must have been mounted with one).
     Cache(CacheArgs),
+    /// Serve an appliance to a VM guest as a vhost-user-fs device: the guest mounts it
+    /// with `mount -t virtiofs TAG DIR`. Runs in the foreground until the VM goes away.
+    ServeVhost(ServeVhostArgs),
     /// Build or inspect the VM appliance (a kernel and a small initramfs with the fsva
     /// runtime) that `fsva mount --vm` boots.
     #[command(subcommand)]
@@ -115,6 +118,18 @@ pub struct MountArgs {
     /// fsva version, or a test's deliberately broken appliance, serve the mount.
     #[arg(long, hide = true, env = "FSVA_APPLIANCE_EXE")]
     pub appliance_exe: Option<PathBuf>,
+    #[command(flatten)]
+    pub machine: VmArgs,
+    /// Internal: descriptor to report readiness on (used when daemonizing).
+    #[arg(long, hide = true)]
+    pub ready_fd: Option<i32>,
+    /// Where to mount: an existing, empty directory.
+    pub mountpoint: PathBuf,
+}
+
+/// The VM appliance options, shared by `mount` and `serve-vhost`.
+#[derive(Debug, clap::Args)]
+pub struct VmArgs {
     /// Serve a disk image from a VM appliance: its own kernel mounts the image (see
     /// `fsva appliance`). Needs --image.
     #[arg(long, requires = "image")]
@@ -139,11 +154,39 @@ pub struct MountArgs {
     /// How QEMU runs the VM appliance.
     #[arg(long, value_enum, default_value = "auto", requires = "vm")]
     pub accel: AccelArg,
-    /// Internal: descriptor to report readiness on (used when daemonizing).
-    #[arg(long, hide = true)]
-    pub ready_fd: Option<i32>,
-    /// Where to mount: an existing, empty directory.
-    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeVhostArgs {
+    /// The vhost-user socket to create; QEMU connects with
+    /// `-chardev socket,id=fs,path=PATH -device vhost-user-fs-pci,chardev=fs,tag=TAG`.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The tag the guest mounts, offered to VMMs that read it from the device (QEMU's
+    /// vhost-user-fs-pci takes it from its own `tag=`).
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Request queues (each has its own worker; Linux guests since 6.12 use one per
+    /// CPU up to this many).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// What to serve: `mem` (in memory) or `passthrough:DIR`.
+    #[arg(long, short = 'b', default_value = "mem")]
+    pub backend: String,
+    /// Isolation of the appliance.
+    #[arg(long, value_enum, default_value = "namespaces")]
+    pub sandbox: SandboxArg,
+    /// Most file data the appliance may keep in memory, e.g. 256M.
+    #[arg(long, value_parser = parse_size)]
+    pub cache_budget: Option<u64>,
+    /// Appliance worker threads (default: one per CPU, at least 2).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// The executable to run appliances with (default: this fsva binary).
+    #[arg(long, hide = true, env = "FSVA_APPLIANCE_EXE")]
+    pub appliance_exe: Option<PathBuf>,
+    #[command(flatten)]
+    pub machine: VmArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -18,8 +18,10 @@ pub mod bridge;
 pub mod broker;
 pub mod cgroup;
 pub mod fallback;
+pub mod launch;
 pub mod mount;
 pub mod registry;
 pub mod supervisor;
+pub mod vhost;
 
 pub use supervisor::{run, MountRequest, SupervisorError, VmPlan};

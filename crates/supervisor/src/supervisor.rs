@@ -8,7 +8,7 @@
 //! the mount so that in-flight requests survive an appliance's death.
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -24,6 +24,7 @@ use thiserror::Error;
 
 use crate::appliance::{Appliance, ApplianceError};
 use crate::bridge::Bridge;
+use crate::launch;
 use crate::mount::{self, MountError, MountOptions};
 use crate::registry;
 use fsva_channel::shm::ShmRegion;
@@ -186,59 +187,6 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     let mut bridge = None;
     let mut data_path = data_path;
     let (appliance, child) = match (&req.vm, req.channel) {
-        (Some(plan), _) => {
-            let (fuse_ours, fuse_theirs) =
-                UnixStream::pair().map_err(io_err("creating the FUSE port's socket"))?;
-            let (control_ours, control_theirs) =
-                UnixStream::pair().map_err(io_err("creating the control port's socket"))?;
-            // The shared-memory data path: a region QEMU maps into the guest.
-            let (shm_fd, shm) = match ShmRegion::create(VM_SHM_BYTES, VM_SHM_SLOT) {
-                Ok((fd, region)) => (Some(fd), Some(Arc::new(region))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no shared-memory region; data goes through the serial port");
-                    (None, None)
-                }
-            };
-            let qemu = fsva_vm::qemu::command(
-                &plan.appliance,
-                &plan.spec,
-                fsva_vm::qemu::Ports {
-                    fuse: fuse_theirs.as_raw_fd(),
-                    control: control_theirs.as_raw_fd(),
-                    shm: shm_fd.as_ref().map(|fd| (fd.as_raw_fd(), VM_SHM_BYTES)),
-                },
-                false,
-            );
-            let mut give: Vec<OwnedFd> = vec![fuse_theirs.into(), control_theirs.into()];
-            give.extend(shm_fd);
-            let (appliance, child, ready) = Appliance::start_vm(
-                qemu,
-                give,
-                control_ours,
-                cgroup_procs.as_deref(),
-                VM_START_TIMEOUT,
-            )?;
-            tracing::info!(kernel = %ready.kernel, fstype = %ready.fstype, read_only = ready.read_only, accel = %plan.spec.accel, "VM appliance up");
-            data_path = format!(
-                "through a VM appliance (kernel {}, {}{}) over virtio-serial{}; {}",
-                ready.kernel,
-                ready.fstype,
-                if ready.read_only { ", read-only" } else { "" },
-                if ready.shared_memory {
-                    ", data in shared memory"
-                } else {
-                    ""
-                },
-                plan.accel_note
-            );
-            let shm = shm.filter(|_| ready.shared_memory);
-            if let Some(bytes) = req.cache_budget {
-                appliance.set_cache_budget(bytes)?;
-            }
-            appliance.set_clock()?;
-            bridge = Some(relay(&devs, fuse_ours, shm, &appliance, &events_tx)?);
-            (appliance, child)
-        }
         (None, ChannelKind::Fusedev) => {
             let mut fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
             fds.extend(broker_link.as_ref().map(|l| l.as_fd()));
@@ -247,23 +195,30 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 &config,
                 &fds,
                 cgroup_procs.as_deref(),
-                Duration::from_secs(30),
+                launch::START_TIMEOUT,
             )?
         }
-        (None, ChannelKind::Stream) => {
-            let (ours, theirs) =
-                UnixStream::pair().map_err(io_err("creating the stream channel"))?;
-            let mut fds = vec![theirs.as_fd()];
-            fds.extend(broker_link.as_ref().map(|l| l.as_fd()));
-            let started = Appliance::start(
-                &req.exe,
-                &config,
-                &fds,
-                cgroup_procs.as_deref(),
-                Duration::from_secs(30),
-            )?;
-            bridge = Some(relay(&devs, ours, None, &started.0, &events_tx)?);
-            started
+        (plan, _) => {
+            let started = match plan {
+                Some(plan) => launch::vm(plan, cgroup_procs.as_deref(), req.cache_budget)?,
+                None => launch::sandboxed(
+                    &req.exe,
+                    &config,
+                    broker_link.as_ref().map(|l| l.as_fd()),
+                    cgroup_procs.as_deref(),
+                )?,
+            };
+            if let Some(path) = started.data_path {
+                data_path = path;
+            }
+            bridge = Some(relay(
+                &devs,
+                started.stream,
+                started.shm,
+                &started.appliance,
+                &events_tx,
+            )?);
+            (started.appliance, started.child)
         }
     };
     // Only the appliance holds its end now: when it dies the broker thread sees EOF.
@@ -505,19 +460,13 @@ fn relay(
     .map_err(io_err("starting the stream relay"))
 }
 
-/// How long a VM appliance may take to boot and mount its image (TCG is slow).
-const VM_START_TIMEOUT: Duration = Duration::from_secs(180);
-/// The VM appliance's shared-memory region for file data, and its slot size: one whole
-/// frame (1 MiB payload plus headers), so 31 slots per direction.
-const VM_SHM_BYTES: usize = 64 << 20;
-const VM_SHM_SLOT: usize = (1 << 20) + 8192;
 /// How long a VM appliance may take to sync, unmount and power off: writing back a
 /// large guest page cache to an emulated disk takes minutes, and killing QEMU before
 /// would lose data the applications closed (without fsync) before the unmount.
 const VM_STOP_GRACE: Duration = Duration::from_secs(600);
 
 /// What QEMU itself needs beside its guest's RAM (code, TCG translation cache, devices).
-const VM_QEMU_OVERHEAD: u64 = 256 << 20;
+pub(crate) const VM_QEMU_OVERHEAD: u64 = 256 << 20;
 /// What a VM appliance's guest needs beside its page cache (kernel, runtime).
 const VM_GUEST_BASE: u64 = 128 << 20;
 
@@ -529,7 +478,7 @@ fn vm_memory_limit(req: &MountRequest) -> Option<u64> {
 }
 
 /// Memory an appliance needs beyond its cache budget: code, heap, request buffers.
-const CGROUP_HEADROOM: u64 = 64 << 20;
+pub(crate) const CGROUP_HEADROOM: u64 = 64 << 20;
 
 /// Applies a new cache budget: the cgroup limit first (the kernel reclaims down to it
 /// at once), then the appliance's own accounting.
@@ -695,11 +644,15 @@ fn data_path(req: &MountRequest) -> String {
 /// After unmount the appliance sees ENODEV on every channel and exits on its own;
 /// give it a moment to flush, then make sure.
 fn finish_appliance(appliance: &Appliance, alive: bool, vm: bool) {
-    if !alive {
-        return;
+    if alive {
+        stop_appliance(appliance.pid, appliance.killer(), vm);
     }
-    // A VM appliance syncs and unmounts its disk, then powers off; under emulation
-    // that takes longer than a process exiting.
+}
+
+/// Waits for an appliance whose channel has closed to exit (a VM appliance syncs,
+/// unmounts its disk and powers off first, which under emulation takes a while), and
+/// kills it if it does not.
+pub(crate) fn stop_appliance(pid: u32, kill: impl Fn(), vm: bool) {
     let grace = if vm {
         VM_STOP_GRACE
     } else {
@@ -707,16 +660,16 @@ fn finish_appliance(appliance: &Appliance, alive: bool, vm: bool) {
     };
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
-        if !Path::new(&format!("/proc/{}", appliance.pid)).exists() || is_zombie(appliance.pid) {
+        if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     tracing::warn!(
-        pid = appliance.pid,
-        "appliance did not exit after unmount; killing it"
+        pid,
+        "appliance did not exit after its channel closed; killing it"
     );
-    appliance.kill();
+    kill();
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -806,7 +759,7 @@ fn termination_set() -> libc::sigset_t {
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread and every thread it starts later, so
 /// that only the signal thread receives them (via sigwait).
-fn block_termination_signals() {
+pub(crate) fn block_termination_signals() {
     let set = termination_set();
     // SAFETY: pthread_sigmask reads a valid, initialised sigset_t.
     unsafe {
@@ -814,7 +767,7 @@ fn block_termination_signals() {
     }
 }
 
-fn wait_termination_signal() -> i32 {
+pub(crate) fn wait_termination_signal() -> i32 {
     let set = termination_set();
     let mut sig = 0;
     // SAFETY: sigwait reads a valid sigset_t and writes one int.

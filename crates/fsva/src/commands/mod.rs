@@ -5,6 +5,7 @@ pub mod appliance;
 pub mod cache;
 pub mod mount;
 pub mod mount_helper;
+pub mod serve_vhost;
 pub mod status;
 pub mod umount;
 pub mod vm_appliance;
@@ -19,6 +20,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => umount::run(args),
         Command::Status => status::run(),
         Command::Cache(args) => cache::run(args),
+        Command::ServeVhost(args) => serve_vhost::run(args, &cli.log),
         Command::ApplianceProcess(args) => appliance::run(args),
         Command::Appliance(cmd) => vm_appliance::run(cmd),
     }

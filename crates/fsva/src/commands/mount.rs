@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::Context as _;
-use fsva_control::{BackendSpec, ChannelKind, SandboxKind};
+use fsva_control::{ChannelKind, SandboxKind};
 use fsva_supervisor::mount::MountOptions;
 use fsva_supervisor::{registry, MountRequest};
 
@@ -17,8 +17,8 @@ use clap::ValueEnum;
 use crate::cli::{ChannelArg, MountArgs, SandboxArg};
 
 pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
-    let backend = match (&args.image, args.vm) {
-        (Some(image), true) => image_spec(image, &args)?,
+    let backend = match (&args.machine.image, args.machine.vm) {
+        (Some(image), true) => crate::vm::image_spec(image, &args.machine)?,
         _ => crate::backends::parse_spec(&args.backend)?,
     };
     let options = parse_options(&args.options, &backend.to_string())?;
@@ -26,58 +26,14 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
     let mountpoint = fsva_supervisor::mount::check_mountpoint(&args.mountpoint)?;
     fsva_supervisor::mount::check_device()?;
     // The VM appliance is built (once) and probed here, with progress in the terminal.
-    let vm = if args.vm {
-        fsva_vm::qemu::check_installed()?;
-        let lock = crate::vm::lock_cache()?;
-        let appliance = crate::vm::ensure_built()?;
-        let (accel, accel_note) = crate::vm::choose_accel(&appliance, args.accel);
-        drop(lock);
-        if accel == fsva_vm::qemu::Accel::Tcg && !args.foreground {
-            eprintln!("fsva: booting the appliance under TCG emulation (slower than KVM); this takes a few seconds");
-        }
-        // The guest needs ~128 MiB besides the page cache its budget allows.
-        let budget_mib = args.cache_budget.unwrap_or(0) >> 20;
-        let memory_mib = match args.vm_memory {
-            Some(m) if u64::from(m) < budget_mib + 128 => anyhow::bail!(
-                "--vm-memory {m} leaves no room for --cache-budget {budget_mib}M: give at least {} MiB",
-                budget_mib + 128
-            ),
-            Some(m) => m,
-            None => u32::try_from(budget_mib.saturating_add(192))
-                .unwrap_or(u32::MAX)
-                .max(256),
-        };
-        let BackendSpec::Image {
-            path,
-            fstype,
-            read_only,
-        } = &backend
-        else {
-            unreachable!("--vm always serves an image")
-        };
-        Some(fsva_supervisor::VmPlan {
-            appliance,
-            spec: fsva_vm::qemu::VmSpec {
-                image: path.clone(),
-                fstype: fstype.clone(),
-                read_only: *read_only,
-                memory_mib,
-                // Under TCG a second vCPU buys throughput (+30% for 1 MiB I/O) but
-                // costs every request a cross-thread hand-off: a round trip takes
-                // 290 µs with two, 165 µs with one (measured here).
-                cpus: args.vm_cpus.unwrap_or(match accel {
-                    fsva_vm::qemu::Accel::Tcg => 1,
-                    fsva_vm::qemu::Accel::Kvm => default_workers().min(4),
-                }),
-                accel,
-                workers: args.workers.unwrap_or_else(default_workers),
-                log_filter: log.to_string(),
-            },
-            accel_note,
-        })
-    } else {
-        None
-    };
+    let vm = crate::vm::plan(
+        &args.machine,
+        &backend,
+        args.cache_budget,
+        args.workers,
+        log,
+        args.foreground,
+    )?;
     if args.foreground {
         crate::commands::init_logging(log);
         let ready = args.ready_fd.map(|fd| {
@@ -147,23 +103,24 @@ fn foreground_args(
     if args.no_passthrough {
         v.push("--no-passthrough".into());
     }
-    if let (true, Some(image)) = (args.vm, &args.image) {
+    if let (true, Some(image)) = (args.machine.vm, &args.machine.image) {
         v.extend(["--vm".into(), "--image".into(), image.clone().into()]);
-        if let Some(t) = &args.fstype {
+        if let Some(t) = &args.machine.fstype {
             v.extend(["--fstype".into(), t.into()]);
         }
-        if args.ro {
+        if args.machine.ro {
             v.push("--ro".into());
         }
-        if let Some(m) = args.vm_memory {
+        if let Some(m) = args.machine.vm_memory {
             v.extend(["--vm-memory".into(), m.to_string().into()]);
         }
-        if let Some(c) = args.vm_cpus {
+        if let Some(c) = args.machine.vm_cpus {
             v.extend(["--vm-cpus".into(), c.to_string().into()]);
         }
         v.extend([
             "--accel".into(),
-            args.accel
+            args.machine
+                .accel
                 .to_possible_value()
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default()
@@ -187,35 +144,7 @@ fn foreground_args(
     v
 }
 
-/// The image a VM appliance serves, checked here so that a typo fails in the terminal.
-fn image_spec(image: &std::path::Path, args: &MountArgs) -> anyhow::Result<BackendSpec> {
-    let path = image.canonicalize().with_context(|| {
-        format!(
-            "disk image {} cannot be used (does it exist?)",
-            image.display()
-        )
-    })?;
-    let md = std::fs::metadata(&path)?;
-    use std::os::unix::fs::FileTypeExt;
-    if !(md.is_file() || md.file_type().is_block_device()) {
-        anyhow::bail!(
-            "{} is not a disk image (a regular file or a block device)",
-            path.display()
-        );
-    }
-    if let Some(t) = &args.fstype {
-        if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            anyhow::bail!("--fstype {t}: give a kernel file system name such as ext4 or vfat");
-        }
-    }
-    Ok(BackendSpec::Image {
-        path,
-        fstype: args.fstype.clone(),
-        read_only: args.ro,
-    })
-}
-
-fn default_workers() -> u32 {
+pub(crate) fn default_workers() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(2)

@@ -1,0 +1,300 @@
+//! The virtio-fs device: virtqueues in, appliance requests out, replies back into the
+//! guest's chains.
+//!
+//! Queue 0 is the high-priority queue (FORGETs), queues 1..=N the request queues; each
+//! queue has its own worker thread (vhost-user-backend's epoll loop), so a guest that
+//! spreads requests over several queues (Linux does since 6.12) is served in parallel.
+//! A worker pops the chains the guest made available, gathers each request
+//! ([`crate::chain`]) and hands it to the [`Relay`]; the relay's reply thread writes
+//! each reply into its chain and returns the chain to the guest.
+//!
+//! This module owns the device's view of guest memory and its vrings. It must never
+//! hold a vring's lock while it sends to the appliance (the reply thread needs the lock
+//! to complete requests) and never answer a chain twice.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fsva_protocol::reply::ReplyBuf;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::chain::{self, ReplySpace, MAX_REQUEST};
+use crate::config::DeviceConfig;
+use crate::relay::{Forwarded, OnFailure, Relay};
+
+/// Largest queue the guest may set up (as virtiofsd; the guest's virtiofs sizes its
+/// largest request by the queue).
+const MAX_QUEUE_SIZE: usize = 1024;
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Where a request's reply goes.
+#[derive(Debug)]
+pub struct Token {
+    queue: usize,
+    head: u16,
+    space: ReplySpace,
+}
+
+/// The device's queues and memory, shared by the workers and the reply thread.
+struct Queues {
+    memory: Mutex<Memory>,
+    /// Filled in by each queue's worker on its first event.
+    vrings: Mutex<Vec<Option<VringRwLock>>>,
+    event_idx: AtomicBool,
+    /// Chains refused as malformed (the first is logged as a warning).
+    refused: AtomicU64,
+}
+
+impl Queues {
+    /// Writes `reply` into the chain (or an EIO reply if it does not fit) and hands the
+    /// chain back to the guest.
+    fn complete(&self, token: Token, reply: &[u8]) {
+        let memory = self
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .memory();
+        let used = match chain::write_reply(&*memory, &token.space, reply) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "reply does not fit its chain; answering EIO");
+                let unique = reply
+                    .get(8..16)
+                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+                    .unwrap_or(0);
+                let mut eio = ReplyBuf::default();
+                chain::write_reply(&*memory, &token.space, eio.error(unique, libc::EIO))
+                    .unwrap_or(0)
+            }
+        };
+        let vring = self
+            .vrings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token.queue)
+            .cloned()
+            .flatten();
+        let Some(vring) = vring else { return };
+        if let Err(e) = vring.add_used(token.head, used) {
+            tracing::warn!(queue = token.queue, error = ?e, "could not return a chain to the guest");
+            return;
+        }
+        let notify =
+            !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
+        if notify {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::warn!(queue = token.queue, error = %e, "could not notify the guest");
+            }
+        }
+    }
+}
+
+/// The vhost-user-fs back end.
+pub struct FsDevice {
+    config: DeviceConfig,
+    queues: Arc<Queues>,
+    relay: Arc<Relay<Token>>,
+}
+
+impl FsDevice {
+    /// A device whose requests go to the appliance at the other end of `stream`.
+    /// Starts the thread that delivers the appliance's replies.
+    pub fn new(
+        config: DeviceConfig,
+        memory: Memory,
+        stream: std::os::unix::net::UnixStream,
+        shm: Option<Arc<fsva_channel::shm::ShmRegion>>,
+        on_failure: OnFailure,
+    ) -> std::io::Result<Arc<FsDevice>> {
+        let queues = Arc::new(Queues {
+            memory: Mutex::new(memory),
+            vrings: Mutex::new(vec![None; config.num_queues()]),
+            event_idx: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+        });
+        let q = queues.clone();
+        let (relay, reader) = Relay::new(
+            stream,
+            shm,
+            Box::new(move |token, reply: &[u8]| q.complete(token, reply)),
+            on_failure,
+        )?;
+        let r = relay.clone();
+        std::thread::Builder::new()
+            .name("fsva-vhost-reply".into())
+            .spawn(move || r.run_replies(reader))?;
+        Ok(Arc::new(FsDevice {
+            config,
+            queues,
+            relay,
+        }))
+    }
+
+    /// The link to the appliance (to fail it when the appliance exits).
+    pub fn relay(&self) -> Arc<Relay<Token>> {
+        self.relay.clone()
+    }
+
+    /// Serves every chain the guest has made available on `vring`.
+    fn drain(&self, vring: &VringRwLock, queue: usize) {
+        let memory = self
+            .queues
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .memory();
+        // Popped under the vring's lock, served without it.
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
+        };
+        let mut frame = Vec::with_capacity(MAX_REQUEST.min(64 << 10));
+        let mut reply = ReplyBuf::default();
+        for c in chains {
+            let head = c.head_index();
+            let (space, errno) = match chain::read_request(&*memory, c, &mut frame) {
+                Ok(space) => (space, None),
+                Err(e) => {
+                    self.refused(queue, &e);
+                    (ReplySpace::default(), Some(libc::EINVAL))
+                }
+            };
+            let token = Token { queue, head, space };
+            let (token, errno) = match errno {
+                Some(errno) => (token, errno),
+                None => match self.relay.forward(&mut frame, token) {
+                    Forwarded::Sent => continue,
+                    Forwarded::NoReply(token) => {
+                        self.queues.complete(token, &[]);
+                        continue;
+                    }
+                    Forwarded::Refused(token, errno) => (token, errno),
+                },
+            };
+            let unique = frame
+                .get(8..16)
+                .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+                .unwrap_or(0);
+            self.queues.complete(token, reply.error(unique, errno));
+        }
+    }
+
+    fn refused(&self, queue: usize, e: &chain::ChainError) {
+        if self.queues.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(queue, error = %e, "refusing a malformed descriptor chain (further ones logged at debug)");
+        } else {
+            tracing::debug!(queue, error = %e, "refusing a malformed descriptor chain");
+        }
+    }
+}
+
+impl VhostUserBackend for FsDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.config.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut f = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.config.tag().is_some() {
+            // The VMM may take the tag from us (a generic vhost-user device does).
+            f |= VhostUserProtocolFeatures::CONFIG;
+        }
+        f
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.queues.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.space(offset, size)
+    }
+
+    fn update_memory(&self, memory: Memory) -> std::io::Result<()> {
+        *self.queues.memory.lock().unwrap_or_else(|p| p.into_inner()) = memory;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per queue: worker i serves queue i.
+        (0..self.config.num_queues()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // The daemon signals it when it is dropped, so the workers end with the service.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::warn!(error = %e, "no exit event for a queue worker; it ends with the process");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected event {evset:?} on queue {thread_id}"
+            )));
+        }
+        let vring = vrings.get(device_event as usize).ok_or_else(|| {
+            std::io::Error::other(format!("event for unknown queue {device_event}"))
+        })?;
+        let queue = thread_id;
+        {
+            let mut known = self.queues.vrings.lock().unwrap_or_else(|p| p.into_inner());
+            match known.get_mut(queue) {
+                Some(slot) if slot.is_none() => *slot = Some(vring.clone()),
+                Some(_) => {}
+                None => return Err(std::io::Error::other(format!("no queue {queue}"))),
+            }
+        }
+        if self.queues.event_idx.load(Ordering::Relaxed) {
+            // Serve until the guest adds nothing between our last pop and re-enabling
+            // notifications.
+            loop {
+                vring
+                    .disable_notification()
+                    .map_err(std::io::Error::other)?;
+                self.drain(vring, queue);
+                if !vring.enable_notification().map_err(std::io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            self.drain(vring, queue);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! fsva's vhost-user-fs device: any fsva appliance, served to VM guests.
+//!
+//! In the seed's topology the user's applications run in a VM and the proxy is a small
+//! driver in that VM's kernel. Every Linux guest since 5.4 has one: virtiofs. A guest
+//! mounts this device with `mount -t virtiofs TAG /mnt`, its kernel puts FUSE requests
+//! on virtqueues in its own memory, and this crate (in the supervisor's process, which
+//! the VMM shares guest memory with) relays them to the appliance over the same stream
+//! channel a host mount's relay uses, so the appliance — sandboxed process or VM with
+//! its own kernel — cannot tell a host mount from a guest.
+//!
+//! - [`config`]: tag, queue count, the virtio-fs configuration space.
+//! - [`chain`]: descriptor chains to request frames and back, every guest value checked.
+//! - [`relay`]: the link to the appliance (ids, the waiting table, reply checks).
+//! - [`device`]: the vhost-user back end: queues, workers, completions.
+//! - [`serve`]: one VMM connection on a socket, served until it goes away.
+//!
+//! This crate never starts or watches an appliance (the supervisor does) and never
+//! interprets a request beyond its header.
+
+pub mod chain;
+pub mod config;
+pub mod device;
+pub mod relay;
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use config::DeviceConfig;
+pub use device::FsDevice;
+pub use vhost::vhost_user::Listener;
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostError {
+    #[error("starting the device's reply thread: {0}")]
+    Start(#[source] std::io::Error),
+    #[error("setting up the vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("serving the VMM: {0}")]
+    Serve(String),
+}
+
+/// A device ready to serve, with the handle that fails its appliance link.
+pub struct Server {
+    device: Arc<FsDevice>,
+    memory: GuestMemoryAtomic<GuestMemoryMmap>,
+}
+
+impl Server {
+    /// A device relaying to the appliance at the other end of `stream`.
+    pub fn new(
+        config: DeviceConfig,
+        stream: UnixStream,
+        shm: Option<Arc<fsva_channel::shm::ShmRegion>>,
+        on_failure: relay::OnFailure,
+    ) -> Result<Server, VhostError> {
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = FsDevice::new(config, memory.clone(), stream, shm, on_failure)
+            .map_err(VhostError::Start)?;
+        Ok(Server { device, memory })
+    }
+
+    /// The appliance link, to fail (the appliance died) or close (service ended).
+    pub fn relay(&self) -> Arc<relay::Relay<device::Token>> {
+        self.device.relay()
+    }
+
+    /// Serves the first VMM that connects on `listener` and returns when it
+    /// disconnects (the guest powered off or the VMM exited).
+    pub fn serve(self, mut listener: Listener) -> Result<(), VhostError> {
+        let mut daemon = vhost_user_backend::VhostUserDaemon::new(
+            "fsva-vhost".into(),
+            self.device.clone(),
+            self.memory,
+        )
+        .map_err(|e| VhostError::Daemon(e.to_string()))?;
+        let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
+        self.device.relay().close();
+        match served {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(VhostError::Serve(e.to_string())),
+        }
+    }
+}

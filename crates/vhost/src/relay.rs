@@ -1,0 +1,348 @@
+//! The device's link to its appliance: FUSE frames over the appliance's stream channel.
+//!
+//! Requests from every virtqueue go out on one stream, each under a `unique` of ours:
+//! the guest's ids are not trusted to be unique, and the appliance must never see two
+//! outstanding requests with the same id. What the reply needs to find its way back
+//! (the queue, the chain head, the guest's own id) waits in a table until the reply
+//! comes. Replies are checked as the supervisor's bridge checks them: frame length, a
+//! known id, an error code in range, INIT's `max_write`. An appliance that breaks one
+//! of these, closes its stream or dies fails the link: every waiting request is
+//! completed with EIO, and every later one at once.
+//!
+//! This module never reads a payload and never touches guest memory: completing a
+//! request (writing the reply into the chain) is the caller's `complete` callback.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fsva_channel::shm::ShmRegion;
+use fsva_channel::stream::read_frame;
+use fsva_protocol::abi::{opcode, OutHeader};
+use fsva_protocol::reply::ReplyBuf;
+use fsva_protocol::request::decode_header;
+use zerocopy::FromBytes;
+
+use crate::chain::MAX_REQUEST;
+
+/// Largest `max_write` an appliance may negotiate: requests are read into buffers of
+/// [`MAX_REQUEST`] bytes.
+const MAX_WRITE: u32 = 1 << 20;
+/// More waiting requests than this means a broken peer: no guest queue set-up allows it.
+const MAX_PENDING: usize = 1 << 16;
+/// Where the `unique` field sits in both FUSE headers.
+const UNIQUE: std::ops::Range<usize> = 8..16;
+
+/// Delivers a finished reply (or an error reply made here) for a request's token.
+pub type Complete<T> = Box<dyn Fn(T, &[u8]) + Send + Sync>;
+/// Told once, with the reason, when the link fails.
+pub type OnFailure = Box<dyn Fn(&str) + Send + Sync>;
+
+/// What became of a request handed to [`Relay::forward`].
+#[derive(Debug)]
+pub enum Forwarded<T> {
+    /// Sent; its reply will come through `complete`.
+    Sent,
+    /// Needs no reply (FORGET and friends): the chain is done, with nothing written.
+    NoReply(T),
+    /// Not sent: answer the guest with this errno.
+    Refused(T, i32),
+}
+
+struct Waiting<T> {
+    token: T,
+    guest_unique: u64,
+    opcode: u32,
+}
+
+/// The link to one appliance.
+pub struct Relay<T> {
+    to_appliance: Mutex<UnixStream>,
+    /// The same socket, to shut down without the writer's lock.
+    shutdown: UnixStream,
+    shm: Option<Arc<ShmRegion>>,
+    waiting: Mutex<HashMap<u64, Waiting<T>>>,
+    next_unique: AtomicU64,
+    dead: AtomicBool,
+    complete: Complete<T>,
+    on_failure: OnFailure,
+}
+
+impl<T: Send + 'static> Relay<T> {
+    /// A relay over `stream` (and `shm`, when the appliance is a VM mapping the same
+    /// region). Returns the relay and the reading end for [`Relay::run_replies`].
+    pub fn new(
+        stream: UnixStream,
+        shm: Option<Arc<ShmRegion>>,
+        complete: Complete<T>,
+        on_failure: OnFailure,
+    ) -> std::io::Result<(Arc<Self>, UnixStream)> {
+        let reader = stream.try_clone()?;
+        let shutdown = stream.try_clone()?;
+        let relay = Arc::new(Relay {
+            to_appliance: Mutex::new(stream),
+            shutdown,
+            shm,
+            waiting: Mutex::new(HashMap::new()),
+            next_unique: AtomicU64::new(1),
+            dead: AtomicBool::new(false),
+            complete,
+            on_failure,
+        });
+        Ok((relay, reader))
+    }
+
+    /// Whether the link has failed.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Sends one request frame (as the guest wrote it; its `unique` is replaced).
+    pub fn forward(&self, frame: &mut [u8], token: T) -> Forwarded<T> {
+        let header = match decode_header(frame) {
+            Ok(h) => h,
+            Err(_) => return Forwarded::Refused(token, libc::EINVAL),
+        };
+        match header.opcode {
+            // Both name requests by the guest's ids, which the appliance never saw;
+            // neither needs an answer.
+            opcode::INTERRUPT | opcode::NOTIFY_REPLY => return Forwarded::NoReply(token),
+            _ => {}
+        }
+        if self.is_dead() {
+            return Forwarded::Refused(token, libc::EIO);
+        }
+        let one_way = matches!(header.opcode, opcode::FORGET | opcode::BATCH_FORGET);
+        let ours = self.next_unique.fetch_add(1, Ordering::Relaxed);
+        frame[UNIQUE].copy_from_slice(&ours.to_ne_bytes());
+        let mut token = Some(token);
+        if !one_way {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if waiting.len() >= MAX_PENDING {
+                drop(waiting);
+                self.fail("more requests waiting than any queue set-up allows");
+                return Forwarded::Refused(token.take().expect("token unused"), libc::EIO);
+            }
+            waiting.insert(
+                ours,
+                Waiting {
+                    token: token.take().expect("token unused"),
+                    guest_unique: header.unique,
+                    opcode: header.opcode,
+                },
+            );
+        }
+        let sent = {
+            let mut stream = self.to_appliance.lock().unwrap_or_else(|p| p.into_inner());
+            match &self.shm {
+                Some(shm) => shm.send(&mut *stream, frame),
+                None => stream.write_all(frame),
+            }
+        };
+        if let Err(e) = sent {
+            self.fail(&format!("writing to the appliance failed: {e}"));
+        }
+        match token {
+            Some(token) => Forwarded::NoReply(token),
+            None => Forwarded::Sent,
+        }
+    }
+
+    /// Delivers the appliance's replies until the link fails; returns why it did.
+    pub fn run_replies(&self, reader: UnixStream) {
+        let mut buf = vec![0u8; MAX_REQUEST];
+        let min = core::mem::size_of::<OutHeader>();
+        loop {
+            let received = match &self.shm {
+                Some(shm) => shm.receive(&reader, &mut buf, min, "appliance stream"),
+                None => read_frame(&reader, &mut buf, min, "appliance stream"),
+            };
+            let n = match received {
+                Ok(Some(n)) => n,
+                Ok(None) => return self.fail("the appliance closed its stream"),
+                Err(e) => return self.fail(&format!("malformed reply frame: {e}")),
+            };
+            if self.is_dead() {
+                return;
+            }
+            if let Err(why) = self.deliver(&mut buf[..n]) {
+                return self.fail(&why);
+            }
+        }
+    }
+
+    fn deliver(&self, frame: &mut [u8]) -> Result<(), String> {
+        let (h, _) = OutHeader::read_from_prefix(frame)
+            .map_err(|_| "reply shorter than its header".to_string())?;
+        if h.unique == 0 {
+            // A notification: Linux's virtiofs has no notification queue. Dropped.
+            if h.error <= 0 {
+                return Err(format!("notification with invalid code {}", h.error));
+            }
+            tracing::debug!(
+                code = h.error,
+                "dropping a notification: virtiofs has no queue for it"
+            );
+            return Ok(());
+        }
+        if h.error > 0 || h.error < -4095 {
+            return Err(format!(
+                "reply to {} carries invalid error {}",
+                h.unique, h.error
+            ));
+        }
+        let w = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&h.unique)
+            .ok_or_else(|| format!("reply to unknown request {}", h.unique))?;
+        if w.opcode == opcode::INIT && h.error == 0 {
+            // fuse_init_out.max_write sits 20 bytes into the body.
+            let max_write = frame
+                .get(36..40)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                .unwrap_or(0);
+            if max_write > MAX_WRITE {
+                let mut reply = ReplyBuf::default();
+                (self.complete)(w.token, reply.error(w.guest_unique, libc::EIO));
+                return Err(format!(
+                    "INIT asks for max_write {max_write}, above {MAX_WRITE}"
+                ));
+            }
+        }
+        frame[UNIQUE].copy_from_slice(&w.guest_unique.to_ne_bytes());
+        (self.complete)(w.token, frame);
+        Ok(())
+    }
+
+    /// Fails the link: completes every waiting request with EIO and shuts the stream.
+    pub fn fail(&self, why: &str) {
+        if self.dead.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(
+            reason = why,
+            "dropping the appliance; answering the guest with EIO"
+        );
+        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+        let waiting: Vec<Waiting<T>> = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        let mut reply = ReplyBuf::default();
+        for w in waiting {
+            (self.complete)(w.token, reply.error(w.guest_unique, libc::EIO));
+        }
+        (self.on_failure)(why);
+    }
+
+    /// Closes the link at the end of service (not a failure).
+    pub fn close(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fsva_protocol::abi::InHeader;
+    use std::sync::mpsc;
+    use zerocopy::IntoBytes;
+
+    fn request(op: u32, unique: u64) -> Vec<u8> {
+        let h = InHeader {
+            len: 40,
+            opcode: op,
+            unique,
+            nodeid: 1,
+            uid: 0,
+            gid: 0,
+            pid: 0,
+            total_extlen: 0,
+            padding: 0,
+        };
+        h.as_bytes().to_vec()
+    }
+
+    type Done = mpsc::Receiver<(u32, Vec<u8>)>;
+
+    fn relay() -> (Arc<Relay<u32>>, UnixStream, UnixStream, Done) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let (relay, reader) = Relay::new(
+            ours,
+            None,
+            Box::new(move |token, frame: &[u8]| {
+                let _ = tx.lock().unwrap().send((token, frame.to_vec()));
+            }),
+            Box::new(|_| {}),
+        )
+        .unwrap();
+        (relay, reader, theirs, rx)
+    }
+
+    #[test]
+    fn guest_ids_are_replaced_and_restored() {
+        let (relay, reader, mut appliance, done) = relay();
+        let r = relay.clone();
+        let t = std::thread::spawn(move || r.run_replies(reader));
+        // Two requests with the same guest id: the appliance sees two different ids.
+        let mut a = request(opcode::GETATTR, 7);
+        let mut b = request(opcode::GETATTR, 7);
+        assert!(matches!(relay.forward(&mut a, 1), Forwarded::Sent));
+        assert!(matches!(relay.forward(&mut b, 2), Forwarded::Sent));
+        let mut got = [0u8; 80];
+        std::io::Read::read_exact(&mut appliance, &mut got).unwrap();
+        let (ua, ub) = (
+            u64::from_ne_bytes(got[8..16].try_into().unwrap()),
+            u64::from_ne_bytes(got[48..56].try_into().unwrap()),
+        );
+        assert_ne!(ua, ub);
+        let mut reply = ReplyBuf::default();
+        appliance.write_all(reply.error(ub, libc::ENOENT)).unwrap();
+        let (token, frame) = done.recv().unwrap();
+        assert_eq!(token, 2);
+        let (h, _) = OutHeader::read_from_prefix(&frame[..]).unwrap();
+        assert_eq!((h.unique, h.error), (7, -libc::ENOENT));
+        // A reply to an id never sent fails the link; the waiting request gets EIO.
+        appliance.write_all(reply.error(999, libc::ENOENT)).unwrap();
+        let (token, frame) = done.recv().unwrap();
+        assert_eq!(token, 1);
+        let (h, _) = OutHeader::read_from_prefix(&frame[..]).unwrap();
+        assert_eq!((h.unique, h.error), (7, -libc::EIO));
+        t.join().unwrap();
+        assert!(relay.is_dead());
+        assert!(matches!(
+            relay.forward(&mut request(opcode::GETATTR, 8), 3),
+            Forwarded::Refused(3, libc::EIO)
+        ));
+    }
+
+    #[test]
+    fn frames_whose_length_lies_are_refused_before_the_appliance_sees_them() {
+        let (relay, _reader, _appliance, _done) = relay();
+        let mut short = request(opcode::GETATTR, 1);
+        short[0] = 200; // claims 200 bytes, holds 40
+        assert!(matches!(
+            relay.forward(&mut short, 1),
+            Forwarded::Refused(1, libc::EINVAL)
+        ));
+        assert!(matches!(
+            relay.forward(&mut [0u8; 12], 2),
+            Forwarded::Refused(2, libc::EINVAL)
+        ));
+        assert!(matches!(
+            relay.forward(&mut request(opcode::FORGET, 3), 3),
+            Forwarded::NoReply(3)
+        ));
+        assert!(!relay.is_dead());
+    }
+}
