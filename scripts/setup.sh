@@ -12,6 +12,8 @@ if [[ " $* " == *" --test-tools "* ]]; then
   need_pkgs+=(fio bindfs stress-ng python3-venv gcc g++ pkg-config libfuse3-dev dpkg-dev cpio)
   # Images of file systems this host's kernel cannot mount, for the VM appliance tests.
   need_pkgs+=(e2fsprogs dosfstools f2fs-tools jfsutils genisoimage)
+  # The user VMs of the vhost-user-fs tests: a busybox initramfs around the stock kernel.
+  need_pkgs+=(busybox-static)
 fi
 missing=()
 for p in "${need_pkgs[@]}"; do

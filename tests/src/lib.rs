@@ -1,7 +1,10 @@
 //! Shared harness for fsva's end-to-end tests: locating the built binaries, mounting and
 //! unmounting fsva on temporary directories, and running the conformance probe as a
 //! subprocess. It never stands in for the kernel or an appliance: every helper drives
-//! the real `fsva` binary against real FUSE mounts.
+//! the real `fsva` binary against real FUSE mounts. [`guest`] boots user VMs that
+//! reach fsva through their own virtiofs driver.
+
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,207 @@
+//! VM guests as users: `fsva serve-vhost` serves an appliance as a vhost-user-fs
+//! device, and a stock Debian kernel in QEMU (TCG) mounts it with its own virtiofs
+//! driver and runs the conformance probe inside the guest. Covers the mem backend, the
+//! full seed topology (user VM -> fsva -> VM appliance with its own kernel and ext4),
+//! and an appliance killed under a running guest.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use fsva_tests::guest::{boot, GuestImage, VhostServer};
+use fsva_tests::{binary, conformance, transcript_diff, Scratch};
+
+const NOBODY: u32 = 65534;
+
+/// Runs the probe in the guest on /mnt/root and, as uid 65534, /mnt/user.
+const CONFORMANCE: &str = r#"
+mkdir -p /mnt/root /mnt/user && chmod 777 /mnt/root /mnt/user
+echo @@begin root
+fsva-conformance --dir /mnt/root
+echo @@end root
+echo @@begin user
+fsva-conformance --dir /mnt/user --as-uid 65534 --as-gid 65534
+echo @@end user
+"#;
+
+fn native(uid: Option<u32>) -> Vec<String> {
+    let dir = Scratch::new("native");
+    dir.open_to_all();
+    conformance(&dir.path, uid)
+}
+
+/// Checks listed in tests/vhost-differences.txt for `setup`, with their reason.
+fn listed(setup: &str) -> Vec<String> {
+    include_str!("../vhost-differences.txt")
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(s, _)| *s == setup)
+        .map(|(_, c)| c.trim().to_string())
+        .collect()
+}
+
+/// The guest's transcript equals native ext4's but for the listed checks, which must
+/// still differ.
+fn assert_matches_native(setup: &str, expected: &[String], got: &[String]) {
+    assert!(expected.len() > 50, "the probe ran too few checks");
+    assert!(
+        got.len() > 50,
+        "the probe did not run in the guest ({setup}): {got:?}"
+    );
+    let mut diff = transcript_diff(expected, got);
+    for check in listed(setup) {
+        let before = diff.len();
+        diff.retain(|d| !d.contains(&format!("native: {check}:")));
+        assert_ne!(
+            before,
+            diff.len(),
+            "{check} is listed for {setup} in tests/vhost-differences.txt but now matches ext4"
+        );
+    }
+    assert!(
+        diff.is_empty(),
+        "{} of {} checks differ from native ext4 in the guest ({setup}):\n{}",
+        diff.len(),
+        expected.len(),
+        diff.join("\n")
+    );
+}
+
+fn probe() -> PathBuf {
+    binary("fsva-conformance")
+}
+
+#[test]
+fn stock_guest_over_virtiofs_behaves_as_native_ext4() {
+    let (root, user) = (native(None), native(Some(NOBODY)));
+    let server = VhostServer::start(&["--backend", "mem", "--queues", "2"]);
+    let image = GuestImage::build(&[&probe()], CONFORMANCE);
+    let run = boot(&image, &server.socket, "fsva", 2, Duration::from_secs(300));
+    assert_eq!(
+        run.exit(),
+        Some(0),
+        "guest output:\n{}\nconsole:\n{}",
+        run.output,
+        run.console
+    );
+    assert_matches_native("mem-root", &root, &run.section("root"));
+    assert_matches_native("mem-user", &user, &run.section("user"));
+}
+
+fn make_ext4(dir: &Scratch) -> PathBuf {
+    let img = dir.path.join("ext4.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096"])
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(st.success());
+    img
+}
+
+/// The seed's whole topology: the user's applications in a VM, the proxy its virtiofs
+/// driver, the file system on the appliance VM's own kernel.
+#[test]
+fn stock_guest_reaches_ext4_on_a_vm_appliance() {
+    let expected = native(None);
+    let dir = Scratch::new("vhost-vm");
+    let img = make_ext4(&dir);
+    let mut server = VhostServer::start(&["--vm", "--image", img.to_str().unwrap()]);
+    let script = r#"
+mkdir -p /mnt/root && chmod 777 /mnt/root
+echo @@begin root
+fsva-conformance --dir /mnt/root
+echo @@end root
+seq 1 20000 > /mnt/kept.txt && sync /mnt/kept.txt
+"#;
+    let image = GuestImage::build(&[&probe()], script);
+    let run = boot(&image, &server.socket, "fsva", 1, Duration::from_secs(600));
+    assert_eq!(
+        run.exit(),
+        Some(0),
+        "guest output:\n{}\nconsole:\n{}",
+        run.output,
+        run.console
+    );
+    assert_matches_native("vm-ext4-root", &expected, &run.section("root"));
+    // The guest powered off: the server stops the appliance, which unmounts cleanly.
+    let status = server.wait_exit(Duration::from_secs(120));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "serve-vhost: {status:?}"
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck after the guest and the appliance stopped:\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /kept.txt"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let want: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        cat.stdout == want.as_bytes(),
+        "the guest's file is not on the image"
+    );
+}
+
+/// Killing the appliance under a running guest: the guest's next requests fail at
+/// once instead of hanging, and the guest shuts down normally.
+#[test]
+fn killed_appliance_gives_the_guest_errors_not_a_hang() {
+    let export = Scratch::new("vhost-export");
+    let spec = format!("passthrough:{}", export.path.display());
+    let server = VhostServer::start(&["--backend", &spec]);
+    let script = r#"
+echo up > /mnt/ready
+i=0
+while [ $i -lt 600 ]; do
+  if ! echo $i > /mnt/f$i 2>/tmp/err; then echo "@@failed at $i: $(cat /tmp/err)"; break; fi
+  i=$((i+1)); sleep 0.05
+done
+"#;
+    let image = GuestImage::build(&[], script);
+    let appliance = server.appliance_pid().expect("the appliance runs");
+    let ready = export.path.join("ready");
+    let killer = std::thread::spawn(move || {
+        if fsva_tests::wait_for(Duration::from_secs(120), || ready.exists()) {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = Command::new("kill")
+                .arg("-9")
+                .arg(appliance.to_string())
+                .status();
+            true
+        } else {
+            false
+        }
+    });
+    let run = boot(&image, &server.socket, "fsva", 1, Duration::from_secs(180));
+    assert!(
+        killer.join().unwrap(),
+        "the guest never wrote through the mount:\n{}",
+        run.output
+    );
+    let failed = run
+        .output
+        .lines()
+        .find(|l| l.starts_with("@@failed"))
+        .unwrap_or_else(|| panic!("writes kept working after the kill:\n{}", run.output));
+    assert!(
+        failed.contains("I/O error") || failed.contains("Input/output"),
+        "{failed}"
+    );
+    // Writes before the kill reached the export.
+    assert!(export.path.join("f0").exists());
+}
