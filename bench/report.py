@@ -3,7 +3,7 @@
 
 usage: report.py RAWDIR OUT.md "header line" FOOT_MIB MACRO_FILES target...
 RAWDIR holds <target>-{seqread,seqwrite,randread}.json (fio --output-format=json),
-<target>-meta*.json (bench/meta.py), <target>-macro-*.json (source-tree macro
+<target>-meta*.json (fsva-meta), <target>-macro-*.json (source-tree macro
 workload, seconds) and <target>-footprint.txt (MiB); repeated runs are reduced
 to the median. Every figure is printed as a ratio to native and to the best
 peer of its row: the fastest (or, for the footprint, smallest) of bindfs,

@@ -6,7 +6,7 @@
 #
 # Builds fsva (release), then for each target mounts it, runs the fio
 # workloads (1 MiB sequential and 4 KiB random, buffered and O_DIRECT, queue
-# depth 1 and 16), bench/meta.py, a page-cache footprint check and a macro workload
+# depth 1 and 16), fsva-meta (the metadata workload), a page-cache footprint check and a macro workload
 # (extract a real source tree -- Debian's golang-1.19-src, ~11.7k files,
 # 108 MiB -- then time `find | wc -l`, `du -s` and `cat` of every file, each
 # after dropping caches), unmounts, and prints/writes the tables to
@@ -81,7 +81,7 @@ done
 
 T0=$(date +%s)
 log "building fsva (release)"
-(cd "$REPO" && cargo build --release -p fsva)
+(cd "$REPO" && cargo build --release -p fsva && cargo build --release -p fsva-tests --bin fsva-meta)
 bash "$BENCH/fuse3-peers.sh" "$PEERS"
 for p in passthrough_ll passthrough_hp; do
   if [ ! -x "$PEERS/$p" ]; then
@@ -225,7 +225,7 @@ for t in "${TARGETS[@]}"; do
   sync
   # 5. metadata micro-workload, REPS runs (median per op in the report)
   for i in $(seq "$REPS"); do
-    timeout 300 python3 "$BENCH/meta.py" "$dir" "$META_N" "$META_M" > "$RAW/$t-meta-$i.json"
+    timeout 300 "$REPO/target/release/fsva-meta" "$dir" "$META_N" "$META_M" > "$RAW/$t-meta-$i.json"
   done
   # 6. page-cache footprint of reading a large file twice
   footprint "$t" "$dir"
@@ -240,7 +240,7 @@ HEADER="## fsva benchmark — $(date -u '+%Y-%m-%d %H:%M UTC') ($MODE)
 
 $(nproc) CPUs, Linux $(uname -r), $(findmnt -n -o FSTYPE --target "$WORK") under $WORK.
 fio: ${SIZE}iB file, psync (libaio for queue depth 16), one job; cold sequential read = median of $REPS passes; random jobs time-based ${RUNTIME}.
-Metadata: $META_N files, $META_M mkdir/rmdir pairs (bench/meta.py), median of $REPS runs.
+Metadata: $META_N files, $META_M mkdir/rmdir pairs (fsva-meta, tests/src/bin/fsva-meta.rs), median of $REPS runs.
 Macro: $MACRO_PKG ($MACRO_MEMBER: $MACRO_FILES files, $MACRO_MIB MiB), extraction once, find/du/cat median of $MACRO_REPS cold runs.
 Build + run took ${ELAPSED} s.
 Raw results: bench/out/raw-$STAMP/."

@@ -9,7 +9,7 @@
 #   seq_write fio 1 MiB sequential write of $SIZE with a final fsync (MB/s)
 #   seq_read  fio 1 MiB sequential read of that file after dropping the host's page
 #             cache (the appliance's own cache is warm for both tools) (MB/s)
-#   meta      bench/meta.py: create+write 4 KiB, warm stat, readdir, rename, unlink,
+#   meta      fsva-meta (tests/src/bin/fsva-meta.rs): create+write 4 KiB, warm stat, readdir, rename, unlink,
 #             mkdir+rmdir (µs per op)
 #   extract   tar -x of /usr/include (~8k files), then find, du and a cat of every
 #             file (s)
@@ -94,7 +94,7 @@ run_tool() {
   R[$t.seq_read]=$(fio --name=w --directory="$mnt/fio" --rw=read --bs=1M --size=$SIZE \
       --invalidate=1 --output-format=json | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["bw_bytes"]/1e6)')
   rm -rf "$mnt/fio"
-  local meta; meta=$(python3 "$REPO/bench/meta.py" "$mnt" "$META_N" "$META_M")
+  local meta; meta=$("$REPO/target/release/fsva-meta" "$mnt" "$META_N" "$META_M")
   for op in create_write stat_warm readdir rename unlink mkdir_rmdir; do
     R[$t.$op]=$(echo "$meta" | python3 -c "import json,sys; print(json.load(sys.stdin)['$op'])")
   done

@@ -173,13 +173,36 @@ impl GuestRun {
     }
 }
 
+/// The user VM's size and patience.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestSpec {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// How long the guest may run before it is killed (and the run fails).
+    pub limit: Duration,
+}
+
+impl GuestSpec {
+    pub fn new(cpus: u32, limit: Duration) -> GuestSpec {
+        GuestSpec {
+            cpus,
+            memory_mib: 512,
+            limit,
+        }
+    }
+}
+
 /// Boots `image` under TCG with a vhost-user-fs device on `socket`, mounted by tag
-/// `tag`, and waits (at most `limit`) for it to power off.
-pub fn boot(image: &GuestImage, socket: &Path, tag: &str, cpus: u32, limit: Duration) -> GuestRun {
+/// `tag`, and waits for it to power off.
+pub fn boot(image: &GuestImage, socket: &Path, tag: &str, spec: GuestSpec) -> GuestRun {
     let dir = Scratch::new("guest-run");
     let console = dir.path.join("console");
     let output = dir.path.join("output");
-    let memory_mib = 512;
+    let GuestSpec {
+        cpus,
+        memory_mib,
+        limit,
+    } = spec;
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args([

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use fsva_tests::guest::{boot, GuestImage, VhostServer};
+use fsva_tests::guest::{boot, GuestImage, GuestSpec, VhostServer};
 use fsva_tests::{binary, conformance, transcript_diff, Scratch};
 
 const NOBODY: u32 = 65534;
@@ -77,7 +77,12 @@ fn stock_guest_over_virtiofs_behaves_as_native_ext4() {
     let (root, user) = (native(None), native(Some(NOBODY)));
     let server = VhostServer::start(&["--backend", "mem", "--queues", "2"]);
     let image = GuestImage::build(&[&probe()], CONFORMANCE);
-    let run = boot(&image, &server.socket, "fsva", 2, Duration::from_secs(300));
+    let run = boot(
+        &image,
+        &server.socket,
+        "fsva",
+        GuestSpec::new(2, Duration::from_secs(300)),
+    );
     assert_eq!(
         run.exit(),
         Some(0),
@@ -120,7 +125,12 @@ echo @@end root
 seq 1 20000 > /mnt/kept.txt && sync /mnt/kept.txt
 "#;
     let image = GuestImage::build(&[&probe()], script);
-    let run = boot(&image, &server.socket, "fsva", 1, Duration::from_secs(600));
+    let run = boot(
+        &image,
+        &server.socket,
+        "fsva",
+        GuestSpec::new(1, Duration::from_secs(600)),
+    );
     assert_eq!(
         run.exit(),
         Some(0),
@@ -187,7 +197,12 @@ done
             false
         }
     });
-    let run = boot(&image, &server.socket, "fsva", 1, Duration::from_secs(180));
+    let run = boot(
+        &image,
+        &server.socket,
+        "fsva",
+        GuestSpec::new(1, Duration::from_secs(180)),
+    );
     assert!(
         killer.join().unwrap(),
         "the guest never wrote through the mount:\n{}",

@@ -32,7 +32,10 @@ impl Default for SessionConfig {
 }
 
 /// Flags the runtime itself implements, independent of the backend.
-const RUNTIME_FLAGS: u64 = f::BIG_WRITES | f::MAX_PAGES | f::INIT_EXT | f::SETXATTR_EXT;
+/// ASYNC_DIO: the runtime serves requests concurrently, so the kernel may split one
+/// direct I/O into parallel requests.
+const RUNTIME_FLAGS: u64 =
+    f::BIG_WRITES | f::MAX_PAGES | f::INIT_EXT | f::SETXATTR_EXT | f::ASYNC_DIO;
 
 /// What INIT settled.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Benchmark fsva serve-vhost against virtiofsd: the same host directory served to the
+# same stock Debian guest (QEMU, TCG here) by each, in the same run.
+#
+#   bench/vhost.sh [--quick] [--reps N]
+#
+# Servers: fsva serve-vhost --backend passthrough:DIR (sandboxed appliance), virtiofsd
+# with its default cache policy (auto) and with --cache always. Each rep boots one guest
+# per server (order rotated every rep); inside it, on the virtiofs mount:
+#   seq_write    fio 1 MiB sequential write of $SIZE, end_fsync (MB/s)
+#   seq_read     fio 1 MiB sequential read after dropping the guest's page cache (MB/s)
+#   seq_reread   the same read again, guest cache warm (MB/s)
+#   randread     fio 4 KiB random read, buffered, guest cache dropped first (IOPS)
+#   randwrite    fio 4 KiB random write, buffered (IOPS)
+#   drandread1   fio 4 KiB random read, O_DIRECT, QD1 (IOPS)
+#   drandread16  fio 4 KiB random read, O_DIRECT, QD16 libaio (IOPS)
+#   meta         fsva-meta: create+write 4 KiB, warm stat, readdir, rename, unlink,
+#                mkdir+rmdir (µs per op)
+# and prints the median of each figure with the ratio fsva/virtiofsd (>1 = fsva better).
+# Needs root. Installs fio, busybox-static, libseccomp-dev, libcap-ng-dev with apt-get
+# and virtiofsd with `cargo install virtiofsd` if missing.
+set -euo pipefail
+
+QUICK=0
+REPS=3
+while (($#)); do
+  case "$1" in
+    --quick) QUICK=1; REPS=1 ;;
+    --reps) REPS=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--reps N]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=/var/tmp/fsva-vhost-bench
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+OUT=$REPO/bench/out/vhost-results-$STAMP.md
+RAW=$WORK/raw
+if [ $QUICK = 1 ]; then SIZE=32M; RUNTIME=2; META_N=300; META_M=50; else SIZE=128M; RUNTIME=5; META_N=1000; META_M=200; fi
+T0=$(date +%s)
+
+need=()
+for p in fio busybox-static libseccomp-dev libcap-ng-dev qemu-system-x86 linux-image-amd64; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+  echo "bench/vhost.sh: installing ${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+VIRTIOFSD=$(command -v virtiofsd || echo "$HOME/.cargo/bin/virtiofsd")
+if [ ! -x "$VIRTIOFSD" ]; then
+  echo "bench/vhost.sh: installing virtiofsd (cargo install virtiofsd)" >&2
+  cargo install virtiofsd --locked >/dev/null
+  VIRTIOFSD=$HOME/.cargo/bin/virtiofsd
+fi
+echo "bench/vhost.sh: building fsva (release)" >&2
+(cd "$REPO" && cargo build --release -q -p fsva && cargo build --release -q -p fsva-tests --bin fsva-guest --bin fsva-meta)
+FSVA=$REPO/target/release/fsva
+GUEST=$REPO/target/release/fsva-guest
+
+rm -rf "$WORK"; mkdir -p "$WORK/export" "$RAW" "$REPO/bench/out"
+SOCK=$WORK/fs.sock
+
+cat > "$WORK/script" <<EOF
+set -e
+d=/mnt/bench; mkdir -p \$d
+job() { name=\$1; shift; echo "@@begin \$name"; fio --name=\$name --filename=\$d/data --output-format=json "\$@"; echo "@@end \$name"; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+job seq_write --rw=write --bs=1M --size=$SIZE --end_fsync=1
+drop; job seq_read --rw=read --bs=1M --size=$SIZE
+job seq_reread --rw=read --bs=1M --size=$SIZE
+drop; job randread --rw=randread --bs=4k --size=$SIZE --time_based --runtime=$RUNTIME
+job randwrite --rw=randwrite --bs=4k --size=$SIZE --time_based --runtime=$RUNTIME
+job drandread1 --rw=randread --bs=4k --size=$SIZE --direct=1 --time_based --runtime=$RUNTIME
+job drandread16 --rw=randread --bs=4k --size=$SIZE --direct=1 --ioengine=libaio --iodepth=16 --time_based --runtime=$RUNTIME
+rm -rf \$d
+echo "@@begin meta"; fsva-meta /mnt $META_N $META_M; echo "@@end meta"
+EOF
+
+start_server() { # name -> pid in SERVER_PID
+  rm -f "$SOCK"
+  case "$1" in
+    fsva) "$FSVA" --log warn serve-vhost --socket "$SOCK" --backend "passthrough:$WORK/export" >"$WORK/$1.log" 2>&1 & ;;
+    virtiofsd) "$VIRTIOFSD" --socket-path "$SOCK" --shared-dir "$WORK/export" --cache auto >"$WORK/$1.log" 2>&1 & ;;
+    virtiofsd-always) "$VIRTIOFSD" --socket-path "$SOCK" --shared-dir "$WORK/export" --cache always >"$WORK/$1.log" 2>&1 & ;;
+  esac
+  SERVER_PID=$!
+  for _ in $(seq 600); do [ -S "$SOCK" ] && return 0; sleep 0.1; done
+  echo "bench/vhost.sh: $1 did not create its socket; log:" >&2; cat "$WORK/$1.log" >&2; exit 1
+}
+
+SERVERS=(fsva virtiofsd virtiofsd-always)
+for rep in $(seq "$REPS"); do
+  # Rotate the order so that no server always runs first (or last).
+  order=("${SERVERS[@]:$(( (rep - 1) % 3 ))}" "${SERVERS[@]:0:$(( (rep - 1) % 3 ))}")
+  for s in "${order[@]}"; do
+    echo "bench/vhost.sh: rep $rep/$REPS: $s" >&2
+    start_server "$s"
+    "$GUEST" --socket "$SOCK" --cpus 2 --memory 1024 --timeout 900 \
+      --bin /usr/bin/fio --bin "$REPO/target/release/fsva-meta" "$WORK/script" > "$RAW/$s-$rep.out"
+    wait "$SERVER_PID" 2>/dev/null || true
+  done
+done
+
+python3 - "$RAW" "$REPS" > "$OUT" <<'PY'
+import json, statistics, sys, re, os, platform, subprocess
+raw, reps = sys.argv[1], int(sys.argv[2])
+servers = ["fsva", "virtiofsd", "virtiofsd-always"]
+def sections(text):
+    return dict(re.findall(r"@@begin (\S+)\n(.*?)@@end \1", text, re.S))
+fio = [("seq_write", "write", "bw"), ("seq_read", "read", "bw"), ("seq_reread", "read", "bw"),
+       ("randread", "read", "iops"), ("randwrite", "write", "iops"),
+       ("drandread1", "read", "iops"), ("drandread16", "read", "iops")]
+meta = ["create_write", "stat_warm", "readdir", "rename", "unlink", "mkdir_rmdir"]
+vals = {s: {} for s in servers}
+for s in servers:
+    for r in range(1, reps + 1):
+        sec = sections(open(os.path.join(raw, f"{s}-{r}.out")).read())
+        for name, d, kind in fio:
+            j = json.loads(sec[name][sec[name].index("{"):])["jobs"][0][d]
+            v = j["bw_bytes"] / 1e6 if kind == "bw" else j["iops"]
+            vals[s].setdefault(name, []).append(v)
+        m = json.loads(sec["meta"])
+        for op in meta:
+            vals[s].setdefault(op, []).append(m[op])
+med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in vals.items()}
+print(f"# fsva serve-vhost vs virtiofsd, {reps} rep(s), median\n")
+print(f"Guest: stock Debian kernel {subprocess.getoutput('ls /boot | sed -n s/vmlinuz-//p | tail -1')}, QEMU TCG, 2 vCPUs, 1 GiB, one request queue.")
+print("Host:", platform.node(), "|", os.cpu_count(), "CPUs |", platform.release(), "\n")
+print("| workload | unit | fsva | virtiofsd (auto) | virtiofsd (always) | fsva / best virtiofsd |")
+print("|---|---|---|---|---|---|")
+for name, _, kind in fio:
+    unit = "MB/s" if kind == "bw" else "IOPS"
+    f, a, b = (med[s][name] for s in servers)
+    print(f"| {name} | {unit} | {f:.1f} | {a:.1f} | {b:.1f} | {f / max(a, b):.2f}x |")
+for op in meta:
+    f, a, b = (med[s][op] for s in servers)
+    print(f"| {op} | µs/op | {f:.1f} | {a:.1f} | {b:.1f} | {min(a, b) / f:.2f}x |")
+PY
+echo "Run: bench/vhost.sh $([ $QUICK = 1 ] && echo --quick) --reps $REPS; took $(( $(date +%s) - T0 )) s." >> "$OUT"
+cat "$OUT"
+echo "bench/vhost.sh: results in $OUT" >&2
