@@ -8,12 +8,12 @@
 # with its default cache policy (auto) and with --cache always. Each rep boots one guest
 # per server (order rotated every rep); inside it, on the virtiofs mount:
 #   seq_write    fio 1 MiB sequential write of $SIZE, end_fsync (MB/s)
-#   seq_read     fio 1 MiB sequential read after dropping the guest's page cache (MB/s)
-#   seq_reread   the same read again, guest cache warm (MB/s)
-#   randread     fio 4 KiB random read, buffered, guest cache dropped first (IOPS)
+#   seq_reread   reading that file back at once, guest cache warm (MB/s)
 #   randwrite    fio 4 KiB random write, buffered (IOPS)
-#   drandread1   fio 4 KiB random read, O_DIRECT, QD1 (IOPS)
-#   drandread16  fio 4 KiB random read, O_DIRECT, QD16 libaio (IOPS)
+#   seq_read     fio 1 MiB sequential read, cold: new guest, host cache dropped (MB/s)
+#   randread     fio 4 KiB random read, buffered, cold as above (IOPS)
+#   drandread1   fio 4 KiB random read, O_DIRECT, QD1, cold as above (IOPS)
+#   drandread16  fio 4 KiB random read, O_DIRECT, QD16 libaio, cold as above (IOPS)
 #   meta         fsva-meta: create+write 4 KiB, warm stat, readdir, rename, unlink,
 #                mkdir+rmdir (µs per op)
 # and prints the median of each figure with the ratio fsva/virtiofsd (>1 = fsva better).
@@ -63,20 +63,29 @@ GUEST=$REPO/target/release/fsva-guest
 rm -rf "$WORK"; mkdir -p "$WORK/export" "$RAW" "$REPO/bench/out"
 SOCK=$WORK/fs.sock
 
-cat > "$WORK/script" <<EOF
+# Two guest boots per server and rep. Phase "write" makes one file per read job and
+# runs the write and metadata workloads; then the host drops its page cache, so that
+# phase "read" starts cold on both sides (virtiofsd keeps a host copy of what it reads;
+# fsva's appliance drops its copy: the guest's cache is the one copy).
+JOB='job() { name=$1; file=$2; shift 2; echo "@@begin $name"; fio --name=$name --filename=/mnt/bench/$file --output-format=json "$@"; echo "@@end $name"; }'
+cat > "$WORK/write" <<EOF
 set -e
-d=/mnt/bench; mkdir -p \$d
-job() { name=\$1; shift; echo "@@begin \$name"; fio --name=\$name --filename=\$d/data --output-format=json "\$@"; echo "@@end \$name"; }
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-job seq_write --rw=write --bs=1M --size=$SIZE --end_fsync=1
-drop; job seq_read --rw=read --bs=1M --size=$SIZE
-job seq_reread --rw=read --bs=1M --size=$SIZE
-drop; job randread --rw=randread --bs=4k --size=$SIZE --time_based --runtime=$RUNTIME
-job randwrite --rw=randwrite --bs=4k --size=$SIZE --time_based --runtime=$RUNTIME
-job drandread1 --rw=randread --bs=4k --size=$SIZE --direct=1 --time_based --runtime=$RUNTIME
-job drandread16 --rw=randread --bs=4k --size=$SIZE --direct=1 --ioengine=libaio --iodepth=16 --time_based --runtime=$RUNTIME
-rm -rf \$d
+mkdir -p /mnt/bench
+$JOB
+job seq_write seq --rw=write --bs=1M --size=$SIZE --end_fsync=1
+job seq_reread seq --rw=read --bs=1M --size=$SIZE
+for f in rand drand1 drand16; do fio --name=lay --filename=/mnt/bench/\$f --rw=write --bs=1M --size=$SIZE --end_fsync=1 --output-format=terse >/dev/null; done
+job randwrite wrand --rw=randwrite --bs=4k --size=$SIZE --time_based --runtime=$RUNTIME
 echo "@@begin meta"; fsva-meta /mnt $META_N $META_M; echo "@@end meta"
+EOF
+cat > "$WORK/read" <<EOF
+set -e
+$JOB
+job seq_read seq --rw=read --bs=1M --size=$SIZE
+job randread rand --rw=randread --bs=4k --size=$SIZE --time_based --runtime=$RUNTIME
+job drandread1 drand1 --rw=randread --bs=4k --size=$SIZE --direct=1 --time_based --runtime=$RUNTIME
+job drandread16 drand16 --rw=randread --bs=4k --size=$SIZE --direct=1 --ioengine=libaio --iodepth=16 --time_based --runtime=$RUNTIME
+rm -rf /mnt/bench
 EOF
 
 start_server() { # name -> pid in SERVER_PID
@@ -97,10 +106,13 @@ for rep in $(seq "$REPS"); do
   order=("${SERVERS[@]:$(( (rep - 1) % 3 ))}" "${SERVERS[@]:0:$(( (rep - 1) % 3 ))}")
   for s in "${order[@]}"; do
     echo "bench/vhost.sh: rep $rep/$REPS: $s" >&2
-    start_server "$s"
-    "$GUEST" --socket "$SOCK" --cpus 2 --memory 1024 --timeout 900 \
-      --bin /usr/bin/fio --bin "$REPO/target/release/fsva-meta" "$WORK/script" > "$RAW/$s-$rep.out"
-    wait "$SERVER_PID" 2>/dev/null || true
+    for phase in write read; do
+      if [ $phase = read ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
+      start_server "$s"
+      "$GUEST" --socket "$SOCK" --cpus 2 --memory 1024 --timeout 900 \
+        --bin /usr/bin/fio --bin "$REPO/target/release/fsva-meta" "$WORK/$phase" >> "$RAW/$s-$rep.out"
+      wait "$SERVER_PID" 2>/dev/null || true
+    done
   done
 done
 
@@ -110,8 +122,8 @@ raw, reps = sys.argv[1], int(sys.argv[2])
 servers = ["fsva", "virtiofsd", "virtiofsd-always"]
 def sections(text):
     return dict(re.findall(r"@@begin (\S+)\n(.*?)@@end \1", text, re.S))
-fio = [("seq_write", "write", "bw"), ("seq_read", "read", "bw"), ("seq_reread", "read", "bw"),
-       ("randread", "read", "iops"), ("randwrite", "write", "iops"),
+fio = [("seq_write", "write", "bw"), ("seq_reread", "read", "bw"), ("randwrite", "write", "iops"),
+       ("seq_read", "read", "bw"), ("randread", "read", "iops"),
        ("drandread1", "read", "iops"), ("drandread16", "read", "iops")]
 meta = ["create_write", "stat_warm", "readdir", "rename", "unlink", "mkdir_rmdir"]
 vals = {s: {} for s in servers}

@@ -7,16 +7,41 @@ use std::sync::{Arc, Mutex};
 
 use crate::dir::DirStream;
 use crate::inode::Node;
+use crate::read_trail::ReadTrail;
 
 /// What one `fh` stands for.
 pub enum Handle {
     /// A regular (or special) file opened with the caller's flags.
-    File { fd: OwnedFd, node: Arc<Node> },
+    File {
+        fd: OwnedFd,
+        node: Arc<Node>,
+        /// What to drop after reads the client caches; `None` for O_DIRECT opens,
+        /// whose reads the client does not cache.
+        trail: Option<ReadTrail>,
+    },
     /// A directory stream.
     Dir(DirStream),
 }
 
 impl Handle {
+    /// A file handle for `fd`, opened with the client's `flags`.
+    pub fn file(fd: OwnedFd, node: Arc<Node>, flags: u32) -> Handle {
+        let direct = flags as i32 & libc::O_DIRECT != 0;
+        Handle::File {
+            fd,
+            node,
+            trail: (!direct).then(ReadTrail::default),
+        }
+    }
+
+    /// The read trail of a file handle whose reads the client caches.
+    pub fn read_trail(&self) -> Option<&ReadTrail> {
+        match self {
+            Handle::File { trail, .. } => trail.as_ref(),
+            Handle::Dir(_) => None,
+        }
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Handle::File { fd, .. } => fd.as_fd(),

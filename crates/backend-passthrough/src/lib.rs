@@ -21,6 +21,7 @@ pub mod creds;
 pub mod dir;
 pub mod handle;
 pub mod inode;
+pub mod read_trail;
 pub mod sys;
 pub mod xattr;
 
@@ -238,11 +239,11 @@ impl PassthroughFs {
     }
 
     /// Registers a freshly created and opened file (CREATE, TMPFILE).
-    fn finish_create(&self, file: OwnedFd) -> Result<(Entry, Opened)> {
+    fn finish_create(&self, file: OwnedFd, flags: u32) -> Result<(Entry, Opened)> {
         let path_fd = self.reopen(file.as_fd(), libc::O_PATH)?;
         let entry = self.register(path_fd)?;
         let node = self.node(entry.ino)?;
-        let fh = self.handles.insert(Handle::File { fd: file, node });
+        let fh = self.handles.insert(Handle::file(file, node, flags));
         Ok((entry, self.opened(fh)))
     }
 
@@ -695,7 +696,7 @@ impl Filesystem for PassthroughFs {
             self.kill_setid(&n, ctx)?;
         }
         let fd = self.reopen(n.fd(), flags as i32)?;
-        let fh = self.handles.insert(Handle::File { fd, node: n });
+        let fh = self.handles.insert(Handle::file(fd, n, flags));
         Ok(self.opened(fh))
     }
 
@@ -711,23 +712,23 @@ impl Filesystem for PassthroughFs {
         let h = self.handle(fh)?;
         let before = out.len();
         fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)?;
-        // Reads reach the appliance only when FUSE passthrough is off: the kernel then
-        // caches the data for the FUSE inode, so keeping it here too would cache it
-        // twice. Drop our copy (the unified buffer cache's fallback). Pages of recent
-        // reads that were still being added to the LRU escape one DONTNEED, so the
-        // range reaches back over the last few reads too.
-        const LAG: u64 = 8 << 20;
-        let start = offset.saturating_sub(LAG);
-        let end = offset + (out.len() - before) as u64;
-        // SAFETY: posix_fadvise only takes integers and a descriptor we own.
-        unsafe {
-            libc::posix_fadvise(
-                h.fd().as_raw_fd(),
-                start as libc::off_t,
-                (end - start) as libc::off_t,
-                libc::POSIX_FADV_DONTNEED,
-            )
-        };
+        // Reads reach the appliance only when FUSE passthrough is off: the kernel client
+        // then caches the data, so keeping it here too would cache it twice. Drop our
+        // copy of what we returned (see read_trail).
+        if let Some(trail) = h.read_trail() {
+            let end = offset + (out.len() - before) as u64;
+            for (start, end) in trail.record(offset, end).into_iter().flatten() {
+                // SAFETY: posix_fadvise only takes integers and a descriptor we own.
+                unsafe {
+                    libc::posix_fadvise(
+                        h.fd().as_raw_fd(),
+                        start as libc::off_t,
+                        (end - start) as libc::off_t,
+                        libc::POSIX_FADV_DONTNEED,
+                    )
+                };
+            }
+        }
         Ok(())
     }
 
@@ -933,7 +934,7 @@ impl Filesystem for PassthroughFs {
         let file = self.as_caller(ctx, Some(umask), |g| {
             sys::openat(p.fd(), &c, oflags, g.mode(mode))
         })?;
-        self.finish_create(file)
+        self.finish_create(file, flags)
     }
 
     fn tmpfile(
@@ -951,7 +952,7 @@ impl Filesystem for PassthroughFs {
         let file = self.as_caller(ctx, Some(umask), |g| {
             sys::openat(p.fd(), c".", oflags, g.mode(mode))
         })?;
-        self.finish_create(file)
+        self.finish_create(file, flags)
     }
 
     fn fallocate(

@@ -1,0 +1,107 @@
+//! Which host pages to drop after a read, so that file data is cached once.
+//!
+//! When reads reach the appliance (FUSE passthrough off, or a virtio-fs guest), the
+//! kernel client caches what it read; the appliance's host page cache would hold a
+//! second copy. The backend therefore drops, after each buffered read, exactly the
+//! pages it returned — and drops them once more a few reads later, because pages that
+//! were still on a per-CPU LRU batch escape the first DONTNEED. Sequential readers get
+//! a trailing window instead (the same pages, fewer calls). Pages the host read ahead
+//! but did not return are kept: the client does not hold them, so they are no second
+//! copy, and a later request finds them cached. Reads the client does not cache
+//! (O_DIRECT opens) drop nothing.
+//!
+//! This module only decides ranges; it never touches a descriptor.
+
+use std::sync::Mutex;
+
+/// Reads remembered for their second drop.
+const DEPTH: usize = 8;
+/// How far back a sequential reader's window reaches.
+const SEQUENTIAL_LAG: u64 = 8 << 20;
+
+/// A byte range `[start, end)` to drop.
+pub type Range = (u64, u64);
+
+/// The recent reads of one open file.
+#[derive(Debug, Default)]
+pub struct ReadTrail {
+    inner: Mutex<Trail>,
+}
+
+#[derive(Debug, Default)]
+struct Trail {
+    recent: [Range; DEPTH],
+    /// Index of the newest entry.
+    newest: usize,
+    len: usize,
+}
+
+impl ReadTrail {
+    /// Records a read of `[start, end)` and returns the ranges to drop now.
+    pub fn record(&self, start: u64, end: u64) -> [Option<Range>; 2] {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if t.len > 0 {
+            let newest = t.newest;
+            let last = &mut t.recent[newest];
+            if last.1 == start {
+                // Sequential: one window over this read and the ones just before it.
+                last.1 = end;
+                last.0 = last.0.max(end.saturating_sub(SEQUENTIAL_LAG));
+                return [Some((start.saturating_sub(SEQUENTIAL_LAG), end)), None];
+            }
+        }
+        let slot = if t.len == 0 {
+            0
+        } else {
+            (t.newest + 1) % DEPTH
+        };
+        let second = (t.len == DEPTH).then(|| t.recent[slot]);
+        t.recent[slot] = (start, end);
+        t.newest = slot;
+        t.len = (t.len + 1).min(DEPTH);
+        [Some((start, end)), second]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_reads_drop_their_own_pages_twice_and_nothing_else() {
+        let t = ReadTrail::default();
+        let offsets: Vec<u64> = (0..20).map(|i| (i * 7919 % 101) * 4096 * 3).collect();
+        let mut dropped: Vec<Range> = Vec::new();
+        for &o in &offsets {
+            for r in t.record(o, o + 4096).into_iter().flatten() {
+                dropped.push(r);
+            }
+        }
+        // Every range dropped is a range that was read: no readahead is thrown away.
+        for r in &dropped {
+            assert!(offsets.iter().any(|&o| *r == (o, o + 4096)), "{r:?}");
+        }
+        // Each read is dropped at once; all but the last DEPTH a second time.
+        for (i, &o) in offsets.iter().enumerate() {
+            let times = dropped.iter().filter(|r| **r == (o, o + 4096)).count();
+            assert_eq!(
+                times,
+                if i + DEPTH < offsets.len() { 2 } else { 1 },
+                "read {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn sequential_reads_drop_a_trailing_window() {
+        let t = ReadTrail::default();
+        assert_eq!(t.record(0, 1 << 20), [Some((0, 1 << 20)), None]);
+        let mb = 1u64 << 20;
+        assert_eq!(t.record(mb, 2 * mb), [Some((0, 2 * mb)), None]);
+        assert_eq!(t.record(20 * mb, 21 * mb)[0], Some((20 * mb, 21 * mb)));
+        assert_eq!(
+            t.record(21 * mb, 22 * mb),
+            [Some((21 * mb - SEQUENTIAL_LAG, 22 * mb)), None]
+        );
+    }
+}
