@@ -4,8 +4,9 @@
 #
 #   bench/vhost.sh [--quick] [--reps N]
 #
-# Servers: fsva serve-vhost --backend passthrough:DIR (sandboxed appliance), virtiofsd
-# with its default cache policy (auto) and with --cache always. Each rep boots one guest
+# Servers: fsva serve-vhost --backend passthrough:DIR (the sandboxed appliance is the
+# device), the same with --relay (the supervisor is the device and relays to the
+# appliance), virtiofsd with its default cache policy (auto) and with --cache always. Each rep boots one guest
 # per server (order rotated every rep); inside it, on the virtiofs mount:
 #   seq_write    fio 1 MiB sequential write of $SIZE, end_fsync (MB/s)
 #   seq_reread   reading that file back at once, guest cache warm (MB/s)
@@ -92,6 +93,7 @@ start_server() { # name -> pid in SERVER_PID
   rm -f "$SOCK"
   case "$1" in
     fsva) "$FSVA" --log warn serve-vhost --socket "$SOCK" --backend "passthrough:$WORK/export" >"$WORK/$1.log" 2>&1 & ;;
+    fsva-relay) "$FSVA" --log warn serve-vhost --relay --socket "$SOCK" --backend "passthrough:$WORK/export" >"$WORK/$1.log" 2>&1 & ;;
     virtiofsd) "$VIRTIOFSD" --socket-path "$SOCK" --shared-dir "$WORK/export" --cache auto >"$WORK/$1.log" 2>&1 & ;;
     virtiofsd-always) "$VIRTIOFSD" --socket-path "$SOCK" --shared-dir "$WORK/export" --cache always >"$WORK/$1.log" 2>&1 & ;;
   esac
@@ -100,10 +102,11 @@ start_server() { # name -> pid in SERVER_PID
   echo "bench/vhost.sh: $1 did not create its socket; log:" >&2; cat "$WORK/$1.log" >&2; exit 1
 }
 
-SERVERS=(fsva virtiofsd virtiofsd-always)
+SERVERS=(fsva fsva-relay virtiofsd virtiofsd-always)
 for rep in $(seq "$REPS"); do
   # Rotate the order so that no server always runs first (or last).
-  order=("${SERVERS[@]:$(( (rep - 1) % 3 ))}" "${SERVERS[@]:0:$(( (rep - 1) % 3 ))}")
+  shift_by=$(( (rep - 1) % ${#SERVERS[@]} ))
+  order=("${SERVERS[@]:$shift_by}" "${SERVERS[@]:0:$shift_by}")
   for s in "${order[@]}"; do
     echo "bench/vhost.sh: rep $rep/$REPS: $s" >&2
     for phase in write read; do
@@ -119,7 +122,7 @@ done
 python3 - "$RAW" "$REPS" > "$OUT" <<'PY'
 import json, statistics, sys, re, os, platform, subprocess
 raw, reps = sys.argv[1], int(sys.argv[2])
-servers = ["fsva", "virtiofsd", "virtiofsd-always"]
+servers = ["fsva", "fsva-relay", "virtiofsd", "virtiofsd-always"]
 def sections(text):
     return dict(re.findall(r"@@begin (\S+)\n(.*?)@@end \1", text, re.S))
 fio = [("seq_write", "write", "bw"), ("seq_reread", "read", "bw"), ("randwrite", "write", "iops"),
@@ -141,15 +144,15 @@ med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in vals.items
 print(f"# fsva serve-vhost vs virtiofsd, {reps} rep(s), median\n")
 print(f"Guest: stock Debian kernel {subprocess.getoutput('ls /boot | sed -n s/vmlinuz-//p | tail -1')}, QEMU TCG, 2 vCPUs, 1 GiB, one request queue.")
 print("Host:", platform.node(), "|", os.cpu_count(), "CPUs |", platform.release(), "\n")
-print("| workload | unit | fsva | virtiofsd (auto) | virtiofsd (always) | fsva / best virtiofsd |")
-print("|---|---|---|---|---|---|")
+print("| workload | unit | fsva | fsva --relay | virtiofsd (auto) | virtiofsd (always) | fsva / best virtiofsd | relay / best virtiofsd |")
+print("|---|---|---|---|---|---|---|---|")
 for name, _, kind in fio:
     unit = "MB/s" if kind == "bw" else "IOPS"
-    f, a, b = (med[s][name] for s in servers)
-    print(f"| {name} | {unit} | {f:.1f} | {a:.1f} | {b:.1f} | {f / max(a, b):.2f}x |")
+    f, r, a, b = (med[s][name] for s in servers)
+    print(f"| {name} | {unit} | {f:.1f} | {r:.1f} | {a:.1f} | {b:.1f} | {f / max(a, b):.2f}x | {r / max(a, b):.2f}x |")
 for op in meta:
-    f, a, b = (med[s][op] for s in servers)
-    print(f"| {op} | µs/op | {f:.1f} | {a:.1f} | {b:.1f} | {min(a, b) / f:.2f}x |")
+    f, r, a, b = (med[s][op] for s in servers)
+    print(f"| {op} | µs/op | {f:.1f} | {r:.1f} | {a:.1f} | {b:.1f} | {min(a, b) / f:.2f}x | {min(a, b) / r:.2f}x |")
 PY
 echo "Run: bench/vhost.sh $([ $QUICK = 1 ] && echo --quick) --reps $REPS; took $(( $(date +%s) - T0 )) s." >> "$OUT"
 cat "$OUT"

@@ -1,8 +1,9 @@
 //! VM guests as users: `fsva serve-vhost` serves an appliance as a vhost-user-fs
 //! device, and a stock Debian kernel in QEMU (TCG) mounts it with its own virtiofs
-//! driver and runs the conformance probe inside the guest. Covers the mem backend, the
-//! full seed topology (user VM -> fsva -> VM appliance with its own kernel and ext4),
-//! and an appliance killed under a running guest.
+//! driver and runs the conformance probe inside the guest. Covers the mem backend with
+//! the device in the appliance (the default), the full seed topology (user VM -> fsva
+//! -> VM appliance with its own kernel and ext4, relayed by the supervisor), and a
+//! relayed appliance killed under a running guest.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -167,18 +168,19 @@ seq 1 20000 > /mnt/kept.txt && sync /mnt/kept.txt
     );
 }
 
-/// Killing the appliance under a running guest: the guest's next requests fail at
-/// once instead of hanging, and the guest shuts down normally.
+/// Killing a relayed appliance under a running guest: the guest's next requests fail
+/// at once instead of hanging, and the guest shuts down normally. (Without --relay the
+/// appliance is the device, and its death stalls the device, as virtiofsd's does.)
 #[test]
 fn killed_appliance_gives_the_guest_errors_not_a_hang() {
     let export = Scratch::new("vhost-export");
     let spec = format!("passthrough:{}", export.path.display());
-    let server = VhostServer::start(&["--backend", &spec]);
+    let server = VhostServer::start(&["--backend", &spec, "--relay"]);
     let script = r#"
 echo up > /mnt/ready
 i=0
 while [ $i -lt 600 ]; do
-  if ! echo $i > /mnt/f$i 2>/tmp/err; then echo "@@failed at $i: $(cat /tmp/err)"; break; fi
+  if ! (echo $i > /mnt/f$i) 2>/tmp/err; then echo "@@failed at $i: $(cat /tmp/err)"; break; fi
   i=$((i+1)); sleep 0.05
 done
 "#;

@@ -58,6 +58,24 @@ impl Server {
         self.stats.clone()
     }
 
+    /// Serves one request frame in the calling thread (for transports that bring their
+    /// own threads, such as the vhost-user device's queue workers); the reply frame,
+    /// if the request has one.
+    pub fn answer<'r>(&self, frame: &[u8], reply: &'r mut ReplyBuf) -> Option<&'r [u8]> {
+        answer(&self.dispatcher, &self.stats, frame, reply)
+    }
+
+    /// The largest request frame this server accepts.
+    pub fn max_frame(&self) -> usize {
+        self.dispatcher.max_frame()
+    }
+
+    /// Ends the session when a caller-driven transport is done (as `serve` does when
+    /// its channels close): releases what the backend still holds.
+    pub fn finish(&self) {
+        self.dispatcher.destroy();
+    }
+
     /// Serves every channel with `threads_per_channel` workers each, until all of them
     /// are closed. Returns the first fatal channel error, if any.
     pub fn serve(
@@ -105,16 +123,29 @@ fn worker(
     let mut buf = vec![0u8; dispatcher.max_frame()];
     let mut reply = ReplyBuf::with_capacity(dispatcher.max_frame());
     while let Some(n) = chan.receive(&mut buf)? {
-        stats.requests.fetch_add(1, Ordering::Relaxed);
-        if dispatcher.handle(&buf[..n], &mut reply) == Outcome::Reply {
-            let frame = reply.finish();
-            if let Ok((h, _)) = fsva_protocol::abi::OutHeader::read_from_prefix(frame) {
-                if h.error != 0 {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        if let Some(frame) = answer(dispatcher, stats, &buf[..n], &mut reply) {
             chan.send(frame)?;
         }
     }
     Ok(())
+}
+
+/// Serves one request; the reply frame, if the request has one.
+fn answer<'r>(
+    dispatcher: &Dispatcher,
+    stats: &ServerStats,
+    frame: &[u8],
+    reply: &'r mut ReplyBuf,
+) -> Option<&'r [u8]> {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    if dispatcher.handle(frame, reply) != Outcome::Reply {
+        return None;
+    }
+    let out = reply.finish();
+    if let Ok((h, _)) = fsva_protocol::abi::OutHeader::read_from_prefix(out) {
+        if h.error != 0 {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Some(out)
 }

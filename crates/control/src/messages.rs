@@ -55,6 +55,10 @@ pub enum ChannelKind {
     Fusedev,
     /// One stream socket (attached to `Start`) relayed by the supervisor.
     Stream,
+    /// A listening vhost-user socket (attached to `Start`): the appliance is the
+    /// vhost-user-fs device itself and answers a VM guest's virtqueues in its queue
+    /// workers, with `request_queues` request queues.
+    Vhost { request_queues: u16 },
 }
 
 impl std::fmt::Display for ChannelKind {
@@ -62,6 +66,7 @@ impl std::fmt::Display for ChannelKind {
         f.write_str(match self {
             ChannelKind::Fusedev => "fusedev",
             ChannelKind::Stream => "stream",
+            ChannelKind::Vhost { .. } => "vhost-user",
         })
     }
 }
@@ -106,6 +111,8 @@ pub struct StartConfig {
     pub device_nodes: bool,
     /// Most bytes of file data the appliance may keep in memory (`--cache-budget`).
     pub cache_budget: Option<u64>,
+    /// The virtio-fs tag a `Vhost` channel offers in its configuration space.
+    pub vhost_tag: Option<String>,
 }
 
 /// Appliance → supervisor, on the broker link: the few operations that need a

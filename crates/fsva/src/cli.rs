@@ -170,6 +170,12 @@ pub struct ServeVhostArgs {
     /// CPU up to this many).
     #[arg(long, default_value_t = 1)]
     pub queues: u16,
+    /// Keep guest memory out of the appliance: the supervisor is the device and relays
+    /// each request to it (one more hop per request), and the appliance's death is an
+    /// error for the guest instead of a stalled device. Always so with --vm. Without
+    /// it, a process appliance is the device itself, as virtiofsd is.
+    #[arg(long)]
+    pub relay: bool,
     /// What to serve: `mem` (in memory) or `passthrough:DIR`.
     #[arg(long, short = 'b', default_value = "mem")]
     pub backend: String,

@@ -152,6 +152,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         backing_files: offers_backing_files(&req),
         device_nodes: brokers_device_nodes(&req),
         cache_budget: req.cache_budget,
+        vhost_tag: None,
     };
     // The budget is enforced by the kernel on the appliance's memory cgroup, with room
     // for the appliance's own code, heap and request buffers on top.

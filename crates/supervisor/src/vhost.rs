@@ -9,11 +9,14 @@
 //!
 //! This module wires parts together; it never relays a frame itself.
 
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use fsva_control::{BackendSpec, ChannelKind, SandboxKind, StartConfig};
 
+use crate::appliance::Appliance;
 use crate::supervisor::{
     block_termination_signals, stop_appliance, wait_termination_signal, SupervisorError, VmPlan,
 };
@@ -33,6 +36,9 @@ pub struct VhostRequest {
     pub log_filter: String,
     pub cache_budget: Option<u64>,
     pub vm: Option<VmPlan>,
+    /// Keep the device in the supervisor and relay to the appliance (always so for VM
+    /// appliances): guest memory stays out of the appliance.
+    pub relay: bool,
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> SupervisorError {
@@ -48,11 +54,11 @@ pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
         }
     }
     let socket = req.socket.to_string_lossy().into_owned();
-    let listener =
-        fsva_vhost::Listener::new(&req.socket, true).map_err(|e| SupervisorError::Io {
-            what: format!("listening on {socket} (does its directory exist?)"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    // Listening before the appliance starts: a VMM may connect at once.
+    let _ = std::fs::remove_file(&req.socket);
+    let listener = UnixListener::bind(&req.socket).map_err(io_err(format!(
+        "listening on {socket} (does its directory exist?)"
+    )))?;
     let cgroup = match req.cache_budget {
         Some(bytes) => {
             let cg = crate::cgroup::MemoryCgroup::create(&format!(
@@ -73,32 +79,107 @@ pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
         None => None,
     };
     let procs = cgroup.as_ref().map(|c| c.procs_file());
+    let tag = req.device.tag().unwrap_or("(given by the VMM)").to_string();
+    let result = if req.vm.is_some() || req.relay {
+        relayed(&req, listener, procs.as_deref(), &socket, &tag)
+    } else {
+        inline(&req, listener, procs.as_deref(), &socket, &tag)
+    };
+    drop(cgroup);
+    result
+}
+
+fn start_config(req: &VhostRequest, channel: ChannelKind) -> StartConfig {
+    StartConfig {
+        backend: req.backend.clone(),
+        channel,
+        workers_per_channel: req.workers.max(1),
+        sandbox: req.sandbox,
+        log_filter: req.log_filter.clone(),
+        // No /dev/fuse session to register backing files with, and no broker for
+        // device nodes yet (root's passthrough answers mknod of devices with EPERM).
+        broker_link: false,
+        backing_files: false,
+        device_nodes: false,
+        cache_budget: req.cache_budget,
+        vhost_tag: req.device.tag().map(str::to_string),
+    }
+}
+
+fn ready(req: &VhostRequest, socket: &str, tag: &str, pid: u32, how: &str) {
+    tracing::info!(socket = %socket, tag = %tag, backend = %req.backend, pid, how, "vhost-user-fs device ready");
+    println!(
+        "fsva: serving {} as virtio-fs tag {tag} on {socket} ({how})",
+        req.backend
+    );
+}
+
+/// The appliance process is the device: it answers the guest's queues in its own
+/// workers (as virtiofsd does), and maps guest memory to do so.
+fn inline(
+    req: &VhostRequest,
+    listener: UnixListener,
+    procs: Option<&std::path::Path>,
+    socket: &str,
+    tag: &str,
+) -> Result<(), SupervisorError> {
+    let config = start_config(
+        req,
+        ChannelKind::Vhost {
+            request_queues: req.device.request_queues(),
+        },
+    );
+    let (appliance, mut child) = Appliance::start(
+        &req.exe,
+        &config,
+        &[listener.as_fd()],
+        procs,
+        launch::START_TIMEOUT,
+    )?;
+    drop(listener);
+    let pid = appliance.pid;
+    let kill = appliance.killer();
+    std::thread::Builder::new()
+        .name("fsva-signals".into())
+        .spawn(move || {
+            let sig = wait_termination_signal();
+            tracing::info!(signal = sig, "stopping the appliance");
+            kill();
+        })
+        .map_err(io_err("spawning the signal thread".into()))?;
+    ready(req, socket, tag, pid, "device in the appliance");
+    let status = child
+        .wait()
+        .map_err(io_err("waiting for the appliance".into()))?;
+    tracing::info!(%status, "appliance exited");
+    Ok(())
+}
+
+/// The supervisor is the device and relays requests to the appliance over a stream:
+/// the appliance never sees guest memory, and its death is an error for the guest, not
+/// a hang. VM appliances are always served this way.
+fn relayed(
+    req: &VhostRequest,
+    listener: UnixListener,
+    procs: Option<&std::path::Path>,
+    socket: &str,
+    tag: &str,
+) -> Result<(), SupervisorError> {
     let started = match &req.vm {
-        Some(plan) => launch::vm(plan, procs.as_deref(), req.cache_budget)?,
-        None => {
-            let config = StartConfig {
-                backend: req.backend.clone(),
-                channel: ChannelKind::Stream,
-                workers_per_channel: req.workers.max(1),
-                sandbox: req.sandbox,
-                log_filter: req.log_filter.clone(),
-                // No /dev/fuse session to register backing files with, and no broker
-                // for device nodes yet (root's passthrough answers mknod of devices
-                // with EPERM).
-                broker_link: false,
-                backing_files: false,
-                device_nodes: false,
-                cache_budget: req.cache_budget,
-            };
-            launch::sandboxed(&req.exe, &config, None, procs.as_deref())?
-        }
+        Some(plan) => launch::vm(plan, procs, req.cache_budget)?,
+        None => launch::sandboxed(
+            &req.exe,
+            &start_config(req, ChannelKind::Stream),
+            None,
+            procs,
+        )?,
     };
     let is_vm = req.vm.is_some();
     let pid = started.appliance.pid;
     let kill = Arc::new(started.appliance.killer());
     let server = {
         let kill = kill.clone();
-        fsva_vhost::Server::new(
+        fsva_vhost::Server::relayed(
             req.device.clone(),
             started.stream,
             started.shm,
@@ -112,7 +193,7 @@ pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
             source: std::io::Error::other(e.to_string()),
         })?
     };
-    let relay = server.relay();
+    let relay = server.relay().expect("a relayed device has a relay");
     {
         let relay = relay.clone();
         let mut child = started.child;
@@ -141,16 +222,10 @@ pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
             })
             .map_err(io_err("spawning the signal thread".into()))?;
     }
-    let tag = req.device.tag().unwrap_or("(given by the VMM)").to_string();
-    tracing::info!(socket = %socket, tag = %tag, backend = %req.backend, pid, "vhost-user-fs device ready");
-    println!(
-        "fsva: serving {} as virtio-fs tag {tag} on {socket}",
-        req.backend
-    );
-    let served = server.serve(listener);
+    ready(req, socket, tag, pid, "relayed by the supervisor");
+    let served = server.serve(fsva_vhost::Listener::from(listener));
     relay.close();
     stop_appliance(pid, &*kill, is_vm);
-    drop(cgroup);
     served.map_err(|e| SupervisorError::Io {
         what: format!("serving the VMM on {socket}"),
         source: std::io::Error::other(e.to_string()),

@@ -48,6 +48,10 @@ impl DeviceConfig {
         self.tag.as_deref()
     }
 
+    pub fn request_queues(&self) -> u16 {
+        self.request_queues
+    }
+
     /// All queues: the high-priority one and the request queues.
     pub fn num_queues(&self) -> usize {
         1 + usize::from(self.request_queues)

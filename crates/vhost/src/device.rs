@@ -27,7 +27,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{self, ReplySpace, MAX_REQUEST};
+use crate::chain::{self, ReplySpace};
 use crate::config::DeviceConfig;
 use crate::relay::{Forwarded, OnFailure, Relay};
 
@@ -56,6 +56,15 @@ struct Queues {
 }
 
 impl Queues {
+    fn new(config: &DeviceConfig, memory: Memory) -> Arc<Queues> {
+        Arc::new(Queues {
+            memory: Mutex::new(memory),
+            vrings: Mutex::new(vec![None; config.num_queues()]),
+            event_idx: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+        })
+    }
+
     /// Writes `reply` into the chain (or an EIO reply if it does not fit) and hands the
     /// chain back to the guest.
     fn complete(&self, token: Token, reply: &[u8]) {
@@ -68,10 +77,7 @@ impl Queues {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "reply does not fit its chain; answering EIO");
-                let unique = reply
-                    .get(8..16)
-                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
-                    .unwrap_or(0);
+                let unique = guest_unique(reply);
                 let mut eio = ReplyBuf::default();
                 chain::write_reply(&*memory, &token.space, eio.error(unique, libc::EIO))
                     .unwrap_or(0)
@@ -99,29 +105,54 @@ impl Queues {
     }
 }
 
+/// Answers requests in the queue worker's own thread: the appliance's dispatcher, when
+/// the device runs inside the appliance process.
+pub trait Inline: Send + Sync {
+    /// The reply to `frame`, written into `reply`; `None` if the request has none.
+    fn answer<'r>(&self, frame: &[u8], reply: &'r mut ReplyBuf) -> Option<&'r [u8]>;
+}
+
+/// Where requests go.
+enum Route {
+    /// Over a stream to an appliance in another process (or VM), which never sees
+    /// guest memory.
+    Relay(Arc<Relay<Token>>),
+    /// Answered here, in the queue worker (one process hop less, as virtiofsd).
+    Inline(Arc<dyn Inline>),
+}
+
+thread_local! {
+    /// Each queue worker's request and reply buffers, reused across requests.
+    static BUFFERS: std::cell::RefCell<(Vec<u8>, ReplyBuf)> =
+        std::cell::RefCell::new((Vec::with_capacity(64 << 10), ReplyBuf::default()));
+}
+
+/// The guest's id of a request (0 if the frame is too short to hold one).
+fn guest_unique(frame: &[u8]) -> u64 {
+    frame
+        .get(8..16)
+        .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+        .unwrap_or(0)
+}
+
 /// The vhost-user-fs back end.
 pub struct FsDevice {
     config: DeviceConfig,
     queues: Arc<Queues>,
-    relay: Arc<Relay<Token>>,
+    route: Route,
 }
 
 impl FsDevice {
     /// A device whose requests go to the appliance at the other end of `stream`.
     /// Starts the thread that delivers the appliance's replies.
-    pub fn new(
+    pub fn relayed(
         config: DeviceConfig,
         memory: Memory,
         stream: std::os::unix::net::UnixStream,
         shm: Option<Arc<fsva_channel::shm::ShmRegion>>,
         on_failure: OnFailure,
     ) -> std::io::Result<Arc<FsDevice>> {
-        let queues = Arc::new(Queues {
-            memory: Mutex::new(memory),
-            vrings: Mutex::new(vec![None; config.num_queues()]),
-            event_idx: AtomicBool::new(false),
-            refused: AtomicU64::new(0),
-        });
+        let queues = Queues::new(&config, memory);
         let q = queues.clone();
         let (relay, reader) = Relay::new(
             stream,
@@ -136,13 +167,26 @@ impl FsDevice {
         Ok(Arc::new(FsDevice {
             config,
             queues,
-            relay,
+            route: Route::Relay(relay),
         }))
     }
 
-    /// The link to the appliance (to fail it when the appliance exits).
-    pub fn relay(&self) -> Arc<Relay<Token>> {
-        self.relay.clone()
+    /// A device that answers every request in its queue worker, through `inline`.
+    pub fn inline(config: DeviceConfig, memory: Memory, inline: Arc<dyn Inline>) -> Arc<FsDevice> {
+        Arc::new(FsDevice {
+            queues: Queues::new(&config, memory),
+            config,
+            route: Route::Inline(inline),
+        })
+    }
+
+    /// The link to the appliance, for a relayed device (to fail it when the appliance
+    /// exits).
+    pub fn relay(&self) -> Option<Arc<Relay<Token>>> {
+        match &self.route {
+            Route::Relay(r) => Some(r.clone()),
+            Route::Inline(_) => None,
+        }
     }
 
     /// Serves every chain the guest has made available on `vring`.
@@ -159,35 +203,38 @@ impl FsDevice {
             let q = state.get_queue_mut();
             std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
         };
-        let mut frame = Vec::with_capacity(MAX_REQUEST.min(64 << 10));
-        let mut reply = ReplyBuf::default();
-        for c in chains {
-            let head = c.head_index();
-            let (space, errno) = match chain::read_request(&*memory, c, &mut frame) {
-                Ok(space) => (space, None),
-                Err(e) => {
-                    self.refused(queue, &e);
-                    (ReplySpace::default(), Some(libc::EINVAL))
-                }
-            };
-            let token = Token { queue, head, space };
-            let (token, errno) = match errno {
-                Some(errno) => (token, errno),
-                None => match self.relay.forward(&mut frame, token) {
-                    Forwarded::Sent => continue,
-                    Forwarded::NoReply(token) => {
-                        self.queues.complete(token, &[]);
+        BUFFERS.with_borrow_mut(|(frame, reply)| {
+            for c in chains {
+                let head = c.head_index();
+                let token = |space| Token { queue, head, space };
+                let space = match chain::read_request(&*memory, c, frame) {
+                    Ok(space) => space,
+                    Err(e) => {
+                        self.refused(queue, &e);
+                        let unique = guest_unique(frame);
+                        self.queues.complete(
+                            token(ReplySpace::default()),
+                            reply.error(unique, libc::EINVAL),
+                        );
                         continue;
                     }
-                    Forwarded::Refused(token, errno) => (token, errno),
-                },
-            };
-            let unique = frame
-                .get(8..16)
-                .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
-                .unwrap_or(0);
-            self.queues.complete(token, reply.error(unique, errno));
-        }
+                };
+                match &self.route {
+                    Route::Inline(inline) => {
+                        let answer = inline.answer(frame, reply).unwrap_or(&[]);
+                        self.queues.complete(token(space), answer);
+                    }
+                    Route::Relay(relay) => match relay.forward(frame, token(space)) {
+                        Forwarded::Sent => {}
+                        Forwarded::NoReply(token) => self.queues.complete(token, &[]),
+                        Forwarded::Refused(token, errno) => {
+                            let unique = guest_unique(frame);
+                            self.queues.complete(token, reply.error(unique, errno));
+                        }
+                    },
+                }
+            }
+        });
     }
 
     fn refused(&self, queue: usize, e: &chain::ChainError) {

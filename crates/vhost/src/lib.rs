@@ -28,7 +28,7 @@ use std::sync::Arc;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use config::DeviceConfig;
-pub use device::FsDevice;
+pub use device::{FsDevice, Inline};
 pub use vhost::vhost_user::Listener;
 
 /// Why serving failed.
@@ -49,21 +49,31 @@ pub struct Server {
 }
 
 impl Server {
-    /// A device relaying to the appliance at the other end of `stream`.
-    pub fn new(
+    /// A device relaying to the appliance at the other end of `stream`: the
+    /// appliance never sees guest memory, and its death is an EIO for the guest.
+    pub fn relayed(
         config: DeviceConfig,
         stream: UnixStream,
         shm: Option<Arc<fsva_channel::shm::ShmRegion>>,
         on_failure: relay::OnFailure,
     ) -> Result<Server, VhostError> {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let device = FsDevice::new(config, memory.clone(), stream, shm, on_failure)
+        let device = FsDevice::relayed(config, memory.clone(), stream, shm, on_failure)
             .map_err(VhostError::Start)?;
         Ok(Server { device, memory })
     }
 
-    /// The appliance link, to fail (the appliance died) or close (service ended).
-    pub fn relay(&self) -> Arc<relay::Relay<device::Token>> {
+    /// A device answering requests in its queue workers through `inline` (inside the
+    /// appliance process).
+    pub fn inline(config: DeviceConfig, inline: Arc<dyn device::Inline>) -> Server {
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = FsDevice::inline(config, memory.clone(), inline);
+        Server { device, memory }
+    }
+
+    /// The appliance link of a relayed device, to fail (the appliance died) or close
+    /// (service ended).
+    pub fn relay(&self) -> Option<Arc<relay::Relay<device::Token>>> {
         self.device.relay()
     }
 
@@ -77,7 +87,9 @@ impl Server {
         )
         .map_err(|e| VhostError::Daemon(e.to_string()))?;
         let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
-        self.device.relay().close();
+        if let Some(relay) = self.device.relay() {
+            relay.close();
+        }
         match served {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

@@ -47,7 +47,7 @@ pub fn run(args: crate::cli::ApplianceArgs) -> anyhow::Result<ExitCode> {
             serve(&config, &link, fds, root, None)
         }
         SandboxKind::Namespaces => {
-            let sandbox = sandbox_config(&config.backend);
+            let sandbox = sandbox_config(&config);
             let result = fsva_sandbox::run_sandboxed(&sandbox, |inside| {
                 let root = match open_export_inside(&config.backend) {
                     Ok(r) => r,
@@ -79,8 +79,8 @@ fn fail(link: &Link, message: String) -> i32 {
     1
 }
 
-fn sandbox_config(backend: &BackendSpec) -> SandboxConfig {
-    let (root, caps, proc_fd) = match backend {
+fn sandbox_config(config: &StartConfig) -> SandboxConfig {
+    let (root, caps, proc_fd) = match &config.backend {
         BackendSpec::Mem { .. } | BackendSpec::Image { .. } => (RootSpec::Empty, Vec::new(), false),
         BackendSpec::Passthrough { path } => (
             RootSpec::Export {
@@ -101,6 +101,13 @@ fn sandbox_config(backend: &BackendSpec) -> SandboxConfig {
     // whose root is the host's root, an appliance must not mint privileged binaries.
     c.keep_caps
         .retain(|cap| *cap != fsva_sandbox::Capability::Setfcap);
+    if let ChannelKind::Vhost { .. } = config.channel {
+        // The device accepts its VMM's connection on the listening socket passed in.
+        // No socket can be created or bound, so this takes only what the supervisor's
+        // socket receives.
+        c.extra_syscalls
+            .push(fsva_sandbox::Syscall::new("accept4", libc::SYS_accept4));
+    }
     c.seccomp = match std::env::var("FSVA_SECCOMP").as_deref() {
         Ok("log") => SeccompMode::Log,
         Ok("off") => SeccompMode::Off,
@@ -222,7 +229,15 @@ fn serve(
         Ok(fs) => fs,
         Err(e) => return fail(link, format!("{e:#}")),
     };
+    let mut vhost_listener = None;
     let channels: Vec<Arc<dyn Channel>> = match config.channel {
+        ChannelKind::Vhost { .. } => {
+            let Some(fd) = fds.into_iter().next() else {
+                return fail(link, "no vhost-user socket was passed".into());
+            };
+            vhost_listener = Some(std::os::unix::net::UnixListener::from(fd));
+            Vec::new()
+        }
         ChannelKind::Fusedev => fds
             .into_iter()
             .map(|fd| Arc::new(FuseDev::new(fd)) as Arc<dyn Channel>)
@@ -237,14 +252,14 @@ fn serve(
             }
         }
     };
-    if channels.is_empty() {
+    if channels.is_empty() && vhost_listener.is_none() {
         return fail(link, "no channel descriptors were passed".into());
     }
     if let Some(bytes) = config.cache_budget {
         fs.set_cache_budget(bytes);
     }
     let control_fs = fs.clone();
-    let server = Server::new(fs, SessionConfig::default(), backing);
+    let server = Arc::new(Server::new(fs, SessionConfig::default(), backing));
     let stats = server.stats();
     if link
         .send(
@@ -282,12 +297,59 @@ fn serve(
                 }
             }
         });
-        let result = server.serve(channels, config.workers_per_channel as usize);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "channel failed");
-        }
+        let ok = match (vhost_listener, config.channel) {
+            (Some(listener), ChannelKind::Vhost { request_queues }) => {
+                serve_vhost(&server, listener, config.vhost_tag.clone(), request_queues)
+            }
+            _ => {
+                let result = server.serve(channels, config.workers_per_channel as usize);
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "channel failed");
+                }
+                result.is_ok()
+            }
+        };
         // The mount is gone; nothing else will come. Exit without waiting for the
         // control thread, which may be blocked on the supervisor.
-        std::process::exit(if result.is_ok() { 0 } else { 1 });
+        std::process::exit(if ok { 0 } else { 1 });
     })
+}
+
+/// The appliance's dispatcher as the vhost-user-fs device's inline route.
+struct InlineServer(Arc<Server>);
+
+impl fsva_vhost::Inline for InlineServer {
+    fn answer<'r>(
+        &self,
+        frame: &[u8],
+        reply: &'r mut fsva_protocol::reply::ReplyBuf,
+    ) -> Option<&'r [u8]> {
+        self.0.answer(frame, reply)
+    }
+}
+
+/// Serves one VMM on `listener` as a vhost-user-fs device until it disconnects.
+fn serve_vhost(
+    server: &Arc<Server>,
+    listener: std::os::unix::net::UnixListener,
+    tag: Option<String>,
+    request_queues: u16,
+) -> bool {
+    let device = match fsva_vhost::DeviceConfig::new(tag, request_queues) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "bad vhost-user-fs device configuration");
+            return false;
+        }
+    };
+    let served = fsva_vhost::Server::inline(device, Arc::new(InlineServer(server.clone())))
+        .serve(fsva_vhost::Listener::from(listener));
+    server.finish();
+    match served {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "vhost-user-fs device failed");
+            false
+        }
+    }
 }

@@ -50,6 +50,7 @@ pub fn run(args: ServeVhostArgs, log: &str) -> anyhow::Result<ExitCode> {
         log_filter: log.to_string(),
         cache_budget: args.cache_budget,
         vm,
+        relay: args.relay,
     })?;
     Ok(ExitCode::SUCCESS)
 }
