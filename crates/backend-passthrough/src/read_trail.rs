@@ -39,15 +39,22 @@ struct Trail {
 impl ReadTrail {
     /// Records a read of `[start, end)` and returns the ranges to drop now.
     pub fn record(&self, start: u64, end: u64) -> [Option<Range>; 2] {
+        if end <= start {
+            // Nothing returned, nothing to drop (and fadvise would read a zero length
+            // as "to the end of the file").
+            return [None, None];
+        }
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if t.len > 0 {
             let newest = t.newest;
             let last = &mut t.recent[newest];
             if last.1 == start {
-                // Sequential: one window over this read and the ones just before it.
+                // Sequential: one window over this read and the ones of the same run
+                // just before it (never before the run began).
+                let from = last.0.max(start.saturating_sub(SEQUENTIAL_LAG));
                 last.1 = end;
                 last.0 = last.0.max(end.saturating_sub(SEQUENTIAL_LAG));
-                return [Some((start.saturating_sub(SEQUENTIAL_LAG), end)), None];
+                return [Some((from, end)), None];
             }
         }
         let slot = if t.len == 0 {
@@ -98,10 +105,20 @@ mod tests {
         assert_eq!(t.record(0, 1 << 20), [Some((0, 1 << 20)), None]);
         let mb = 1u64 << 20;
         assert_eq!(t.record(mb, 2 * mb), [Some((0, 2 * mb)), None]);
+        // A new run at 20 MiB: its window never reaches below where it began.
         assert_eq!(t.record(20 * mb, 21 * mb)[0], Some((20 * mb, 21 * mb)));
-        assert_eq!(
-            t.record(21 * mb, 22 * mb),
-            [Some((21 * mb - SEQUENTIAL_LAG, 22 * mb)), None]
-        );
+        assert_eq!(t.record(21 * mb, 22 * mb), [Some((20 * mb, 22 * mb)), None]);
+        for i in 22..40 {
+            let [first, _] = t.record(i * mb, (i + 1) * mb);
+            assert_eq!(
+                first,
+                Some((
+                    (i * mb).saturating_sub(SEQUENTIAL_LAG).max(20 * mb),
+                    (i + 1) * mb
+                ))
+            );
+        }
+        // An empty read drops nothing.
+        assert_eq!(t.record(5 * mb, 5 * mb), [None, None]);
     }
 }

@@ -123,20 +123,20 @@ impl Bridge {
 }
 
 fn fail(s: &Shared, why: &str) {
-    if s.dead.swap(true, Ordering::SeqCst) {
-        return;
-    }
+    // `dead` is set under the table's lock, where forward_requests checks it before it
+    // records a request: every request is either drained here or answered there.
+    let pending: Vec<(u64, (usize, u32))> = {
+        let mut table = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if s.dead.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        table.drain().collect()
+    };
     tracing::error!(
         reason = why,
         "dropping the appliance; answering its requests with EIO"
     );
     let _ = s.shutdown.shutdown(std::net::Shutdown::Both);
-    let pending: Vec<(u64, (usize, u32))> = s
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
     let mut reply = ReplyBuf::default();
     for (unique, (dev, _)) in pending {
         let _ = s.devs[dev].send(reply.error(unique, libc::EIO));
@@ -171,6 +171,11 @@ fn forward_requests(s: &Shared, index: usize) {
         let one_way = one_way(h.opcode);
         if !one_way {
             let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if s.dead.load(Ordering::SeqCst) {
+                drop(pending);
+                let _ = dev.send(reply.error(h.unique, libc::EIO));
+                continue;
+            }
             if pending.len() >= MAX_PENDING || pending.contains_key(&h.unique) {
                 drop(pending);
                 let _ = dev.send(reply.error(h.unique, libc::EIO));

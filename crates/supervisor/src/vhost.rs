@@ -139,20 +139,32 @@ fn inline(
     drop(listener);
     let pid = appliance.pid;
     let kill = appliance.killer();
-    std::thread::Builder::new()
-        .name("fsva-signals".into())
-        .spawn(move || {
-            let sig = wait_termination_signal();
-            tracing::info!(signal = sig, "stopping the appliance");
-            kill();
-        })
-        .map_err(io_err("spawning the signal thread".into()))?;
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stopped = stopped.clone();
+        std::thread::Builder::new()
+            .name("fsva-signals".into())
+            .spawn(move || {
+                let sig = wait_termination_signal();
+                tracing::info!(signal = sig, "stopping the appliance");
+                stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+                kill();
+            })
+            .map_err(io_err("spawning the signal thread".into()))?;
+    }
     ready(req, socket, tag, pid, "device in the appliance");
     let status = child
         .wait()
         .map_err(io_err("waiting for the appliance".into()))?;
     tracing::info!(%status, "appliance exited");
-    Ok(())
+    if status.success() || stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        Ok(())
+    } else {
+        Err(SupervisorError::Io {
+            what: "the appliance serving the device failed (its log is above)".into(),
+            source: std::io::Error::other(status.to_string()),
+        })
+    }
 }
 
 /// The supervisor is the device and relays requests to the appliance over a stream:

@@ -18,6 +18,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 /// Largest request we accept: a 1 MiB write payload plus headers. (The appliance's
 /// INIT reply caps `max_write` at 1 MiB, so a well-behaved guest never sends more.)
 pub const MAX_REQUEST: usize = (1 << 20) + 8192;
+/// Most descriptors a chain may have (a 1 MiB request in 4 KiB pages, both ways, with
+/// headers, needs about 520; indirect tables allow 65,535).
+pub const MAX_DESCRIPTORS: usize = 1024;
 
 /// What is wrong with a chain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +33,10 @@ pub enum ChainError {
     OutsideMemory { addr: u64, len: u32 },
     #[error("the reply of {need} bytes does not fit the {have} writable bytes of the chain")]
     ReplyTooLarge { need: usize, have: usize },
+    #[error("the chain has more than {MAX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("head {0} was posted again while its request is in flight")]
+    HeadInFlight(u16),
 }
 
 /// The writable part of a chain: where its reply goes.
@@ -71,8 +78,14 @@ where
 {
     frame.clear();
     let mut space = ReplySpace::default();
-    for d in descriptors {
+    for (i, d) in descriptors.into_iter().enumerate() {
+        if i >= MAX_DESCRIPTORS {
+            return Err(ChainError::TooManyDescriptors);
+        }
         let (addr, len, writable) = d.segment();
+        if len == 0 {
+            continue;
+        }
         let outside = ChainError::OutsideMemory { addr: addr.0, len };
         if writable {
             if !mem.check_range(addr, len as usize, Permissions::Write) {
@@ -189,6 +202,12 @@ mod tests {
         assert_eq!(
             read_request(&mem, [D(0x1000, 8, true), D(0x2000, 8, false)], &mut frame),
             Err(ChainError::ReadableAfterWritable)
+        );
+        // More descriptors than any request needs (empty ones count too).
+        let many = (0..2000).map(|_| D(0x1000, 0, true));
+        assert_eq!(
+            read_request(&mem, many, &mut frame),
+            Err(ChainError::TooManyDescriptors)
         );
         // Many descriptors that each pass but add up to too much.
         let many = (0..200).map(|_| D(0x1000, 0x8000, false));

@@ -12,6 +12,7 @@
 //! hold a vring's lock while it sends to the appliance (the reply thread needs the lock
 //! to complete requests) and never answer a chain twice.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +31,9 @@ use vmm_sys_util::event::{
 use crate::chain::{self, ReplySpace};
 use crate::config::DeviceConfig;
 use crate::relay::{Forwarded, OnFailure, Relay};
+
+/// How long stopping a queue waits for its requests at the appliance.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Largest queue the guest may set up (as virtiofsd; the guest's virtiofs sizes its
 /// largest request by the queue).
@@ -53,6 +57,10 @@ struct Queues {
     event_idx: AtomicBool,
     /// Chains refused as malformed (the first is logged as a warning).
     refused: AtomicU64,
+    /// Per queue, the heads handed out and not yet returned: a head the guest posts
+    /// again while it is in flight is ignored (answering it would answer twice), and
+    /// `stop_vring` waits for the set to empty.
+    in_flight: Vec<Mutex<HashSet<u16>>>,
 }
 
 impl Queues {
@@ -62,7 +70,16 @@ impl Queues {
             vrings: Mutex::new(vec![None; config.num_queues()]),
             event_idx: AtomicBool::new(false),
             refused: AtomicU64::new(0),
+            in_flight: (0..config.num_queues())
+                .map(|_| Mutex::new(HashSet::new()))
+                .collect(),
         })
+    }
+
+    fn in_flight(&self, queue: usize) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        self.in_flight[queue]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes `reply` into the chain (or an EIO reply if it does not fit) and hands the
@@ -91,6 +108,7 @@ impl Queues {
             .cloned()
             .flatten();
         let Some(vring) = vring else { return };
+        self.in_flight(token.queue).remove(&token.head);
         if let Err(e) = vring.add_used(token.head, used) {
             tracing::warn!(queue = token.queue, error = ?e, "could not return a chain to the guest");
             return;
@@ -197,15 +215,24 @@ impl FsDevice {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .memory();
-        // Popped under the vring's lock, served without it.
+        // Popped under the vring's lock, served without it; at most a queue's worth per
+        // pass, so a guest that keeps posting cannot hold the lock (the event loop calls
+        // again while notifications show more).
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
-            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
+            let most = usize::from(q.size());
+            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone()))
+                .take(most)
+                .collect()
         };
         BUFFERS.with_borrow_mut(|(frame, reply)| {
             for c in chains {
                 let head = c.head_index();
+                if !self.queues.in_flight(queue).insert(head) {
+                    self.refused(queue, &chain::ChainError::HeadInFlight(head));
+                    continue;
+                }
                 let token = |space| Token { queue, head, space };
                 let space = match chain::read_request(&*memory, c, frame) {
                     Ok(space) => space,
@@ -290,6 +317,27 @@ impl VhostUserBackend for FsDevice {
     fn queues_per_thread(&self) -> Vec<u64> {
         // One worker per queue: worker i serves queue i.
         (0..self.config.num_queues()).map(|i| 1u64 << i).collect()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        // Requests still at the appliance must be answered before the VMM takes the
+        // ring back (a late reply would land in a ring it re-initialised).
+        let queue = queue_index as usize;
+        if queue >= self.queues.in_flight.len() {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + STOP_DRAIN;
+        while !self.queues.in_flight(queue).is_empty() {
+            if std::time::Instant::now() >= deadline {
+                if let Route::Relay(relay) = &self.route {
+                    // Answers everything waiting with EIO, now, before we return.
+                    relay.fail("requests still unanswered when the VMM stopped a queue");
+                }
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

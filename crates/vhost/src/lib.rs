@@ -87,8 +87,14 @@ impl Server {
         )
         .map_err(|e| VhostError::Daemon(e.to_string()))?;
         let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
-        if let Some(relay) = self.device.relay() {
-            relay.close();
+        match self.device.relay() {
+            // Closing the link ends requests in flight, so the queue workers the daemon
+            // joins when dropped are free to end.
+            Some(relay) => relay.close(),
+            // An inline worker may be blocked in the file system for good (a FIFO opened
+            // by the guest with no writer): leave the workers to the process's exit
+            // rather than join them.
+            None => std::mem::forget(daemon),
         }
         match served {
             Ok(())

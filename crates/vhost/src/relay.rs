@@ -111,29 +111,33 @@ impl<T: Send + 'static> Relay<T> {
             opcode::INTERRUPT | opcode::NOTIFY_REPLY => return Forwarded::NoReply(token),
             _ => {}
         }
-        if self.is_dead() {
-            return Forwarded::Refused(token, libc::EIO);
-        }
         let one_way = matches!(header.opcode, opcode::FORGET | opcode::BATCH_FORGET);
         let ours = self.next_unique.fetch_add(1, Ordering::Relaxed);
-        frame[UNIQUE].copy_from_slice(&ours.to_ne_bytes());
         let mut token = Some(token);
-        if !one_way {
+        {
+            // Checked under the table's lock, which `fail` holds while it sets `dead`
+            // and drains the table: a request is either drained by it or refused here.
             let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            if waiting.len() >= MAX_PENDING {
-                drop(waiting);
-                self.fail("more requests waiting than any queue set-up allows");
+            if self.is_dead() {
                 return Forwarded::Refused(token.take().expect("token unused"), libc::EIO);
             }
-            waiting.insert(
-                ours,
-                Waiting {
-                    token: token.take().expect("token unused"),
-                    guest_unique: header.unique,
-                    opcode: header.opcode,
-                },
-            );
+            if !one_way {
+                if waiting.len() >= MAX_PENDING {
+                    drop(waiting);
+                    self.fail("more requests waiting than any queue set-up allows");
+                    return Forwarded::Refused(token.take().expect("token unused"), libc::EIO);
+                }
+                waiting.insert(
+                    ours,
+                    Waiting {
+                        token: token.take().expect("token unused"),
+                        guest_unique: header.unique,
+                        opcode: header.opcode,
+                    },
+                );
+            }
         }
+        frame[UNIQUE].copy_from_slice(&ours.to_ne_bytes());
         let sent = {
             let mut stream = self.to_appliance.lock().unwrap_or_else(|p| p.into_inner());
             match &self.shm {
@@ -220,21 +224,18 @@ impl<T: Send + 'static> Relay<T> {
 
     /// Fails the link: completes every waiting request with EIO and shuts the stream.
     pub fn fail(&self, why: &str) {
-        if self.dead.swap(true, Ordering::SeqCst) {
-            return;
-        }
+        let waiting: Vec<Waiting<T>> = {
+            let mut table = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if self.dead.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            table.drain().map(|(_, w)| w).collect()
+        };
         tracing::error!(
             reason = why,
             "dropping the appliance; answering the guest with EIO"
         );
         let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
-        let waiting: Vec<Waiting<T>> = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, w)| w)
-            .collect();
         let mut reply = ReplyBuf::default();
         for w in waiting {
             (self.complete)(w.token, reply.error(w.guest_unique, libc::EIO));
