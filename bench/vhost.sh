@@ -110,7 +110,9 @@ for rep in $(seq "$REPS"); do
   for s in "${order[@]}"; do
     echo "bench/vhost.sh: rep $rep/$REPS: $s" >&2
     for phase in write read; do
-      if [ $phase = read ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
+      # Nothing of the build or the last boot is still being written back.
+      sync
+      if [ $phase = read ]; then echo 3 > /proc/sys/vm/drop_caches; fi
       start_server "$s"
       "$GUEST" --socket "$SOCK" --cpus 2 --memory 1024 --timeout 900 \
         --bin /usr/bin/fio --bin "$REPO/target/release/fsva-meta" "$WORK/$phase" >> "$RAW/$s-$rep.out"
