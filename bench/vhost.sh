@@ -2,7 +2,9 @@
 # Benchmark fsva serve-vhost against virtiofsd: the same host directory served to the
 # same stock Debian guest (QEMU, TCG here) by each, in the same run.
 #
-#   bench/vhost.sh [--quick] [--reps N]
+#   bench/vhost.sh [--quick] [--reps N] [--fsva-flags "FLAGS"]
+#
+# --fsva-flags adds serve-vhost flags to both fsva servers (e.g. --exclusive).
 #
 # Servers: fsva serve-vhost --backend passthrough:DIR (the sandboxed appliance is the
 # device), the same with --relay (the supervisor is the device and relays to the
@@ -24,11 +26,13 @@ set -euo pipefail
 
 QUICK=0
 REPS=3
+FSVA_FLAGS=""
 while (($#)); do
   case "$1" in
     --quick) QUICK=1; REPS=1 ;;
     --reps) REPS=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--reps N]" >&2; exit 2 ;;
+    --fsva-flags) FSVA_FLAGS=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--reps N] [--fsva-flags FLAGS]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -92,8 +96,10 @@ EOF
 start_server() { # name -> pid in SERVER_PID
   rm -f "$SOCK"
   case "$1" in
-    fsva) "$FSVA" --log warn serve-vhost --socket "$SOCK" --backend "passthrough:$WORK/export" >"$WORK/$1.log" 2>&1 & ;;
-    fsva-relay) "$FSVA" --log warn serve-vhost --relay --socket "$SOCK" --backend "passthrough:$WORK/export" >"$WORK/$1.log" 2>&1 & ;;
+    # shellcheck disable=SC2086 # FSVA_FLAGS is a list of flags
+    fsva) "$FSVA" --log warn serve-vhost $FSVA_FLAGS --socket "$SOCK" --backend "passthrough:$WORK/export" >"$WORK/$1.log" 2>&1 & ;;
+    # shellcheck disable=SC2086
+    fsva-relay) "$FSVA" --log warn serve-vhost --relay $FSVA_FLAGS --socket "$SOCK" --backend "passthrough:$WORK/export" >"$WORK/$1.log" 2>&1 & ;;
     virtiofsd) "$VIRTIOFSD" --socket-path "$SOCK" --shared-dir "$WORK/export" --cache auto >"$WORK/$1.log" 2>&1 & ;;
     virtiofsd-always) "$VIRTIOFSD" --socket-path "$SOCK" --shared-dir "$WORK/export" --cache always >"$WORK/$1.log" 2>&1 & ;;
   esac
@@ -156,6 +162,6 @@ for op in meta:
     f, r, a, b = (med[s][op] for s in servers)
     print(f"| {op} | µs/op | {f:.1f} | {r:.1f} | {a:.1f} | {b:.1f} | {min(a, b) / f:.2f}x | {min(a, b) / r:.2f}x |")
 PY
-echo "Run: bench/vhost.sh $([ $QUICK = 1 ] && echo --quick) --reps $REPS; took $(( $(date +%s) - T0 )) s." >> "$OUT"
+echo "Run: bench/vhost.sh $([ $QUICK = 1 ] && echo --quick) --reps $REPS${FSVA_FLAGS:+ --fsva-flags \"$FSVA_FLAGS\"}; took $(( $(date +%s) - T0 )) s." >> "$OUT"
 cat "$OUT"
 echo "bench/vhost.sh: results in $OUT" >&2

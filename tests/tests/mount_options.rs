@@ -85,3 +85,37 @@ fn mount_t_fuse_fsva_uses_the_installed_helper() {
     );
     assert!(!is_mounted(&dir.path));
 }
+
+/// `--exclusive` promises that only fsva changes the export, so the kernel keeps
+/// attributes for a day: a change made beside the mount stays unseen through it, where
+/// a default mount sees it once its one-second timeout passes. Only passthrough takes it.
+#[test]
+fn exclusive_exports_keep_attributes_cached_and_only_passthrough_takes_it() {
+    let refused = fsva_tests::fsva(&["mount", "--backend", "mem", "--exclusive", "/nonexistent"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("--exclusive applies to --backend passthrough"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    for (extra, stays_cached) in [(&["--exclusive"][..], true), (&[][..], false)] {
+        let m = Mount::new("passthrough", extra);
+        let through = m.path().join("f");
+        std::fs::write(&through, b"a").unwrap();
+        assert_eq!(std::fs::metadata(&through).unwrap().len(), 1);
+        let beside = m.export.as_ref().unwrap().path.join("f");
+        std::fs::write(&beside, b"grown beside the mount").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let seen = std::fs::metadata(&through).unwrap().len();
+        if stays_cached {
+            assert_eq!(seen, 1, "an --exclusive mount asked the appliance again");
+        } else {
+            assert_eq!(
+                seen, 22,
+                "a default mount kept a stale size past its timeout"
+            );
+        }
+        m.unmount();
+    }
+}

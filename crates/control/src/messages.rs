@@ -20,8 +20,9 @@ pub enum Envelope<T> {
 pub enum BackendSpec {
     /// In memory; `capacity` bytes at most.
     Mem { capacity: u64 },
-    /// A directory of the appliance's OS, served through system calls.
-    Passthrough { path: PathBuf },
+    /// A directory of the appliance's OS, served through system calls. `exclusive`:
+    /// nothing else changes it, so the kernel may cache entries and attributes long.
+    Passthrough { path: PathBuf, exclusive: bool },
     /// A disk image mounted by a VM appliance's kernel and served by `passthrough`
     /// over that mount; `fstype` `None` lets the appliance detect it.
     Image {
@@ -35,7 +36,7 @@ impl std::fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BackendSpec::Mem { .. } => write!(f, "mem"),
-            BackendSpec::Passthrough { path } => write!(f, "passthrough:{}", path.display()),
+            BackendSpec::Passthrough { path, .. } => write!(f, "passthrough:{}", path.display()),
             BackendSpec::Image { path, fstype, .. } => {
                 write!(
                     f,

@@ -27,9 +27,28 @@ pub fn parse_spec(s: &str) -> anyhow::Result<BackendSpec> {
                 "backend path {dir} is not a directory: pass passthrough:DIR with a directory"
             );
         }
-        return Ok(BackendSpec::Passthrough { path: canonical });
+        return Ok(BackendSpec::Passthrough {
+            path: canonical,
+            exclusive: false,
+        });
     }
     anyhow::bail!("unknown backend `{s}`: use `mem` or `passthrough:DIR`")
+}
+
+/// Entry and attribute timeout for an export only its appliance changes (`--exclusive`).
+const EXCLUSIVE_TTL: std::time::Duration = std::time::Duration::from_secs(86400);
+
+/// Marks a passthrough spec exclusive (`--exclusive`); any other backend is an error.
+pub fn make_exclusive(spec: BackendSpec) -> anyhow::Result<BackendSpec> {
+    match spec {
+        BackendSpec::Passthrough { path, .. } => Ok(BackendSpec::Passthrough {
+            path,
+            exclusive: true,
+        }),
+        other => {
+            anyhow::bail!("--exclusive applies to --backend passthrough:DIR only, not to {other}")
+        }
+    }
 }
 
 /// Instantiates the backend inside the appliance. `root` is the export opened before
@@ -55,13 +74,19 @@ pub fn build(
             }
             Ok(Arc::new(fsva_backend_mem::MemFs::new(config)))
         }
-        BackendSpec::Passthrough { path } => {
+        BackendSpec::Passthrough { path, exclusive } => {
             let root = root.with_context(|| format!("opening the export {}", path.display()))?;
-            let config = fsva_backend_passthrough::PassthroughConfig {
+            let mut config = fsva_backend_passthrough::PassthroughConfig {
                 proc_self_fd,
                 device_nodes,
                 ..fsva_backend_passthrough::PassthroughConfig::new(root)
             };
+            if *exclusive {
+                // Only this appliance changes the export: what the kernel cached stays
+                // true until the appliance itself changes it (and the kernel knows).
+                config.entry_ttl = EXCLUSIVE_TTL;
+                config.attr_ttl = EXCLUSIVE_TTL;
+            }
             let fs = fsva_backend_passthrough::PassthroughFs::new(config)
                 .with_context(|| format!("serving {}", path.display()))?;
             Ok(Arc::new(fs))

@@ -97,6 +97,11 @@ pub struct MountArgs {
     /// Isolation of the appliance.
     #[arg(long, value_enum, default_value = "namespaces")]
     pub sandbox: SandboxArg,
+    /// The export (passthrough:DIR) is changed only through fsva: the kernel keeps
+    /// entries and attributes cached for a day instead of a second (stat and lookups
+    /// answered without the appliance). Changes made beside fsva may stay unseen.
+    #[arg(long)]
+    pub exclusive: bool,
     /// Serve file data through the appliance instead of FUSE passthrough (where the
     /// kernel reads and writes the backend's files directly, with one page cache).
     #[arg(long)]
@@ -182,6 +187,11 @@ pub struct ServeVhostArgs {
     /// Isolation of the appliance.
     #[arg(long, value_enum, default_value = "namespaces")]
     pub sandbox: SandboxArg,
+    /// The export (passthrough:DIR) is changed only through fsva: the kernel keeps
+    /// entries and attributes cached for a day instead of a second (stat and lookups
+    /// answered without the appliance). Changes made beside fsva may stay unseen.
+    #[arg(long)]
+    pub exclusive: bool,
     /// Most file data the appliance may keep in memory, e.g. 256M.
     #[arg(long, value_parser = parse_size)]
     pub cache_budget: Option<u64>,

@@ -110,7 +110,7 @@ pub fn run(mut req: MountRequest) -> Result<(), SupervisorError> {
 fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), SupervisorError> {
     block_termination_signals();
     let mountpoint = mount::check_mountpoint(&req.mountpoint)?;
-    if let BackendSpec::Passthrough { path } = &req.backend {
+    if let BackendSpec::Passthrough { path, .. } = &req.backend {
         if !path.is_dir() {
             return Err(SupervisorError::BadBackendPath(path.clone()));
         }
@@ -559,7 +559,7 @@ fn broker_scope(
     live_backing: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<crate::broker::BrokerScope, SupervisorError> {
     let export = match &req.backend {
-        BackendSpec::Passthrough { path } => Some(
+        BackendSpec::Passthrough { path, .. } => Some(
             rustix::fs::open(
                 path,
                 rustix::fs::OFlags::PATH

@@ -48,7 +48,7 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> SupervisorError {
 /// Serves until the VMM disconnects or a termination signal arrives.
 pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
     block_termination_signals();
-    if let BackendSpec::Passthrough { path } = &req.backend {
+    if let BackendSpec::Passthrough { path, .. } = &req.backend {
         if !path.is_dir() {
             return Err(SupervisorError::BadBackendPath(path.clone()));
         }

@@ -82,7 +82,7 @@ fn fail(link: &Link, message: String) -> i32 {
 fn sandbox_config(config: &StartConfig) -> SandboxConfig {
     let (root, caps, proc_fd) = match &config.backend {
         BackendSpec::Mem { .. } | BackendSpec::Image { .. } => (RootSpec::Empty, Vec::new(), false),
-        BackendSpec::Passthrough { path } => (
+        BackendSpec::Passthrough { path, .. } => (
             RootSpec::Export {
                 path: path.clone(),
                 read_only: false,
@@ -127,7 +127,7 @@ fn open_dir(path: &std::path::Path) -> anyhow::Result<OwnedFd> {
 
 fn open_export(backend: &BackendSpec) -> anyhow::Result<Option<OwnedFd>> {
     match backend {
-        BackendSpec::Passthrough { path } => open_dir(path).map(Some),
+        BackendSpec::Passthrough { path, .. } => open_dir(path).map(Some),
         BackendSpec::Mem { .. } | BackendSpec::Image { .. } => Ok(None),
     }
 }

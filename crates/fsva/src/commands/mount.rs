@@ -21,6 +21,11 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
         (Some(image), true) => crate::vm::image_spec(image, &args.machine)?,
         _ => crate::backends::parse_spec(&args.backend)?,
     };
+    let backend = if args.exclusive {
+        crate::backends::make_exclusive(backend)?
+    } else {
+        backend
+    };
     let options = parse_options(&args.options, &backend.to_string())?;
     // Fail fast, in the caller's terminal, on the mistakes users make most.
     let mountpoint = fsva_supervisor::mount::check_mountpoint(&args.mountpoint)?;
@@ -102,6 +107,9 @@ fn foreground_args(
     ];
     if args.no_passthrough {
         v.push("--no-passthrough".into());
+    }
+    if args.exclusive {
+        v.push("--exclusive".into());
     }
     if let (true, Some(image)) = (args.machine.vm, &args.machine.image) {
         v.extend(["--vm".into(), "--image".into(), image.clone().into()]);

@@ -14,6 +14,11 @@ pub fn run(args: ServeVhostArgs, log: &str) -> anyhow::Result<ExitCode> {
         (Some(image), true) => crate::vm::image_spec(image, &args.machine)?,
         _ => crate::backends::parse_spec(&args.backend)?,
     };
+    let backend = if args.exclusive {
+        crate::backends::make_exclusive(backend)?
+    } else {
+        backend
+    };
     let device = fsva_vhost::DeviceConfig::new(args.tag.clone(), args.queues)?;
     if let Some(dir) = args.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         anyhow::ensure!(
