@@ -275,3 +275,27 @@ pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Runs `e2fsck -fn` on an ext4 image and fails, with its report, if it finds problems.
+pub fn assert_ext4_clean(img: &Path, when: &str) {
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(img)
+        .output()
+        .expect("running e2fsck (e2fsprogs)");
+    assert!(
+        fsck.status.success(),
+        "e2fsck found problems {when}:\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// A file's bytes, read from an unmounted ext4 image with debugfs.
+pub fn debugfs_cat(img: &Path, path: &str) -> Vec<u8> {
+    Command::new("debugfs")
+        .args(["-R", &format!("cat {path}")])
+        .arg(img)
+        .output()
+        .expect("running debugfs (e2fsprogs)")
+        .stdout
+}

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use fsva_tests::guest::{boot, GuestImage, GuestSpec, VhostServer};
-use fsva_tests::{binary, conformance, transcript_diff, Scratch};
+use fsva_tests::guest::{boot, GuestImage, GuestRun, GuestSpec, VhostServer};
+use fsva_tests::{assert_ext4_clean, binary, conformance, debugfs_cat, transcript_diff, Scratch};
 
 const NOBODY: u32 = 65534;
 
@@ -73,16 +73,13 @@ fn probe() -> PathBuf {
     binary("fsva-conformance")
 }
 
-#[test]
-fn stock_guest_over_virtiofs_behaves_as_native_ext4() {
-    let (root, user) = (native(None), native(Some(NOBODY)));
-    let server = VhostServer::start(&["--backend", "mem", "--queues", "2"]);
-    let image = GuestImage::build(&[&probe()], CONFORMANCE);
+/// Boots `image` against `server` and requires its script to succeed.
+fn run_ok(image: &GuestImage, server: &VhostServer, cpus: u32, secs: u64) -> GuestRun {
     let run = boot(
-        &image,
+        image,
         &server.socket,
         "fsva",
-        GuestSpec::new(2, Duration::from_secs(300)),
+        GuestSpec::new(cpus, Duration::from_secs(secs)),
     );
     assert_eq!(
         run.exit(),
@@ -91,6 +88,15 @@ fn stock_guest_over_virtiofs_behaves_as_native_ext4() {
         run.output,
         run.console
     );
+    run
+}
+
+#[test]
+fn stock_guest_over_virtiofs_behaves_as_native_ext4() {
+    let (root, user) = (native(None), native(Some(NOBODY)));
+    let server = VhostServer::start(&["--backend", "mem", "--queues", "2"]);
+    let image = GuestImage::build(&[&probe()], CONFORMANCE);
+    let run = run_ok(&image, &server, 2, 300);
     assert_matches_native("mem-root", &root, &run.section("root"));
     assert_matches_native("mem-user", &user, &run.section("user"));
 }
@@ -126,19 +132,7 @@ echo @@end root
 seq 1 20000 > /mnt/kept.txt && sync /mnt/kept.txt
 "#;
     let image = GuestImage::build(&[&probe()], script);
-    let run = boot(
-        &image,
-        &server.socket,
-        "fsva",
-        GuestSpec::new(1, Duration::from_secs(600)),
-    );
-    assert_eq!(
-        run.exit(),
-        Some(0),
-        "guest output:\n{}\nconsole:\n{}",
-        run.output,
-        run.console
-    );
+    let run = run_ok(&image, &server, 1, 600);
     assert_matches_native("vm-ext4-root", &expected, &run.section("root"));
     // The guest powered off: the server stops the appliance, which unmounts cleanly.
     let status = server.wait_exit(Duration::from_secs(120));
@@ -146,24 +140,10 @@ seq 1 20000 > /mnt/kept.txt && sync /mnt/kept.txt
         status.is_some_and(|s| s.success()),
         "serve-vhost: {status:?}"
     );
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck after the guest and the appliance stopped:\n{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    let cat = Command::new("debugfs")
-        .args(["-R", "cat /kept.txt"])
-        .arg(&img)
-        .output()
-        .unwrap();
+    assert_ext4_clean(&img, "after the guest and the appliance stopped");
     let want: String = (1..=20000).map(|i| format!("{i}\n")).collect();
     assert!(
-        cat.stdout == want.as_bytes(),
+        debugfs_cat(&img, "/kept.txt") == want.as_bytes(),
         "the guest's file is not on the image"
     );
 }

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use fsva_tests::{conformance, fsva, is_mounted, transcript_diff, within, Mount, Scratch};
+use fsva_tests::{
+    assert_ext4_clean, conformance, debugfs_cat, fsva, is_mounted, transcript_diff, within, Mount,
+    Scratch,
+};
 
 /// A fresh image of `size_mib` made by `mkfs` (program and arguments; the image path is
 /// appended).
@@ -111,22 +114,11 @@ fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
     }
     assert_eq!(std::fs::read_dir(&many).unwrap().count(), 1100);
     m.unmount();
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .unwrap();
+    assert_ext4_clean(&img, "after fsva umount");
     assert!(
-        fsck.status.success(),
-        "e2fsck found problems after fsva umount:\n{}",
-        String::from_utf8_lossy(&fsck.stdout)
+        debugfs_cat(&img, "/kept.bin") == data,
+        "the data written is not on the image"
     );
-    let cat = Command::new("debugfs")
-        .args(["-R", "cat /kept.bin"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(cat.stdout == data, "the data written is not on the image");
 }
 
 #[test]

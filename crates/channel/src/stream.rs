@@ -51,6 +51,33 @@ pub fn read_frame(
     Ok(Some(len))
 }
 
+/// Writes one whole frame to `stream`, through the shared-memory region when one is in
+/// use (see [`crate::shm`]).
+pub fn send_frame(stream: impl Write, shm: Option<&ShmRegion>, frame: &[u8]) -> io::Result<()> {
+    match shm {
+        Some(shm) => shm.send(stream, frame),
+        None => {
+            let mut stream = stream;
+            stream.write_all(frame)
+        }
+    }
+}
+
+/// Reads one whole frame from `stream` (as [`read_frame`]), through the shared-memory
+/// region when one is in use.
+pub fn receive_frame(
+    stream: impl Read,
+    shm: Option<&ShmRegion>,
+    buf: &mut [u8],
+    min: usize,
+    what: &'static str,
+) -> Result<Option<usize>, ChannelError> {
+    match shm {
+        Some(shm) => shm.receive(stream, buf, min, what),
+        None => read_frame(stream, buf, min, what),
+    }
+}
+
 /// The appliance's end of a stream channel: a connected unix socket, or a character
 /// device that moves bytes the same way (a VM's virtio-serial port).
 #[derive(Debug)]
@@ -82,19 +109,18 @@ const REQUEST_HEADER: usize = core::mem::size_of::<fsva_protocol::abi::InHeader>
 impl Channel for StreamChannel {
     fn receive(&self, buf: &mut [u8]) -> Result<Option<usize>, ChannelError> {
         let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        match &self.shm {
-            Some(shm) => shm.receive(&*reader, buf, REQUEST_HEADER, "stream channel"),
-            None => read_frame(&*reader, buf, REQUEST_HEADER, "stream channel"),
-        }
+        receive_frame(
+            &*reader,
+            self.shm.as_deref(),
+            buf,
+            REQUEST_HEADER,
+            "stream channel",
+        )
     }
 
     fn send(&self, frame: &[u8]) -> Result<(), ChannelError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        match &self.shm {
-            Some(shm) => shm.send(&mut *writer, frame),
-            None => writer.write_all(frame),
-        }
-        .map_err(|source| ChannelError::Send {
+        send_frame(&mut *writer, self.shm.as_deref(), frame).map_err(|source| ChannelError::Send {
             what: "stream channel",
             source,
         })

@@ -38,8 +38,26 @@ pub fn parse_spec(s: &str) -> anyhow::Result<BackendSpec> {
 /// Entry and attribute timeout for an export only its appliance changes (`--exclusive`).
 const EXCLUSIVE_TTL: std::time::Duration = std::time::Duration::from_secs(86400);
 
+/// The backend `mount` and `serve-vhost` were asked for: the image of `--vm --image`,
+/// else `--backend`, marked exclusive if `--exclusive` was given.
+pub fn from_args(
+    backend: &str,
+    machine: &crate::cli::VmArgs,
+    exclusive: bool,
+) -> anyhow::Result<BackendSpec> {
+    let spec = match (&machine.image, machine.vm) {
+        (Some(image), true) => crate::vm::image_spec(image, machine)?,
+        _ => parse_spec(backend)?,
+    };
+    if exclusive {
+        make_exclusive(spec)
+    } else {
+        Ok(spec)
+    }
+}
+
 /// Marks a passthrough spec exclusive (`--exclusive`); any other backend is an error.
-pub fn make_exclusive(spec: BackendSpec) -> anyhow::Result<BackendSpec> {
+fn make_exclusive(spec: BackendSpec) -> anyhow::Result<BackendSpec> {
     match spec {
         BackendSpec::Passthrough { path, .. } => Ok(BackendSpec::Passthrough {
             path,

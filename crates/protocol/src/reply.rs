@@ -156,6 +156,15 @@ impl<'b> DirentPacker<'b> {
     }
 }
 
+/// The `max_write` an INIT reply frame asks for (0 if the frame is too short to hold
+/// one): `fuse_init_out.max_write` sits 20 bytes into the body.
+pub fn init_reply_max_write(frame: &[u8]) -> u32 {
+    frame
+        .get(36..40)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
 /// Size of a `fuse_dirent` with a name of `namelen` bytes, padded to 8.
 pub fn dirent_size(namelen: usize) -> usize {
     (core::mem::size_of::<Dirent>() + namelen + 7) & !7
@@ -188,6 +197,17 @@ pub fn notify_resend(buf: &mut ReplyBuf) -> &[u8] {
 mod tests {
     use super::*;
     use zerocopy::FromBytes;
+
+    #[test]
+    fn init_reply_max_write_is_read_where_the_kernel_reads_it() {
+        let mut b = ReplyBuf::default();
+        let out = crate::abi::InitOut {
+            max_write: 123_456,
+            ..Default::default()
+        };
+        assert_eq!(init_reply_max_write(b.value(1, &out)), 123_456);
+        assert_eq!(init_reply_max_write(&[0u8; 20]), 0);
+    }
 
     #[test]
     fn error_reply_has_negative_errno_and_length() {

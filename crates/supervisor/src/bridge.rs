@@ -9,7 +9,6 @@
 //! on answers every new request with EIO itself. The bridge never reads a payload.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +16,7 @@ use std::thread::JoinHandle;
 
 use fsva_channel::fusedev::FuseDev;
 use fsva_channel::shm::ShmRegion;
-use fsva_channel::stream::read_frame;
+use fsva_channel::stream::{receive_frame, send_frame};
 use fsva_channel::Channel;
 use fsva_protocol::abi::{opcode, OutHeader};
 use fsva_protocol::reply::ReplyBuf;
@@ -186,10 +185,7 @@ fn forward_requests(s: &Shared, index: usize) {
         }
         let sent = {
             let mut stream = s.to_appliance.lock().unwrap_or_else(|p| p.into_inner());
-            match &s.shm {
-                Some(shm) => shm.send(&mut *stream, frame),
-                None => stream.write_all(frame),
-            }
+            send_frame(&mut *stream, s.shm.as_deref(), frame)
         };
         if let Err(e) = sent {
             fail(s, &format!("writing to the appliance failed: {e}"));
@@ -211,10 +207,7 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
         let min = core::mem::size_of::<OutHeader>();
-        let received = match &s.shm {
-            Some(shm) => shm.receive(&reader, &mut buf, min, "appliance stream"),
-            None => read_frame(&reader, &mut buf, min, "appliance stream"),
-        };
+        let received = receive_frame(&reader, s.shm.as_deref(), &mut buf, min, "appliance stream");
         let n = match received {
             Ok(Some(n)) => n,
             Ok(None) => return fail(s, "the appliance closed its stream"),
@@ -257,11 +250,7 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             return fail(s, &format!("reply to unknown request {}", h.unique));
         };
         if op == opcode::INIT && h.error == 0 {
-            // fuse_init_out.max_write sits 20 bytes into the body.
-            let max_write = frame
-                .get(36..40)
-                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                .unwrap_or(0);
+            let max_write = fsva_protocol::reply::init_reply_max_write(frame);
             if max_write > MAX_WRITE {
                 let mut reply = ReplyBuf::default();
                 let _ = s.devs[dev].send(reply.error(h.unique, libc::EIO));

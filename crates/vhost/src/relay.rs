@@ -13,13 +13,12 @@
 //! request (writing the reply into the chain) is the caller's `complete` callback.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fsva_channel::shm::ShmRegion;
-use fsva_channel::stream::read_frame;
+use fsva_channel::stream::{receive_frame, send_frame};
 use fsva_protocol::abi::{opcode, OutHeader};
 use fsva_protocol::reply::ReplyBuf;
 use fsva_protocol::request::decode_header;
@@ -140,10 +139,7 @@ impl<T: Send + 'static> Relay<T> {
         frame[UNIQUE].copy_from_slice(&ours.to_ne_bytes());
         let sent = {
             let mut stream = self.to_appliance.lock().unwrap_or_else(|p| p.into_inner());
-            match &self.shm {
-                Some(shm) => shm.send(&mut *stream, frame),
-                None => stream.write_all(frame),
-            }
+            send_frame(&mut *stream, self.shm.as_deref(), frame)
         };
         if let Err(e) = sent {
             self.fail(&format!("writing to the appliance failed: {e}"));
@@ -159,10 +155,13 @@ impl<T: Send + 'static> Relay<T> {
         let mut buf = vec![0u8; MAX_REQUEST];
         let min = core::mem::size_of::<OutHeader>();
         loop {
-            let received = match &self.shm {
-                Some(shm) => shm.receive(&reader, &mut buf, min, "appliance stream"),
-                None => read_frame(&reader, &mut buf, min, "appliance stream"),
-            };
+            let received = receive_frame(
+                &reader,
+                self.shm.as_deref(),
+                &mut buf,
+                min,
+                "appliance stream",
+            );
             let n = match received {
                 Ok(Some(n)) => n,
                 Ok(None) => return self.fail("the appliance closed its stream"),
@@ -204,11 +203,7 @@ impl<T: Send + 'static> Relay<T> {
             .remove(&h.unique)
             .ok_or_else(|| format!("reply to unknown request {}", h.unique))?;
         if w.opcode == opcode::INIT && h.error == 0 {
-            // fuse_init_out.max_write sits 20 bytes into the body.
-            let max_write = frame
-                .get(36..40)
-                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                .unwrap_or(0);
+            let max_write = fsva_protocol::reply::init_reply_max_write(frame);
             if max_write > MAX_WRITE {
                 let mut reply = ReplyBuf::default();
                 (self.complete)(w.token, reply.error(w.guest_unique, libc::EIO));
@@ -254,6 +249,7 @@ impl<T: Send + 'static> Relay<T> {
 mod tests {
     use super::*;
     use fsva_protocol::abi::InHeader;
+    use std::io::Write;
     use std::sync::mpsc;
     use zerocopy::IntoBytes;
 

@@ -17,15 +17,7 @@ use clap::ValueEnum;
 use crate::cli::{ChannelArg, MountArgs, SandboxArg};
 
 pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
-    let backend = match (&args.machine.image, args.machine.vm) {
-        (Some(image), true) => crate::vm::image_spec(image, &args.machine)?,
-        _ => crate::backends::parse_spec(&args.backend)?,
-    };
-    let backend = if args.exclusive {
-        crate::backends::make_exclusive(backend)?
-    } else {
-        backend
-    };
+    let backend = crate::backends::from_args(&args.backend, &args.machine, args.exclusive)?;
     let options = parse_options(&args.options, &backend.to_string())?;
     // Fail fast, in the caller's terminal, on the mistakes users make most.
     let mountpoint = fsva_supervisor::mount::check_mountpoint(&args.mountpoint)?;

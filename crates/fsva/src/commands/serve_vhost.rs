@@ -10,15 +10,7 @@ use fsva_supervisor::vhost::VhostRequest;
 use crate::cli::{SandboxArg, ServeVhostArgs};
 
 pub fn run(args: ServeVhostArgs, log: &str) -> anyhow::Result<ExitCode> {
-    let backend = match (&args.machine.image, args.machine.vm) {
-        (Some(image), true) => crate::vm::image_spec(image, &args.machine)?,
-        _ => crate::backends::parse_spec(&args.backend)?,
-    };
-    let backend = if args.exclusive {
-        crate::backends::make_exclusive(backend)?
-    } else {
-        backend
-    };
+    let backend = crate::backends::from_args(&args.backend, &args.machine, args.exclusive)?;
     let device = fsva_vhost::DeviceConfig::new(args.tag.clone(), args.queues)?;
     if let Some(dir) = args.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         anyhow::ensure!(
