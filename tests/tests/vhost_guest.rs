@@ -101,6 +101,21 @@ fn stock_guest_over_virtiofs_behaves_as_native_ext4() {
     assert_matches_native("mem-user", &user, &run.section("user"));
 }
 
+/// A host directory served by root's passthrough appliance (device in the appliance,
+/// device nodes made by the supervisor's broker).
+#[test]
+fn stock_guest_over_a_passthrough_export_behaves_as_native_ext4() {
+    let (root, user) = (native(None), native(Some(NOBODY)));
+    let export = Scratch::new("vhost-pt");
+    export.open_to_all();
+    let spec = format!("passthrough:{}", export.path.display());
+    let server = VhostServer::start(&["--backend", &spec]);
+    let image = GuestImage::build(&[&probe()], CONFORMANCE);
+    let run = run_ok(&image, &server, 1, 300);
+    assert_matches_native("passthrough-root", &root, &run.section("root"));
+    assert_matches_native("passthrough-user", &user, &run.section("user"));
+}
+
 fn make_ext4(dir: &Scratch) -> PathBuf {
     let img = dir.path.join("ext4.img");
     std::fs::File::create(&img)

@@ -37,6 +37,15 @@ pub struct BrokerScope {
     pub live_backing: Arc<AtomicU64>,
 }
 
+/// Starts a broker thread for `scope`; returns the appliance's end of its link.
+pub fn start(scope: BrokerScope) -> std::io::Result<Link> {
+    let (ours, theirs) = Link::pair().map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("fsva-broker".into())
+        .spawn(move || serve(ours, scope))?;
+    Ok(theirs)
+}
+
 /// Serves one appliance's broker link until it closes.
 pub fn serve(link: Link, scope: BrokerScope) {
     let private_umask = scope.devices_in.is_some() && private_fs();

@@ -174,13 +174,8 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     let backing_files = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let data_path = data_path(&req);
     let broker_link = if needs_broker(&req) {
-        let (ours, theirs) = Link::pair()?;
         let scope = broker_scope(&req, session.as_fd(), backing_files.clone())?;
-        std::thread::Builder::new()
-            .name("fsva-broker".into())
-            .spawn(move || crate::broker::serve(ours, scope))
-            .map_err(io_err("spawning the broker thread"))?;
-        Some(theirs)
+        Some(crate::broker::start(scope).map_err(io_err("starting the broker"))?)
     } else {
         None
     };
@@ -547,9 +542,32 @@ fn needs_broker(req: &MountRequest) -> bool {
 /// A root user's passthrough appliance has its device nodes made by the broker: in its
 /// user namespace CAP_MKNOD does not reach the host's file system.
 fn brokers_device_nodes(req: &MountRequest) -> bool {
-    matches!(req.backend, BackendSpec::Passthrough { .. })
-        && req.sandbox == SandboxKind::Namespaces
+    needs_device_broker(&req.backend, req.sandbox)
+}
+
+/// Whether an appliance serving `backend` in `sandbox` needs the broker to make device
+/// nodes (a root user's passthrough appliance in its own user namespace).
+pub(crate) fn needs_device_broker(backend: &BackendSpec, sandbox: SandboxKind) -> bool {
+    matches!(backend, BackendSpec::Passthrough { .. })
+        && sandbox == SandboxKind::Namespaces
         && rustix::process::geteuid().is_root()
+}
+
+/// The export directory of a passthrough backend, as an `O_PATH` descriptor.
+pub(crate) fn open_export(backend: &BackendSpec) -> Result<Option<OwnedFd>, SupervisorError> {
+    let BackendSpec::Passthrough { path, .. } = backend else {
+        return Ok(None);
+    };
+    rustix::fs::open(
+        path,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map(Some)
+    .map_err(|e| SupervisorError::Io {
+        what: format!("opening the export {}", path.display()),
+        source: e.into(),
+    })
 }
 
 /// What this mount's broker may do for its appliance.
@@ -558,22 +576,7 @@ fn broker_scope(
     session: BorrowedFd<'_>,
     live_backing: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<crate::broker::BrokerScope, SupervisorError> {
-    let export = match &req.backend {
-        BackendSpec::Passthrough { path, .. } => Some(
-            rustix::fs::open(
-                path,
-                rustix::fs::OFlags::PATH
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .map_err(|e| SupervisorError::Io {
-                what: format!("opening the export {}", path.display()),
-                source: e.into(),
-            })?,
-        ),
-        BackendSpec::Mem { .. } | BackendSpec::Image { .. } => None,
-    };
+    let export = open_export(&req.backend)?;
     let backing = if offers_backing_files(req) {
         let allowed = match &export {
             Some(dir) => crate::backing::Allowed::ExportDevice(

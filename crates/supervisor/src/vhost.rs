@@ -89,21 +89,36 @@ pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
     result
 }
 
-fn start_config(req: &VhostRequest, channel: ChannelKind) -> StartConfig {
+fn start_config(req: &VhostRequest, channel: ChannelKind, broker: bool) -> StartConfig {
     StartConfig {
         backend: req.backend.clone(),
         channel,
         workers_per_channel: req.workers.max(1),
         sandbox: req.sandbox,
         log_filter: req.log_filter.clone(),
-        // No /dev/fuse session to register backing files with, and no broker for
-        // device nodes yet (root's passthrough answers mknod of devices with EPERM).
-        broker_link: false,
+        // No /dev/fuse session to register backing files with; the broker only makes
+        // device nodes (for root's passthrough appliance, as for a mount).
+        broker_link: broker,
         backing_files: false,
-        device_nodes: false,
+        device_nodes: broker,
         cache_budget: req.cache_budget,
         vhost_tag: req.device.tag().map(str::to_string),
     }
+}
+
+/// The broker link for a process appliance that needs device nodes made for it.
+fn device_broker(req: &VhostRequest) -> Result<Option<fsva_control::Link>, SupervisorError> {
+    if req.vm.is_some() || !crate::supervisor::needs_device_broker(&req.backend, req.sandbox) {
+        return Ok(None);
+    }
+    let scope = crate::broker::BrokerScope {
+        backing: None,
+        devices_in: crate::supervisor::open_export(&req.backend)?,
+        live_backing: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
+    crate::broker::start(scope)
+        .map(Some)
+        .map_err(io_err("starting the broker".into()))
 }
 
 fn ready(req: &VhostRequest, socket: &str, tag: &str, pid: u32, how: &str) {
@@ -123,20 +138,20 @@ fn inline(
     socket: &str,
     tag: &str,
 ) -> Result<(), SupervisorError> {
+    let broker = device_broker(req)?;
     let config = start_config(
         req,
         ChannelKind::Vhost {
             request_queues: req.device.request_queues(),
         },
+        broker.is_some(),
     );
-    let (appliance, mut child) = Appliance::start(
-        &req.exe,
-        &config,
-        &[listener.as_fd()],
-        procs,
-        launch::START_TIMEOUT,
-    )?;
-    drop(listener);
+    let mut fds = vec![listener.as_fd()];
+    fds.extend(broker.as_ref().map(|l| l.as_fd()));
+    let (appliance, mut child) =
+        Appliance::start(&req.exe, &config, &fds, procs, launch::START_TIMEOUT)?;
+    // Only the appliance holds these now (the broker thread ends when it exits).
+    drop((listener, broker));
     let pid = appliance.pid;
     let kill = appliance.killer();
     let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -179,12 +194,15 @@ fn relayed(
 ) -> Result<(), SupervisorError> {
     let started = match &req.vm {
         Some(plan) => launch::vm(plan, procs, req.cache_budget)?,
-        None => launch::sandboxed(
-            &req.exe,
-            &start_config(req, ChannelKind::Stream),
-            None,
-            procs,
-        )?,
+        None => {
+            let broker = device_broker(req)?;
+            launch::sandboxed(
+                &req.exe,
+                &start_config(req, ChannelKind::Stream, broker.is_some()),
+                broker.as_ref().map(|l| l.as_fd()),
+                procs,
+            )?
+        }
     };
     let is_vm = req.vm.is_some();
     let pid = started.appliance.pid;
