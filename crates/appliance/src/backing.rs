@@ -75,6 +75,38 @@ impl BackingIds {
     }
 
     /// Inodes with a registered backing file.
+    /// Every registration with the handles holding it (for a restart's state).
+    pub fn export(&self) -> Vec<crate::state::BackingV1> {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<crate::state::BackingV1> = t
+            .by_inode
+            .iter()
+            .map(|(&ino, &(id, _))| crate::state::BackingV1 {
+                ino,
+                id,
+                handles: Vec::new(),
+            })
+            .collect();
+        for (&fh, &ino) in &t.by_handle {
+            if let Some(b) = out.iter_mut().find(|b| b.ino == ino) {
+                b.handles.push(fh);
+            }
+        }
+        out
+    }
+
+    /// Takes over a predecessor's registrations (the ids are the connection's, so they
+    /// stay valid across appliances).
+    pub fn import(&self, entries: &[crate::state::BackingV1]) {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for b in entries.iter().filter(|b| !b.handles.is_empty()) {
+            t.by_inode.insert(b.ino, (b.id, b.handles.len()));
+            for &fh in &b.handles {
+                t.by_handle.insert(fh, b.ino);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.inner
             .lock()

@@ -148,6 +148,29 @@ impl Dispatcher {
         out
     }
 
+    /// The runtime's part of a restart's state, around the backend's `snapshot`.
+    pub fn state(&self, backend: Vec<u8>) -> crate::state::ApplianceState {
+        crate::state::ApplianceState::V1(crate::state::StateV1 {
+            session: self.session.negotiation().map(|n| n.saved()),
+            backing: self.backing_ids.export(),
+            backend,
+        })
+    }
+
+    /// Takes over a predecessor's session and backing registrations.
+    pub fn adopt(&self, state: &crate::state::StateV1) {
+        if let Some(s) = state.session {
+            self.session
+                .establish(crate::session::Negotiation::restored(s));
+        }
+        self.backing_ids.import(&state.backing);
+    }
+
+    /// The backend (to checkpoint it).
+    pub fn filesystem(&self) -> &Arc<dyn Filesystem> {
+        &self.fs
+    }
+
     pub fn session(&self) -> &Session {
         &self.session
     }

@@ -217,6 +217,16 @@ pub trait Filesystem: Send + Sync {
         let _ = bytes;
     }
 
+    /// A snapshot of everything the backend holds, for a successor appliance to
+    /// restore (live restart). Called with every worker paused.
+    fn checkpoint(
+        &self,
+    ) -> std::result::Result<crate::state::BackendState, crate::state::StateError> {
+        Err(crate::state::StateError::Unsupported(
+            "only mem can be restarted live so far".into(),
+        ))
+    }
+
     fn lookup(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }

@@ -7,7 +7,8 @@
 //! - [`dispatch`]: one frame in, one reply out: decode, call the backend, encode;
 //! - [`server`]: the worker threads, one per channel endpoint, and their counters;
 //! - [`backing`]: FUSE passthrough backing ids held by open handles;
-//! - [`fileio`]: positioned reads into reply buffers and complete writes, for backends.
+//! - [`fileio`]: positioned reads into reply buffers and complete writes, for backends;
+//! - [`state`]: the versioned state a live restart hands to the successor.
 //!
 //! The runtime never interprets file system semantics (that is the backend's job) and
 //! never touches mounts, namespaces or the supervisor's state.
@@ -18,6 +19,7 @@ pub mod fileio;
 pub mod filesystem;
 pub mod server;
 pub mod session;
+pub mod state;
 
 pub use backing::BackingFiles;
 pub use filesystem::{

@@ -6,7 +6,7 @@
 //! workers on a stream channel share one. The server ends when every channel reports
 //! that its mount or peer is gone. It must never hold a lock across a backend call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -38,7 +38,21 @@ impl ServerStats {
 pub struct Server {
     dispatcher: Arc<Dispatcher>,
     stats: Arc<ServerStats>,
+    pause: Arc<Pause>,
 }
+
+/// Workers stop taking on requests while a checkpoint is taken. A request a worker
+/// read after the pause began is held, not executed: the kernel keeps it as in flight,
+/// and if this appliance is replaced, resends it to the successor (FUSE_NOTIFY_RESEND).
+#[derive(Debug, Default)]
+struct Pause {
+    paused: AtomicBool,
+    /// Requests being executed right now.
+    active: AtomicUsize,
+}
+
+/// How long a checkpoint waits for requests in execution to finish.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Server {
     /// `backing` registers FUSE passthrough backing files (None: data always goes
@@ -51,7 +65,51 @@ impl Server {
         Self {
             dispatcher: Arc::new(Dispatcher::new(fs, config, backing)),
             stats: Arc::new(ServerStats::default()),
+            pause: Arc::default(),
         }
+    }
+
+    /// A server taking over from a predecessor: `state` is what the predecessor's
+    /// [`Server::checkpoint`] encoded (the backend, built from its part, is `fs`).
+    pub fn restored(
+        fs: Arc<dyn Filesystem>,
+        config: SessionConfig,
+        backing: Option<Arc<dyn crate::BackingFiles>>,
+        state: &crate::state::StateV1,
+    ) -> Self {
+        let server = Self::new(fs, config, backing);
+        server.dispatcher.adopt(state);
+        server
+    }
+
+    /// Pauses the workers, waits for requests in execution, and returns the encoded
+    /// state with the descriptors it refers to. On error the workers resume.
+    pub fn checkpoint(
+        &self,
+    ) -> std::result::Result<(Vec<u8>, Vec<crate::state::StateFd>), crate::state::StateError> {
+        self.pause.paused.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + DRAIN_LIMIT;
+        while self.pause.active.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() > deadline {
+                self.resume();
+                return Err(crate::state::StateError::Backend(
+                    "requests still executing after 10 s; not checkpointed".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        match self.dispatcher.filesystem().checkpoint() {
+            Ok(backend) => Ok((self.dispatcher.state(backend.bytes).encode(), backend.fds)),
+            Err(e) => {
+                self.resume();
+                Err(e)
+            }
+        }
+    }
+
+    /// Lets the workers go on after a checkpoint that was not used.
+    pub fn resume(&self) {
+        self.pause.paused.store(false, Ordering::SeqCst);
     }
 
     pub fn stats(&self) -> Arc<ServerStats> {
@@ -89,9 +147,10 @@ impl Server {
                 let chan = chan.clone();
                 let dispatcher = self.dispatcher.clone();
                 let stats = self.stats.clone();
+                let pause = self.pause.clone();
                 let handle = thread::Builder::new()
                     .name(format!("fsva-worker-{ci}.{ti}"))
-                    .spawn(move || worker(&*chan, &dispatcher, &stats))
+                    .spawn(move || worker(&*chan, &dispatcher, &stats, &pause))
                     .expect("spawning a worker thread");
                 handles.push(handle);
             }
@@ -119,12 +178,23 @@ fn worker(
     chan: &dyn Channel,
     dispatcher: &Dispatcher,
     stats: &ServerStats,
+    pause: &Pause,
 ) -> Result<(), fsva_channel::ChannelError> {
     let mut buf = vec![0u8; dispatcher.max_frame()];
     let mut reply = ReplyBuf::with_capacity(dispatcher.max_frame());
     while let Some(n) = chan.receive(&mut buf)? {
-        if let Some(frame) = answer(dispatcher, stats, &buf[..n], &mut reply) {
-            chan.send(frame)?;
+        pause.active.fetch_add(1, Ordering::SeqCst);
+        while pause.paused.load(Ordering::SeqCst) {
+            // Held, not executed: a successor gets it resent; if the checkpoint is not
+            // used, it runs when the pause ends.
+            pause.active.fetch_sub(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            pause.active.fetch_add(1, Ordering::SeqCst);
+        }
+        let answered = answer(dispatcher, stats, &buf[..n], &mut reply).map(|f| chan.send(f));
+        pause.active.fetch_sub(1, Ordering::SeqCst);
+        if let Some(sent) = answered {
+            sent?;
         }
     }
     Ok(())

@@ -51,6 +51,27 @@ impl Negotiation {
     pub fn has(&self, flag: u64) -> bool {
         self.flags & flag != 0
     }
+
+    /// A predecessor's negotiation (live restart), as saved in its state.
+    pub fn restored(s: crate::state::SessionV1) -> Negotiation {
+        Negotiation {
+            minor: s.minor,
+            flags: s.flags,
+            max_write: s.max_write,
+            codec: Negotiated {
+                setxattr_ext: s.flags & f::SETXATTR_EXT != 0,
+            },
+        }
+    }
+
+    /// What a successor needs to know of this negotiation.
+    pub fn saved(&self) -> crate::state::SessionV1 {
+        crate::state::SessionV1 {
+            minor: self.minor,
+            flags: self.flags,
+            max_write: self.max_write,
+        }
+    }
 }
 
 /// The outcome of one INIT request.

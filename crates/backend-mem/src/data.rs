@@ -86,6 +86,12 @@ impl Drop for FileData {
     }
 }
 
+impl AsFd for FileData {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl FileData {
     pub fn new(space: Arc<Space>) -> Result<FileData> {
         // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor or -1.
@@ -110,6 +116,23 @@ impl FileData {
             charged: Mutex::new(0),
             space,
         })
+    }
+
+    /// File data restored from a snapshot: the predecessor's memfd, with what it had
+    /// charged to the file system's space.
+    pub(crate) fn restored(fd: OwnedFd, charged: u64, space: Arc<Space>) -> FileData {
+        space.used.fetch_add(charged, Ordering::Relaxed);
+        FileData {
+            fd,
+            io: RwLock::new(()),
+            charged: Mutex::new(charged),
+            space,
+        }
+    }
+
+    /// Bytes this file has charged to the space.
+    pub(crate) fn charged(&self) -> u64 {
+        *self.charged.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The memfd itself (to duplicate as a passthrough backing file).

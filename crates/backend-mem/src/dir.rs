@@ -34,6 +34,32 @@ impl Dir {
         }
     }
 
+    /// Every entry as (cookie, name, inode), and the next cookie (for a snapshot).
+    pub(crate) fn parts(&self) -> (u64, impl Iterator<Item = (&u64, &(OsString, u64))>) {
+        (self.next, self.by_cookie.iter())
+    }
+
+    /// A directory rebuilt from a snapshot's parts; `None` if cookies or names repeat or
+    /// a cookie is not below `next`.
+    pub(crate) fn from_parts(
+        parent: u64,
+        next: u64,
+        entries: impl IntoIterator<Item = (u64, OsString, u64)>,
+    ) -> Option<Dir> {
+        let mut d = Dir::new(parent);
+        d.next = next;
+        for (cookie, name, ino) in entries {
+            if cookie < FIRST || cookie >= next || d.by_cookie.contains_key(&cookie) {
+                return None;
+            }
+            if d.by_name.insert(name.clone(), cookie).is_some() {
+                return None;
+            }
+            d.by_cookie.insert(cookie, (name, ino));
+        }
+        Some(d)
+    }
+
     /// The inode number behind `name`.
     pub fn get(&self, name: &OsStr) -> Option<u64> {
         self.by_name.get(name).map(|c| self.by_cookie[c].1)

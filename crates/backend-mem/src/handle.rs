@@ -28,6 +28,18 @@ pub struct HandleTable {
 }
 
 impl HandleTable {
+    /// Every handle and the last number handed out (for a snapshot).
+    pub(crate) fn parts(&self) -> (u64, impl Iterator<Item = (&u64, &Handle)>) {
+        (self.next, self.map.iter())
+    }
+
+    /// A table rebuilt from a snapshot's parts.
+    pub(crate) fn from_parts(next: u64, map: HashMap<u64, Handle>) -> Option<HandleTable> {
+        map.keys()
+            .all(|&k| k <= next)
+            .then_some(HandleTable { map, next })
+    }
+
     pub fn insert(&mut self, h: Handle) -> u64 {
         self.next += 1;
         self.map.insert(self.next, h);

@@ -51,7 +51,7 @@ pub struct Inode {
     pub xattrs: Xattrs,
     /// The memfd's ctime when we last brought our times in line with it: a later one
     /// means the kernel wrote the memfd directly (FUSE passthrough) since.
-    data_ctime_seen: Time,
+    pub(crate) data_ctime_seen: Time,
 }
 
 impl Inode {
@@ -216,6 +216,17 @@ impl InodeTable {
         self.next += 1;
         self.map.insert(ino, inode);
         ino
+    }
+
+    /// Every inode and the next number to hand out (for a snapshot).
+    pub(crate) fn parts(&self) -> (u64, impl Iterator<Item = (&u64, &Inode)>) {
+        (self.next, self.map.iter())
+    }
+
+    /// A table rebuilt from a snapshot's parts (the root must be among them).
+    pub(crate) fn from_parts(next: u64, map: HashMap<u64, Inode>) -> Option<InodeTable> {
+        (map.contains_key(&ROOT) && map.keys().all(|&k| k < next))
+            .then_some(InodeTable { map, next })
     }
 
     /// Frees `ino` if nothing refers to it any more (never the root). Returns the freed

@@ -21,6 +21,7 @@ pub mod data;
 pub mod dir;
 pub mod handle;
 pub mod inode;
+mod snapshot;
 pub mod xattr;
 
 use std::ffi::OsStr;
@@ -181,6 +182,27 @@ impl MemFs {
             space: Space::new(config.capacity_bytes),
             config,
         }
+    }
+
+    /// A file system restored from a predecessor's snapshot (live restart).
+    pub fn restore(
+        mut config: MemConfig,
+        state: fsva_appliance::state::BackendState,
+    ) -> std::result::Result<MemFs, fsva_appliance::state::StateError> {
+        let nofile = raise_nofile_limit();
+        config.max_inodes = config
+            .max_inodes
+            .min(nofile.saturating_sub(RESERVED_FDS).max(RESERVED_FDS));
+        let space = Space::new(config.capacity_bytes);
+        let restored = snapshot::restore(state, &space)?;
+        Ok(MemFs {
+            state: RwLock::new(State {
+                inodes: restored.inodes,
+                handles: restored.handles,
+            }),
+            space,
+            config,
+        })
     }
 
     fn rlock(&self) -> RwLockReadGuard<'_, State> {
@@ -496,6 +518,16 @@ impl Filesystem for MemFs {
     /// The cache budget is mem's capacity: what it may hold before writes get ENOSPC.
     fn set_cache_budget(&self, bytes: u64) {
         self.space.set_capacity(bytes);
+    }
+
+    fn checkpoint(
+        &self,
+    ) -> std::result::Result<fsva_appliance::state::BackendState, fsva_appliance::state::StateError>
+    {
+        // The write lock: nothing changes while the snapshot is taken (the runtime has
+        // paused its workers too; this guards against anything else).
+        let st = self.wlock();
+        snapshot::take(&st.inodes, &st.handles, &self.space)
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {

@@ -49,6 +49,16 @@ fn reply(data: &[u8], size: u32) -> Result<Xattr> {
 }
 
 impl Xattrs {
+    /// Every (name, value), for a snapshot.
+    pub(crate) fn pairs(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+        self.0.iter()
+    }
+
+    /// Attributes restored from a snapshot (names were checked when first set).
+    pub(crate) fn from_pairs(pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Xattrs {
+        Xattrs(pairs.into_iter().collect())
+    }
+
     /// setxattr(2) with `flags` XATTR_CREATE / XATTR_REPLACE.
     pub fn set(&mut self, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
         check_name(name)?;

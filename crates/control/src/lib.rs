@@ -11,6 +11,7 @@
 //! This crate must never carry FUSE traffic and never act on a message: it only encodes,
 //! decodes and moves them.
 
+pub mod blob;
 pub mod framed;
 pub mod link;
 pub mod messages;

@@ -114,6 +114,8 @@ pub struct StartConfig {
     pub cache_budget: Option<u64>,
     /// The virtio-fs tag a `Vhost` channel offers in its configuration space.
     pub vhost_tag: Option<String>,
+    /// A live restart: a `Restore` with the predecessor's state follows `Start`.
+    pub restore: bool,
 }
 
 /// Appliance → supervisor, on the broker link: the few operations that need a
@@ -164,7 +166,19 @@ pub enum ToAppliance {
     /// A VM appliance sets its clock to the host's (its RTC has whole seconds only), so
     /// that file times written in the guest agree with the host's.
     SetClock { secs: i64, nanos: u32 },
+    /// Live restart: pause, and answer `Checkpointed` with the state.
+    Checkpoint,
+    /// To a successor started with `restore`, after `Start`: the predecessor's state, a
+    /// sealed memfd attached, followed by `StateFds` until `fds` descriptors came.
+    Restore { fds: u32 },
+    /// A batch of the state's descriptors (a message carries at most [`FDS_PER_MESSAGE`]).
+    StateFds,
+    /// After a checkpoint whose successor did not start: serve on.
+    Resume,
 }
+
+/// Most descriptors one message carries.
+pub const FDS_PER_MESSAGE: usize = crate::link::MAX_FDS;
 
 /// Appliance → supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +200,14 @@ pub enum ToSupervisor {
     Stats(ApplianceStats),
     CacheBudgetSet,
     ClockSet,
+    /// Paused; the state is the attached sealed memfd, and `fds` descriptors follow in
+    /// `StateFds` messages.
+    Checkpointed {
+        fds: u32,
+    },
+    /// A batch of the state's descriptors.
+    StateFds,
+    Resumed,
     /// Start-up failed; the message says what and what to do.
     Failed {
         message: String,
@@ -210,15 +232,24 @@ pub enum AdminRequest {
     SetCacheBudget {
         bytes: u64,
     },
+    /// Replace the appliance by a new process with the same state, live.
+    Restart,
 }
 
 /// Supervisor → CLI.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AdminReply {
-    Status(MountStatus),
+    Status(Box<MountStatus>),
     Unmounted,
     CacheBudgetSet,
-    Error { message: String },
+    /// The new appliance serves; `downtime_us` is how long requests waited.
+    Restarted {
+        downtime_us: u64,
+        pid: u32,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// One mount as `fsva status` shows it.
@@ -245,4 +276,7 @@ pub struct MountStatus {
     pub cache_budget: Option<u64>,
     /// Memory the appliance's cgroup uses now (file data it caches included).
     pub memory_used: Option<u64>,
+    /// Live restarts so far, and how long requests waited during the last one.
+    pub restarts: u32,
+    pub last_downtime_us: Option<u64>,
 }

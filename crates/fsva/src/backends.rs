@@ -72,12 +72,19 @@ fn make_exclusive(spec: BackendSpec) -> anyhow::Result<BackendSpec> {
 /// Instantiates the backend inside the appliance. `root` is the export opened before
 /// (or after) entering the sandbox; `proc_self_fd` the appliance's /proc/self/fd;
 /// `device_nodes` who makes device nodes for a passthrough backend that cannot.
+/// `restored` is a predecessor's snapshot (live restart).
 pub fn build(
     spec: &BackendSpec,
     root: Option<OwnedFd>,
     proc_self_fd: Option<OwnedFd>,
     device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
+    restored: Option<fsva_appliance::state::BackendState>,
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
+    if let (Some(_), BackendSpec::Passthrough { .. } | BackendSpec::Image { .. }) =
+        (&restored, spec)
+    {
+        anyhow::bail!("only mem can be restored from a predecessor's state so far");
+    }
     match spec {
         BackendSpec::Mem { capacity } => {
             // The root directory belongs to whoever runs the appliance: root, or the
@@ -90,7 +97,13 @@ pub fn build(
             if *capacity > 0 {
                 config.capacity_bytes = *capacity;
             }
-            Ok(Arc::new(fsva_backend_mem::MemFs::new(config)))
+            match restored {
+                Some(state) => Ok(Arc::new(
+                    fsva_backend_mem::MemFs::restore(config, state)
+                        .context("restoring mem from its predecessor's state")?,
+                )),
+                None => Ok(Arc::new(fsva_backend_mem::MemFs::new(config))),
+            }
         }
         BackendSpec::Passthrough { path, exclusive } => {
             let root = root.with_context(|| format!("opening the export {}", path.display()))?;

@@ -29,6 +29,9 @@ pub enum Command {
     Status,
     /// Change a mount's cache budget at run time (it must have been mounted with one).
     Cache(CacheArgs),
+    /// Replace a mount's appliance by a new process with the same state, live (mem on
+    /// the fusedev channel so far): open files stay open, no request fails.
+    Restart(RestartArgs),
     /// Serve an appliance to a VM guest as a vhost-user-fs device: the guest mounts it
     /// with `mount -t virtiofs TAG DIR`. Runs in the foreground until the VM goes away.
     ServeVhost(ServeVhostArgs),
@@ -218,6 +221,11 @@ pub struct ApplianceArgs {
     /// The control socket inherited from the supervisor.
     #[arg(long)]
     pub control_fd: i32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestartArgs {
+    pub mountpoint: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -28,6 +28,8 @@ pub enum ApplianceError {
     Link(#[from] LinkError),
     #[error("the appliance failed to start: {0}")]
     Failed(String),
+    #[error("{0}")]
+    Checkpoint(String),
     #[error("the appliance sent an unexpected message during start-up: {0}")]
     Unexpected(String),
 }
@@ -72,6 +74,89 @@ impl Control {
                 Ok(answer?)
             }
         }
+    }
+}
+
+/// An appliance process that got its configuration and is not serving yet.
+pub struct Starting {
+    pid: u32,
+    pidfd: std::sync::Arc<std::os::fd::OwnedFd>,
+    child: Child,
+    link: Link,
+    timeout: Duration,
+}
+
+impl Starting {
+    /// Hands over `state` (for a successor) and waits until the appliance serves.
+    pub fn serve(self, state: Option<&SavedState>) -> Result<(Appliance, Child), ApplianceError> {
+        let kill = || {
+            let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);
+        };
+        if let Some(state) = state {
+            if let Err(e) = state.send(&self.link) {
+                kill();
+                return Err(e.into());
+            }
+        }
+        match self.link.recv::<ToSupervisor>().map(|(m, _)| m) {
+            Ok(ToSupervisor::Ready { .. }) => {}
+            other => {
+                let (e, running) = not_ready(other, "it exited", "it", self.timeout);
+                if running {
+                    kill();
+                }
+                return Err(e);
+            }
+        }
+        rustix::net::sockopt::set_socket_timeout(
+            &self.link,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(Duration::from_secs(2)),
+        )
+        .ok();
+        Ok((
+            Appliance {
+                pid: self.pid,
+                pidfd: self.pidfd,
+                control: Control::Local(self.link),
+            },
+            self.child,
+        ))
+    }
+
+    /// Gives up on the appliance (it is killed and reaped).
+    pub fn abandon(mut self) {
+        let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// How long an appliance may take to pause and hand over its state.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A paused appliance's state: the encoded state (a sealed memfd) and the descriptors
+/// it refers to.
+#[derive(Debug)]
+pub struct SavedState {
+    pub blob: std::os::fd::OwnedFd,
+    pub fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl SavedState {
+    /// Hands the state to a successor on its control link.
+    fn send(&self, link: &Link) -> Result<(), fsva_control::LinkError> {
+        use std::os::fd::AsFd;
+        link.send(
+            &ToAppliance::Restore {
+                fds: self.fds.len() as u32,
+            },
+            &[self.blob.as_fd()],
+        )?;
+        for batch in self.fds.chunks(fsva_control::FDS_PER_MESSAGE) {
+            let fds: Vec<_> = batch.iter().map(|f| f.as_fd()).collect();
+            link.send(&ToAppliance::StateFds, &fds)?;
+        }
+        Ok(())
     }
 }
 
@@ -177,6 +262,19 @@ impl Appliance {
         cgroup_procs: Option<&Path>,
         timeout: Duration,
     ) -> Result<(Appliance, Child), ApplianceError> {
+        Self::spawn(exe, config, fds, cgroup_procs, timeout)?.serve(None)
+    }
+
+    /// Spawns `exe __appliance` and hands it `config` and `fds`; the returned
+    /// [`Starting`] waits for it to serve. A successor (`config.restore`) sets up its
+    /// sandbox meanwhile and waits for its predecessor's state.
+    pub fn spawn(
+        exe: &Path,
+        config: &StartConfig,
+        fds: &[BorrowedFd<'_>],
+        cgroup_procs: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Starting, ApplianceError> {
         let (ours, theirs) = Link::pair()?;
         let their_fd = theirs.as_fd().as_raw_fd();
         let mut cmd = Command::new(exe);
@@ -191,42 +289,24 @@ impl Appliance {
         })?;
         drop(theirs);
         let pid = child.id();
-        let pidfd = pidfd_of(pid)?;
-        let kill_on_error = |e: ApplianceError| {
-            let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
-            e
+        let starting = Starting {
+            pidfd: pidfd_of(pid)?,
+            pid,
+            child,
+            link: ours,
+            timeout,
         };
         rustix::net::sockopt::set_socket_timeout(
-            &ours,
+            &starting.link,
             rustix::net::sockopt::Timeout::Recv,
             Some(timeout),
         )
         .ok();
-        ours.send(&ToAppliance::Start(config.clone()), fds)
-            .map_err(|e| kill_on_error(e.into()))?;
-        match ours.recv::<ToSupervisor>().map(|(m, _)| m) {
-            Ok(ToSupervisor::Ready { .. }) => {}
-            other => {
-                return Err(match not_ready(other, "it exited", "it", timeout) {
-                    (e, true) => kill_on_error(e),
-                    (e, false) => e,
-                })
-            }
+        if let Err(e) = starting.link.send(&ToAppliance::Start(config.clone()), fds) {
+            starting.abandon();
+            return Err(e.into());
         }
-        rustix::net::sockopt::set_socket_timeout(
-            &ours,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(Duration::from_secs(2)),
-        )
-        .ok();
-        Ok((
-            Appliance {
-                pid,
-                pidfd,
-                control: Control::Local(ours),
-            },
-            child,
-        ))
+        Ok(starting)
     }
 
     /// Starts a VM appliance with `qemu` (its command line refers to the sockets in
@@ -299,6 +379,70 @@ impl Appliance {
     }
 
     /// Tells the appliance its new cache budget.
+    /// Pauses a process appliance and takes its state (live restart). It stays paused
+    /// until the caller replaces it; a checkpoint that fails resumes it on its side.
+    pub fn checkpoint(&self) -> Result<SavedState, ApplianceError> {
+        let Control::Local(link) = &self.control else {
+            return Err(ApplianceError::Checkpoint(
+                "a VM appliance cannot be restarted live yet".into(),
+            ));
+        };
+        let long = Some(CHECKPOINT_TIMEOUT);
+        rustix::net::sockopt::set_socket_timeout(link, rustix::net::sockopt::Timeout::Recv, long)
+            .ok();
+        let result = (|| {
+            link.send(&ToAppliance::Checkpoint, &[])?;
+            let (reply, mut blob) = link.recv::<ToSupervisor>()?;
+            let count = match reply {
+                ToSupervisor::Checkpointed { fds } => fds as usize,
+                ToSupervisor::Failed { message } => {
+                    return Err(ApplianceError::Checkpoint(message))
+                }
+                other => {
+                    return Err(ApplianceError::Checkpoint(format!(
+                        "unexpected answer: {other:?}"
+                    )))
+                }
+            };
+            let blob = blob
+                .pop()
+                .ok_or_else(|| ApplianceError::Checkpoint("it came without its state".into()))?;
+            let mut fds = Vec::with_capacity(count);
+            while fds.len() < count {
+                let (m, batch) = link.recv::<ToSupervisor>().map_err(|e| {
+                    ApplianceError::Checkpoint(format!(
+                        "receiving the state's descriptors ({} of {count}): {e}",
+                        fds.len()
+                    ))
+                })?;
+                if !matches!(m, ToSupervisor::StateFds) || batch.is_empty() {
+                    return Err(ApplianceError::Checkpoint(format!(
+                        "expected the state's descriptors, got {m:?}"
+                    )));
+                }
+                fds.extend(batch);
+            }
+            Ok(SavedState { blob, fds })
+        })();
+        rustix::net::sockopt::set_socket_timeout(
+            link,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(Duration::from_secs(2)),
+        )
+        .ok();
+        result
+    }
+
+    /// Lets a paused appliance go on (its successor did not start).
+    pub fn resume(&self) -> Result<(), ApplianceError> {
+        match self.control.request(&ToAppliance::Resume)? {
+            ToSupervisor::Resumed => Ok(()),
+            other => Err(ApplianceError::Failed(format!(
+                "unexpected answer to resume: {other:?}"
+            ))),
+        }
+    }
+
     pub fn set_cache_budget(&self, bytes: u64) -> Result<(), ApplianceError> {
         match self
             .control

@@ -91,7 +91,8 @@ pub struct VmPlan {
 
 enum Event {
     Admin(Link),
-    ApplianceExited(String),
+    /// The appliance with this pid exited (or was dropped), with why.
+    ApplianceExited(u32, String),
     Signal(i32),
     /// The FUSE connection is gone: unmounted (by us or anyone) or aborted.
     Disconnected,
@@ -109,6 +110,7 @@ pub fn run(mut req: MountRequest) -> Result<(), SupervisorError> {
 
 fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), SupervisorError> {
     block_termination_signals();
+    raise_open_file_limit();
     let mountpoint = mount::check_mountpoint(&req.mountpoint)?;
     if let BackendSpec::Passthrough { path, .. } = &req.backend {
         if !path.is_dir() {
@@ -153,6 +155,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         device_nodes: brokers_device_nodes(&req),
         cache_budget: req.cache_budget,
         vhost_tag: None,
+        restore: false,
     };
     // The budget is enforced by the kernel on the appliance's memory cgroup, with room
     // for the appliance's own code, heap and request buffers on top.
@@ -182,7 +185,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
 
     let mut bridge = None;
     let mut data_path = data_path;
-    let (appliance, child) = match (&req.vm, req.channel) {
+    let (mut appliance, child) = match (&req.vm, req.channel) {
         (None, ChannelKind::Fusedev) => {
             let mut fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
             fds.extend(broker_link.as_ref().map(|l| l.as_fd()));
@@ -222,22 +225,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     tracing::info!(pid = appliance.pid, backend = %req.backend, channel = %req.channel, sandbox = %req.sandbox, "appliance serving");
 
     let exited = Arc::new(std::sync::Mutex::new(None::<String>));
-    {
-        let tx = events_tx.clone();
-        let exited = exited.clone();
-        let mut child = child;
-        std::thread::Builder::new()
-            .name("fsva-appliance-waiter".into())
-            .spawn(move || {
-                let status = child
-                    .wait()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string());
-                *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
-                let _ = tx.send(Event::ApplianceExited(status));
-            })
-            .map_err(io_err("spawning the appliance waiter"))?;
-    }
+    watch_appliance(child, &events_tx, Some(exited.clone()))?;
     {
         let tx = events_tx.clone();
         let session = session
@@ -296,6 +284,8 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     }
 
     let mut state = String::from("serving");
+    let mut restarts = 0u32;
+    let mut last_downtime_us = None;
     let mut alive = true;
     let mut mounted = mounted;
     // Who asked for the unmount, answered once the connection is really gone.
@@ -316,8 +306,9 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 }
                 return Ok(());
             }
-            Event::ApplianceExited(status) => {
-                if !alive {
+            Event::ApplianceExited(pid, status) => {
+                if !alive || pid != appliance.pid {
+                    // Not the current appliance: one replaced by a live restart.
                     continue;
                 }
                 alive = false;
@@ -381,8 +372,47 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             backing_files: backing_files.load(std::sync::atomic::Ordering::Relaxed),
                             cache_budget,
                             memory_used: cgroup.as_ref().and_then(|c| c.usage().ok()),
+                            restarts,
+                            last_downtime_us,
                         };
-                        let _ = link.send(&AdminReply::Status(status), &[]);
+                        let _ = link.send(&AdminReply::Status(Box::new(status)), &[]);
+                    }
+                    AdminRequest::Restart => {
+                        let reply = if !alive {
+                            AdminReply::Error {
+                                message: "the appliance is gone; remount to get a new one".into(),
+                            }
+                        } else {
+                            let restart = Restart {
+                                req: &req,
+                                config: &config,
+                                devs: &devs,
+                                session: session.as_fd(),
+                                backing_files: &backing_files,
+                                cgroup_procs: cgroup_procs.as_deref(),
+                                events: &events_tx,
+                            };
+                            match restart.run(&appliance) {
+                                Ok((successor, downtime)) => {
+                                    appliance = successor;
+                                    restarts += 1;
+                                    let us = downtime.as_micros() as u64;
+                                    last_downtime_us = Some(us);
+                                    let _ = entry.write_record(&[
+                                        ("mountpoint", mountpoint.display().to_string()),
+                                        ("supervisor_pid", std::process::id().to_string()),
+                                        ("appliance_pid", appliance.pid.to_string()),
+                                        ("backend", req.backend.to_string()),
+                                    ]);
+                                    AdminReply::Restarted {
+                                        downtime_us: us,
+                                        pid: appliance.pid,
+                                    }
+                                }
+                                Err(message) => AdminReply::Error { message },
+                            }
+                        };
+                        let _ = link.send(&reply, &[]);
                     }
                     AdminRequest::SetCacheBudget { bytes } => {
                         let reply = match set_cache_budget(
@@ -432,6 +462,148 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     Ok(())
 }
 
+/// A live restart holds every file of a mem appliance (one memfd each) between the two
+/// appliances: the supervisor may need as many descriptors as they do.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}
+
+/// Reports the exit of `child` as an event (and in `exited`, for start-up).
+fn watch_appliance(
+    mut child: std::process::Child,
+    events: &mpsc::Sender<Event>,
+    exited: Option<Arc<std::sync::Mutex<Option<String>>>>,
+) -> Result<(), SupervisorError> {
+    let tx = events.clone();
+    let pid = child.id();
+    std::thread::Builder::new()
+        .name("fsva-appliance-waiter".into())
+        .spawn(move || {
+            let status = child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            if let Some(exited) = exited {
+                *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+            }
+            let _ = tx.send(Event::ApplianceExited(pid, status));
+        })
+        .map(|_| ())
+        .map_err(io_err("spawning the appliance waiter"))
+}
+
+/// A live restart of a mount's process appliance (`fsva restart`).
+struct Restart<'a> {
+    req: &'a MountRequest,
+    config: &'a StartConfig,
+    devs: &'a [Arc<FuseDev>],
+    session: BorrowedFd<'a>,
+    backing_files: &'a Arc<std::sync::atomic::AtomicU64>,
+    cgroup_procs: Option<&'a Path>,
+    events: &'a mpsc::Sender<Event>,
+}
+
+impl Restart<'_> {
+    /// Pauses `old`, starts its successor with its state on the same `/dev/fuse`
+    /// clones, stops `old`, and has the kernel resend what `old` held. Returns the
+    /// successor and how long requests waited. On failure `old` serves on.
+    fn run(&self, old: &Appliance) -> Result<(Appliance, Duration), String> {
+        if self.req.vm.is_some() || self.req.channel != ChannelKind::Fusedev {
+            return Err(
+                "live restart works for process appliances on the fusedev channel so far".into(),
+            );
+        }
+        if !matches!(self.req.backend, BackendSpec::Mem { .. }) {
+            return Err("only mem can be restarted live so far".into());
+        }
+        let broker = if needs_broker(self.req) {
+            let scope = broker_scope(self.req, self.session, self.backing_files.clone())
+                .map_err(|e| e.to_string())?;
+            Some(crate::broker::start(scope).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let mut fds: Vec<_> = self.devs.iter().map(|d| d.as_fd()).collect();
+        fds.extend(broker.as_ref().map(|l| l.as_fd()));
+        let config = StartConfig {
+            restore: true,
+            ..self.config.clone()
+        };
+        // The successor sets up its sandbox while the predecessor still serves; the
+        // downtime is only the handover.
+        let starting = Appliance::spawn(
+            &self.req.exe,
+            &config,
+            &fds,
+            self.cgroup_procs,
+            launch::START_TIMEOUT,
+        )
+        .map_err(|e| format!("the successor did not start: {e}"))?;
+        let t0 = std::time::Instant::now();
+        let saved = match old.checkpoint() {
+            Ok(saved) => saved,
+            Err(e) => {
+                starting.abandon();
+                return Err(format!("checkpoint failed: {e}"));
+            }
+        };
+        let t_checkpoint = t0.elapsed();
+        let (successor, child) = match starting.serve(Some(&saved)) {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = old.resume();
+                return Err(format!(
+                    "the successor did not take over ({e}); the appliance serves on"
+                ));
+            }
+        };
+        let t_restored = t0.elapsed();
+        drop(broker);
+        // The successor has restored the state and waits. The predecessor holds requests
+        // it read while paused; once it is gone the kernel moves them (everything read
+        // and unanswered) back to its queue. Only then may the successor serve: a resend
+        // while it works would hand it requests it is already executing, twice.
+        old.kill();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{}", old.pid)).exists() && !is_zombie(old.pid) {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut buf = fsva_protocol::reply::ReplyBuf::default();
+        if let Some(dev) = self.devs.first() {
+            if let Err(e) =
+                fsva_channel::Channel::send(&**dev, fsva_protocol::reply::notify_resend(&mut buf))
+            {
+                tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed after a restart");
+            }
+        }
+        if let Err(e) = successor.resume() {
+            // Nothing serves now: the event loop's fallback answers with EIO.
+            successor.kill();
+            return Err(format!("the successor did not begin serving: {e}"));
+        }
+        let downtime = t0.elapsed();
+        watch_appliance(child, self.events, None).map_err(|e| e.to_string())?;
+        tracing::info!(
+            old = old.pid,
+            new = successor.pid,
+            files = saved.fds.len(),
+            checkpoint_us = t_checkpoint.as_micros() as u64,
+            restored_us = t_restored.as_micros() as u64,
+            downtime_us = downtime.as_micros() as u64,
+            "appliance restarted live"
+        );
+        Ok((successor, downtime))
+    }
+}
+
 /// Starts the stream relay between the mount's clones and an appliance's stream. A
 /// misbehaving appliance is stopped; its exit is then reported by the waiter thread.
 fn relay(
@@ -443,6 +615,7 @@ fn relay(
 ) -> Result<Bridge, SupervisorError> {
     let tx = events.clone();
     let kill = appliance.killer();
+    let pid = appliance.pid;
     Bridge::start(
         devs.to_vec(),
         stream,
@@ -450,7 +623,7 @@ fn relay(
         Box::new(move |why| {
             kill();
             tracing::error!(reason = why, "appliance dropped by the stream relay");
-            let _ = tx.send(Event::ApplianceExited(format!("dropped: {why}")));
+            let _ = tx.send(Event::ApplianceExited(pid, format!("dropped: {why}")));
         }),
     )
     .map_err(io_err("starting the stream relay"))

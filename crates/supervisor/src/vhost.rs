@@ -103,6 +103,7 @@ fn start_config(req: &VhostRequest, channel: ChannelKind, broker: bool) -> Start
         device_nodes: broker,
         cache_budget: req.cache_budget,
         vhost_tag: req.device.tag().map(str::to_string),
+        restore: false,
     }
 }
 

@@ -179,6 +179,12 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                     ToAppliance::Start(_) => ToSupervisor::Failed {
                         message: "a VM appliance is configured by its kernel command line".into(),
                     },
+                    ToAppliance::Checkpoint
+                    | ToAppliance::Restore { .. }
+                    | ToAppliance::StateFds
+                    | ToAppliance::Resume => ToSupervisor::Failed {
+                        message: "a VM appliance cannot be restarted live yet".into(),
+                    },
                 };
                 if control.send(&reply).is_err() {
                     break;

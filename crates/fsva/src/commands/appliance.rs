@@ -225,7 +225,25 @@ fn serve(
     let device_nodes = broker
         .filter(|_| config.device_nodes)
         .map(|b| b as Arc<dyn fsva_backend_passthrough::DeviceNodes>);
-    let fs = match crate::backends::build(&config.backend, root, proc_self_fd, device_nodes) {
+    let restored = if config.restore {
+        match receive_state(link) {
+            Ok(state) => Some(state),
+            Err(e) => return fail(link, format!("receiving the predecessor's state: {e:#}")),
+        }
+    } else {
+        None
+    };
+    let (backend_state, runtime_state) = match restored {
+        Some((backend, runtime)) => (Some(backend), Some(runtime)),
+        None => (None, None),
+    };
+    let fs = match crate::backends::build(
+        &config.backend,
+        root,
+        proc_self_fd,
+        device_nodes,
+        backend_state,
+    ) {
         Ok(fs) => fs,
         Err(e) => return fail(link, format!("{e:#}")),
     };
@@ -259,7 +277,10 @@ fn serve(
         fs.set_cache_budget(bytes);
     }
     let control_fs = fs.clone();
-    let server = Arc::new(Server::new(fs, SessionConfig::default(), backing));
+    let server = Arc::new(match &runtime_state {
+        Some(state) => Server::restored(fs, SessionConfig::default(), backing, state),
+        None => Server::new(fs, SessionConfig::default(), backing),
+    });
     let stats = server.stats();
     if link
         .send(
@@ -271,6 +292,18 @@ fn serve(
         .is_err()
     {
         return 1;
+    }
+    if runtime_state.is_some() {
+        // A successor serves only once its predecessor is gone and the kernel has
+        // queued again what that one held (see fsva_supervisor's restart).
+        match link.recv::<ToAppliance>() {
+            Ok((ToAppliance::Resume, _)) => {
+                if link.send(&ToSupervisor::Resumed, &[]).is_err() {
+                    return 1;
+                }
+            }
+            other => return fail(link, format!("expected the go-ahead, got {other:?}")),
+        }
     }
     std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -285,9 +318,28 @@ fn serve(
                         control_fs.set_cache_budget(bytes);
                         ToSupervisor::CacheBudgetSet
                     }
-                    ToAppliance::Start(_) => ToSupervisor::Failed {
-                        message: "already started".into(),
+                    ToAppliance::Checkpoint => match server.checkpoint() {
+                        Ok((bytes, fds)) => {
+                            // The reply and the descriptors are sent here; nothing more.
+                            if let Err(e) = send_state(link, &bytes, &fds) {
+                                tracing::error!(error = %e, "sending the checkpoint failed");
+                                server.resume();
+                            }
+                            continue;
+                        }
+                        Err(e) => ToSupervisor::Failed {
+                            message: e.to_string(),
+                        },
                     },
+                    ToAppliance::Resume => {
+                        server.resume();
+                        ToSupervisor::Resumed
+                    }
+                    ToAppliance::Start(_) | ToAppliance::Restore { .. } | ToAppliance::StateFds => {
+                        ToSupervisor::Failed {
+                            message: "already started".into(),
+                        }
+                    }
                     ToAppliance::SetClock { .. } => ToSupervisor::Failed {
                         message: "an appliance process shares the host's clock".into(),
                     },
@@ -313,6 +365,62 @@ fn serve(
         // control thread, which may be blocked on the supervisor.
         std::process::exit(if ok { 0 } else { 1 });
     })
+}
+
+/// Sends a checkpoint: `Checkpointed` with the sealed state, then its descriptors.
+fn send_state(
+    link: &Link,
+    bytes: &[u8],
+    fds: &[fsva_appliance::state::StateFd],
+) -> anyhow::Result<()> {
+    use std::os::fd::AsFd;
+    let blob = fsva_control::blob::seal(bytes).context("sealing the state")?;
+    link.send(
+        &ToSupervisor::Checkpointed {
+            fds: fds.len() as u32,
+        },
+        &[blob.as_fd()],
+    )?;
+    for batch in fds.chunks(fsva_control::FDS_PER_MESSAGE) {
+        let batch: Vec<_> = batch.iter().map(|f| f.as_fd()).collect();
+        link.send(&ToSupervisor::StateFds, &batch)?;
+    }
+    Ok(())
+}
+
+/// Receives a predecessor's state after `Start`: the backend's part (with its
+/// descriptors) and the runtime's.
+fn receive_state(
+    link: &Link,
+) -> anyhow::Result<(
+    fsva_appliance::state::BackendState,
+    fsva_appliance::state::StateV1,
+)> {
+    let (msg, mut blob) = link.recv::<ToAppliance>()?;
+    let ToAppliance::Restore { fds: count } = msg else {
+        anyhow::bail!("expected the state, got {msg:?}");
+    };
+    let blob = blob.pop().context("the state came without its blob")?;
+    let bytes = fsva_control::blob::read(blob).context("reading the state")?;
+    let fsva_appliance::state::ApplianceState::V1(state) =
+        fsva_appliance::state::ApplianceState::decode(&bytes)?;
+    let mut fds = Vec::with_capacity(count as usize);
+    while fds.len() < count as usize {
+        let (m, batch) = link.recv::<ToAppliance>()?;
+        anyhow::ensure!(
+            matches!(m, ToAppliance::StateFds) && !batch.is_empty(),
+            "expected the state's descriptors, got {m:?}"
+        );
+        fds.extend(batch);
+    }
+    let backend = fsva_appliance::state::BackendState {
+        bytes: state.backend.clone(),
+        fds: fds
+            .into_iter()
+            .map(fsva_appliance::state::StateFd::Owned)
+            .collect(),
+    };
+    Ok((backend, state))
 }
 
 /// The appliance's dispatcher as the vhost-user-fs device's inline route.

@@ -5,26 +5,11 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use fsva_control::{AdminReply, AdminRequest, Link};
-use fsva_supervisor::registry;
+use fsva_control::{AdminReply, AdminRequest};
 
 pub fn run(args: crate::cli::CacheArgs) -> anyhow::Result<ExitCode> {
-    let mountpoint = args
-        .mountpoint
-        .canonicalize()
-        .with_context(|| format!("{} does not exist", args.mountpoint.display()))?;
-    let entry = registry::Entry::for_mount(&mountpoint);
-    let link = Link::connect(&entry.socket).with_context(|| {
-        format!(
-            "{} is not an fsva mount with a running supervisor",
-            mountpoint.display()
-        )
-    })?;
-    let _ = rustix::net::sockopt::set_socket_timeout(
-        &link,
-        rustix::net::sockopt::Timeout::Recv,
-        Some(std::time::Duration::from_secs(10)),
-    );
+    let (mountpoint, link) =
+        super::supervisor_link(&args.mountpoint, std::time::Duration::from_secs(10))?;
     link.send(&AdminRequest::SetCacheBudget { bytes: args.size }, &[])?;
     match link
         .recv::<AdminReply>()

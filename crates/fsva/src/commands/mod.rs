@@ -5,6 +5,7 @@ pub mod appliance;
 pub mod cache;
 pub mod mount;
 pub mod mount_helper;
+pub mod restart;
 pub mod serve_vhost;
 pub mod status;
 pub mod umount;
@@ -20,6 +21,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => umount::run(args),
         Command::Status => status::run(),
         Command::Cache(args) => cache::run(args),
+        Command::Restart(args) => restart::run(args),
         Command::ServeVhost(args) => serve_vhost::run(args, &cli.log),
         Command::ApplianceProcess(args) => appliance::run(args),
         Command::Appliance(cmd) => vm_appliance::run(cmd),
@@ -36,4 +38,29 @@ pub fn init_logging(filter: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+}
+
+/// The admin link to the supervisor of the mount at `mountpoint` (canonicalised),
+/// answering within `timeout`.
+pub fn supervisor_link(
+    mountpoint: &std::path::Path,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(std::path::PathBuf, fsva_control::Link)> {
+    use anyhow::Context as _;
+    let mountpoint = mountpoint
+        .canonicalize()
+        .with_context(|| format!("{} does not exist", mountpoint.display()))?;
+    let entry = fsva_supervisor::registry::Entry::for_mount(&mountpoint);
+    let link = fsva_control::Link::connect(&entry.socket).with_context(|| {
+        format!(
+            "{} is not an fsva mount with a running supervisor",
+            mountpoint.display()
+        )
+    })?;
+    let _ = rustix::net::sockopt::set_socket_timeout(
+        &link,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(timeout),
+    );
+    Ok((mountpoint, link))
 }

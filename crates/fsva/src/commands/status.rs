@@ -70,7 +70,7 @@ fn query(socket: &std::path::Path) -> Result<MountStatus, Query> {
     link.send(&AdminRequest::Status, &[])
         .map_err(|_| Query::Gone)?;
     match link.recv::<AdminReply>() {
-        Ok((AdminReply::Status(s), _)) => Ok(s),
+        Ok((AdminReply::Status(s), _)) => Ok(*s),
         Ok((other, _)) => Err(Query::Incompatible(format!("{other:?}"))),
         Err(LinkError::Decode(e)) => Err(Query::Incompatible(e.to_string())),
         Err(_) => Err(Query::Gone),
@@ -117,6 +117,14 @@ fn print_status(s: &MountStatus) {
             "{:<28} cache budget: {} MiB; appliance memory in use: {used}",
             "",
             budget >> 20
+        );
+    }
+    if s.restarts > 0 {
+        outln!(
+            "{:<28} restarted live {} time(s); requests waited {:.1} ms the last time",
+            "",
+            s.restarts,
+            s.last_downtime_us.unwrap_or(0) as f64 / 1000.0
         );
     }
 }
