@@ -21,8 +21,8 @@ use crate::messages::{Envelope, CONTROL_VERSION};
 
 /// Largest control message.
 const MAX_MESSAGE: usize = 64 * 1024;
-/// Most descriptors attached to one message.
-pub const MAX_FDS: usize = 64;
+/// Most descriptors attached to one message (the kernel's SCM_MAX_FD).
+pub const MAX_FDS: usize = 253;
 
 #[derive(Debug, Error)]
 pub enum LinkError {

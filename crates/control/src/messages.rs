@@ -208,6 +208,8 @@ pub enum ToSupervisor {
     /// A batch of the state's descriptors.
     StateFds,
     Resumed,
+    /// A successor is set up and waits for its predecessor's state.
+    AwaitingState,
     /// Start-up failed; the message says what and what to do.
     Failed {
         message: String,

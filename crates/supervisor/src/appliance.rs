@@ -124,6 +124,15 @@ impl Starting {
         ))
     }
 
+    /// Waits until a successor has set itself up and waits for its state (so that its
+    /// start-up does not compete with the handover for CPU).
+    pub fn await_state_request(&self) -> Result<(), ApplianceError> {
+        match self.link.recv::<ToSupervisor>().map(|(m, _)| m) {
+            Ok(ToSupervisor::AwaitingState) => Ok(()),
+            other => Err(not_ready(other, "it exited", "it", self.timeout).0),
+        }
+    }
+
     /// Gives up on the appliance (it is killed and reaped).
     pub fn abandon(mut self) {
         let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);

@@ -464,12 +464,20 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
 
 /// A live restart holds every file of a mem appliance (one memfd each) between the two
 /// appliances: the supervisor may need as many descriptors as they do.
+/// The descriptor table is grown to its final size now, while this process has one
+/// thread: growing the table of a multithreaded process waits for an RCU grace period
+/// per doubling, which made the first restart of a 10,000-file mount 70 ms slower.
 fn raise_open_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {
         limit.current = limit.maximum;
         let _ = setrlimit(Resource::Nofile, limit);
+    }
+    let current = getrlimit(Resource::Nofile).current.unwrap_or(1024);
+    let top = current.clamp(1024, 1 << 16) - 1;
+    if let Ok(probe) = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), top as i32) {
+        drop(probe);
     }
 }
 
@@ -544,6 +552,10 @@ impl Restart<'_> {
             launch::START_TIMEOUT,
         )
         .map_err(|e| format!("the successor did not start: {e}"))?;
+        if let Err(e) = starting.await_state_request() {
+            starting.abandon();
+            return Err(format!("the successor did not start: {e}"));
+        }
         let t0 = std::time::Instant::now();
         let saved = match old.checkpoint() {
             Ok(saved) => saved,

@@ -226,6 +226,9 @@ fn serve(
         .filter(|_| config.device_nodes)
         .map(|b| b as Arc<dyn fsva_backend_passthrough::DeviceNodes>);
     let restored = if config.restore {
+        if link.send(&ToSupervisor::AwaitingState, &[]).is_err() {
+            return 1;
+        }
         match receive_state(link) {
             Ok(state) => Some(state),
             Err(e) => return fail(link, format!("receiving the predecessor's state: {e:#}")),
