@@ -39,25 +39,36 @@ impl Dir {
         (self.next, self.by_cookie.iter())
     }
 
-    /// A directory rebuilt from a snapshot's parts; `None` if cookies or names repeat or
-    /// a cookie is not below `next`.
+    /// A directory rebuilt from a snapshot's parts (entries in cookie order, as
+    /// [`Dir::parts`] gives them); `None` if cookies are out of order or range, or a
+    /// name repeats.
     pub(crate) fn from_parts(
         parent: u64,
         next: u64,
-        entries: impl IntoIterator<Item = (u64, OsString, u64)>,
+        entries: Vec<(u64, OsString, u64)>,
     ) -> Option<Dir> {
-        let mut d = Dir::new(parent);
-        d.next = next;
-        for (cookie, name, ino) in entries {
-            if cookie < FIRST || cookie >= next || d.by_cookie.contains_key(&cookie) {
-                return None;
-            }
-            if d.by_name.insert(name.clone(), cookie).is_some() {
-                return None;
-            }
-            d.by_cookie.insert(cookie, (name, ino));
+        let ordered = entries.windows(2).all(|w| w[0].0 < w[1].0);
+        let in_range = entries.iter().all(|e| e.0 >= FIRST && e.0 < next);
+        if !(ordered && in_range) {
+            return None;
         }
-        Some(d)
+        let mut by_name = HashMap::with_capacity(entries.len());
+        for (cookie, name, _) in &entries {
+            if by_name.insert(name.clone(), *cookie).is_some() {
+                return None;
+            }
+        }
+        // Sorted input: the tree is built in one pass.
+        let by_cookie = entries
+            .into_iter()
+            .map(|(c, name, ino)| (c, (name, ino)))
+            .collect();
+        Some(Dir {
+            parent,
+            by_cookie,
+            by_name,
+            next,
+        })
     }
 
     /// The inode number behind `name`.

@@ -197,7 +197,7 @@ pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restore
         Ok(d)
     };
     space.set_capacity(s.capacity);
-    let mut map = HashMap::new();
+    let mut map = HashMap::with_capacity(s.inodes.len());
     for i in s.inodes {
         let kind = match i.kind {
             KindV1::File(None) => Kind::File(None),
@@ -212,7 +212,8 @@ pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restore
                     next,
                     entries
                         .into_iter()
-                        .map(|(c, n, ino)| (c, OsString::from_vec(n), ino)),
+                        .map(|(c, n, ino)| (c, OsString::from_vec(n), ino))
+                        .collect(),
                 )
                 .ok_or_else(|| bad(format!("directory {} has inconsistent entries", i.ino)))?,
             ),
