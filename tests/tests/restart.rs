@@ -163,7 +163,7 @@ fn writer(dir: &PathBuf, stop: &AtomicBool) -> usize {
                 let line = format!("{i}\n");
                 f.write_all(line.as_bytes())
                     .unwrap_or_else(|e| panic!("append {name}: {e}"));
-                if i % 3 == 0 {
+                if i.is_multiple_of(3) {
                     f.sync_all().unwrap_or_else(|e| panic!("fsync {name}: {e}"));
                 }
                 model.entry(name).or_default().extend(line.as_bytes());
@@ -215,5 +215,20 @@ fn a_restart_that_cannot_be_done_is_refused_and_the_mount_serves_on() {
     assert!(err.contains("only mem"), "{err}");
     std::fs::write(m.path().join("y"), b"2").unwrap();
     assert_eq!(std::fs::read(m.path().join("x")).unwrap(), b"1");
+    m.unmount();
+}
+
+/// The successor keeps the cache budget in force, not the one the mount began with.
+#[test]
+fn a_restart_keeps_the_budget_set_at_run_time() {
+    let m = Mount::new("mem", &["--cache-budget", "64M"]);
+    let mp = m.path().to_str().unwrap().to_string();
+    assert!(fsva(&["cache", &mp, "8M"]).status.success());
+    restart(&m);
+    let big = vec![7u8; 12 << 20];
+    let err = std::fs::write(m.path().join("big"), &big).expect_err("12 MiB fit an 8 MiB budget");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    std::fs::remove_file(m.path().join("big")).unwrap();
+    std::fs::write(m.path().join("small"), vec![1u8; 1 << 20]).unwrap();
     m.unmount();
 }

@@ -99,9 +99,18 @@ impl BackingIds {
     /// stay valid across appliances).
     pub fn import(&self, entries: &[crate::state::BackingV1]) {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for b in entries.iter().filter(|b| !b.handles.is_empty()) {
-            t.by_inode.insert(b.ino, (b.id, b.handles.len()));
-            for &fh in &b.handles {
+        for b in entries {
+            let handles: std::collections::BTreeSet<u64> = b
+                .handles
+                .iter()
+                .copied()
+                .filter(|fh| !t.by_handle.contains_key(fh))
+                .collect();
+            if handles.is_empty() || t.by_inode.contains_key(&b.ino) {
+                continue;
+            }
+            t.by_inode.insert(b.ino, (b.id, handles.len()));
+            for fh in handles {
                 t.by_handle.insert(fh, b.ino);
             }
         }

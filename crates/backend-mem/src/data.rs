@@ -118,16 +118,25 @@ impl FileData {
         })
     }
 
-    /// File data restored from a snapshot: the predecessor's memfd, with what it had
-    /// charged to the file system's space.
-    pub(crate) fn restored(fd: OwnedFd, charged: u64, space: Arc<Space>) -> FileData {
-        space.used.fetch_add(charged, Ordering::Relaxed);
-        FileData {
+    /// File data restored from a snapshot: the predecessor's memfd (checked to be one),
+    /// charged to the space by what it occupies now.
+    pub(crate) fn restored(fd: OwnedFd, space: Arc<Space>) -> Result<FileData> {
+        // SAFETY: F_GET_SEALS takes no argument; it fails (EINVAL) on anything but a
+        // memfd or other shmem file.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) } < 0 {
+            return Err(Errno::last());
+        }
+        let d = FileData {
             fd,
             io: RwLock::new(()),
-            charged: Mutex::new(charged),
-            space,
-        }
+            charged: Mutex::new(0),
+            space: space.clone(),
+        };
+        let (_, blocks) = d.stat()?;
+        let bytes = blocks * 512;
+        *d.charged.lock().unwrap_or_else(|e| e.into_inner()) = bytes;
+        space.used.fetch_add(bytes, Ordering::Relaxed);
+        Ok(d)
     }
 
     /// Bytes this file has charged to the space.

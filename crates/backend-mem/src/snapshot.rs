@@ -179,6 +179,11 @@ pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restore
     let snap: MemSnapshot =
         postcard::from_bytes(&state.bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
     let MemSnapshot::V1(s) = snap;
+    // Counters near the end of their range would wrap (and reuse the root's number).
+    const COUNTER_LIMIT: u64 = 1 << 62;
+    if s.next_ino >= COUNTER_LIMIT || s.next_fh >= COUNTER_LIMIT {
+        return Err(bad("inode or handle counter out of range".into()));
+    }
     let count = state.fds.len();
     let mut slots: Vec<Option<StateFd>> = state.fds.into_iter().map(Some).collect();
     let mut data: HashMap<u32, Arc<FileData>> = HashMap::new();
@@ -192,7 +197,11 @@ pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restore
             .ok_or(StateError::MissingDescriptor { index: i, count })?
             .into_owned()
             .map_err(|e| StateError::Backend(format!("taking over a memfd: {e}")))?;
-        let d = Arc::new(FileData::restored(fd, charged, space.clone()));
+        let _ = charged; // recounted from the memfd itself, not trusted
+        let d = Arc::new(
+            FileData::restored(fd, space.clone())
+                .map_err(|e| bad(format!("descriptor {i} is not a file's memfd: {e}")))?,
+        );
         data.insert(i, d.clone());
         Ok(d)
     };
@@ -206,7 +215,7 @@ pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restore
                 parent,
                 next,
                 entries,
-            } => Kind::Dir(
+            } if next < COUNTER_LIMIT => Kind::Dir(
                 Dir::from_parts(
                     parent,
                     next,
@@ -217,6 +226,9 @@ pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restore
                 )
                 .ok_or_else(|| bad(format!("directory {} has inconsistent entries", i.ino)))?,
             ),
+            KindV1::Dir { .. } => {
+                return Err(bad(format!("directory {} counter out of range", i.ino)))
+            }
             KindV1::Symlink(target) => Kind::Symlink(target),
             KindV1::Special => Kind::Special,
         };

@@ -29,6 +29,12 @@ pub fn seal(bytes: &[u8]) -> std::io::Result<OwnedFd> {
 
 /// The bytes of a blob received as `fd` (at most [`MAX_BLOB`]).
 pub fn read(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
+    let seals = rustix::fs::fcntl_get_seals(&fd)?;
+    if !seals.contains(SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW) {
+        return Err(std::io::Error::other(
+            "the blob is not sealed against changes: refusing it",
+        ));
+    }
     let mut f = std::fs::File::from(fd);
     let len = f.metadata()?.len();
     if len > MAX_BLOB {
@@ -55,5 +61,10 @@ mod tests {
             "sealed against writes"
         );
         assert_eq!(read(fd).unwrap(), b"state bytes");
+        let unsealed = rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC).unwrap();
+        assert!(
+            read(unsealed).is_err(),
+            "an unsealed blob could change under the reader"
+        );
     }
 }

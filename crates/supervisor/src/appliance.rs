@@ -89,22 +89,17 @@ pub struct Starting {
 impl Starting {
     /// Hands over `state` (for a successor) and waits until the appliance serves.
     pub fn serve(self, state: Option<&SavedState>) -> Result<(Appliance, Child), ApplianceError> {
-        let kill = || {
-            let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);
-        };
         if let Some(state) = state {
             if let Err(e) = state.send(&self.link) {
-                kill();
+                self.abandon();
                 return Err(e.into());
             }
         }
         match self.link.recv::<ToSupervisor>().map(|(m, _)| m) {
             Ok(ToSupervisor::Ready { .. }) => {}
             other => {
-                let (e, running) = not_ready(other, "it exited", "it", self.timeout);
-                if running {
-                    kill();
-                }
+                let (e, _) = not_ready(other, "it exited", "it", self.timeout);
+                self.abandon();
                 return Err(e);
             }
         }
@@ -139,6 +134,9 @@ impl Starting {
         let _ = self.child.wait();
     }
 }
+
+/// Most descriptors a state may come with (the appliance's own descriptor limit).
+const MAX_STATE_FDS: usize = 1 << 16;
 
 /// How long an appliance may take to pause and hand over its state.
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -416,7 +414,12 @@ impl Appliance {
             let blob = blob
                 .pop()
                 .ok_or_else(|| ApplianceError::Checkpoint("it came without its state".into()))?;
-            let mut fds = Vec::with_capacity(count);
+            if count > MAX_STATE_FDS {
+                return Err(ApplianceError::Checkpoint(format!(
+                    "it announced {count} descriptors, more than any appliance may hold"
+                )));
+            }
+            let mut fds = Vec::with_capacity(count.min(4096));
             while fds.len() < count {
                 let (m, batch) = link.recv::<ToSupervisor>().map_err(|e| {
                     ApplianceError::Checkpoint(format!(
@@ -488,6 +491,18 @@ impl Appliance {
     /// Sends SIGKILL to the appliance (never to a later process with its pid).
     pub fn kill(&self) {
         let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);
+    }
+
+    /// Waits (at most `limit`) until every thread of the appliance has exited (its
+    /// pidfd turns readable); whether it did.
+    pub fn wait_exit(&self, limit: Duration) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let timeout = Timespec {
+            tv_sec: limit.as_secs() as i64,
+            tv_nsec: limit.subsec_nanos() as i64,
+        };
+        let mut fds = [PollFd::new(&*self.pidfd, PollFlags::IN)];
+        matches!(poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
     }
 
     /// A function that kills the appliance, for threads that outlive this borrow.

@@ -386,6 +386,8 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             let restart = Restart {
                                 req: &req,
                                 config: &config,
+                                cache_budget,
+                                mountpoint: &mountpoint,
                                 devs: &devs,
                                 session: session.as_fd(),
                                 backing_files: &backing_files,
@@ -509,6 +511,9 @@ fn watch_appliance(
 struct Restart<'a> {
     req: &'a MountRequest,
     config: &'a StartConfig,
+    /// The budget in force now (`fsva cache` may have changed it since the mount).
+    cache_budget: Option<u64>,
+    mountpoint: &'a Path,
     devs: &'a [Arc<FuseDev>],
     session: BorrowedFd<'a>,
     backing_files: &'a Arc<std::sync::atomic::AtomicU64>,
@@ -540,6 +545,7 @@ impl Restart<'_> {
         fds.extend(broker.as_ref().map(|l| l.as_fd()));
         let config = StartConfig {
             restore: true,
+            cache_budget: self.cache_budget,
             ..self.config.clone()
         };
         // The successor sets up its sandbox while the predecessor still serves; the
@@ -561,6 +567,11 @@ impl Restart<'_> {
             Ok(saved) => saved,
             Err(e) => {
                 starting.abandon();
+                // It may have paused before the handover broke: let it go on, or stop
+                // it (the event loop then answers with EIO) rather than leave it paused.
+                if old.resume().is_err() {
+                    old.kill();
+                }
                 return Err(format!("checkpoint failed: {e}"));
             }
         };
@@ -581,28 +592,32 @@ impl Restart<'_> {
         // and unanswered) back to its queue. Only then may the successor serve: a resend
         // while it works would hand it requests it is already executing, twice.
         old.kill();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while Path::new(&format!("/proc/{}", old.pid)).exists() && !is_zombie(old.pid) {
-            if std::time::Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        if !old.wait_exit(Duration::from_secs(5)) {
+            tracing::error!(
+                pid = old.pid,
+                "the old appliance did not exit within 5 s of SIGKILL"
+            );
         }
+        watch_appliance(child, self.events, None).map_err(|e| e.to_string())?;
         let mut buf = fsva_protocol::reply::ReplyBuf::default();
         if let Some(dev) = self.devs.first() {
             if let Err(e) =
                 fsva_channel::Channel::send(&**dev, fsva_protocol::reply::notify_resend(&mut buf))
             {
-                tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed after a restart");
+                // The requests the old appliance held would never be answered: end the
+                // connection instead of leaving their callers hanging.
+                tracing::error!(error = %e, "FUSE_NOTIFY_RESEND failed after a restart; aborting the connection");
+                if let Err(e) = mount::abort_connection(self.mountpoint) {
+                    tracing::error!(error = %e, "could not abort the FUSE connection");
+                }
             }
         }
         if let Err(e) = successor.resume() {
-            // Nothing serves now: the event loop's fallback answers with EIO.
+            // Nothing serves now: once it is gone the event loop answers with EIO.
             successor.kill();
             return Err(format!("the successor did not begin serving: {e}"));
         }
         let downtime = t0.elapsed();
-        watch_appliance(child, self.events, None).map_err(|e| e.to_string())?;
         tracing::info!(
             old = old.pid,
             new = successor.pid,
