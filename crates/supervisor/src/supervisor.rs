@@ -483,13 +483,11 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Reports the exit of `child` as an event (and in `exited`, for start-up).
-fn watch_appliance(
+/// Runs `then(pid, status)` on a thread of its own once `child` has exited.
+pub(crate) fn on_exit(
     mut child: std::process::Child,
-    events: &mpsc::Sender<Event>,
-    exited: Option<Arc<std::sync::Mutex<Option<String>>>>,
+    then: impl FnOnce(u32, String) + Send + 'static,
 ) -> Result<(), SupervisorError> {
-    let tx = events.clone();
     let pid = child.id();
     std::thread::Builder::new()
         .name("fsva-appliance-waiter".into())
@@ -498,13 +496,25 @@ fn watch_appliance(
                 .wait()
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string());
-            if let Some(exited) = exited {
-                *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
-            }
-            let _ = tx.send(Event::ApplianceExited(pid, status));
+            then(pid, status);
         })
         .map(|_| ())
         .map_err(io_err("spawning the appliance waiter"))
+}
+
+/// Reports the exit of `child` as an event (and in `exited`, for start-up).
+fn watch_appliance(
+    child: std::process::Child,
+    events: &mpsc::Sender<Event>,
+    exited: Option<Arc<std::sync::Mutex<Option<String>>>>,
+) -> Result<(), SupervisorError> {
+    let tx = events.clone();
+    on_exit(child, move |pid, status| {
+        if let Some(exited) = exited {
+            *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+        }
+        let _ = tx.send(Event::ApplianceExited(pid, status));
+    })
 }
 
 /// A live restart of a mount's process appliance (`fsva restart`).

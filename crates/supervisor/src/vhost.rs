@@ -227,17 +227,9 @@ fn relayed(
     let relay = server.relay().expect("a relayed device has a relay");
     {
         let relay = relay.clone();
-        let mut child = started.child;
-        std::thread::Builder::new()
-            .name("fsva-appliance-waiter".into())
-            .spawn(move || {
-                let status = child
-                    .wait()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string());
-                relay.fail(&format!("appliance exited ({status})"));
-            })
-            .map_err(io_err("spawning the appliance waiter".into()))?;
+        crate::supervisor::on_exit(started.child, move |_, status| {
+            relay.fail(&format!("appliance exited ({status})"));
+        })?;
     }
     {
         let relay = relay.clone();
