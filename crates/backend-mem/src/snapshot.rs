@@ -197,11 +197,7 @@ pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restore
             .ok_or(StateError::MissingDescriptor { index: i, count })?
             .into_owned()
             .map_err(|e| StateError::Backend(format!("taking over a memfd: {e}")))?;
-        let _ = charged; // recounted from the memfd itself, not trusted
-        let d = Arc::new(
-            FileData::restored(fd, space.clone())
-                .map_err(|e| bad(format!("descriptor {i} is not a file's memfd: {e}")))?,
-        );
+        let d = Arc::new(FileData::restored(fd, charged, space.clone()));
         data.insert(i, d.clone());
         Ok(d)
     };
