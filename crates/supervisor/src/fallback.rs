@@ -26,6 +26,15 @@ pub fn error_reply<'a>(frame: &[u8], errno: i32, reply: &'a mut ReplyBuf) -> Opt
     }
 }
 
+/// Asks the kernel to queue again every request read and not answered on the
+/// connection of `devs` (what a gone appliance held), FUSE_NOTIFY_RESEND (Linux 6.9+).
+pub fn resend_held(devs: &[Arc<FuseDev>]) -> Result<(), fsva_channel::ChannelError> {
+    match devs.first() {
+        Some(first) => first.send(notify_resend(&mut ReplyBuf::default())),
+        None => Ok(()),
+    }
+}
+
 /// Starts answering every request on `devs` with `errno`, after asking the kernel to
 /// resend what the dead appliance had taken. The threads end when the mount goes away.
 /// When that is impossible — a kernel without FUSE_NOTIFY_RESEND (before 6.9), or reads
@@ -36,13 +45,10 @@ pub fn answer_with_errors(
     abort: impl Fn() + Send + Sync + 'static,
 ) -> Vec<JoinHandle<()>> {
     let abort = Arc::new(abort);
-    if let Some(first) = devs.first() {
-        let mut buf = ReplyBuf::default();
-        if let Err(e) = first.send(notify_resend(&mut buf)) {
-            tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed; aborting the connection instead");
-            abort();
-            return Vec::new();
-        }
+    if let Err(e) = resend_held(devs) {
+        tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed; aborting the connection instead");
+        abort();
+        return Vec::new();
     }
     devs.iter()
         .cloned()

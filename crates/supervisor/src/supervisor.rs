@@ -609,17 +609,12 @@ impl Restart<'_> {
             );
         }
         watch_appliance(child, self.events, None).map_err(|e| e.to_string())?;
-        let mut buf = fsva_protocol::reply::ReplyBuf::default();
-        if let Some(dev) = self.devs.first() {
-            if let Err(e) =
-                fsva_channel::Channel::send(&**dev, fsva_protocol::reply::notify_resend(&mut buf))
-            {
-                // The requests the old appliance held would never be answered: end the
-                // connection instead of leaving their callers hanging.
-                tracing::error!(error = %e, "FUSE_NOTIFY_RESEND failed after a restart; aborting the connection");
-                if let Err(e) = mount::abort_connection(self.mountpoint) {
-                    tracing::error!(error = %e, "could not abort the FUSE connection");
-                }
+        if let Err(e) = crate::fallback::resend_held(self.devs) {
+            // The requests the old appliance held would never be answered: end the
+            // connection instead of leaving their callers hanging.
+            tracing::error!(error = %e, "FUSE_NOTIFY_RESEND failed after a restart; aborting the connection");
+            if let Err(e) = mount::abort_connection(self.mountpoint) {
+                tracing::error!(error = %e, "could not abort the FUSE connection");
             }
         }
         if let Err(e) = successor.resume() {

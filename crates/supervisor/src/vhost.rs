@@ -89,22 +89,28 @@ pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
     result
 }
 
-fn start_config(req: &VhostRequest, channel: ChannelKind, broker: bool) -> StartConfig {
-    StartConfig {
+/// The appliance's configuration, and its broker link when it needs device nodes made
+/// for it (root's passthrough appliance, as for a mount; no /dev/fuse session here to
+/// register backing files with).
+fn start_config(
+    req: &VhostRequest,
+    channel: ChannelKind,
+) -> Result<(StartConfig, Option<fsva_control::Link>), SupervisorError> {
+    let broker = device_broker(req)?;
+    let config = StartConfig {
         backend: req.backend.clone(),
         channel,
         workers_per_channel: req.workers.max(1),
         sandbox: req.sandbox,
         log_filter: req.log_filter.clone(),
-        // No /dev/fuse session to register backing files with; the broker only makes
-        // device nodes (for root's passthrough appliance, as for a mount).
-        broker_link: broker,
+        broker_link: broker.is_some(),
         backing_files: false,
-        device_nodes: broker,
+        device_nodes: broker.is_some(),
         cache_budget: req.cache_budget,
         vhost_tag: req.device.tag().map(str::to_string),
         restore: false,
-    }
+    };
+    Ok((config, broker))
 }
 
 /// The broker link for a process appliance that needs device nodes made for it.
@@ -139,14 +145,12 @@ fn inline(
     socket: &str,
     tag: &str,
 ) -> Result<(), SupervisorError> {
-    let broker = device_broker(req)?;
-    let config = start_config(
+    let (config, broker) = start_config(
         req,
         ChannelKind::Vhost {
             request_queues: req.device.request_queues(),
         },
-        broker.is_some(),
-    );
+    )?;
     let mut fds = vec![listener.as_fd()];
     fds.extend(broker.as_ref().map(|l| l.as_fd()));
     let (appliance, mut child) =
@@ -196,13 +200,8 @@ fn relayed(
     let started = match &req.vm {
         Some(plan) => launch::vm(plan, procs, req.cache_budget)?,
         None => {
-            let broker = device_broker(req)?;
-            launch::sandboxed(
-                &req.exe,
-                &start_config(req, ChannelKind::Stream, broker.is_some()),
-                broker.as_ref().map(|l| l.as_fd()),
-                procs,
-            )?
+            let (config, broker) = start_config(req, ChannelKind::Stream)?;
+            launch::sandboxed(&req.exe, &config, broker.as_ref().map(|l| l.as_fd()), procs)?
         }
     };
     let is_vm = req.vm.is_some();
