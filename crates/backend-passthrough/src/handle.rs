@@ -17,7 +17,7 @@ pub enum Handle {
         node: Arc<Node>,
         /// What to drop after reads the client caches; `None` for O_DIRECT opens,
         /// whose reads the client does not cache.
-        trail: Option<ReadTrail>,
+        trail: Option<Box<ReadTrail>>,
     },
     /// A directory stream.
     Dir(DirStream),
@@ -30,14 +30,14 @@ impl Handle {
         Handle::File {
             fd,
             node,
-            trail: (!direct).then(ReadTrail::default),
+            trail: (!direct).then(Box::default),
         }
     }
 
     /// The read trail of a file handle whose reads the client caches.
     pub fn read_trail(&self) -> Option<&ReadTrail> {
         match self {
-            Handle::File { trail, .. } => trail.as_ref(),
+            Handle::File { trail, .. } => trail.as_deref(),
             Handle::Dir(_) => None,
         }
     }

@@ -51,6 +51,19 @@ use sys::{cname, cvt, fd_name, EMPTY};
 const STRIP_OPEN_FLAGS: i32 =
     libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_DIRECT;
 
+/// Drops the host's cached pages of `range` of `fd` (the client holds them).
+fn drop_cached(fd: BorrowedFd<'_>, (start, end): read_trail::Range) {
+    // SAFETY: posix_fadvise only takes integers and a descriptor we own.
+    unsafe {
+        libc::posix_fadvise(
+            fd.as_raw_fd(),
+            start as libc::off_t,
+            (end - start) as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+}
+
 /// Attribute mask asked of `statx` for nodes.
 const STATX_MASK: u32 = libc::STATX_BASIC_STATS | libc::STATX_MNT_ID;
 
@@ -717,16 +730,8 @@ impl Filesystem for PassthroughFs {
         // copy of what we returned (see read_trail).
         if let Some(trail) = h.read_trail() {
             let end = offset + (out.len() - before) as u64;
-            for (start, end) in trail.record(offset, end).into_iter().flatten() {
-                // SAFETY: posix_fadvise only takes integers and a descriptor we own.
-                unsafe {
-                    libc::posix_fadvise(
-                        h.fd().as_raw_fd(),
-                        start as libc::off_t,
-                        (end - start) as libc::off_t,
-                        libc::POSIX_FADV_DONTNEED,
-                    )
-                };
+            for range in trail.record(offset, end).into_iter().flatten() {
+                drop_cached(h.fd(), range);
             }
         }
         Ok(())
@@ -769,7 +774,12 @@ impl Filesystem for PassthroughFs {
     }
 
     fn release(&self, _ctx: &Context, _ino: u64, fh: u64, _flags: u32) -> Result<()> {
-        drop(self.handles.remove(fh));
+        if let Some(h) = self.handles.remove(fh) {
+            // The last reads' second drop (see read_trail).
+            for range in h.read_trail().map(|t| t.pending()).unwrap_or_default() {
+                drop_cached(h.fd(), range);
+            }
+        }
         Ok(())
     }
 

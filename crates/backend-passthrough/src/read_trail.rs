@@ -30,10 +30,11 @@ pub struct ReadTrail {
 
 #[derive(Debug, Default)]
 struct Trail {
-    recent: [Range; DEPTH],
+    /// Recent runs of reads; a read adjacent to one extends it (the kernel's readahead
+    /// requests arrive out of order across workers, so either side may join).
+    recent: [Option<Range>; DEPTH],
     /// Index of the newest entry.
     newest: usize,
-    len: usize,
 }
 
 impl ReadTrail {
@@ -45,28 +46,39 @@ impl ReadTrail {
             return [None, None];
         }
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if t.len > 0 {
-            let newest = t.newest;
-            let last = &mut t.recent[newest];
-            if last.1 == start {
-                // Sequential: one window over this read and the ones of the same run
-                // just before it (never before the run began).
-                let from = last.0.max(start.saturating_sub(SEQUENTIAL_LAG));
-                last.1 = end;
-                last.0 = last.0.max(end.saturating_sub(SEQUENTIAL_LAG));
-                return [Some((from, end)), None];
-            }
+        let left = t
+            .recent
+            .iter()
+            .position(|r| r.is_some_and(|r| r.1 == start));
+        let right = t.recent.iter().position(|r| r.is_some_and(|r| r.0 == end));
+        if left.is_none() && right.is_none() {
+            // A read on its own: dropped now, and again when it leaves the trail.
+            let slot = (t.newest + 1) % DEPTH;
+            let second = t.recent[slot].take();
+            t.recent[slot] = Some((start, end));
+            t.newest = slot;
+            return [Some((start, end)), second];
         }
-        let slot = if t.len == 0 {
-            0
-        } else {
-            (t.newest + 1) % DEPTH
-        };
-        let second = (t.len == DEPTH).then(|| t.recent[slot]);
-        t.recent[slot] = (start, end);
+        // Part of a run: one window over this read, the run's reads just before it
+        // (never before the run began) and a part after it that arrived first.
+        let lo = left.and_then(|i| t.recent[i]).map_or(start, |r| r.0);
+        let hi = right.and_then(|j| t.recent[j]).map_or(end, |r| r.1);
+        if let (Some(_), Some(j)) = (left, right) {
+            t.recent[j] = None;
+        }
+        let slot = left.or(right).expect("one side joined");
+        t.recent[slot] = Some((lo.max(hi.saturating_sub(SEQUENTIAL_LAG)), hi));
         t.newest = slot;
-        t.len = (t.len + 1).min(DEPTH);
-        [Some((start, end)), second]
+        [
+            Some((lo.max(start.saturating_sub(SEQUENTIAL_LAG)), hi)),
+            None,
+        ]
+    }
+
+    /// The ranges still waiting for their second drop (dropped when the file closes).
+    pub fn pending(&self) -> Vec<Range> {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.recent.iter().flatten().copied().collect()
     }
 }
 
@@ -120,5 +132,27 @@ mod tests {
         }
         // An empty read drops nothing.
         assert_eq!(t.record(5 * mb, 5 * mb), [None, None]);
+    }
+
+    #[test]
+    fn out_of_order_sequential_reads_are_each_dropped_twice_by_close() {
+        let t = ReadTrail::default();
+        let mb = 1u64 << 20;
+        // Readahead pairs arriving swapped: 1 before 0, 3 before 2, ...
+        let order: Vec<u64> = (0..32).map(|i| i ^ 1).collect();
+        let mut dropped: Vec<Range> = Vec::new();
+        for &i in &order {
+            dropped.extend(t.record(i * mb, (i + 1) * mb).into_iter().flatten());
+        }
+        dropped.extend(t.pending());
+        for i in 0..32 {
+            let times = dropped
+                .iter()
+                .filter(|r| r.0 <= i * mb && (i + 1) * mb <= r.1)
+                .count();
+            assert!(times >= 2, "MiB {i} dropped {times} time(s): {dropped:?}");
+        }
+        // Nothing outside what was read.
+        assert!(dropped.iter().all(|r| r.1 <= 32 * mb));
     }
 }
