@@ -8,7 +8,7 @@ scripts/setup.sh --release
 fsva=target/release/fsva
 mp=${1:-/tmp/fsva-demo}
 mkdir -p "$mp"
-if grep -q " $mp fuse.fsva" /proc/self/mountinfo; then
+if [ "$(findmnt -n -o FSTYPE --mountpoint "$mp" 2>/dev/null)" = fuse.fsva ]; then
   echo "demo: $mp is already an fsva mount; unmounting the old one first"
   "$fsva" umount "$mp"
 fi
