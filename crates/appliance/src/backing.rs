@@ -21,9 +21,46 @@ pub trait BackingFiles: Send + Sync {
 /// Backing ids held by open file handles. The kernel allows one backing file per
 /// inode (every passthrough open of an inode must name the same id; it opens its own
 /// backing file with each open's flags), so ids are per inode, counted by handle.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct BackingIds {
     inner: Mutex<Inner>,
+    /// Where every change is recorded for crash recovery, in the order it happened.
+    journal: Option<std::sync::Arc<crate::journal::Journal>>,
+}
+
+impl std::fmt::Debug for BackingIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackingIds")
+            .field("inner", &self.inner)
+            .field("journaled", &self.journal.is_some())
+            .finish()
+    }
+}
+
+/// The runtime's own journal records (tag [`crate::journal::RUNTIME`]): backing-id
+/// changes. Replaying one twice changes nothing, so a checkpoint that already holds a
+/// change and a replay of its record agree.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RuntimeRecord {
+    V1(RuntimeRecordV1),
+}
+
+impl RuntimeRecord {
+    /// A runtime record's payload (after its tag byte), in the newest version's terms.
+    pub fn decode(payload: &[u8]) -> Result<RuntimeRecordV1, crate::state::StateError> {
+        match postcard::from_bytes::<RuntimeRecord>(payload) {
+            Ok(RuntimeRecord::V1(r)) => Ok(r),
+            Err(e) => Err(crate::state::StateError::Corrupt(format!(
+                "a runtime journal record: {e}"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RuntimeRecordV1 {
+    BackingAcquired { ino: u64, fh: u64, id: i32 },
+    BackingReleased { fh: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -35,8 +72,27 @@ struct Inner {
 }
 
 impl BackingIds {
+    /// A table that records every change in `journal`.
+    pub fn journaled(journal: std::sync::Arc<crate::journal::Journal>) -> Self {
+        Self {
+            inner: Mutex::default(),
+            journal: Some(journal),
+        }
+    }
+
+    fn record(&self, r: RuntimeRecordV1) {
+        if let Some(j) = &self.journal {
+            let bytes = postcard::to_extend(&RuntimeRecord::V1(r), vec![crate::journal::RUNTIME])
+                .expect("a runtime record always encodes");
+            if let Err(e) = j.append(&bytes) {
+                tracing::error!(error = %e, "recording a backing-file change failed");
+            }
+        }
+    }
+
     /// The backing id for a new handle `fh` of `ino`: the inode's existing one, or one
     /// made by `register` (called with the table locked, so an inode never gets two).
+    /// A handle that holds one already (a resent OPEN) gets it again, counted once.
     pub fn acquire(
         &self,
         ino: u64,
@@ -44,6 +100,13 @@ impl BackingIds {
         register: impl FnOnce() -> std::io::Result<i32>,
     ) -> std::io::Result<i32> {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&held) = t.by_handle.get(&fh) {
+            if held == ino {
+                if let Some(&(id, _)) = t.by_inode.get(&ino) {
+                    return Ok(id);
+                }
+            }
+        }
         let id = match t.by_inode.get_mut(&ino) {
             Some((id, users)) => {
                 *users += 1;
@@ -56,6 +119,7 @@ impl BackingIds {
             }
         };
         t.by_handle.insert(fh, ino);
+        self.record(RuntimeRecordV1::BackingAcquired { ino, fh, id });
         Ok(id)
     }
 
@@ -63,6 +127,7 @@ impl BackingIds {
     pub fn release(&self, fh: u64) -> Option<i32> {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let ino = t.by_handle.remove(&fh)?;
+        self.record(RuntimeRecordV1::BackingReleased { fh });
         let (id, users) = t.by_inode.get_mut(&ino)?;
         *users -= 1;
         if *users == 0 {
@@ -112,6 +177,39 @@ impl BackingIds {
             t.by_inode.insert(b.ino, (b.id, handles.len()));
             for fh in handles {
                 t.by_handle.insert(fh, b.ino);
+            }
+        }
+    }
+
+    /// Applies a journal record of a predecessor (crash recovery). Records a
+    /// checkpoint already holds change nothing; a record naming an id other than the
+    /// inode's is ignored (the kernel pins one backing file per inode).
+    pub fn replay(&self, r: &RuntimeRecordV1) {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match *r {
+            RuntimeRecordV1::BackingAcquired { ino, fh, id } => {
+                if t.by_handle.contains_key(&fh) {
+                    return;
+                }
+                match t.by_inode.get_mut(&ino) {
+                    Some((held, users)) if *held == id => *users += 1,
+                    Some(_) => return,
+                    None => {
+                        t.by_inode.insert(ino, (id, 1));
+                    }
+                }
+                t.by_handle.insert(fh, ino);
+            }
+            RuntimeRecordV1::BackingReleased { fh } => {
+                let Some(ino) = t.by_handle.remove(&fh) else {
+                    return;
+                };
+                if let Some((_, users)) = t.by_inode.get_mut(&ino) {
+                    *users -= 1;
+                    if *users == 0 {
+                        t.by_inode.remove(&ino);
+                    }
+                }
             }
         }
     }

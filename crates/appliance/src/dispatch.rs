@@ -38,6 +38,8 @@ pub struct Dispatcher {
     backing_ids: BackingIds,
     backing_refused: std::sync::atomic::AtomicBool,
     destroyed: std::sync::atomic::AtomicBool,
+    /// The recovery journal, when the supervisor keeps one for this appliance.
+    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 /// Maps a backend result onto the reply buffer.
@@ -77,20 +79,31 @@ fn xattr_reply(reply: &mut ReplyBuf, unique: u64, x: Xattr) {
 }
 
 impl Dispatcher {
+    /// `journal`: where the runtime records its own changes (backing ids, the
+    /// negotiated session) for a successor after a crash.
     pub fn new(
         fs: Arc<dyn Filesystem>,
         config: SessionConfig,
         backing: Option<Arc<dyn BackingFiles>>,
+        journal: Option<Arc<crate::journal::Journal>>,
     ) -> Self {
         Self {
             fs,
             session: Session::default(),
             config,
             backing,
-            backing_ids: BackingIds::default(),
+            backing_ids: match &journal {
+                Some(j) => BackingIds::journaled(j.clone()),
+                None => BackingIds::default(),
+            },
             backing_refused: Default::default(),
             destroyed: Default::default(),
+            journal,
         }
+    }
+
+    pub fn journal(&self) -> Option<&Arc<crate::journal::Journal>> {
+        self.journal.as_ref()
     }
 
     /// Tells the backend the mount is gone (once: on DESTROY, or when every channel
@@ -148,22 +161,36 @@ impl Dispatcher {
         out
     }
 
-    /// The runtime's part of a restart's state, around the backend's `snapshot`.
-    pub fn state(&self, backend: Vec<u8>) -> crate::state::ApplianceState {
-        crate::state::ApplianceState::V1(crate::state::StateV1 {
+    /// The runtime's part of a state, around the backend's snapshot; `boundary` is
+    /// the last journal record it holds (0 without a journal).
+    pub fn state(&self, backend: Vec<u8>, boundary: u64) -> crate::state::ApplianceState {
+        crate::state::ApplianceState::V2(crate::state::StateV2 {
             session: self.session.negotiation().map(|n| n.saved()),
             backing: self.backing_ids.export(),
             backend,
+            journal_boundary: boundary,
         })
     }
 
     /// Takes over a predecessor's session and backing registrations.
-    pub fn adopt(&self, state: &crate::state::StateV1) {
+    pub fn adopt(&self, state: &crate::state::StateV2) {
         if let Some(s) = state.session {
-            self.session
-                .establish(crate::session::Negotiation::restored(s));
+            self.adopt_session(s);
         }
         self.backing_ids.import(&state.backing);
+    }
+
+    /// Takes over a predecessor's negotiated session (the kernel sends no second INIT).
+    pub fn adopt_session(&self, s: crate::state::SessionV1) {
+        self.session
+            .establish(crate::session::Negotiation::restored(s));
+    }
+
+    /// Applies the runtime's journal records of a predecessor (crash recovery).
+    pub fn replay(&self, records: &[crate::backing::RuntimeRecordV1]) {
+        for r in records {
+            self.backing_ids.replay(r);
+        }
     }
 
     /// The backend (to checkpoint it).
@@ -198,6 +225,16 @@ impl Dispatcher {
             supp_group: req.supp_group,
         };
         let fs = &*self.fs;
+        if u & abi::UNIQUE_RESEND != 0 {
+            if let Some(done) = fs.completed(u & !abi::UNIQUE_RESEND) {
+                tracing::debug!(
+                    unique = u,
+                    opcode = h.opcode,
+                    "resent request had taken effect; answering with its first result"
+                );
+                return self.reply_completed(&req, done, reply);
+            }
+        }
         match req.op {
             Operation::Init(init) => {
                 let mut wanted = fs.init(
@@ -220,6 +257,9 @@ impl Dispatcher {
                             "FUSE session established"
                         );
                         self.session.establish(n);
+                        if let Some(j) = &self.journal {
+                            j.set_session(n.saved());
+                        }
                         reply.value(u, &out);
                     }
                     InitReply::MajorOnly(out) => {
@@ -554,6 +594,71 @@ impl Dispatcher {
                 Outcome::Reply
             }
         }
+    }
+
+    /// The reply a resent request gets when its first execution had taken effect.
+    fn reply_completed(
+        &self,
+        req: &fsva_protocol::Request<'_>,
+        done: crate::filesystem::Completed,
+        reply: &mut ReplyBuf,
+    ) -> Outcome {
+        use crate::filesystem::Completed as C;
+        let h = req.header;
+        let u = h.unique;
+        match (&req.op, done) {
+            (
+                Operation::Mkdir { .. }
+                | Operation::Mknod { .. }
+                | Operation::Symlink { .. }
+                | Operation::Link { .. }
+                | Operation::Lookup { .. },
+                C::Entry(e),
+            ) => {
+                reply.value(u, &e.to_abi());
+            }
+            (Operation::Setattr(_), C::Attr(attr, ttl)) => {
+                reply.value(u, &attr_out(attr, ttl));
+            }
+            (Operation::Open(_) | Operation::Opendir(_), C::Opened(o)) => {
+                reply.value(u, &self.open_out(h.nodeid, &o));
+            }
+            (Operation::Create { .. } | Operation::Tmpfile(_), C::Created(e, o)) => {
+                let b = reply.start(u);
+                b.extend_from_slice(e.to_abi().as_bytes());
+                b.extend_from_slice(self.open_out(e.ino, &o).as_bytes());
+                reply.finish();
+            }
+            (Operation::Write { .. }, C::Written(size)) => {
+                reply.value(u, &abi::WriteOut { size, padding: 0 });
+            }
+            (Operation::CopyFileRange(_), C::Copied(n)) => {
+                reply.value(
+                    u,
+                    &abi::WriteOut {
+                        size: n as u32,
+                        padding: 0,
+                    },
+                );
+            }
+            (Operation::CopyFileRange64(_), C::Copied(n)) => {
+                reply.value(u, &abi::CopyFileRangeOut64 { bytes_copied: n });
+            }
+            (Operation::Release(a), C::Done) => {
+                if let (Some(id), Some(backing)) = (self.backing_ids.release(a.fh), &self.backing) {
+                    backing.close(id);
+                }
+                reply.empty(u);
+            }
+            (_, C::Done) => {
+                reply.empty(u);
+            }
+            (_, other) => {
+                tracing::error!(unique = u, opcode = h.opcode, result = ?other, "a journal result does not fit the resent request; answering EIO");
+                reply.error(u, libc::EIO);
+            }
+        }
+        Outcome::Reply
     }
 
     fn malformed(&self, frame: &[u8], e: DecodeError, reply: &mut ReplyBuf) -> Outcome {

@@ -104,6 +104,27 @@ pub struct Opened {
     pub backing: Option<OwnedFd>,
 }
 
+/// The reply of a request that had already taken effect when its appliance died and
+/// the kernel resent it to the successor: what its first execution returned, rebuilt
+/// from the recovery journal (see [`Filesystem::completed`]).
+#[derive(Debug)]
+pub enum Completed {
+    /// LOOKUP-like replies: MKDIR, MKNOD, SYMLINK, LINK (the lookup is already counted).
+    Entry(Entry),
+    /// SETATTR.
+    Attr(abi::Attr, Duration),
+    /// OPEN, OPENDIR.
+    Opened(Opened),
+    /// CREATE, TMPFILE.
+    Created(Entry, Opened),
+    /// WRITE.
+    Written(u32),
+    /// COPY_FILE_RANGE.
+    Copied(u64),
+    /// Everything whose success has an empty reply (UNLINK, RENAME, RELEASE, ...).
+    Done,
+}
+
 /// Reply of GETXATTR / LISTXATTR: the size when the caller asked with size 0, the data otherwise.
 #[derive(Debug)]
 pub enum Xattr {
@@ -225,6 +246,30 @@ pub trait Filesystem: Send + Sync {
         Err(crate::state::StateError::Unsupported(
             "only mem can be restarted live so far".into(),
         ))
+    }
+
+    /// A checkpoint taken while serving, for crash recovery: the backend takes the lock
+    /// that orders its journal records, snapshots, and calls `rotate` under that lock
+    /// (which marks the journal boundary the snapshot covers and returns it). Returns
+    /// the snapshot and the boundary. Descriptors are not part of it: they are kept by
+    /// the supervisor already ([`crate::Keeper`]).
+    fn journal_checkpoint(
+        &self,
+        rotate: &mut dyn FnMut() -> u64,
+    ) -> std::result::Result<(Vec<u8>, u64), crate::state::StateError> {
+        let _ = rotate;
+        Err(crate::state::StateError::Unsupported(
+            "this backend keeps no recovery journal".into(),
+        ))
+    }
+
+    /// Asked for every request the kernel resent after the appliance before this one
+    /// died (`unique` without the resend bit): `Some` if the request had already taken
+    /// effect, with what it returned then; `None` to execute it now. A backend
+    /// without a journal executes everything again.
+    fn completed(&self, unique: u64) -> Option<Completed> {
+        let _ = unique;
+        None
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {

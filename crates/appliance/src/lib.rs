@@ -8,7 +8,9 @@
 //! - [`server`]: the worker threads, one per channel endpoint, and their counters;
 //! - [`backing`]: FUSE passthrough backing ids held by open handles;
 //! - [`fileio`]: positioned reads into reply buffers and complete writes, for backends;
-//! - [`state`]: the versioned state a live restart hands to the successor.
+//! - [`state`]: the versioned state a live restart hands to the successor;
+//! - [`journal`]: the recovery journal, the record of every change since the last
+//!   checkpoint, in memory the supervisor keeps; [`keeper`]: what else it keeps.
 //!
 //! The runtime never interprets file system semantics (that is the backend's job) and
 //! never touches mounts, namespaces or the supervisor's state.
@@ -17,13 +19,16 @@ pub mod backing;
 pub mod dispatch;
 pub mod fileio;
 pub mod filesystem;
+pub mod journal;
+pub mod keeper;
 pub mod server;
 pub mod session;
 pub mod state;
 
 pub use backing::BackingFiles;
 pub use filesystem::{
-    Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
+    Completed, Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
 };
+pub use keeper::Keeper;
 pub use server::{Server, ServerStats};
 pub use session::SessionConfig;

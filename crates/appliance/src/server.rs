@@ -56,30 +56,99 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Server {
     /// `backing` registers FUSE passthrough backing files (None: data always goes
-    /// through the appliance).
+    /// through the appliance); `journal` is the recovery journal the supervisor keeps
+    /// for this appliance, if any (the backend `fs` must write to the same one).
     pub fn new(
         fs: Arc<dyn Filesystem>,
         config: SessionConfig,
         backing: Option<Arc<dyn crate::BackingFiles>>,
+        journal: Option<Arc<crate::journal::Journal>>,
     ) -> Self {
         Self {
-            dispatcher: Arc::new(Dispatcher::new(fs, config, backing)),
+            dispatcher: Arc::new(Dispatcher::new(fs, config, backing, journal)),
             stats: Arc::new(ServerStats::default()),
             pause: Arc::default(),
         }
     }
 
     /// A server taking over from a predecessor: `state` is what the predecessor's
-    /// [`Server::checkpoint`] encoded (the backend, built from its part, is `fs`).
+    /// checkpoint encoded (the backend, built from its part, is `fs`), and `replay` the
+    /// runtime's journal records written after it (crash recovery).
     pub fn restored(
         fs: Arc<dyn Filesystem>,
         config: SessionConfig,
         backing: Option<Arc<dyn crate::BackingFiles>>,
-        state: &crate::state::StateV1,
+        journal: Option<Arc<crate::journal::Journal>>,
+        state: &crate::state::StateV2,
+        replay: &[crate::backing::RuntimeRecordV1],
     ) -> Self {
-        let server = Self::new(fs, config, backing);
+        let server = Self::new(fs, config, backing, journal);
         server.dispatcher.adopt(state);
+        server.dispatcher.replay(replay);
         server
+    }
+
+    /// Takes over a predecessor's session when no checkpoint held it (the journal's
+    /// header did).
+    pub fn adopt_session(&self, s: crate::state::SessionV1) {
+        if self.dispatcher.session().negotiation().is_none() {
+            self.dispatcher.adopt_session(s);
+        }
+    }
+
+    /// Takes a checkpoint for crash recovery while serving (no pause: the backend's
+    /// lock gives the cut) and hands it to `keeper`. Returns the journal boundary it
+    /// covers.
+    pub fn journal_checkpoint(
+        &self,
+        keeper: &dyn crate::Keeper,
+    ) -> std::result::Result<u64, crate::state::StateError> {
+        let Some(journal) = self.dispatcher.journal() else {
+            return Err(crate::state::StateError::Unsupported(
+                "this appliance keeps no recovery journal".into(),
+            ));
+        };
+        let (backend, boundary) = self
+            .dispatcher
+            .filesystem()
+            .journal_checkpoint(&mut || journal.rotate())?;
+        // The runtime's part is read after the rotation: it then holds every change up
+        // to the boundary (and perhaps some after it, which replay again harmlessly).
+        let state = self.dispatcher.state(backend, boundary).encode();
+        keeper.store_checkpoint(&state, boundary).map_err(|e| {
+            crate::state::StateError::Backend(format!("storing the checkpoint: {e}"))
+        })?;
+        journal.covered(boundary);
+        Ok(boundary)
+    }
+
+    /// Keeps the journal short: a checkpoint whenever the journal says one is due, on
+    /// a thread of its own, until `keeper` fails. Starts with one at once, so that a
+    /// successor replays only what came after the start.
+    pub fn start_checkpointer(self: &Arc<Self>, keeper: Arc<dyn crate::Keeper>) {
+        let server = self.clone();
+        let _ = thread::Builder::new()
+            .name("fsva-checkpoint".into())
+            .spawn(move || {
+                let Some(journal) = server.dispatcher.journal().cloned() else {
+                    return;
+                };
+                loop {
+                    let t0 = std::time::Instant::now();
+                    match server.journal_checkpoint(&*keeper) {
+                        Ok(boundary) => tracing::debug!(
+                            boundary,
+                            took_us = t0.elapsed().as_micros() as u64,
+                            "checkpoint stored"
+                        ),
+                        Err(e) => {
+                            tracing::error!(error = %e, "checkpoint failed; a successor would replay a longer journal");
+                            std::thread::sleep(std::time::Duration::from_secs(1));
+                        }
+                    }
+                    while !journal.wait_due(std::time::Duration::from_secs(3600)) {}
+                }
+            });
     }
 
     /// Pauses the workers, waits for requests in execution, and returns the encoded
@@ -99,7 +168,10 @@ impl Server {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
         match self.dispatcher.filesystem().checkpoint() {
-            Ok(backend) => Ok((self.dispatcher.state(backend.bytes).encode(), backend.fds)),
+            Ok(backend) => Ok((
+                self.dispatcher.state(backend.bytes, 0).encode(),
+                backend.fds,
+            )),
             Err(e) => {
                 self.resume();
                 Err(e)

@@ -100,10 +100,22 @@ pub struct StateV1 {
     pub backend: Vec<u8>,
 }
 
+/// Version 2: version 1 and the recovery journal's boundary. A checkpoint taken for
+/// crash recovery holds every journal record up to `journal_boundary`; a successor
+/// replays the records after it. A live restart's state has boundary 0 and no journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateV2 {
+    pub session: Option<SessionV1>,
+    pub backing: Vec<BackingV1>,
+    pub backend: Vec<u8>,
+    pub journal_boundary: u64,
+}
+
 /// Every version this runtime can read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplianceState {
     V1(StateV1),
+    V2(StateV2),
 }
 
 impl ApplianceState {
@@ -111,6 +123,19 @@ impl ApplianceState {
         let mut out = MAGIC.to_vec();
         out.extend(postcard::to_allocvec(self).expect("in-memory state always encodes"));
         out
+    }
+
+    /// The state in the newest version's terms.
+    pub fn into_latest(self) -> StateV2 {
+        match self {
+            ApplianceState::V1(s) => StateV2 {
+                session: s.session,
+                backing: s.backing,
+                backend: s.backend,
+                journal_boundary: 0,
+            },
+            ApplianceState::V2(s) => s,
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<ApplianceState, StateError> {
@@ -173,6 +198,11 @@ mod tests {
         }
         let mut unknown_version = good.clone();
         unknown_version[MAGIC.len()] = 9;
+        // Version 1 states (from an older fsva) still read, as version 2 without a journal.
+        let latest = sample().into_latest();
+        assert_eq!(latest.journal_boundary, 0);
+        let v2 = ApplianceState::V2(latest.clone());
+        assert_eq!(ApplianceState::decode(&v2.encode()), Ok(v2));
         assert!(matches!(
             ApplianceState::decode(&unknown_version),
             Err(StateError::Corrupt(_))

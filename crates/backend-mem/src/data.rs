@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use fsva_appliance::{Errno, Result};
+use fsva_appliance::{Errno, Keeper, Result};
 
 use crate::attr::Time;
 
@@ -36,20 +36,62 @@ fn cvt(r: libc::c_long) -> Result<u64> {
 /// below what would make the sum of 2^20 files wrap).
 const MAX_CHARGE: u64 = 1 << 40;
 
-/// Capacity and usage shared by all files of one file system.
-#[derive(Debug)]
+/// Capacity and usage shared by all files of one file system, and where their memfds
+/// are kept for a successor.
 pub struct Space {
     /// Bytes the file system may hold; changed at run time by the cache budget.
     capacity: AtomicU64,
     used: AtomicU64,
+    /// The supervisor's safe-keeping: every memfd is given to it when made, so file
+    /// contents outlive this appliance (crash recovery).
+    keeper: Option<Arc<dyn Keeper>>,
+    /// Id of the next memfd (unique in the mount, across successors).
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space")
+            .field("capacity", &self.capacity)
+            .field("used", &self.used)
+            .field("kept", &self.keeper.is_some())
+            .finish()
+    }
 }
 
 impl Space {
     pub fn new(capacity: u64) -> Arc<Space> {
+        Self::kept(capacity, None, 1)
+    }
+
+    /// A space whose memfds go to `keeper` as they are made, numbered from `first_id`.
+    pub fn kept(capacity: u64, keeper: Option<Arc<dyn Keeper>>, first_id: u64) -> Arc<Space> {
         Arc::new(Space {
             capacity: AtomicU64::new(capacity),
             used: AtomicU64::new(0),
+            keeper,
+            next_id: AtomicU64::new(first_id.max(1)),
         })
+    }
+
+    /// Whether memfds are kept by the supervisor.
+    pub fn is_kept(&self) -> bool {
+        self.keeper.is_some()
+    }
+
+    fn new_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id the next memfd will get.
+    pub(crate) fn peek_next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Moves the id counter past `id` (after a restore); never back.
+    pub(crate) fn ids_after(&self, id: u64) {
+        self.next_id
+            .fetch_max(id.saturating_add(1), Ordering::Relaxed);
     }
 
     pub fn capacity(&self) -> u64 {
@@ -74,6 +116,8 @@ impl Space {
 /// The contents of one regular file.
 #[derive(Debug)]
 pub struct FileData {
+    /// Names the memfd to the supervisor's keeper and in checkpoints and the journal.
+    id: u64,
     fd: OwnedFd,
     /// Shared by plain writes; exclusive for O_APPEND writes and size changes, so an
     /// append lands at the true end of file atomically with respect to other writes.
@@ -87,6 +131,9 @@ impl Drop for FileData {
     fn drop(&mut self) {
         let c = *self.charged.lock().unwrap_or_else(|e| e.into_inner());
         self.space.used.fetch_sub(c, Ordering::Relaxed);
+        if let Some(k) = &self.space.keeper {
+            k.release(self.id);
+        }
     }
 }
 
@@ -113,27 +160,60 @@ impl FileData {
             }
             return Err(e);
         }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let id = space.new_id();
+        if let Some(k) = &space.keeper {
+            k.keep(id, fd.as_fd());
+        }
         Ok(FileData {
-            // SAFETY: `fd` was just created and is owned by nobody else.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            id,
+            fd,
             io: RwLock::new(()),
             charged: Mutex::new(0),
             space,
         })
     }
 
-    /// File data restored from a snapshot: the predecessor's memfd, with what it had
-    /// charged to the space (bounded, so a lying predecessor cannot wrap the count; no
-    /// system call per file, which would cost the restart 8 ms per 10,000 files).
-    pub(crate) fn restored(fd: OwnedFd, charged: u64, space: Arc<Space>) -> FileData {
+    /// File data restored from a snapshot: the predecessor's memfd `id` (kept by the
+    /// supervisor already), with what it had charged to the space (bounded, so a lying
+    /// predecessor cannot wrap the count; no system call per file, which would cost the
+    /// restart 8 ms per 10,000 files).
+    pub(crate) fn restored(id: u64, fd: OwnedFd, charged: u64, space: Arc<Space>) -> FileData {
         let charged = charged.min(MAX_CHARGE);
         space.used.fetch_add(charged, Ordering::Relaxed);
         FileData {
+            id,
             fd,
             io: RwLock::new(()),
             charged: Mutex::new(charged),
             space,
         }
+    }
+
+    /// File data taken over from a predecessor that kept no journal (its memfd came
+    /// with its state): a new id, and given to the keeper like a new file's.
+    pub(crate) fn adopted(fd: OwnedFd, charged: u64, space: Arc<Space>) -> FileData {
+        let id = space.new_id();
+        if let Some(k) = &space.keeper {
+            k.keep(id, fd.as_fd());
+        }
+        Self::restored(id, fd, charged, space)
+    }
+
+    /// Sets what this file has charged to the space (replay of a journal record),
+    /// bounded as for a restore.
+    pub(crate) fn set_charged(&self, charged: u64) {
+        let charged = charged.min(MAX_CHARGE);
+        let mut c = self.charged.lock().unwrap_or_else(|e| e.into_inner());
+        self.space.used.fetch_add(charged, Ordering::Relaxed);
+        self.space.used.fetch_sub(*c, Ordering::Relaxed);
+        *c = charged;
+    }
+
+    /// The id that names this memfd to the keeper.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Bytes this file has charged to the space.
@@ -286,6 +366,15 @@ impl FileData {
         };
         self.recharge();
         Ok(n as u32)
+    }
+
+    /// Whether the file holds exactly `data` at `off` (and nothing is missing there).
+    pub fn holds_at(&self, off: u64, data: &[u8]) -> bool {
+        if self.size().map_or(true, |s| s < off + data.len() as u64) {
+            return false;
+        }
+        let mut got = Vec::with_capacity(data.len());
+        self.read_into(off, data.len() as u32, &mut got).is_ok() && got == data
     }
 
     pub fn truncate(&self, size: u64) -> Result<()> {

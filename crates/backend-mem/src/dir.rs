@@ -7,6 +7,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+
+use serde::{Deserialize, Serialize};
 
 /// Cookie of `.`.
 pub const DOT: u64 = 0;
@@ -22,6 +25,17 @@ pub struct Dir {
     by_cookie: BTreeMap<u64, (OsString, u64)>,
     by_name: HashMap<OsString, u64>,
     next: u64,
+    /// Changes not yet in the recovery journal (`None`: no journal is kept).
+    log: Option<Vec<DirOp>>,
+}
+
+/// One change to a directory's entries, as the recovery journal records it. Replayed
+/// in order on the same directory, they give the same entries with the same cookies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirOp {
+    Insert(Vec<u8>, u64),
+    Set(Vec<u8>, u64),
+    Remove(Vec<u8>),
 }
 
 impl Dir {
@@ -31,7 +45,48 @@ impl Dir {
             by_cookie: BTreeMap::new(),
             by_name: HashMap::new(),
             next: FIRST,
+            log: None,
         }
+    }
+
+    /// Starts recording changes for the recovery journal.
+    pub(crate) fn track(&mut self) {
+        self.log.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes since the last call.
+    pub(crate) fn take_log(&mut self) -> Vec<DirOp> {
+        match &mut self.log {
+            Some(l) => std::mem::take(l),
+            None => Vec::new(),
+        }
+    }
+
+    fn note(&mut self, op: impl FnOnce() -> DirOp) {
+        if let Some(l) = &mut self.log {
+            l.push(op());
+        }
+    }
+
+    /// Replays a journal record's change; false (and nothing changed) when it does not
+    /// fit this directory (a name inserted twice, or removed while absent).
+    pub(crate) fn apply(&mut self, op: &DirOp) -> bool {
+        match op {
+            DirOp::Insert(name, ino) => {
+                let name = OsStr::from_bytes(name);
+                if self.by_name.contains_key(name) {
+                    return false;
+                }
+                self.insert(name, *ino);
+            }
+            DirOp::Set(name, ino) => self.set(OsStr::from_bytes(name), *ino),
+            DirOp::Remove(name) => {
+                if self.remove(OsStr::from_bytes(name)).is_none() {
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Every entry as (cookie, name, inode), and the next cookie (for a snapshot).
@@ -68,6 +123,7 @@ impl Dir {
             by_cookie,
             by_name,
             next,
+            log: None,
         })
     }
 
@@ -91,6 +147,7 @@ impl Dir {
         self.next += 1;
         self.by_cookie.insert(c, (name.to_owned(), ino));
         self.by_name.insert(name.to_owned(), c);
+        self.note(|| DirOp::Insert(name.as_bytes().to_vec(), ino));
     }
 
     /// Points an existing `name` at `ino`, keeping its cookie (the name existed throughout).
@@ -101,6 +158,7 @@ impl Dir {
                 if let Some(e) = self.by_cookie.get_mut(c) {
                     e.1 = ino;
                 }
+                self.note(|| DirOp::Set(name.as_bytes().to_vec(), ino));
             }
             None => self.insert(name, ino),
         }
@@ -109,6 +167,7 @@ impl Dir {
     /// Removes `name`, returning the inode it named.
     pub fn remove(&mut self, name: &OsStr) -> Option<u64> {
         let c = self.by_name.remove(name)?;
+        self.note(|| DirOp::Remove(name.as_bytes().to_vec()));
         self.by_cookie.remove(&c).map(|(_, ino)| ino)
     }
 

@@ -171,7 +171,7 @@ impl Inode {
         }
     }
 
-    fn unused(&self) -> bool {
+    pub(crate) fn unused(&self) -> bool {
         self.nlink == 0 && self.opens == 0 && self.lookups.load(Ordering::Relaxed) == 0
     }
 }
@@ -180,6 +180,18 @@ impl Inode {
 pub struct InodeTable {
     map: HashMap<u64, Inode>,
     next: u64,
+    /// What changed since the recovery journal last recorded it (`None`: no journal).
+    changes: Option<Changes>,
+    /// Numbers below this one (but the root) belonged to a file system that was lost:
+    /// asking for one is ESTALE, not ENOENT (0: none).
+    stale_below: u64,
+}
+
+/// Inodes touched and freed since the last journal record.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    pub touched: Vec<u64>,
+    pub freed: Vec<u64>,
 }
 
 impl InodeTable {
@@ -190,7 +202,72 @@ impl InodeTable {
         InodeTable {
             map,
             next: ROOT + 1,
+            changes: None,
+            stale_below: 0,
         }
+    }
+
+    /// Numbers from `base` on for new inodes; every lower one but the root is stale
+    /// (a file system that was lost and replaced by this empty one).
+    pub(crate) fn after_loss(&mut self, base: u64) {
+        self.next = self.next.max(base);
+        self.stale_below = base;
+    }
+
+    fn missing(&self, ino: u64) -> Errno {
+        if ino < self.stale_below {
+            Errno(libc::ESTALE)
+        } else {
+            Errno::ENOENT
+        }
+    }
+
+    /// Starts recording changes for the recovery journal (every directory too).
+    pub(crate) fn track(&mut self) {
+        self.changes.get_or_insert_with(Changes::default);
+        for inode in self.map.values_mut() {
+            if let Kind::Dir(d) = &mut inode.kind {
+                d.track();
+            }
+        }
+    }
+
+    /// The changes since the last call (none when not tracking).
+    pub(crate) fn take_changes(&mut self) -> Option<Changes> {
+        self.changes.as_mut().map(std::mem::take)
+    }
+
+    /// The inode, for the journal's commit and replay (no change recorded).
+    pub(crate) fn get_untracked(&mut self, ino: u64) -> Option<&mut Inode> {
+        self.map.get_mut(&ino)
+    }
+
+    /// Puts `inode` under `ino` (replay of a journal record); false if `ino` is the
+    /// counter's or beyond it.
+    pub(crate) fn put(&mut self, ino: u64, inode: Inode) -> bool {
+        if ino == 0 || ino >= self.next {
+            return false;
+        }
+        self.map.insert(ino, inode);
+        true
+    }
+
+    /// Removes `ino` (replay of a journal record); never the root.
+    pub(crate) fn remove(&mut self, ino: u64) -> Option<Inode> {
+        if ino == ROOT {
+            return None;
+        }
+        self.map.remove(&ino)
+    }
+
+    /// The next number to hand out.
+    pub(crate) fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Moves the counter forward (replay); never back.
+    pub(crate) fn advance(&mut self, next: u64) {
+        self.next = self.next.max(next);
     }
 
     pub fn len(&self) -> usize {
@@ -203,17 +280,27 @@ impl InodeTable {
     }
 
     pub fn get(&self, ino: u64) -> Result<&Inode> {
-        self.map.get(&ino).ok_or(Errno::ENOENT)
+        self.map.get(&ino).ok_or_else(|| self.missing(ino))
     }
 
     pub fn get_mut(&mut self, ino: u64) -> Result<&mut Inode> {
-        self.map.get_mut(&ino).ok_or(Errno::ENOENT)
+        if let Some(c) = &mut self.changes {
+            c.touched.push(ino);
+        }
+        let missing = self.missing(ino);
+        self.map.get_mut(&ino).ok_or(missing)
     }
 
     /// Adds an inode under a fresh number.
-    pub fn insert(&mut self, inode: Inode) -> u64 {
+    pub fn insert(&mut self, mut inode: Inode) -> u64 {
         let ino = self.next;
         self.next += 1;
+        if let Some(c) = &mut self.changes {
+            c.touched.push(ino);
+            if let Kind::Dir(d) = &mut inode.kind {
+                d.track();
+            }
+        }
         self.map.insert(ino, inode);
         ino
     }
@@ -225,8 +312,12 @@ impl InodeTable {
 
     /// A table rebuilt from a snapshot's parts (the root must be among them).
     pub(crate) fn from_parts(next: u64, map: HashMap<u64, Inode>) -> Option<InodeTable> {
-        (map.contains_key(&ROOT) && map.keys().all(|&k| k < next))
-            .then_some(InodeTable { map, next })
+        (map.contains_key(&ROOT) && map.keys().all(|&k| k < next)).then_some(InodeTable {
+            map,
+            next,
+            changes: None,
+            stale_below: 0,
+        })
     }
 
     /// Frees `ino` if nothing refers to it any more (never the root). Returns the freed
@@ -236,6 +327,9 @@ impl InodeTable {
             return None;
         }
         if self.map.get(&ino).is_some_and(Inode::unused) {
+            if let Some(c) = &mut self.changes {
+                c.freed.push(ino);
+            }
             self.map.remove(&ino)
         } else {
             None

@@ -14,6 +14,12 @@
 //! Locking: one `RwLock` over the metadata (inodes and handles). Data system calls on
 //! memfds run after the lock is dropped (the handle's `Arc<FileData>` is cloned first);
 //! only `fstat` of a memfd runs under the lock, to fill in attribute replies.
+//!
+//! Crash recovery: with a journal ([`MemFs::journaled`]), every change happens in a
+//! [`Txn`] that records it in the recovery journal before the lock is released
+//! ([`journal`]), memfds are given to the supervisor as they are made, and a successor
+//! rebuilds the file system from the last checkpoint and the journal
+//! ([`MemFs::recover`]), answering resent requests from their first execution.
 
 pub mod acl;
 pub mod attr;
@@ -21,18 +27,24 @@ pub mod data;
 pub mod dir;
 pub mod handle;
 pub mod inode;
+mod journal;
 mod snapshot;
 pub mod xattr;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use fsva_appliance::filesystem::POSIX_BACKEND_FLAGS;
+use fsva_appliance::journal::Journal;
 use fsva_appliance::{
-    Context, DirSink, Entry, Errno, Filesystem, InitRequest, Opened, Result, Xattr,
+    Completed, Context, DirSink, Entry, Errno, Filesystem, InitRequest, Keeper, Opened, Result,
+    Xattr,
 };
 use fsva_protocol::abi::{self, fattr, flags as wflags, fopen};
 
@@ -42,6 +54,7 @@ use data::{FileData, Space};
 use dir::Dir;
 use handle::{Handle, HandleTable};
 use inode::{Inode, InodeTable, Kind, ROOT};
+use journal::{Outcome, Recovered};
 
 /// Longest name in a directory.
 pub const NAME_MAX: usize = 255;
@@ -134,8 +147,102 @@ pub struct MemFs {
     state: RwLock<State>,
     space: Arc<Space>,
     config: MemConfig,
+    /// The recovery journal every change goes to (see [`Txn`]).
+    journal: Option<Arc<Journal>>,
+    /// How to answer requests a dead predecessor had executed, if the kernel resends
+    /// them (crash recovery); emptied as they come.
+    recovered: Mutex<HashMap<u64, Recovered>>,
+    has_recovered: AtomicBool,
 }
 
+/// What a successor rebuilds a journaled mem from after its predecessor died.
+pub struct Recovery {
+    /// The backend's part of the last checkpoint, if one was stored.
+    pub checkpoint: Option<Vec<u8>>,
+    /// The backend's journal records after it, in order (without their tag byte).
+    pub records: Vec<Vec<u8>>,
+    /// Every memfd the supervisor kept, by id.
+    pub fds: HashMap<u64, OwnedFd>,
+}
+
+thread_local! {
+    /// Kernel lookup counts the request this thread serves has moved and that are not
+    /// journaled yet (only with a journal).
+    static LOOKUPS: RefCell<Vec<(u64, i64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A change to mem's metadata: the write lock, and, as it ends (still under the lock),
+/// one journal record of everything changed, with the request and its outcome.
+struct Txn<'a> {
+    fs: &'a MemFs,
+    st: RwLockWriteGuard<'a, State>,
+    unique: u64,
+    outcome: Option<Outcome>,
+}
+
+impl Txn<'_> {
+    /// What the request returns, for answering it again after a crash.
+    fn done(&mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl std::ops::Deref for Txn<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.st
+    }
+}
+
+impl std::ops::DerefMut for Txn<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.st
+    }
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        if let Some(j) = &self.fs.journal {
+            LOOKUPS.with(|l| {
+                journal::commit(
+                    &mut self.st,
+                    j,
+                    self.unique,
+                    self.outcome.take(),
+                    &mut l.borrow_mut(),
+                )
+            });
+        }
+    }
+}
+
+/// A read that counts kernel lookups (LOOKUP, READDIRPLUS): the read lock, and the
+/// counts journaled before it is released.
+struct ReadTxn<'a> {
+    fs: &'a MemFs,
+    st: RwLockReadGuard<'a, State>,
+    unique: u64,
+}
+
+impl std::ops::Deref for ReadTxn<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.st
+    }
+}
+
+impl Drop for ReadTxn<'_> {
+    fn drop(&mut self) {
+        if let Some(j) = &self.fs.journal {
+            LOOKUPS.with(|l| journal::commit_lookups(j, self.unique, &mut l.borrow_mut()));
+        }
+    }
+}
+
+/// A request's unique as journal records name it (without the kernel's resend bit).
+fn base_unique(ctx: &Context) -> u64 {
+    ctx.unique & !abi::UNIQUE_RESEND
+}
 fn in_group(ctx: &Context, gid: u32) -> bool {
     ctx.gid == gid || ctx.supp_group == Some(gid)
 }
@@ -181,7 +288,104 @@ impl MemFs {
             }),
             space: Space::new(config.capacity_bytes),
             config,
+            journal: None,
+            recovered: Mutex::default(),
+            has_recovered: AtomicBool::new(false),
         }
+    }
+
+    /// A new, empty file system whose every change goes to `journal` and whose memfds
+    /// go to `keeper`, so that a successor can rebuild it after a crash.
+    pub fn journaled(config: MemConfig, journal: Arc<Journal>, keeper: Arc<dyn Keeper>) -> MemFs {
+        let capacity = config.capacity_bytes;
+        let mut fs = MemFs::new(config);
+        fs.space = Space::kept(capacity, Some(keeper), 1);
+        fs.attach(journal);
+        fs
+    }
+
+    /// An empty file system replacing one whose state was lost (its checkpoint or
+    /// journal could not be read): every node and handle the kernel still holds from
+    /// before answers ESTALE, new ones are numbered from `base` on.
+    pub fn after_loss(
+        config: MemConfig,
+        journal: Arc<Journal>,
+        keeper: Arc<dyn Keeper>,
+        base: u64,
+    ) -> MemFs {
+        let mut fs = MemFs::journaled(config, journal, keeper);
+        let st = fs.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        st.inodes.after_loss(base);
+        st.handles.after_loss(base);
+        fs
+    }
+
+    /// Starts recording every change in `journal`.
+    fn attach(&mut self, journal: Arc<Journal>) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        st.inodes.track();
+        st.handles.track();
+        self.journal = Some(journal);
+    }
+
+    /// The file system a dead predecessor left: its last checkpoint with the journal
+    /// records after it replayed, memfds from the supervisor's keeping. Memfds the
+    /// supervisor kept that nothing names any more are given back. Goes on recording
+    /// in `journal`.
+    pub fn recover(
+        mut config: MemConfig,
+        journal: Arc<Journal>,
+        keeper: Arc<dyn Keeper>,
+        recovery: Recovery,
+    ) -> std::result::Result<MemFs, fsva_appliance::state::StateError> {
+        let top_id = recovery.fds.keys().copied().max().unwrap_or(0);
+        let mut data = snapshot::DataSource::new(snapshot::Descriptors::ById(recovery.fds));
+        let nofile = raise_nofile_limit();
+        config.max_inodes = config
+            .max_inodes
+            .min(nofile.saturating_sub(RESERVED_FDS).max(RESERVED_FDS));
+        let space = Space::kept(config.capacity_bytes, Some(keeper.clone()), top_id + 1);
+        let mut fs = match &recovery.checkpoint {
+            Some(bytes) => {
+                let restored = snapshot::restore(bytes, &mut data, &space)?;
+                space.ids_after(restored.next_data_id.saturating_sub(1));
+                MemFs {
+                    state: RwLock::new(State {
+                        inodes: restored.inodes,
+                        handles: restored.handles,
+                    }),
+                    space: space.clone(),
+                    config,
+                    journal: None,
+                    recovered: Mutex::default(),
+                    has_recovered: AtomicBool::new(false),
+                }
+            }
+            None => {
+                let mut fs = MemFs::new(config);
+                fs.space = space.clone();
+                fs
+            }
+        };
+        let records = recovery
+            .records
+            .iter()
+            .map(|r| journal::decode(r))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        {
+            let st = fs.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            let answers = journal::replay(st, records, &mut data, &space)?;
+            journal::check(st)?;
+            fs.has_recovered
+                .store(!answers.is_empty(), Ordering::Relaxed);
+            *fs.recovered.get_mut().unwrap_or_else(|e| e.into_inner()) = answers;
+        }
+        for id in data.unused_ids() {
+            keeper.release(id);
+        }
+        drop(data);
+        fs.attach(journal);
+        Ok(fs)
     }
 
     /// A file system restored from a predecessor's snapshot (live restart).
@@ -194,7 +398,8 @@ impl MemFs {
             .max_inodes
             .min(nofile.saturating_sub(RESERVED_FDS).max(RESERVED_FDS));
         let space = Space::new(config.capacity_bytes);
-        let restored = snapshot::restore(state, &space)?;
+        let mut data = snapshot::DataSource::new(snapshot::Descriptors::ByIndex(state.fds));
+        let restored = snapshot::restore(&state.bytes, &mut data, &space)?;
         Ok(MemFs {
             state: RwLock::new(State {
                 inodes: restored.inodes,
@@ -202,7 +407,36 @@ impl MemFs {
             }),
             space,
             config,
+            journal: None,
+            recovered: Mutex::default(),
+            has_recovered: AtomicBool::new(false),
         })
+    }
+
+    /// A metadata change on behalf of request `unique` (0: none).
+    fn txn(&self, unique: u64) -> Txn<'_> {
+        Txn {
+            fs: self,
+            st: self.wlock(),
+            unique,
+            outcome: None,
+        }
+    }
+
+    /// A read that counts lookups on behalf of request `unique`.
+    fn read_txn(&self, unique: u64) -> ReadTxn<'_> {
+        ReadTxn {
+            fs: self,
+            st: self.rlock(),
+            unique,
+        }
+    }
+
+    /// Notes a change of `ino`'s kernel lookup count for the journal.
+    fn note_lookups(&self, ino: u64, delta: i64) {
+        if self.journal.is_some() {
+            LOOKUPS.with(|l| l.borrow_mut().push((ino, delta)));
+        }
     }
 
     fn rlock(&self) -> RwLockReadGuard<'_, State> {
@@ -218,13 +452,14 @@ impl MemFs {
     /// is registered, which may ask the supervisor).
     fn open_created(
         &self,
-        mut st: RwLockWriteGuard<'_, State>,
+        mut st: Txn<'_>,
         ino: u64,
         data: Arc<FileData>,
         flags: u32,
     ) -> Result<(Entry, Opened)> {
         let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
         let entry = self.entry(ino, st.inodes.get(ino)?);
+        st.done(Outcome::Created { ino, fh });
         drop(st);
         Ok((
             entry,
@@ -239,6 +474,12 @@ impl MemFs {
     /// An `Entry` for `ino`, counting one kernel lookup reference.
     fn entry(&self, ino: u64, inode: &Inode) -> Entry {
         inode.lookups.fetch_add(1, Ordering::Relaxed);
+        self.note_lookups(ino, 1);
+        self.entry_uncounted(ino, inode)
+    }
+
+    /// An `Entry` for `ino` whose lookup was counted already.
+    fn entry_uncounted(&self, ino: u64, inode: &Inode) -> Entry {
         Entry {
             ino,
             generation: 0,
@@ -373,9 +614,11 @@ impl MemFs {
         data.fd().try_clone().ok()
     }
 
-    /// Updates m/ctime (and applies WRITE_KILL_SUIDGID) after data changed.
-    fn data_changed(&self, ino: u64, kill: Option<&Context>) {
-        let mut st = self.wlock();
+    /// Updates m/ctime (and applies WRITE_KILL_SUIDGID) after data changed, for request
+    /// `unique`, which returns `outcome`.
+    fn data_changed(&self, ino: u64, kill: Option<&Context>, unique: u64, outcome: Outcome) {
+        let mut st = self.txn(unique);
+        st.done(outcome);
         if let Ok(i) = st.inodes.get_mut(ino) {
             i.touch_mc(Time::now());
             if let Some(ctx) = kill {
@@ -500,6 +743,56 @@ impl MemFs {
         Ok(freed)
     }
 
+    /// The reply a request that had taken effect before the crash returned.
+    fn completed_outcome(&self, o: Outcome) -> Option<Completed> {
+        let st = self.rlock();
+        let entry = |ino: u64| -> Option<Entry> {
+            Some(self.entry_uncounted(ino, st.inodes.get(ino).ok()?))
+        };
+        let opened = |fh: u64| -> Option<(u64, Opened, Option<Arc<FileData>>)> {
+            let h = st.handles.peek(fh)?;
+            let flags = if h.data.is_some() {
+                FILE_OPEN_FLAGS
+            } else {
+                fopen::CACHE_DIR | fopen::KEEP_CACHE
+            };
+            Some((
+                h.ino,
+                Opened {
+                    fh,
+                    open_flags: flags,
+                    backing: None,
+                },
+                h.data.clone(),
+            ))
+        };
+        let done = match o {
+            Outcome::Looked => return None,
+            Outcome::Entry(ino) => Completed::Entry(entry(ino)?),
+            Outcome::Attr(ino) => Completed::Attr(
+                st.inodes.get(ino).ok()?.meta(ino).to_attr(),
+                self.config.ttl,
+            ),
+            Outcome::Opened(fh) => {
+                let (ino, mut o, data) = opened(fh)?;
+                drop(st);
+                o.backing = data.and_then(|d| self.backing_for(ino, &d));
+                Completed::Opened(o)
+            }
+            Outcome::Created { ino, fh } => {
+                let e = entry(ino)?;
+                let (_, mut o, data) = opened(fh)?;
+                drop(st);
+                o.backing = data.and_then(|d| self.backing_for(ino, &d));
+                Completed::Created(e, o)
+            }
+            Outcome::Written(n) => Completed::Written(n),
+            Outcome::Copied(n) => Completed::Copied(n),
+            Outcome::Done => Completed::Done,
+        };
+        Some(done)
+    }
+
     fn attr_of(&self, ino: u64) -> Result<(abi::Attr, Duration)> {
         let st = self.rlock();
         Ok((st.inodes.get(ino)?.meta(ino).to_attr(), self.config.ttl))
@@ -530,11 +823,51 @@ impl Filesystem for MemFs {
         snapshot::take(&st.inodes, &st.handles, &self.space)
     }
 
+    fn journal_checkpoint(
+        &self,
+        rotate: &mut dyn FnMut() -> u64,
+    ) -> std::result::Result<(Vec<u8>, u64), fsva_appliance::state::StateError> {
+        if self.journal.is_none() {
+            return Err(fsva_appliance::state::StateError::Unsupported(
+                "this mem keeps no recovery journal".into(),
+            ));
+        }
+        // Every change and its record happen under this lock: the snapshot and the
+        // boundary agree.
+        let st = self.wlock();
+        let bytes = snapshot::take_by_id(&st.inodes, &st.handles, &self.space);
+        let boundary = rotate();
+        Ok((bytes, boundary))
+    }
+
+    fn completed(&self, unique: u64) -> Option<Completed> {
+        if !self.has_recovered.load(Ordering::Relaxed) {
+            return None;
+        }
+        let answer = self
+            .recovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&unique)?;
+        match answer {
+            Recovered::Undo(lookups) => {
+                // Counted before the crash, not answered: give them back and run again.
+                for (ino, n) in lookups {
+                    if n > 0 {
+                        self.forget(ino, n as u64);
+                    }
+                }
+                None
+            }
+            Recovered::Outcome(o) => self.completed_outcome(o),
+        }
+    }
+
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
         if name.len() > NAME_MAX {
             return Err(Errno(libc::ENAMETOOLONG));
         }
-        let st = self.rlock();
+        let st = self.read_txn(base_unique(_ctx));
         let p = st.inodes.get(parent)?;
         let ino = match name.as_bytes() {
             // The VFS resolves "." itself; the kernel sends it only to find a node again
@@ -551,13 +884,16 @@ impl Filesystem for MemFs {
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
-        let mut st = self.wlock();
+        let mut st = self.txn(0);
         if let Ok(i) = st.inodes.get(ino) {
-            let _ = i
+            if let Ok(before) = i
                 .lookups
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     Some(n.saturating_sub(nlookup))
-                });
+                })
+            {
+                self.note_lookups(ino, -(before.min(nlookup) as i64));
+            }
         }
         let freed = st.inodes.release_if_unused(ino);
         drop(st);
@@ -575,14 +911,16 @@ impl Filesystem for MemFs {
         set: &abi::SetattrIn,
     ) -> Result<(abi::Attr, Duration)> {
         let v = set.valid;
+        let unique = base_unique(ctx);
         if v & fattr::SIZE != 0 {
             let data = {
-                let mut st = self.wlock();
+                let mut st = self.txn(unique);
                 self.file_data(&mut st, ino)?
             };
             data.truncate(set.size)?;
         }
-        let mut st = self.wlock();
+        let mut st = self.txn(unique);
+        st.done(Outcome::Attr(ino));
         let now = Time::now();
         let inode = st.inodes.get_mut(ino)?;
         inode.absorb_data_times();
@@ -671,8 +1009,9 @@ impl Filesystem for MemFs {
             libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => Kind::Special,
             _ => return Err(Errno::EINVAL),
         };
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
         let ino = self.make_node(&mut st, ctx, parent, Some(name), mode, umask, kind)?;
+        st.done(Outcome::Entry(ino));
         let inode = st.inodes.get_mut(ino)?;
         if matches!(mode & S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
             inode.rdev = rdev;
@@ -688,7 +1027,7 @@ impl Filesystem for MemFs {
         mode: u32,
         umask: u32,
     ) -> Result<Entry> {
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
         let mode = libc::S_IFDIR | (mode & 0o7777);
         let ino = self.make_node(
             &mut st,
@@ -699,6 +1038,7 @@ impl Filesystem for MemFs {
             umask,
             Kind::Dir(Dir::new(parent)),
         )?;
+        st.done(Outcome::Entry(ino));
         Ok(self.entry(ino, st.inodes.get(ino)?))
     }
 
@@ -709,7 +1049,7 @@ impl Filesystem for MemFs {
         if target.is_empty() {
             return Err(Errno::ENOENT);
         }
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
         let mode = libc::S_IFLNK | 0o777;
         let ino = self.make_node(
             &mut st,
@@ -720,14 +1060,16 @@ impl Filesystem for MemFs {
             0,
             Kind::Symlink(target.to_vec()),
         )?;
+        st.done(Outcome::Entry(ino));
         Ok(self.entry(ino, st.inodes.get(ino)?))
     }
 
-    fn unlink(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+    fn unlink(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
         if name.len() > NAME_MAX {
             return Err(Errno(libc::ENAMETOOLONG));
         }
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
+        st.done(Outcome::Done);
         let child = st
             .inodes
             .get(parent)?
@@ -747,14 +1089,15 @@ impl Filesystem for MemFs {
         Ok(())
     }
 
-    fn rmdir(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
         match name.as_bytes() {
             b"." => return Err(Errno::EINVAL),
             b".." => return Err(Errno(libc::ENOTEMPTY)),
             n if n.len() > NAME_MAX => return Err(Errno(libc::ENAMETOOLONG)),
             _ => {}
         }
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
+        st.done(Outcome::Done);
         let child = st
             .inodes
             .get(parent)?
@@ -777,7 +1120,7 @@ impl Filesystem for MemFs {
 
     fn rename(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         parent: u64,
         name: &OsStr,
         newparent: u64,
@@ -798,16 +1141,18 @@ impl Filesystem for MemFs {
                 e
             }
         })?;
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
+        st.done(Outcome::Done);
         let freed = self.do_rename(&mut st, parent, name, newparent, newname, flags)?;
         drop(st);
         drop(freed);
         Ok(())
     }
 
-    fn link(&self, _ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
+    fn link(&self, ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
         check_new_name(newname)?;
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
+        st.done(Outcome::Entry(ino));
         if st.inodes.get(ino)?.is_dir() {
             return Err(Errno(libc::EPERM));
         }
@@ -825,21 +1170,32 @@ impl Filesystem for MemFs {
     }
 
     fn open(&self, ctx: &Context, ino: u64, flags: u32, kill: bool) -> Result<Opened> {
-        let mut st = self.wlock();
-        let data = self.file_data(&mut st, ino)?;
+        let unique = base_unique(ctx);
+        let data = {
+            let mut st = self.txn(unique);
+            self.file_data(&mut st, ino)?
+        };
+        // Truncated before the handle exists, so that a journaled open is a whole one.
+        let truncate = flags & libc::O_TRUNC as u32 != 0
+            && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32;
+        if truncate {
+            data.truncate(0)?;
+        }
+        let mut st = self.txn(unique);
         let fh = Self::open_handle(&mut st, ino, Some(data.clone()), flags)?;
-        if kill {
+        st.done(Outcome::Opened(fh));
+        if kill || truncate {
             let i = st.inodes.get_mut(ino)?;
-            i.mode = kill_suidgid(i.mode, i.gid, ctx);
-            i.ctime = Time::now();
+            let now = Time::now();
+            if kill {
+                i.mode = kill_suidgid(i.mode, i.gid, ctx);
+                i.ctime = now;
+            }
+            if truncate {
+                i.touch_mc(now);
+            }
         }
         drop(st);
-        if flags & libc::O_TRUNC as u32 != 0
-            && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32
-        {
-            data.truncate(0)?;
-            self.data_changed(ino, None);
-        }
         Ok(Opened {
             fh,
             open_flags: FILE_OPEN_FLAGS,
@@ -872,18 +1228,25 @@ impl Filesystem for MemFs {
     ) -> Result<u32> {
         let data = self.rlock().handles.data(fh, ino)?;
         let append = flags & libc::O_APPEND as u32 != 0;
+        let kill = (write_flags & wflags::WRITE_KILL_SUIDGID != 0).then_some(ctx);
+        if append && ctx.unique & abi::UNIQUE_RESEND != 0 && data.holds_at(offset, buf) {
+            // A resent append whose bytes are already at the end the kernel saw: it took
+            // effect before the appliance died (the kernel serialises writes to a file,
+            // so nothing else could have put them there).
+            let n = buf.len() as u32;
+            self.data_changed(ino, kill, base_unique(ctx), Outcome::Written(n));
+            return Ok(n);
+        }
         let n = data.write(offset, buf, append)?;
         if n > 0 {
-            self.data_changed(
-                ino,
-                (write_flags & wflags::WRITE_KILL_SUIDGID != 0).then_some(ctx),
-            );
+            self.data_changed(ino, kill, base_unique(ctx), Outcome::Written(n));
         }
         Ok(n)
     }
 
-    fn release(&self, _ctx: &Context, ino: u64, fh: u64, _flags: u32) -> Result<()> {
-        let mut st = self.wlock();
+    fn release(&self, ctx: &Context, ino: u64, fh: u64, _flags: u32) -> Result<()> {
+        let mut st = self.txn(base_unique(ctx));
+        st.done(Outcome::Done);
         let h = st.handles.remove(fh, ino)?;
         if let Ok(i) = st.inodes.get_mut(ino) {
             i.opens = i.opens.saturating_sub(1);
@@ -899,10 +1262,11 @@ impl Filesystem for MemFs {
         self.rlock().handles.get(fh, ino).map(|_| ())
     }
 
-    fn opendir(&self, _ctx: &Context, ino: u64, flags: u32) -> Result<Opened> {
-        let mut st = self.wlock();
+    fn opendir(&self, ctx: &Context, ino: u64, flags: u32) -> Result<Opened> {
+        let mut st = self.txn(base_unique(ctx));
         st.inodes.get(ino)?.dir()?;
         let fh = Self::open_handle(&mut st, ino, None, flags)?;
+        st.done(Outcome::Opened(fh));
         Ok(Opened {
             fh,
             // Only this mount changes mem's directories, and the kernel drops its cached
@@ -914,13 +1278,13 @@ impl Filesystem for MemFs {
 
     fn readdir(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         fh: u64,
         offset: u64,
         sink: &mut DirSink,
     ) -> Result<()> {
-        let st = self.rlock();
+        let st = self.read_txn(base_unique(ctx));
         st.handles.get(fh, ino)?;
         let me = st.inodes.get(ino)?;
         let dir = me.dir()?;
@@ -965,6 +1329,7 @@ impl Filesystem for MemFs {
                 let e = self.entry(child, ci);
                 if !sink.add_plus(&e, cookie + 1, typ, name) {
                     ci.lookups.fetch_sub(1, Ordering::Relaxed);
+                    self.note_lookups(child, -1);
                     break;
                 }
             } else if !sink.add(child, cookie + 1, typ, name) {
@@ -1002,7 +1367,7 @@ impl Filesystem for MemFs {
 
     fn setxattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         name: &OsStr,
         value: &[u8],
@@ -1010,7 +1375,8 @@ impl Filesystem for MemFs {
         setxattr_flags: u32,
     ) -> Result<()> {
         let name = name.as_bytes();
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
+        st.done(Outcome::Done);
         let inode = st.inodes.get_mut(ino)?;
         if name == acl::ACCESS || name == acl::DEFAULT {
             let exists = inode.xattrs.raw(name).is_some();
@@ -1065,8 +1431,9 @@ impl Filesystem for MemFs {
         self.rlock().inodes.get(ino)?.xattrs.list(size)
     }
 
-    fn removexattr(&self, _ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
-        let mut st = self.wlock();
+    fn removexattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
+        let mut st = self.txn(base_unique(ctx));
+        st.done(Outcome::Done);
         let inode = st.inodes.get_mut(ino)?;
         inode.xattrs.remove(name.as_bytes())?;
         inode.ctime = Time::now();
@@ -1086,7 +1453,7 @@ impl Filesystem for MemFs {
         umask: u32,
         flags: u32,
     ) -> Result<(Entry, Opened)> {
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
         let existing = st.inodes.get(parent)?.dir()?.get(name);
         let ino = match existing {
             Some(_) if flags & libc::O_EXCL as u32 != 0 => return Err(Errno(libc::EEXIST)),
@@ -1117,7 +1484,7 @@ impl Filesystem for MemFs {
         umask: u32,
         flags: u32,
     ) -> Result<(Entry, Opened)> {
-        let mut st = self.wlock();
+        let mut st = self.txn(base_unique(ctx));
         let data = Arc::new(FileData::new(self.space.clone())?);
         let mode = libc::S_IFREG | (mode & 0o7777);
         let ino = self.make_node(
@@ -1134,7 +1501,7 @@ impl Filesystem for MemFs {
 
     fn fallocate(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         fh: u64,
         offset: u64,
@@ -1146,7 +1513,7 @@ impl Filesystem for MemFs {
         data.fallocate(offset, length, mode as i32)?;
         let punch = mode as i32 & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
         if punch || data.size()? != before {
-            self.data_changed(ino, None);
+            self.data_changed(ino, None, base_unique(ctx), Outcome::Done);
         }
         Ok(())
     }
@@ -1163,7 +1530,7 @@ impl Filesystem for MemFs {
 
     fn copy_file_range(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino_in: u64,
         fh_in: u64,
         off_in: u64,
@@ -1185,7 +1552,7 @@ impl Filesystem for MemFs {
         };
         let n = src.copy_to(off_in, &dst, off_out, len)?;
         if n > 0 {
-            self.data_changed(ino_out, None);
+            self.data_changed(ino_out, None, base_unique(ctx), Outcome::Copied(n));
         }
         Ok(n)
     }

@@ -1,15 +1,21 @@
 //! mem as a snapshot, and back: the whole file system (every inode with its metadata,
 //! directory entries with their readdir cookies, symlink targets, xattrs and ACLs),
 //! the kernel's lookup counts, the open handles, and file contents as the memfds
-//! themselves, which travel beside the bytes by index (no copy, so a restart does not
-//! grow with the data).
+//! themselves, never copied, so a restart does not grow with the data.
 //!
-//! One enum variant per version; a restore checks every cross-reference (descriptor
-//! indexes, handle inodes, the root) and refuses a snapshot that does not hold
-//! together. This module never takes the file system's lock itself (its caller does).
+//! Two versions, one enum variant each:
+//! - V1 (live restart without a journal): memfds are lent beside the bytes and named
+//!   by their index among them;
+//! - V2 (checkpoints for crash recovery): memfds are kept by the supervisor and named
+//!   by their id; the snapshot carries no descriptor.
+//!
+//! A restore checks every cross-reference (memfds, handle inodes, the root, counters)
+//! and refuses a snapshot that does not hold together. This module never takes the
+//! file system's lock itself (its caller does).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -27,6 +33,7 @@ use crate::xattr::Xattrs;
 #[derive(Debug, Serialize, Deserialize)]
 enum MemSnapshot {
     V1(SnapshotV1),
+    V2(SnapshotV2),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,25 +45,37 @@ struct SnapshotV1 {
     handles: Vec<HandleV1>,
 }
 
+/// Version 2: memfds named by id, and the next id to hand out.
 #[derive(Debug, Serialize, Deserialize)]
-struct InodeV1 {
-    ino: u64,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    nlink: u32,
-    rdev: u32,
-    times: [(i64, u32); 5],
-    lookups: u64,
-    opens: u64,
-    kind: KindV1,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+struct SnapshotV2 {
+    capacity: u64,
+    next_ino: u64,
+    next_fh: u64,
+    next_data_id: u64,
+    /// As in V1, but `KindV1::File(Some((id, charged)))` names a memfd by id.
+    inodes: Vec<InodeV1>,
+    handles: Vec<HandleV2>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum KindV1 {
-    /// The index of the memfd among the snapshot's descriptors, and what it charged.
-    File(Option<(u32, u64)>),
+pub(crate) struct InodeV1 {
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub times: [(i64, u32); 5],
+    pub lookups: u64,
+    pub opens: u64,
+    pub kind: KindV1,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum KindV1 {
+    /// The memfd (V1: its index among the descriptors; V2: its id) and what it charged.
+    File(Option<(u64, u64)>),
     Dir {
         parent: u64,
         next: u64,
@@ -74,15 +93,75 @@ struct HandleV1 {
     flags: u32,
 }
 
-fn t(time: Time) -> (i64, u32) {
+#[derive(Debug, Serialize, Deserialize)]
+struct HandleV2 {
+    fh: u64,
+    ino: u64,
+    /// A file handle: its data is its inode's memfd.
+    file: bool,
+    flags: u32,
+}
+
+/// Where a restore finds the memfds a snapshot names.
+pub(crate) enum Descriptors {
+    /// Lent beside the state, named by index (V1).
+    ByIndex(Vec<StateFd>),
+    /// Kept by the supervisor, named by id (V2).
+    ById(HashMap<u64, OwnedFd>),
+}
+
+pub(crate) fn t(time: Time) -> (i64, u32) {
     (time.sec, time.nsec)
 }
 
-fn time((sec, nsec): (i64, u32)) -> Time {
+pub(crate) fn time((sec, nsec): (i64, u32)) -> Time {
     Time { sec, nsec }
 }
 
-/// Snapshots `inodes` and `handles`, duplicating every memfd.
+/// One inode as a snapshot holds it; `data` names its memfd.
+fn inode_record(ino: u64, inode: &Inode, data: &mut dyn FnMut(&Arc<FileData>) -> u64) -> InodeV1 {
+    let kind = match &inode.kind {
+        Kind::File(None) => KindV1::File(None),
+        Kind::File(Some(d)) => KindV1::File(Some((data(d), d.charged()))),
+        Kind::Dir(d) => {
+            let (next, entries) = d.parts();
+            KindV1::Dir {
+                parent: d.parent,
+                next,
+                entries: entries
+                    .map(|(&c, (name, ino))| (c, name.as_bytes().to_vec(), *ino))
+                    .collect(),
+            }
+        }
+        Kind::Symlink(target) => KindV1::Symlink(target.clone()),
+        Kind::Special => KindV1::Special,
+    };
+    InodeV1 {
+        ino,
+        mode: inode.mode,
+        uid: inode.uid,
+        gid: inode.gid,
+        nlink: inode.nlink,
+        rdev: inode.rdev,
+        times: [
+            t(inode.atime),
+            t(inode.mtime),
+            t(inode.ctime),
+            t(inode.btime),
+            t(inode.data_ctime_seen),
+        ],
+        lookups: inode.lookups.load(std::sync::atomic::Ordering::SeqCst),
+        opens: inode.opens,
+        kind,
+        xattrs: inode
+            .xattrs
+            .pairs()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Snapshots `inodes` and `handles`, lending every memfd (V1).
 pub(crate) fn take(
     inodes: &InodeTable,
     handles: &HandleTable,
@@ -91,69 +170,26 @@ pub(crate) fn take(
     let mut fds: Vec<StateFd> = Vec::new();
     // One descriptor per memfd, whoever refers to it (inode and handles share one);
     // lent, not duplicated: the paused file system keeps them open while they are sent.
-    let mut index: HashMap<*const FileData, u32> = HashMap::new();
-    let mut fd_of = |d: &Arc<FileData>, fds: &mut Vec<StateFd>| -> Result<u32, StateError> {
-        if let Some(&i) = index.get(&Arc::as_ptr(d)) {
-            return Ok(i);
-        }
-        fds.push(StateFd::Lent(d.clone()));
-        let i = (fds.len() - 1) as u32;
-        index.insert(Arc::as_ptr(d), i);
-        Ok(i)
+    let mut index: HashMap<*const FileData, u64> = HashMap::new();
+    let mut fd_of = |d: &Arc<FileData>| -> u64 {
+        *index.entry(Arc::as_ptr(d)).or_insert_with(|| {
+            fds.push(StateFd::Lent(d.clone()));
+            (fds.len() - 1) as u64
+        })
     };
     let (next_ino, all) = inodes.parts();
-    let mut out = Vec::new();
-    for (&ino, inode) in all {
-        let kind = match &inode.kind {
-            Kind::File(None) => KindV1::File(None),
-            Kind::File(Some(d)) => KindV1::File(Some((fd_of(d, &mut fds)?, d.charged()))),
-            Kind::Dir(d) => {
-                let (next, entries) = d.parts();
-                KindV1::Dir {
-                    parent: d.parent,
-                    next,
-                    entries: entries
-                        .map(|(&c, (name, ino))| (c, name.as_bytes().to_vec(), *ino))
-                        .collect(),
-                }
-            }
-            Kind::Symlink(target) => KindV1::Symlink(target.clone()),
-            Kind::Special => KindV1::Special,
-        };
-        out.push(InodeV1 {
-            ino,
-            mode: inode.mode,
-            uid: inode.uid,
-            gid: inode.gid,
-            nlink: inode.nlink,
-            rdev: inode.rdev,
-            times: [
-                t(inode.atime),
-                t(inode.mtime),
-                t(inode.ctime),
-                t(inode.btime),
-                t(inode.data_ctime_seen),
-            ],
-            lookups: inode.lookups.load(std::sync::atomic::Ordering::SeqCst),
-            opens: inode.opens,
-            kind,
-            xattrs: inode
-                .xattrs
-                .pairs()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        });
-    }
+    let out: Vec<InodeV1> = all
+        .map(|(&ino, inode)| inode_record(ino, inode, &mut fd_of))
+        .collect();
     let (next_fh, hs) = handles.parts();
-    let mut hout = Vec::new();
-    for (&fh, h) in hs {
-        hout.push(HandleV1 {
+    let hout = hs
+        .map(|(&fh, h)| HandleV1 {
             fh,
             ino: h.ino,
-            data: h.data.as_ref().map(|d| fd_of(d, &mut fds)).transpose()?,
+            data: h.data.as_ref().map(|d| fd_of(d) as u32),
             flags: h.flags,
-        });
-    }
+        })
+        .collect();
     let snap = MemSnapshot::V1(SnapshotV1 {
         capacity: space.capacity(),
         next_ino,
@@ -167,111 +203,236 @@ pub(crate) fn take(
     })
 }
 
+/// Snapshots `inodes` and `handles` naming memfds by id (V2): a checkpoint for crash
+/// recovery, whose memfds the supervisor keeps already.
+pub(crate) fn take_by_id(inodes: &InodeTable, handles: &HandleTable, space: &Space) -> Vec<u8> {
+    let (next_ino, all) = inodes.parts();
+    let out = all
+        .map(|(&ino, inode)| inode_record(ino, inode, &mut |d| d.id()))
+        .collect();
+    let (next_fh, hs) = handles.parts();
+    let hout = hs
+        .map(|(&fh, h)| HandleV2 {
+            fh,
+            ino: h.ino,
+            file: h.data.is_some(),
+            flags: h.flags,
+        })
+        .collect();
+    let snap = MemSnapshot::V2(SnapshotV2 {
+        capacity: space.capacity(),
+        next_ino,
+        next_fh,
+        next_data_id: space.peek_next_id(),
+        inodes: out,
+        handles: hout,
+    });
+    postcard::to_allocvec(&snap).expect("in-memory snapshot always encodes")
+}
+
 /// What a restore rebuilds.
 pub(crate) struct Restored {
     pub inodes: InodeTable,
     pub handles: HandleTable,
+    /// The next memfd id the snapshot knew of (V2), for the space's counter.
+    pub next_data_id: u64,
 }
 
-/// Rebuilds the tables from `state`, charging restored data to `space`.
-pub(crate) fn restore(state: BackendState, space: &Arc<Space>) -> Result<Restored, StateError> {
-    let bad = |why: String| StateError::Backend(why);
-    let snap: MemSnapshot =
-        postcard::from_bytes(&state.bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
-    let MemSnapshot::V1(s) = snap;
-    // Counters near the end of their range would wrap (and reuse the root's number).
-    const COUNTER_LIMIT: u64 = 1 << 62;
-    if s.next_ino >= COUNTER_LIMIT || s.next_fh >= COUNTER_LIMIT {
-        return Err(bad("inode or handle counter out of range".into()));
+/// Counters near the end of their range would wrap (and reuse the root's number).
+pub(crate) const COUNTER_LIMIT: u64 = 1 << 62;
+
+/// Hands out memfds by the names a snapshot uses, each once.
+pub(crate) struct DataSource {
+    by_index: Vec<Option<StateFd>>,
+    by_id: HashMap<u64, OwnedFd>,
+    indexed: bool,
+    made: HashMap<u64, Arc<FileData>>,
+}
+
+impl DataSource {
+    pub(crate) fn new(fds: Descriptors) -> DataSource {
+        match fds {
+            Descriptors::ByIndex(v) => DataSource {
+                by_index: v.into_iter().map(Some).collect(),
+                by_id: HashMap::new(),
+                indexed: true,
+                made: HashMap::new(),
+            },
+            Descriptors::ById(m) => DataSource {
+                by_index: Vec::new(),
+                by_id: m,
+                indexed: false,
+                made: HashMap::new(),
+            },
+        }
     }
-    let count = state.fds.len();
-    let mut slots: Vec<Option<StateFd>> = state.fds.into_iter().map(Some).collect();
-    let mut data: HashMap<u32, Arc<FileData>> = HashMap::new();
-    let mut file_data = |i: u32, charged: u64| -> Result<Arc<FileData>, StateError> {
-        if let Some(d) = data.get(&i) {
+
+    /// The file data named `key` (an index for V1, an id for V2), made once.
+    pub(crate) fn get(
+        &mut self,
+        key: u64,
+        charged: u64,
+        space: &Arc<Space>,
+    ) -> Result<Arc<FileData>, StateError> {
+        if let Some(d) = self.made.get(&key) {
             return Ok(d.clone());
         }
-        let fd = slots
-            .get_mut(i as usize)
-            .and_then(Option::take)
-            .ok_or(StateError::MissingDescriptor { index: i, count })?
-            .into_owned()
-            .map_err(|e| StateError::Backend(format!("taking over a memfd: {e}")))?;
-        let d = Arc::new(FileData::restored(fd, charged, space.clone()));
-        data.insert(i, d.clone());
+        let d = if self.indexed {
+            let count = self.by_index.len();
+            let fd = usize::try_from(key)
+                .ok()
+                .and_then(|i| self.by_index.get_mut(i))
+                .and_then(Option::take)
+                .ok_or(StateError::MissingDescriptor {
+                    index: key as u32,
+                    count,
+                })?
+                .into_owned()
+                .map_err(|e| StateError::Backend(format!("taking over a memfd: {e}")))?;
+            Arc::new(FileData::adopted(fd, charged, space.clone()))
+        } else {
+            let fd = self.by_id.remove(&key).ok_or_else(|| {
+                StateError::Backend(format!("the supervisor keeps no memfd {key}"))
+            })?;
+            Arc::new(FileData::restored(key, fd, charged, space.clone()))
+        };
+        self.made.insert(key, d.clone());
         Ok(d)
-    };
-    space.set_capacity(s.capacity);
-    let mut map = HashMap::with_capacity(s.inodes.len());
-    for i in s.inodes {
-        let kind = match i.kind {
-            KindV1::File(None) => Kind::File(None),
-            KindV1::File(Some((fd, charged))) => Kind::File(Some(file_data(fd, charged)?)),
-            KindV1::Dir {
+    }
+
+    /// Memfd ids the supervisor kept that nothing named (their files were removed
+    /// after the last journal record that mentioned them).
+    pub(crate) fn unused_ids(&self) -> Vec<u64> {
+        self.by_id.keys().copied().collect()
+    }
+}
+
+/// An inode from its snapshot record, its memfd taken from `data`.
+pub(crate) fn inode_from(
+    i: InodeV1,
+    data: &mut DataSource,
+    space: &Arc<Space>,
+) -> Result<Inode, StateError> {
+    let bad = |why: String| StateError::Backend(why);
+    let kind = match i.kind {
+        KindV1::File(None) => Kind::File(None),
+        KindV1::File(Some((key, charged))) => Kind::File(Some(data.get(key, charged, space)?)),
+        KindV1::Dir {
+            parent,
+            next,
+            entries,
+        } if next < COUNTER_LIMIT => Kind::Dir(
+            Dir::from_parts(
                 parent,
                 next,
-                entries,
-            } if next < COUNTER_LIMIT => Kind::Dir(
-                Dir::from_parts(
-                    parent,
-                    next,
-                    entries
-                        .into_iter()
-                        .map(|(c, n, ino)| (c, OsString::from_vec(n), ino))
-                        .collect(),
-                )
-                .ok_or_else(|| bad(format!("directory {} has inconsistent entries", i.ino)))?,
-            ),
-            KindV1::Dir { .. } => {
-                return Err(bad(format!("directory {} counter out of range", i.ino)))
-            }
-            KindV1::Symlink(target) => Kind::Symlink(target),
-            KindV1::Special => Kind::Special,
-        };
-        let mut inode = Inode::new(i.mode, i.uid, i.gid, kind);
-        inode.nlink = i.nlink;
-        inode.rdev = i.rdev;
-        inode.atime = time(i.times[0]);
-        inode.mtime = time(i.times[1]);
-        inode.ctime = time(i.times[2]);
-        inode.btime = time(i.times[3]);
-        inode.data_ctime_seen = time(i.times[4]);
-        inode.lookups = AtomicU64::new(i.lookups);
-        inode.opens = i.opens;
-        inode.xattrs = Xattrs::from_pairs(i.xattrs);
-        if map.insert(i.ino, inode).is_some() {
-            return Err(bad(format!("inode {} appears twice", i.ino)));
+                entries
+                    .into_iter()
+                    .map(|(c, n, ino)| (c, OsString::from_vec(n), ino))
+                    .collect(),
+            )
+            .ok_or_else(|| bad(format!("directory {} has inconsistent entries", i.ino)))?,
+        ),
+        KindV1::Dir { .. } => return Err(bad(format!("directory {} counter out of range", i.ino))),
+        KindV1::Symlink(target) => Kind::Symlink(target),
+        KindV1::Special => Kind::Special,
+    };
+    let mut inode = Inode::new(i.mode, i.uid, i.gid, kind);
+    inode.nlink = i.nlink;
+    inode.rdev = i.rdev;
+    inode.atime = time(i.times[0]);
+    inode.mtime = time(i.times[1]);
+    inode.ctime = time(i.times[2]);
+    inode.btime = time(i.times[3]);
+    inode.data_ctime_seen = time(i.times[4]);
+    inode.lookups = AtomicU64::new(i.lookups);
+    inode.opens = i.opens;
+    inode.xattrs = Xattrs::from_pairs(i.xattrs);
+    Ok(inode)
+}
+
+/// Rebuilds the tables from `bytes`, charging restored data to `space`; memfds come
+/// from `data`.
+pub(crate) fn restore(
+    bytes: &[u8],
+    data: &mut DataSource,
+    space: &Arc<Space>,
+) -> Result<Restored, StateError> {
+    let bad = |why: String| StateError::Backend(why);
+    let snap: MemSnapshot =
+        postcard::from_bytes(bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    // One shape for both versions: handles as (fh, ino, has data, flags).
+    let (capacity, next_ino, next_fh, next_data_id, inodes, handles) = match snap {
+        MemSnapshot::V1(s) => {
+            let hs: Vec<(u64, u64, Option<u64>, u32)> = s
+                .handles
+                .into_iter()
+                .map(|h| (h.fh, h.ino, h.data.map(u64::from), h.flags))
+                .collect();
+            (s.capacity, s.next_ino, s.next_fh, 1, s.inodes, hs)
+        }
+        MemSnapshot::V2(s) => {
+            let hs = s
+                .handles
+                .into_iter()
+                .map(|h| (h.fh, h.ino, h.file.then_some(u64::MAX), h.flags))
+                .collect();
+            (
+                s.capacity,
+                s.next_ino,
+                s.next_fh,
+                s.next_data_id,
+                s.inodes,
+                hs,
+            )
+        }
+    };
+    if next_ino >= COUNTER_LIMIT || next_fh >= COUNTER_LIMIT || next_data_id >= COUNTER_LIMIT {
+        return Err(bad("inode, handle or memfd counter out of range".into()));
+    }
+    space.set_capacity(capacity);
+    let mut map = HashMap::with_capacity(inodes.len());
+    for i in inodes {
+        let ino = i.ino;
+        let inode = inode_from(i, data, space)?;
+        if map.insert(ino, inode).is_some() {
+            return Err(bad(format!("inode {ino} appears twice")));
         }
     }
     let mut hmap = HashMap::new();
-    for h in s.handles {
-        if !map.contains_key(&h.ino) {
-            return Err(bad(format!(
-                "handle {} refers to missing inode {}",
-                h.fh, h.ino
-            )));
-        }
-        let d = match h.data {
-            Some(i) => Some(data.get(&i).cloned().ok_or_else(|| {
+    for (fh, ino, key, flags) in handles {
+        let Some(inode) = map.get(&ino) else {
+            return Err(bad(format!("handle {fh} refers to missing inode {ino}")));
+        };
+        let d = match key {
+            // V2: a file handle's data is its inode's memfd.
+            Some(u64::MAX) => Some(inode.data().cloned().ok_or_else(|| {
                 bad(format!(
-                    "handle {} refers to file data {i} no inode holds",
-                    h.fh
+                    "file handle {fh} on inode {ino}, which has no data"
+                ))
+            })?),
+            Some(i) => Some(data.made.get(&i).cloned().ok_or_else(|| {
+                bad(format!(
+                    "handle {fh} refers to file data {i} no inode holds"
                 ))
             })?),
             None => None,
         };
         hmap.insert(
-            h.fh,
+            fh,
             Handle {
-                ino: h.ino,
+                ino,
                 data: d,
-                flags: h.flags,
+                flags,
             },
         );
     }
-    let inodes = InodeTable::from_parts(s.next_ino, map)
+    let inodes = InodeTable::from_parts(next_ino, map)
         .ok_or_else(|| bad("no root, or inode numbers beyond the counter".into()))?;
-    let handles = HandleTable::from_parts(s.next_fh, hmap)
+    let handles = HandleTable::from_parts(next_fh, hmap)
         .ok_or_else(|| bad("handle numbers beyond the counter".into()))?;
-    Ok(Restored { inodes, handles })
+    Ok(Restored {
+        inodes,
+        handles,
+        next_data_id,
+    })
 }

@@ -14,7 +14,11 @@ pub const NAME_MAX: usize = 255;
 pub const SIZE_MAX: usize = 65536;
 
 #[derive(Debug, Default, Clone)]
-pub struct Xattrs(BTreeMap<Vec<u8>, Vec<u8>>);
+pub struct Xattrs(BTreeMap<Vec<u8>, Vec<u8>>, Changed);
+
+/// Whether the attributes changed since the recovery journal last recorded them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Changed(bool);
 
 /// Namespaces stored as plain bytes. The kernel's FUSE driver passes every name
 /// through, so the namespace rules of local file systems (ext4, tmpfs) are applied here:
@@ -56,7 +60,12 @@ impl Xattrs {
 
     /// Attributes restored from a snapshot (names were checked when first set).
     pub(crate) fn from_pairs(pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Xattrs {
-        Xattrs(pairs.into_iter().collect())
+        Xattrs(pairs.into_iter().collect(), Changed(false))
+    }
+
+    /// Whether they changed since the last call (the journal records them only then).
+    pub(crate) fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.1 .0)
     }
 
     /// setxattr(2) with `flags` XATTR_CREATE / XATTR_REPLACE.
@@ -78,6 +87,7 @@ impl Xattrs {
             return Err(Errno(libc::ENODATA));
         }
         self.0.insert(name.to_vec(), value.to_vec());
+        self.1 = Changed(true);
         Ok(())
     }
 
@@ -94,11 +104,16 @@ impl Xattrs {
     /// Stores without flag checks (for values the backend derives itself, e.g. ACLs).
     pub fn put(&mut self, name: &[u8], value: Vec<u8>) {
         self.0.insert(name.to_vec(), value);
+        self.1 = Changed(true);
     }
 
     /// Removes; false when it was not there.
     pub fn take(&mut self, name: &[u8]) -> bool {
-        self.0.remove(name).is_some()
+        let removed = self.0.remove(name).is_some();
+        if removed {
+            self.1 = Changed(true);
+        }
+        removed
     }
 
     pub fn remove(&mut self, name: &[u8]) -> Result<()> {

@@ -139,6 +139,21 @@ pub enum BrokerRequest {
     },
 }
 
+/// Appliance → supervisor, on the keeper link: what a successor needs if this
+/// appliance dies. One way, never answered: a message the appliance has sent is kept
+/// even if it dies the next moment (the supervisor reads everything queued on the link
+/// before it starts a successor), and the appliance never waits on the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum KeeperMessage {
+    /// Keep the attached descriptor (a memfd holding file contents) under `id`.
+    Keep { id: u64 },
+    /// The descriptor kept under `id` is no longer needed.
+    Release { id: u64 },
+    /// The attached sealed memfd is the checkpoint a successor starts from; it holds
+    /// every journal record up to `boundary`.
+    Checkpoint { boundary: u64 },
+}
+
 /// Supervisor → appliance, on the broker link.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum BrokerReply {
@@ -175,6 +190,24 @@ pub enum ToAppliance {
     StateFds,
     /// After a checkpoint whose successor did not start: serve on.
     Resume,
+    /// First message of an appliance that keeps a recovery journal: as `Start`, with
+    /// two more descriptors attached last (after the broker link): its end of the
+    /// keeper link, then the journal memfd.
+    StartJournaled(StartConfig),
+    /// To a successor started with `StartJournaled` and `restore`: rebuild the state a
+    /// dead (or stopped) predecessor left. The checkpoint's sealed memfd is attached if
+    /// `checkpoint`; `KeptFds` batches follow until `fds` descriptors came. `fresh`:
+    /// that state is lost; start empty, answering ESTALE for every old node.
+    Recover {
+        checkpoint: bool,
+        fds: u32,
+        fresh: bool,
+    },
+    /// A batch of kept descriptors, in the order of `ids`.
+    KeptFds { ids: Vec<u64> },
+    /// Take a checkpoint for crash recovery now (before a planned replacement, so the
+    /// successor has little journal to replay). Answered `CheckpointTaken`.
+    CheckpointNow,
 }
 
 /// Most descriptors one message carries.
@@ -214,6 +247,10 @@ pub enum ToSupervisor {
     Failed {
         message: String,
     },
+    /// A checkpoint for crash recovery is stored; the journal is replayed from `boundary`.
+    CheckpointTaken {
+        boundary: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +273,8 @@ pub enum AdminRequest {
     },
     /// Replace the appliance by a new process with the same state, live.
     Restart,
+    /// `Status` with the recovery counters (answered `StatusFull`).
+    StatusFull,
 }
 
 /// Supervisor → CLI.
@@ -252,6 +291,7 @@ pub enum AdminReply {
     Error {
         message: String,
     },
+    StatusFull(Box<MountStatus>, RecoveryStatus),
 }
 
 /// One mount as `fsva status` shows it.
@@ -281,4 +321,20 @@ pub struct MountStatus {
     /// Live restarts so far, and how long requests waited during the last one.
     pub restarts: u32,
     pub last_downtime_us: Option<u64>,
+}
+
+/// What `fsva status` shows beyond [`MountStatus`] (a separate message, so that the
+/// status of older supervisors still decodes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    /// Appliances that died and were replaced with their state.
+    pub recoveries: u32,
+    /// Times the state could not be rebuilt and a fresh appliance took over.
+    pub fresh_starts: u32,
+    /// What the last recovery or restart cost requests, and when it happened (seconds
+    /// since the Unix epoch).
+    pub last_downtime_us: Option<u64>,
+    pub last_event: Option<u64>,
+    /// Whether the mount keeps a recovery journal (crash recovery is possible).
+    pub journaled: bool,
 }

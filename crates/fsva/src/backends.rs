@@ -69,19 +69,45 @@ fn make_exclusive(spec: BackendSpec) -> anyhow::Result<BackendSpec> {
     }
 }
 
+/// How a backend begins its life in a new appliance.
+pub enum Start {
+    /// Empty (a new mount), with no recovery journal.
+    Fresh,
+    /// A predecessor's snapshot, descriptors lent beside it (live restart of an
+    /// appliance that kept no journal).
+    Snapshot(fsva_appliance::state::BackendState),
+    /// Recording every change in a recovery journal the supervisor keeps, and giving
+    /// it the memfds: empty, rebuilt from what a dead predecessor left, or empty after
+    /// that state was lost.
+    Journaled {
+        journal: Arc<fsva_appliance::journal::Journal>,
+        keeper: Arc<dyn fsva_appliance::Keeper>,
+        from: Journaled,
+    },
+}
+
+/// Where a journaled backend starts.
+pub enum Journaled {
+    Empty,
+    Recover(fsva_backend_mem::Recovery),
+    /// The predecessor's state is lost: empty, its nodes stale below this number.
+    AfterLoss(u64),
+}
+
 /// Instantiates the backend inside the appliance. `root` is the export opened before
 /// (or after) entering the sandbox; `proc_self_fd` the appliance's /proc/self/fd;
 /// `device_nodes` who makes device nodes for a passthrough backend that cannot.
-/// `restored` is a predecessor's snapshot (live restart).
 pub fn build(
     spec: &BackendSpec,
     root: Option<OwnedFd>,
     proc_self_fd: Option<OwnedFd>,
     device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
-    restored: Option<fsva_appliance::state::BackendState>,
+    start: Start,
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
-    if let (Some(_), BackendSpec::Passthrough { .. } | BackendSpec::Image { .. }) =
-        (&restored, spec)
+    if let (
+        Start::Snapshot(_) | Start::Journaled { .. },
+        BackendSpec::Passthrough { .. } | BackendSpec::Image { .. },
+    ) = (&start, spec)
     {
         anyhow::bail!("only mem can be restored from a predecessor's state so far");
     }
@@ -97,13 +123,28 @@ pub fn build(
             if *capacity > 0 {
                 config.capacity_bytes = *capacity;
             }
-            match restored {
-                Some(state) => Ok(Arc::new(
-                    fsva_backend_mem::MemFs::restore(config, state)
+            use fsva_backend_mem::MemFs;
+            Ok(match start {
+                Start::Fresh => Arc::new(MemFs::new(config)),
+                Start::Snapshot(state) => Arc::new(
+                    MemFs::restore(config, state)
                         .context("restoring mem from its predecessor's state")?,
-                )),
-                None => Ok(Arc::new(fsva_backend_mem::MemFs::new(config))),
-            }
+                ),
+                Start::Journaled {
+                    journal,
+                    keeper,
+                    from,
+                } => match from {
+                    Journaled::Empty => Arc::new(MemFs::journaled(config, journal, keeper)),
+                    Journaled::Recover(r) => Arc::new(
+                        MemFs::recover(config, journal, keeper, r)
+                            .context("rebuilding mem from its checkpoint and journal")?,
+                    ),
+                    Journaled::AfterLoss(base) => {
+                        Arc::new(MemFs::after_loss(config, journal, keeper, base))
+                    }
+                },
+            })
         }
         BackendSpec::Passthrough { path, exclusive } => {
             let root = root.with_context(|| format!("opening the export {}", path.display()))?;

@@ -109,6 +109,10 @@ pub struct MountArgs {
     /// kernel reads and writes the backend's files directly, with one page cache).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// mem: keep no recovery journal. Then an appliance that dies takes the file
+    /// system with it (the mount answers EIO) instead of a successor taking over.
+    #[arg(long)]
+    pub no_recovery: bool,
     /// Most file data the appliance may keep in memory, e.g. 256M or 2G (for mem: all it
     /// may hold before writes get ENOSPC). Enforced by the appliance's memory cgroup.
     #[arg(long, value_parser = parse_size)]

@@ -119,6 +119,20 @@ impl Starting {
         ))
     }
 
+    /// Hands a journaled successor what its predecessor left (`fresh`: that state is
+    /// lost; start empty) and waits until it serves.
+    pub fn recover(
+        self,
+        kept: &crate::keeper::Kept,
+        fresh: bool,
+    ) -> Result<(Appliance, Child), ApplianceError> {
+        if let Err(e) = kept.handover(|h| send_handover(&self.link, &h, fresh)) {
+            self.abandon();
+            return Err(e.into());
+        }
+        self.serve(None)
+    }
+
     /// Waits until a successor has set itself up and waits for its state (so that its
     /// start-up does not compete with the handover for CPU).
     pub fn await_state_request(&self) -> Result<(), ApplianceError> {
@@ -133,6 +147,34 @@ impl Starting {
         let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);
         let _ = self.child.wait();
     }
+}
+
+/// Sends `Recover` and the kept descriptors in batches.
+fn send_handover(
+    link: &Link,
+    kept: &crate::keeper::Handover,
+    fresh: bool,
+) -> Result<(), LinkError> {
+    let (checkpoint, fds) = if fresh {
+        (None, &[][..])
+    } else {
+        (kept.checkpoint, &kept.fds[..])
+    };
+    let attached: Vec<_> = checkpoint.into_iter().collect();
+    link.send(
+        &ToAppliance::Recover {
+            checkpoint: checkpoint.is_some(),
+            fds: fds.len() as u32,
+            fresh,
+        },
+        &attached,
+    )?;
+    for batch in fds.chunks(fsva_control::FDS_PER_MESSAGE) {
+        let ids = batch.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<_> = batch.iter().map(|(_, f)| *f).collect();
+        link.send(&ToAppliance::KeptFds { ids }, &fds)?;
+    }
+    Ok(())
 }
 
 /// Most descriptors a state may come with (the appliance's own descriptor limit).
@@ -269,16 +311,18 @@ impl Appliance {
         cgroup_procs: Option<&Path>,
         timeout: Duration,
     ) -> Result<(Appliance, Child), ApplianceError> {
-        Self::spawn(exe, config, fds, cgroup_procs, timeout)?.serve(None)
+        Self::spawn(exe, config, fds, false, cgroup_procs, timeout)?.serve(None)
     }
 
     /// Spawns `exe __appliance` and hands it `config` and `fds`; the returned
     /// [`Starting`] waits for it to serve. A successor (`config.restore`) sets up its
-    /// sandbox meanwhile and waits for its predecessor's state.
+    /// sandbox meanwhile and waits for its predecessor's state. `journaled`: the last
+    /// two of `fds` are its keeper link and the recovery journal.
     pub fn spawn(
         exe: &Path,
         config: &StartConfig,
         fds: &[BorrowedFd<'_>],
+        journaled: bool,
         cgroup_procs: Option<&Path>,
         timeout: Duration,
     ) -> Result<Starting, ApplianceError> {
@@ -309,7 +353,12 @@ impl Appliance {
             Some(timeout),
         )
         .ok();
-        if let Err(e) = starting.link.send(&ToAppliance::Start(config.clone()), fds) {
+        let start = if journaled {
+            ToAppliance::StartJournaled(config.clone())
+        } else {
+            ToAppliance::Start(config.clone())
+        };
+        if let Err(e) = starting.link.send(&start, fds) {
             starting.abandon();
             return Err(e.into());
         }
@@ -443,6 +492,16 @@ impl Appliance {
         )
         .ok();
         result
+    }
+
+    /// Has a journaled appliance store a checkpoint now (before it is replaced, so
+    /// that its successor has little journal to replay).
+    pub fn checkpoint_now(&self) -> Result<u64, ApplianceError> {
+        match self.control.request(&ToAppliance::CheckpointNow)? {
+            ToSupervisor::CheckpointTaken { boundary } => Ok(boundary),
+            ToSupervisor::Failed { message } => Err(ApplianceError::Checkpoint(message)),
+            other => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Lets a paused appliance go on (its successor did not start).

@@ -5,7 +5,9 @@
 //! ([`appliance`]), the privileged operations it does on the appliance's behalf
 //! ([`broker`]: FUSE passthrough registrations checked by [`backing`], device nodes), the
 //! relay for stream channels ([`bridge`]), the appliance's memory cgroup that enforces
-//! its cache budget ([`cgroup`]), the fallback that answers
+//! its cache budget ([`cgroup`]), what it keeps so that a successor can take over after
+//! an appliance dies ([`keeper`]), replacing an appliance by a successor ([`takeover`]),
+//! the fallback that answers
 //! requests with errors once an appliance is gone ([`fallback`]), the per-mount runtime
 //! files ([`registry`]) and the loop that ties them together ([`supervisor`]).
 //!
@@ -18,10 +20,12 @@ pub mod bridge;
 pub mod broker;
 pub mod cgroup;
 pub mod fallback;
+pub mod keeper;
 pub mod launch;
 pub mod mount;
 pub mod registry;
 pub mod supervisor;
+pub mod takeover;
 pub mod vhost;
 
 pub use supervisor::{run, MountRequest, SupervisorError, VmPlan};

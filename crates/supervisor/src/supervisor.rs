@@ -72,6 +72,9 @@ pub struct MountRequest {
     pub log_filter: String,
     /// Offer FUSE passthrough (the kernel reads and writes the backend's files directly).
     pub passthrough: bool,
+    /// Keep a recovery journal where the backend allows it, so that a successor takes
+    /// over after an appliance dies.
+    pub recovery: bool,
     /// Most bytes of file data the appliance may keep in memory (`--cache-budget`).
     pub cache_budget: Option<u64>,
     /// Written "ok\n" once the mount answers, or "error: ...\n"; then closed.
@@ -89,7 +92,7 @@ pub struct VmPlan {
     pub accel_note: String,
 }
 
-enum Event {
+pub(crate) enum Event {
     Admin(Link),
     /// The appliance with this pid exited (or was dropped), with why.
     ApplianceExited(u32, String),
@@ -182,20 +185,46 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     } else {
         None
     };
+    // What a successor needs if the appliance dies: its journal, checkpoints, memfds.
+    let kept = if journals(&req) {
+        Some(
+            crate::keeper::Kept::new(fsva_appliance::journal::DEFAULT_AREA)
+                .map_err(io_err("creating the recovery journal"))?,
+        )
+    } else {
+        None
+    };
+    let mut keeper_end = None;
 
     let mut bridge = None;
     let mut data_path = data_path;
-    let (mut appliance, child) = match (&req.vm, req.channel) {
+    let (appliance, child) = match (&req.vm, req.channel) {
         (None, ChannelKind::Fusedev) => {
             let mut fds: Vec<_> = devs.iter().map(|d| d.as_fd()).collect();
             fds.extend(broker_link.as_ref().map(|l| l.as_fd()));
-            Appliance::start(
+            let keeper_link = match &kept {
+                Some(k) => {
+                    let (link, end) = k.link().map_err(io_err("starting the keeper link"))?;
+                    keeper_end = Some(end);
+                    Some(link)
+                }
+                None => None,
+            };
+            if let (Some(link), Some(k)) = (&keeper_link, &kept) {
+                fds.push(link.as_fd());
+                fds.push(k.journal());
+            }
+            let started = Appliance::spawn(
                 &req.exe,
                 &config,
                 &fds,
+                kept.is_some(),
                 cgroup_procs.as_deref(),
                 launch::START_TIMEOUT,
             )?
+            .serve(None)?;
+            drop(keeper_link);
+            started
         }
         (plan, _) => {
             let started = match plan {
@@ -286,10 +315,42 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     let mut state = String::from("serving");
     let mut restarts = 0u32;
     let mut last_downtime_us = None;
+    let mut recovery = fsva_control::RecoveryStatus {
+        journaled: kept.is_some(),
+        ..Default::default()
+    };
+    let mut current = crate::takeover::Current {
+        appliance,
+        keeper: keeper_end,
+    };
+    let successors = crate::takeover::Successors {
+        req: &req,
+        config: &config,
+        mountpoint: &mountpoint,
+        devs: &devs,
+        session: session.as_fd(),
+        backing_files: &backing_files,
+        cgroup_procs: cgroup_procs.as_deref(),
+        events: &events_tx,
+        kept: kept.as_ref(),
+    };
+    // A successor waiting in the wings, so that a crash costs only the handover.
+    let mut spare = kept
+        .as_ref()
+        .and_then(|_| successors.spare(cache_budget).ok());
+    let mut crashes = CrashLoop::default();
     let mut alive = true;
     let mut mounted = mounted;
     // Who asked for the unmount, answered once the connection is really gone.
     let mut unmount_waiter: Option<Link> = None;
+    let record = |pid: u32| {
+        let _ = entry.write_record(&[
+            ("mountpoint", mountpoint.display().to_string()),
+            ("supervisor_pid", std::process::id().to_string()),
+            ("appliance_pid", pid.to_string()),
+            ("backend", req.backend.to_string()),
+        ]);
+    };
     loop {
         let Ok(event) = events.recv() else { break };
         match event {
@@ -299,7 +360,10 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 if let Some(b) = &bridge {
                     b.close();
                 }
-                finish_appliance(&appliance, alive, req.vm.is_some());
+                if let Some(s) = spare.take() {
+                    s.discard();
+                }
+                finish_appliance(&current.appliance, alive, req.vm.is_some());
                 entry.remove();
                 if let Some(link) = unmount_waiter.take() {
                     let _ = link.send(&AdminReply::Unmounted, &[]);
@@ -307,17 +371,51 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 return Ok(());
             }
             Event::ApplianceExited(pid, status) => {
-                if !alive || pid != appliance.pid {
-                    // Not the current appliance: one replaced by a live restart.
+                if !alive || pid != current.appliance.pid {
+                    // Not the current appliance: one replaced by a takeover.
                     continue;
                 }
-                alive = false;
                 if unmount_waiter.is_some() || !mount::is_fsva_mount(&mountpoint) {
                     // The appliance ended because the mount went away.
+                    alive = false;
                     continue;
                 }
+                if kept.is_some() && !crashes.died() {
+                    tracing::warn!(status = %status, "appliance died; a successor takes over with its state");
+                    match successors.recover(&current, spare.take(), cache_budget) {
+                        Ok(taken) => {
+                            current = taken.current;
+                            let us = taken.downtime.as_micros() as u64;
+                            if taken.fresh {
+                                recovery.fresh_starts += 1;
+                                state = "serving; a fresh file system replaced one whose state was lost (old files: ESTALE)".into();
+                            } else {
+                                recovery.recoveries += 1;
+                            }
+                            recovery.last_downtime_us = Some(us);
+                            recovery.last_event = Some(now_secs());
+                            tracing::info!(
+                                pid = current.appliance.pid,
+                                downtime_us = us,
+                                fresh = taken.fresh,
+                                "appliance replaced after it died"
+                            );
+                            record(current.appliance.pid);
+                            spare = successors.spare(cache_budget).ok();
+                            crashes.took_over();
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "no successor could take over");
+                        }
+                    }
+                }
+                alive = false;
                 state = format!("appliance gone ({status}); answering EIO");
                 tracing::error!(status = %status, "appliance exited; the mount now answers EIO");
+                if let Some(s) = spare.take() {
+                    s.discard();
+                }
                 match &bridge {
                     Some(b) => b.fail(&format!("appliance exited ({status})")),
                     None => {
@@ -355,15 +453,19 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                     continue;
                 };
                 match request {
-                    AdminRequest::Status => {
-                        let stats = if alive { appliance.stats().ok() } else { None };
+                    AdminRequest::Status | AdminRequest::StatusFull => {
+                        let stats = if alive {
+                            current.appliance.stats().ok()
+                        } else {
+                            None
+                        };
                         let status = MountStatus {
                             mountpoint: mountpoint.clone(),
                             backend: req.backend.to_string(),
                             channel: req.channel.to_string(),
                             sandbox: req.sandbox.to_string(),
                             supervisor_pid: std::process::id(),
-                            appliance_pid: alive.then_some(appliance.pid),
+                            appliance_pid: alive.then_some(current.appliance.pid),
                             started,
                             requests: stats.map(|s| s.requests).unwrap_or(0),
                             errors: stats.map(|s| s.errors).unwrap_or(0),
@@ -375,7 +477,13 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             restarts,
                             last_downtime_us,
                         };
-                        let _ = link.send(&AdminReply::Status(Box::new(status)), &[]);
+                        let reply = match request {
+                            AdminRequest::StatusFull => {
+                                AdminReply::StatusFull(Box::new(status), recovery.clone())
+                            }
+                            _ => AdminReply::Status(Box::new(status)),
+                        };
+                        let _ = link.send(&reply, &[]);
                     }
                     AdminRequest::Restart => {
                         let reply = if !alive {
@@ -383,42 +491,51 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                                 message: "the appliance is gone; remount to get a new one".into(),
                             }
                         } else {
-                            let restart = Restart {
-                                req: &req,
-                                config: &config,
-                                cache_budget,
-                                mountpoint: &mountpoint,
-                                devs: &devs,
-                                session: session.as_fd(),
-                                backing_files: &backing_files,
-                                cgroup_procs: cgroup_procs.as_deref(),
-                                events: &events_tx,
+                            let taken = if kept.is_some() {
+                                successors.restart_journaled(&current, spare.take(), cache_budget)
+                            } else {
+                                successors.restart_paused(&current, cache_budget)
                             };
-                            match restart.run(&appliance) {
-                                Ok((successor, downtime)) => {
-                                    appliance = successor;
+                            match taken {
+                                Ok(taken) => {
+                                    current = taken.current;
                                     restarts += 1;
-                                    let us = downtime.as_micros() as u64;
+                                    let us = taken.downtime.as_micros() as u64;
                                     last_downtime_us = Some(us);
-                                    let _ = entry.write_record(&[
-                                        ("mountpoint", mountpoint.display().to_string()),
-                                        ("supervisor_pid", std::process::id().to_string()),
-                                        ("appliance_pid", appliance.pid.to_string()),
-                                        ("backend", req.backend.to_string()),
-                                    ]);
+                                    recovery.last_downtime_us = Some(us);
+                                    recovery.last_event = Some(now_secs());
+                                    if taken.fresh {
+                                        recovery.fresh_starts += 1;
+                                        state = "serving; a fresh file system replaced one whose state was lost (old files: ESTALE)".into();
+                                    }
+                                    tracing::info!(
+                                        pid = current.appliance.pid,
+                                        downtime_us = us,
+                                        "appliance restarted live"
+                                    );
+                                    crashes.took_over();
+                                    record(current.appliance.pid);
+                                    if kept.is_some() && spare.is_none() {
+                                        spare = successors.spare(cache_budget).ok();
+                                    }
                                     AdminReply::Restarted {
                                         downtime_us: us,
-                                        pid: appliance.pid,
+                                        pid: current.appliance.pid,
                                     }
                                 }
-                                Err(message) => AdminReply::Error { message },
+                                Err(message) => {
+                                    if kept.is_some() && spare.is_none() {
+                                        spare = successors.spare(cache_budget).ok();
+                                    }
+                                    AdminReply::Error { message }
+                                }
                             }
                         };
                         let _ = link.send(&reply, &[]);
                     }
                     AdminRequest::SetCacheBudget { bytes } => {
                         let reply = match set_cache_budget(
-                            &appliance,
+                            &current.appliance,
                             alive,
                             &cgroup,
                             &mountpoint,
@@ -458,10 +575,78 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             }
         }
     }
-    finish_appliance(&appliance, alive, req.vm.is_some());
+    if let Some(s) = spare.take() {
+        s.discard();
+    }
+    finish_appliance(&current.appliance, alive, req.vm.is_some());
     entry.remove();
     drop(session);
     Ok(())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Tells an appliance that dies again and again from one that is killed now and then.
+/// An appliance that dies on every start, or on a request the kernel resends to each
+/// successor, dies soon after taking over; after [`CRASH_LOOP_LIMIT`] such deaths in a
+/// row the supervisor stops replacing it (the mount then answers EIO), so that callers
+/// do not wait forever.
+struct CrashLoop {
+    serving_since: std::time::Instant,
+    quick_deaths: u32,
+}
+
+/// An appliance that dies within this time of taking over died quickly.
+const QUICK_DEATH: Duration = Duration::from_millis(100);
+const CRASH_LOOP_LIMIT: u32 = 10;
+
+impl Default for CrashLoop {
+    fn default() -> Self {
+        CrashLoop {
+            serving_since: std::time::Instant::now(),
+            quick_deaths: 0,
+        }
+    }
+}
+
+impl CrashLoop {
+    /// The appliance died; whether it is one death too many.
+    fn died(&mut self) -> bool {
+        if self.serving_since.elapsed() < QUICK_DEATH {
+            self.quick_deaths += 1;
+        } else {
+            self.quick_deaths = 0;
+        }
+        if self.quick_deaths >= CRASH_LOOP_LIMIT {
+            tracing::error!(
+                deaths = self.quick_deaths,
+                "appliances keep dying as soon as they take over; no more successors"
+            );
+            return true;
+        }
+        false
+    }
+
+    /// A successor serves from now.
+    fn took_over(&mut self) {
+        self.serving_since = std::time::Instant::now();
+    }
+}
+
+/// Whether this mount's appliances keep a recovery journal, so that one that dies is
+/// replaced with its state: `mem` served by a process appliance on `/dev/fuse`
+/// (passthrough's state is the export itself; VM appliances and stream channels are
+/// not recovered yet).
+fn journals(req: &MountRequest) -> bool {
+    std::env::var_os("FSVA_NO_JOURNAL").is_none()
+        && matches!(req.backend, BackendSpec::Mem { .. })
+        && req.vm.is_none()
+        && req.channel == ChannelKind::Fusedev
 }
 
 /// A live restart holds every file of a mem appliance (one memfd each) between the two
@@ -469,9 +654,25 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
 /// The descriptor table is grown to its final size now, while this process has one
 /// thread: growing the table of a multithreaded process waits for an RCU grace period
 /// per doubling, which made the first restart of a 10,000-file mount 70 ms slower.
+/// A root supervisor raises the hard limit too (up to the kernel's `nr_open`, at most
+/// 2^20): it keeps a copy of every memfd of a journaled mem, and its appliances inherit
+/// the limit, which bounds how many files mem can hold.
 fn raise_open_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
+    if rustix::process::geteuid().is_root() {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(1 << 20)
+            .min(1 << 20);
+        if limit.maximum.is_some_and(|m| m < nr_open) {
+            limit.maximum = Some(nr_open);
+            limit.current = Some(nr_open);
+            let _ = setrlimit(Resource::Nofile, limit);
+        }
+        limit = getrlimit(Resource::Nofile);
+    }
     if limit.current < limit.maximum {
         limit.current = limit.maximum;
         let _ = setrlimit(Resource::Nofile, limit);
@@ -503,7 +704,7 @@ pub(crate) fn on_exit(
 }
 
 /// Reports the exit of `child` as an event (and in `exited`, for start-up).
-fn watch_appliance(
+pub(crate) fn watch_appliance(
     child: std::process::Child,
     events: &mpsc::Sender<Event>,
     exited: Option<Arc<std::sync::Mutex<Option<String>>>>,
@@ -515,125 +716,6 @@ fn watch_appliance(
         }
         let _ = tx.send(Event::ApplianceExited(pid, status));
     })
-}
-
-/// A live restart of a mount's process appliance (`fsva restart`).
-struct Restart<'a> {
-    req: &'a MountRequest,
-    config: &'a StartConfig,
-    /// The budget in force now (`fsva cache` may have changed it since the mount).
-    cache_budget: Option<u64>,
-    mountpoint: &'a Path,
-    devs: &'a [Arc<FuseDev>],
-    session: BorrowedFd<'a>,
-    backing_files: &'a Arc<std::sync::atomic::AtomicU64>,
-    cgroup_procs: Option<&'a Path>,
-    events: &'a mpsc::Sender<Event>,
-}
-
-impl Restart<'_> {
-    /// Pauses `old`, starts its successor with its state on the same `/dev/fuse`
-    /// clones, stops `old`, and has the kernel resend what `old` held. Returns the
-    /// successor and how long requests waited. On failure `old` serves on.
-    fn run(&self, old: &Appliance) -> Result<(Appliance, Duration), String> {
-        if self.req.vm.is_some() || self.req.channel != ChannelKind::Fusedev {
-            return Err(
-                "live restart works for process appliances on the fusedev channel so far".into(),
-            );
-        }
-        if !matches!(self.req.backend, BackendSpec::Mem { .. }) {
-            return Err("only mem can be restarted live so far".into());
-        }
-        let broker = if needs_broker(self.req) {
-            let scope = broker_scope(self.req, self.session, self.backing_files.clone())
-                .map_err(|e| e.to_string())?;
-            Some(crate::broker::start(scope).map_err(|e| e.to_string())?)
-        } else {
-            None
-        };
-        let mut fds: Vec<_> = self.devs.iter().map(|d| d.as_fd()).collect();
-        fds.extend(broker.as_ref().map(|l| l.as_fd()));
-        let config = StartConfig {
-            restore: true,
-            cache_budget: self.cache_budget,
-            ..self.config.clone()
-        };
-        // The successor sets up its sandbox while the predecessor still serves; the
-        // downtime is only the handover.
-        let starting = Appliance::spawn(
-            &self.req.exe,
-            &config,
-            &fds,
-            self.cgroup_procs,
-            launch::START_TIMEOUT,
-        )
-        .map_err(|e| format!("the successor did not start: {e}"))?;
-        if let Err(e) = starting.await_state_request() {
-            starting.abandon();
-            return Err(format!("the successor did not start: {e}"));
-        }
-        let t0 = std::time::Instant::now();
-        let saved = match old.checkpoint() {
-            Ok(saved) => saved,
-            Err(e) => {
-                starting.abandon();
-                // It may have paused before the handover broke: let it go on, or stop
-                // it (the event loop then answers with EIO) rather than leave it paused.
-                if old.resume().is_err() {
-                    old.kill();
-                }
-                return Err(format!("checkpoint failed: {e}"));
-            }
-        };
-        let t_checkpoint = t0.elapsed();
-        let (successor, child) = match starting.serve(Some(&saved)) {
-            Ok(started) => started,
-            Err(e) => {
-                let _ = old.resume();
-                return Err(format!(
-                    "the successor did not take over ({e}); the appliance serves on"
-                ));
-            }
-        };
-        let t_restored = t0.elapsed();
-        drop(broker);
-        // The successor has restored the state and waits. The predecessor holds requests
-        // it read while paused; once it is gone the kernel moves them (everything read
-        // and unanswered) back to its queue. Only then may the successor serve: a resend
-        // while it works would hand it requests it is already executing, twice.
-        old.kill();
-        if !old.wait_exit(Duration::from_secs(5)) {
-            tracing::error!(
-                pid = old.pid,
-                "the old appliance did not exit within 5 s of SIGKILL"
-            );
-        }
-        watch_appliance(child, self.events, None).map_err(|e| e.to_string())?;
-        if let Err(e) = crate::fallback::resend_held(self.devs) {
-            // The requests the old appliance held would never be answered: end the
-            // connection instead of leaving their callers hanging.
-            tracing::error!(error = %e, "FUSE_NOTIFY_RESEND failed after a restart; aborting the connection");
-            if let Err(e) = mount::abort_connection(self.mountpoint) {
-                tracing::error!(error = %e, "could not abort the FUSE connection");
-            }
-        }
-        if let Err(e) = successor.resume() {
-            // Nothing serves now: once it is gone the event loop answers with EIO.
-            successor.kill();
-            return Err(format!("the successor did not begin serving: {e}"));
-        }
-        let downtime = t0.elapsed();
-        tracing::info!(
-            old = old.pid,
-            new = successor.pid,
-            files = saved.fds.len(),
-            checkpoint_us = t_checkpoint.as_micros() as u64,
-            restored_us = t_restored.as_micros() as u64,
-            downtime_us = downtime.as_micros() as u64,
-            "appliance restarted live"
-        );
-        Ok((successor, downtime))
-    }
 }
 
 /// Starts the stream relay between the mount's clones and an appliance's stream. A
@@ -740,7 +822,7 @@ fn set_cache_budget(
 }
 
 /// Whether this mount's appliance gets a broker link (see [`crate::broker`]).
-fn needs_broker(req: &MountRequest) -> bool {
+pub(crate) fn needs_broker(req: &MountRequest) -> bool {
     offers_backing_files(req) || brokers_device_nodes(req)
 }
 
@@ -776,7 +858,7 @@ pub(crate) fn open_export(backend: &BackendSpec) -> Result<Option<OwnedFd>, Supe
 }
 
 /// What this mount's broker may do for its appliance.
-fn broker_scope(
+pub(crate) fn broker_scope(
     req: &MountRequest,
     session: BorrowedFd<'_>,
     live_backing: Arc<std::sync::atomic::AtomicU64>,

@@ -143,7 +143,7 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
     let shared_memory = shm.is_some();
     let channel: Arc<dyn Channel> =
         Arc::new(StreamChannel::with_shm(fuse, shm).map_err(|e| format!("FUSE port: {e}"))?);
-    let server = Server::new(Arc::new(fs), SessionConfig::default(), None);
+    let server = Server::new(Arc::new(fs), SessionConfig::default(), None, None);
     let stats = server.stats();
     let kernel = rustix::system::uname()
         .release()
@@ -176,11 +176,17 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                             message: format!("setting the guest clock: {e}"),
                         },
                     },
-                    ToAppliance::Start(_) => ToSupervisor::Failed {
-                        message: "a VM appliance is configured by its kernel command line".into(),
-                    },
+                    ToAppliance::Start(_) | ToAppliance::StartJournaled(_) => {
+                        ToSupervisor::Failed {
+                            message: "a VM appliance is configured by its kernel command line"
+                                .into(),
+                        }
+                    }
                     ToAppliance::Checkpoint
+                    | ToAppliance::CheckpointNow
                     | ToAppliance::Restore { .. }
+                    | ToAppliance::Recover { .. }
+                    | ToAppliance::KeptFds { .. }
                     | ToAppliance::StateFds
                     | ToAppliance::Resume => ToSupervisor::Failed {
                         message: "a VM appliance cannot be restarted live yet".into(),

@@ -16,8 +16,8 @@ use fsva_channel::fusedev::FuseDev;
 use fsva_channel::stream::StreamChannel;
 use fsva_channel::Channel;
 use fsva_control::{
-    ApplianceStats, BackendSpec, BrokerReply, BrokerRequest, ChannelKind, Link, SandboxKind,
-    StartConfig, ToAppliance, ToSupervisor,
+    ApplianceStats, BackendSpec, BrokerReply, BrokerRequest, ChannelKind, KeeperMessage, Link,
+    SandboxKind, StartConfig, ToAppliance, ToSupervisor,
 };
 use fsva_sandbox::{RootSpec, SandboxConfig, SeccompMode};
 use rustix::fs::{Mode, OFlags};
@@ -29,8 +29,10 @@ pub fn run(args: crate::cli::ApplianceArgs) -> anyhow::Result<ExitCode> {
     let (msg, fds) = link
         .recv::<ToAppliance>()
         .context("receiving the start message")?;
-    let ToAppliance::Start(config) = msg else {
-        anyhow::bail!("the supervisor did not start with a Start message");
+    let (config, journaled) = match msg {
+        ToAppliance::Start(config) => (config, false),
+        ToAppliance::StartJournaled(config) => (config, true),
+        other => anyhow::bail!("the supervisor did not start with a Start message: {other:?}"),
     };
     super::init_logging(&config.log_filter);
     if config.sandbox == SandboxKind::Vm || matches!(config.backend, BackendSpec::Image { .. }) {
@@ -44,7 +46,7 @@ pub fn run(args: crate::cli::ApplianceArgs) -> anyhow::Result<ExitCode> {
         SandboxKind::Vm => unreachable!("refused above"),
         SandboxKind::None => {
             let root = open_export(&config.backend)?;
-            serve(&config, &link, fds, root, None)
+            serve(&config, journaled, &link, fds, root, None)
         }
         SandboxKind::Namespaces => {
             let sandbox = sandbox_config(&config);
@@ -53,7 +55,7 @@ pub fn run(args: crate::cli::ApplianceArgs) -> anyhow::Result<ExitCode> {
                     Ok(r) => r,
                     Err(e) => return fail(&link, format!("{e:#}")),
                 };
-                serve(&config, &link, fds, root, inside.proc_self_fd)
+                serve(&config, journaled, &link, fds, root, inside.proc_self_fd)
             });
             match result {
                 Ok(code) => code,
@@ -177,6 +179,47 @@ impl fsva_appliance::BackingFiles for SupervisorBroker {
     }
 }
 
+/// The appliance's end of the keeper link (`fsva_supervisor::keeper`): memfds and
+/// checkpoints handed to the supervisor for a successor, one way.
+struct SupervisorKeeper {
+    link: std::sync::Mutex<Link>,
+    /// Set once a send failed (the supervisor is gone): said once, not per file.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl SupervisorKeeper {
+    fn send(
+        &self,
+        msg: &KeeperMessage,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::io::Result<()> {
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = link.send(msg, fds).map_err(std::io::Error::other);
+        if let Err(e) = &sent {
+            if !self.broken.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(error = %e, "the supervisor no longer keeps what a successor needs");
+            }
+        }
+        sent
+    }
+}
+
+impl fsva_appliance::Keeper for SupervisorKeeper {
+    fn keep(&self, id: u64, fd: std::os::fd::BorrowedFd<'_>) {
+        let _ = self.send(&KeeperMessage::Keep { id }, &[fd]);
+    }
+
+    fn release(&self, id: u64) {
+        let _ = self.send(&KeeperMessage::Release { id }, &[]);
+    }
+
+    fn store_checkpoint(&self, state: &[u8], boundary: u64) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let blob = fsva_control::blob::seal(state)?;
+        self.send(&KeeperMessage::Checkpoint { boundary }, &[blob.as_fd()])
+    }
+}
+
 impl fsva_backend_passthrough::DeviceNodes for SupervisorBroker {
     fn make_device(
         &self,
@@ -201,13 +244,40 @@ impl fsva_backend_passthrough::DeviceNodes for SupervisorBroker {
     }
 }
 
+/// What a journaled appliance has of its supervisor's safe-keeping.
+struct Kept {
+    journal: Arc<fsva_appliance::journal::Journal>,
+    keeper: Arc<SupervisorKeeper>,
+}
+
 fn serve(
     config: &StartConfig,
+    journaled: bool,
     link: &Link,
     mut fds: Vec<OwnedFd>,
     root: Option<OwnedFd>,
     proc_self_fd: Option<OwnedFd>,
 ) -> i32 {
+    let kept = if journaled {
+        let (Some(journal), Some(keeper)) = (fds.pop(), fds.pop()) else {
+            return fail(
+                link,
+                "the journal and keeper link were announced but not passed".into(),
+            );
+        };
+        match fsva_appliance::journal::Journal::open(journal) {
+            Ok(j) => Some(Kept {
+                journal: Arc::new(j),
+                keeper: Arc::new(SupervisorKeeper {
+                    link: std::sync::Mutex::new(Link::from_fd(keeper)),
+                    broken: Default::default(),
+                }),
+            }),
+            Err(e) => return fail(link, format!("{e}")),
+        }
+    } else {
+        None
+    };
     let broker = if config.broker_link {
         match fds.pop() {
             Some(fd) => Some(Arc::new(SupervisorBroker {
@@ -225,28 +295,50 @@ fn serve(
     let device_nodes = broker
         .filter(|_| config.device_nodes)
         .map(|b| b as Arc<dyn fsva_backend_passthrough::DeviceNodes>);
-    let restored = if config.restore {
-        if link.send(&ToSupervisor::AwaitingState, &[]).is_err() {
-            return 1;
+    // What this appliance starts from: nothing, a predecessor's snapshot (restart
+    // without a journal), or what a journaled predecessor left.
+    let mut runtime_state = None;
+    let mut runtime_records = Vec::new();
+    let start = match (&kept, config.restore) {
+        (None, false) => crate::backends::Start::Fresh,
+        (Some(k), false) => crate::backends::Start::Journaled {
+            journal: k.journal.clone(),
+            keeper: k.keeper.clone(),
+            from: crate::backends::Journaled::Empty,
+        },
+        (None, true) => {
+            if link.send(&ToSupervisor::AwaitingState, &[]).is_err() {
+                return 1;
+            }
+            match receive_state(link) {
+                Ok((backend, runtime)) => {
+                    runtime_state = Some(runtime);
+                    crate::backends::Start::Snapshot(backend)
+                }
+                Err(e) => return fail(link, format!("receiving the predecessor's state: {e:#}")),
+            }
         }
-        match receive_state(link) {
-            Ok(state) => Some(state),
-            Err(e) => return fail(link, format!("receiving the predecessor's state: {e:#}")),
+        (Some(k), true) => {
+            if link.send(&ToSupervisor::AwaitingState, &[]).is_err() {
+                return 1;
+            }
+            match receive_recovery(link, &k.journal) {
+                Ok(r) => {
+                    runtime_state = r.runtime;
+                    runtime_records = r.runtime_records;
+                    crate::backends::Start::Journaled {
+                        journal: k.journal.clone(),
+                        keeper: k.keeper.clone(),
+                        from: r.backend,
+                    }
+                }
+                Err(e) => return fail(link, format!("{e:#}")),
+            }
         }
-    } else {
-        None
     };
-    let (backend_state, runtime_state) = match restored {
-        Some((backend, runtime)) => (Some(backend), Some(runtime)),
-        None => (None, None),
-    };
-    let fs = match crate::backends::build(
-        &config.backend,
-        root,
-        proc_self_fd,
-        device_nodes,
-        backend_state,
-    ) {
+    let restarted = config.restore;
+    let fs = match crate::backends::build(&config.backend, root, proc_self_fd, device_nodes, start)
+    {
         Ok(fs) => fs,
         Err(e) => return fail(link, format!("{e:#}")),
     };
@@ -280,10 +372,32 @@ fn serve(
         fs.set_cache_budget(bytes);
     }
     let control_fs = fs.clone();
+    let journal = kept.as_ref().map(|k| k.journal.clone());
     let server = Arc::new(match &runtime_state {
-        Some(state) => Server::restored(fs, SessionConfig::default(), backing, state),
-        None => Server::new(fs, SessionConfig::default(), backing),
+        Some(state) => Server::restored(
+            fs,
+            SessionConfig::default(),
+            backing,
+            journal,
+            state,
+            &runtime_records,
+        ),
+        None => Server::new(fs, SessionConfig::default(), backing, journal),
     });
+    if let (Some(k), true) = (&kept, restarted) {
+        // No checkpoint held the session (the predecessor died before its first one
+        // after INIT): the journal's header does.
+        match k.journal.session() {
+            Some(s) => server.adopt_session(s),
+            None if runtime_state.as_ref().is_some_and(|s| s.session.is_some()) => {}
+            None => {
+                return fail(
+                    link,
+                    "the predecessor's FUSE session is recorded nowhere: cannot take over".into(),
+                )
+            }
+        }
+    }
     let stats = server.stats();
     if link
         .send(
@@ -296,7 +410,7 @@ fn serve(
     {
         return 1;
     }
-    if runtime_state.is_some() {
+    if restarted {
         // A successor serves only once its predecessor is gone and the kernel has
         // queued again what that one held (see fsva_supervisor's restart).
         match link.recv::<ToAppliance>() {
@@ -307,6 +421,9 @@ fn serve(
             }
             other => return fail(link, format!("expected the go-ahead, got {other:?}")),
         }
+    }
+    if let Some(k) = &kept {
+        server.start_checkpointer(k.keeper.clone());
     }
     std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -334,15 +451,29 @@ fn serve(
                             message: e.to_string(),
                         },
                     },
+                    ToAppliance::CheckpointNow => match &kept {
+                        Some(k) => match server.journal_checkpoint(&*k.keeper) {
+                            Ok(boundary) => ToSupervisor::CheckpointTaken { boundary },
+                            Err(e) => ToSupervisor::Failed {
+                                message: e.to_string(),
+                            },
+                        },
+                        None => ToSupervisor::Failed {
+                            message: "this appliance keeps no recovery journal".into(),
+                        },
+                    },
                     ToAppliance::Resume => {
                         server.resume();
                         ToSupervisor::Resumed
                     }
-                    ToAppliance::Start(_) | ToAppliance::Restore { .. } | ToAppliance::StateFds => {
-                        ToSupervisor::Failed {
-                            message: "already started".into(),
-                        }
-                    }
+                    ToAppliance::Start(_)
+                    | ToAppliance::StartJournaled(_)
+                    | ToAppliance::Restore { .. }
+                    | ToAppliance::Recover { .. }
+                    | ToAppliance::KeptFds { .. }
+                    | ToAppliance::StateFds => ToSupervisor::Failed {
+                        message: "already started".into(),
+                    },
                     ToAppliance::SetClock { .. } => ToSupervisor::Failed {
                         message: "an appliance process shares the host's clock".into(),
                     },
@@ -367,6 +498,101 @@ fn serve(
         // The mount is gone; nothing else will come. Exit without waiting for the
         // control thread, which may be blocked on the supervisor.
         std::process::exit(if ok { 0 } else { 1 });
+    })
+}
+
+/// What a successor rebuilds from after a journaled predecessor: the runtime's part of
+/// the checkpoint and its journal records, and the backend's start.
+struct RecoveryInput {
+    runtime: Option<fsva_appliance::state::StateV2>,
+    runtime_records: Vec<fsva_appliance::backing::RuntimeRecordV1>,
+    backend: crate::backends::Journaled,
+}
+
+/// Receives `Recover` (with the checkpoint, if any) and the kept memfds, and reads the
+/// journal records after the checkpoint. Anything that does not hold together is an
+/// error: the supervisor then starts a fresh appliance instead.
+fn receive_recovery(
+    link: &Link,
+    journal: &fsva_appliance::journal::Journal,
+) -> anyhow::Result<RecoveryInput> {
+    use fsva_appliance::backing::RuntimeRecord;
+    use fsva_appliance::journal::{BACKEND, RUNTIME};
+    let (msg, mut attached) = link.recv::<ToAppliance>()?;
+    let ToAppliance::Recover {
+        checkpoint,
+        fds: count,
+        fresh,
+    } = msg
+    else {
+        anyhow::bail!("expected the recovery, got {msg:?}");
+    };
+    if fresh {
+        // The state is lost; numbers above anything the old one can have used.
+        journal.clear();
+        return Ok(RecoveryInput {
+            runtime: None,
+            runtime_records: Vec::new(),
+            backend: crate::backends::Journaled::AfterLoss(1 << 48),
+        });
+    }
+    let state = if checkpoint {
+        let blob = attached
+            .pop()
+            .context("the checkpoint was announced but not attached")?;
+        let bytes = fsva_control::blob::read(blob).context("reading the checkpoint")?;
+        Some(
+            fsva_appliance::state::ApplianceState::decode(&bytes)
+                .context("the last checkpoint")?
+                .into_latest(),
+        )
+    } else {
+        None
+    };
+    let mut fds = std::collections::HashMap::with_capacity(count as usize);
+    let mut got = 0usize;
+    while got < count as usize {
+        let (m, batch) = link.recv::<ToAppliance>()?;
+        let ToAppliance::KeptFds { ids } = m else {
+            anyhow::bail!("expected kept descriptors, got {m:?}");
+        };
+        anyhow::ensure!(
+            ids.len() == batch.len() && !batch.is_empty(),
+            "a batch of {} ids came with {} descriptors",
+            ids.len(),
+            batch.len()
+        );
+        got += batch.len();
+        fds.extend(ids.into_iter().zip(batch));
+    }
+    let boundary = state.as_ref().map_or(0, |s| s.journal_boundary);
+    let records = journal.recover(boundary).context("the recovery journal")?;
+    let mut runtime_records = Vec::new();
+    let mut backend_records = Vec::new();
+    for r in records {
+        match r.payload.split_first() {
+            Some((&RUNTIME, rest)) => runtime_records.push(
+                RuntimeRecord::decode(rest).with_context(|| format!("journal record {}", r.seq))?,
+            ),
+            Some((&BACKEND, rest)) => backend_records.push(rest.to_vec()),
+            _ => anyhow::bail!("journal record {} has no known tag", r.seq),
+        }
+    }
+    tracing::info!(
+        boundary,
+        records = backend_records.len() + runtime_records.len(),
+        memfds = fds.len(),
+        "rebuilding the predecessor's state"
+    );
+    let checkpoint = state.as_ref().map(|s| s.backend.clone());
+    Ok(RecoveryInput {
+        runtime: state,
+        runtime_records,
+        backend: crate::backends::Journaled::Recover(fsva_backend_mem::Recovery {
+            checkpoint,
+            records: backend_records,
+            fds,
+        }),
     })
 }
 
@@ -397,7 +623,7 @@ fn receive_state(
     link: &Link,
 ) -> anyhow::Result<(
     fsva_appliance::state::BackendState,
-    fsva_appliance::state::StateV1,
+    fsva_appliance::state::StateV2,
 )> {
     let (msg, mut blob) = link.recv::<ToAppliance>()?;
     let ToAppliance::Restore { fds: count } = msg else {
@@ -405,8 +631,7 @@ fn receive_state(
     };
     let blob = blob.pop().context("the state came without its blob")?;
     let bytes = fsva_control::blob::read(blob).context("reading the state")?;
-    let fsva_appliance::state::ApplianceState::V1(state) =
-        fsva_appliance::state::ApplianceState::decode(&bytes)?;
+    let state = fsva_appliance::state::ApplianceState::decode(&bytes)?.into_latest();
     let mut fds = Vec::with_capacity(count as usize);
     while fds.len() < count as usize {
         let (m, batch) = link.recv::<ToAppliance>()?;

@@ -62,6 +62,7 @@ pub fn run(args: MountArgs, log: &str) -> anyhow::Result<ExitCode> {
             },
             log_filter: log.to_string(),
             passthrough: !args.no_passthrough,
+            recovery: !args.no_recovery,
             cache_budget: args.cache_budget,
             ready,
             vm,
@@ -99,6 +100,9 @@ fn foreground_args(
     ];
     if args.no_passthrough {
         v.push("--no-passthrough".into());
+    }
+    if args.no_recovery {
+        v.push("--no-recovery".into());
     }
     if args.exclusive {
         v.push("--exclusive".into());

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fsva_control::{AdminReply, AdminRequest, Link, LinkError, MountStatus};
+use fsva_control::{AdminReply, AdminRequest, Link, LinkError, MountStatus, RecoveryStatus};
 
 /// Prints a line, quietly stopping at a closed pipe (`fsva status | head`).
 macro_rules! outln {
@@ -38,7 +38,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         };
         let mountpoint = fields.get("mountpoint").cloned().unwrap_or_default();
         match query(&record.with_extension("sock")) {
-            Ok(s) => print_status(&s),
+            Ok((s, r)) => print_status(&s, r.as_ref()),
             Err(Query::Incompatible(e)) => outln!(
                 "{mountpoint:<28} supervisor answered in a form this fsva does not understand ({e}): it runs another fsva version"
             ),
@@ -60,24 +60,38 @@ enum Query {
     Incompatible(String),
 }
 
-fn query(socket: &std::path::Path) -> Result<MountStatus, Query> {
+/// Asks the supervisor at `socket` for its status (with the recovery counters, or
+/// without them from an older supervisor that does not know them).
+fn query(socket: &std::path::Path) -> Result<(MountStatus, Option<RecoveryStatus>), Query> {
+    match ask(socket, AdminRequest::StatusFull) {
+        Err(Query::Incompatible(_)) => ask(socket, AdminRequest::Status),
+        other => other,
+    }
+}
+
+fn ask(
+    socket: &std::path::Path,
+    request: AdminRequest,
+) -> Result<(MountStatus, Option<RecoveryStatus>), Query> {
     let link = Link::connect(socket).map_err(|_| Query::Gone)?;
     let _ = rustix::net::sockopt::set_socket_timeout(
         &link,
         rustix::net::sockopt::Timeout::Recv,
         Some(std::time::Duration::from_secs(5)),
     );
-    link.send(&AdminRequest::Status, &[])
-        .map_err(|_| Query::Gone)?;
+    link.send(&request, &[]).map_err(|_| Query::Gone)?;
     match link.recv::<AdminReply>() {
-        Ok((AdminReply::Status(s), _)) => Ok(*s),
+        Ok((AdminReply::Status(s), _)) => Ok((*s, None)),
+        Ok((AdminReply::StatusFull(s, r), _)) => Ok((*s, Some(r))),
         Ok((other, _)) => Err(Query::Incompatible(format!("{other:?}"))),
         Err(LinkError::Decode(e)) => Err(Query::Incompatible(e.to_string())),
+        // An older supervisor drops a request it cannot read.
+        Err(LinkError::Closed) => Err(Query::Incompatible("request not understood".into())),
         Err(_) => Err(Query::Gone),
     }
 }
 
-fn print_status(s: &MountStatus) {
+fn print_status(s: &MountStatus, r: Option<&RecoveryStatus>) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -126,6 +140,26 @@ fn print_status(s: &MountStatus) {
             s.restarts,
             s.last_downtime_us.unwrap_or(0) as f64 / 1000.0
         );
+    }
+    if let Some(r) = r {
+        if r.recoveries > 0 || r.fresh_starts > 0 {
+            outln!(
+                "{:<28} recovered after {} appliance crash(es){}; requests waited {:.1} ms the last time",
+                "",
+                r.recoveries,
+                if r.fresh_starts > 0 {
+                    format!(", {} time(s) with a fresh file system (state lost)", r.fresh_starts)
+                } else {
+                    String::new()
+                },
+                r.last_downtime_us.unwrap_or(0) as f64 / 1000.0
+            );
+        } else if r.journaled {
+            outln!(
+                "{:<28} crash recovery: on (a successor takes over with the state)",
+                ""
+            );
+        }
     }
 }
 
