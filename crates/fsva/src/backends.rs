@@ -80,10 +80,8 @@ pub fn build(
     device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
     restored: Option<fsva_appliance::state::BackendState>,
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
-    if let (Some(_), BackendSpec::Passthrough { .. } | BackendSpec::Image { .. }) =
-        (&restored, spec)
-    {
-        anyhow::bail!("only mem can be restored from a predecessor's state so far");
+    if let (Some(_), BackendSpec::Image { .. }) = (&restored, spec) {
+        anyhow::bail!("a disk image's VM appliance cannot be restored from a state yet");
     }
     match spec {
         BackendSpec::Mem { capacity } => {
@@ -118,9 +116,17 @@ pub fn build(
                 config.entry_ttl = EXCLUSIVE_TTL;
                 config.attr_ttl = EXCLUSIVE_TTL;
             }
-            let fs = fsva_backend_passthrough::PassthroughFs::new(config)
-                .with_context(|| format!("serving {}", path.display()))?;
-            Ok(Arc::new(fs))
+            match restored {
+                Some(state) => Ok(Arc::new(
+                    fsva_backend_passthrough::PassthroughFs::restore(config, state).with_context(
+                        || format!("restoring {} from its predecessor's state", path.display()),
+                    )?,
+                )),
+                None => Ok(Arc::new(
+                    fsva_backend_passthrough::PassthroughFs::new(config)
+                        .with_context(|| format!("serving {}", path.display()))?,
+                )),
+            }
         }
         BackendSpec::Image { path, .. } => anyhow::bail!(
             "{} is a disk image: it is served by a VM appliance (fsva mount --vm), not here",

@@ -541,8 +541,11 @@ impl Restart<'_> {
                 "live restart works for process appliances on the fusedev channel so far".into(),
             );
         }
-        if !matches!(self.req.backend, BackendSpec::Mem { .. }) {
-            return Err("only mem can be restarted live so far".into());
+        if !matches!(
+            self.req.backend,
+            BackendSpec::Mem { .. } | BackendSpec::Passthrough { .. }
+        ) {
+            return Err("only mem and passthrough can be restarted live so far".into());
         }
         let broker = if needs_broker(self.req) {
             let scope = broker_scope(self.req, self.session, self.backing_files.clone())
