@@ -191,6 +191,7 @@ impl PassthroughFs {
         state: fsva_appliance::state::BackendState,
     ) -> std::result::Result<Self, fsva_appliance::state::StateError> {
         use fsva_appliance::state::StateError;
+        let t0 = std::time::Instant::now();
         let setup = Setup::new(config).map_err(|e| StateError::Backend(e.to_string()))?;
         let snapshot::PassthroughSnapshot::V1(s) = snapshot::decode(&state.bytes)?;
         snapshot::check(&s, state.fds.len())?;
@@ -210,6 +211,7 @@ impl PassthroughFs {
             handles = restored.handles.count(),
             stale_nodes = restored.stale_nodes,
             stale_handles = restored.stale_handles,
+            restore_us = t0.elapsed().as_micros() as u64,
             "passthrough state restored"
         );
         Ok(Self::with_tables(
