@@ -5,7 +5,8 @@
 //! - [`inode`]: node ids → `O_PATH` descriptors, deduplicated by host identity;
 //! - [`handle`]: open file and directory handles;
 //! - [`snapshot`]: the tables as a versioned snapshot for a live restart, and
-//!   [`restore`]: the tables rebuilt from one (descriptors verified, path hints walked);
+//!   `restore`: the tables rebuilt from one (lent descriptors taken over, objects
+//!   without one found again by their path hints, the rest stale);
 //! - [`creds`]: per-thread caller credentials and umask for creating operations;
 //! - [`dir`]: `getdents64` listing with the host's own cookies;
 //! - [`xattr`]: extended attributes on `O_PATH` descriptors;

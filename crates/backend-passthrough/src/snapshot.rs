@@ -4,7 +4,7 @@
 //! by index and lent (no duplicate): each node's `O_PATH` descriptor and each handle's
 //! open file, which carries its own flags, offset and directory position.
 //!
-//! One enum variant per version (postcard). [`check`] verifies everything that can be
+//! One enum variant per version (postcard). `check` verifies everything that can be
 //! verified without a system call — ranges, each id and descriptor once, handles on
 //! nodes that exist and of the right type, hints that are plain names — because the
 //! predecessor may be compromised. This module never opens anything and never
