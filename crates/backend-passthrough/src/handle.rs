@@ -1,9 +1,14 @@
 //! Open file and directory handles: the `fh` the kernel passes back on READ, WRITE,
-//! READDIR, RELEASE, ... mapped to the host descriptor opened for it.
+//! READDIR, RELEASE, ... mapped to the host descriptor opened for it, with the node it
+//! was opened on and the flags it was opened with (what a restore needs to open it
+//! again). A restore may leave handles stale (their object is lost): those answer
+//! ESTALE until released. This module never opens or closes anything itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+
+use fsva_appliance::Errno;
 
 use crate::dir::DirStream;
 use crate::inode::Node;
@@ -15,12 +20,20 @@ pub enum Handle {
     File {
         fd: OwnedFd,
         node: Arc<Node>,
+        /// The open flags the kernel sent (O_DIRECT included).
+        flags: u32,
         /// What to drop after reads the client caches; `None` for O_DIRECT opens,
         /// whose reads the client does not cache.
         trail: Option<Box<ReadTrail>>,
     },
     /// A directory stream.
-    Dir(DirStream),
+    Dir { stream: DirStream, node: Arc<Node> },
+}
+
+impl AsFd for Handle {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd()
+    }
 }
 
 impl Handle {
@@ -30,7 +43,16 @@ impl Handle {
         Handle::File {
             fd,
             node,
+            flags,
             trail: (!direct).then(Box::default),
+        }
+    }
+
+    /// A directory handle listing `fd`, a directory opened for reading on `node`.
+    pub fn dir(fd: OwnedFd, node: Arc<Node>) -> Handle {
+        Handle::Dir {
+            stream: DirStream::new(fd),
+            node,
         }
     }
 
@@ -38,14 +60,14 @@ impl Handle {
     pub fn read_trail(&self) -> Option<&ReadTrail> {
         match self {
             Handle::File { trail, .. } => trail.as_deref(),
-            Handle::Dir(_) => None,
+            Handle::Dir { .. } => None,
         }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Handle::File { fd, .. } => fd.as_fd(),
-            Handle::Dir(d) => d.fd(),
+            Handle::Dir { stream, .. } => stream.fd(),
         }
     }
 
@@ -53,14 +75,29 @@ impl Handle {
     pub fn node(&self) -> Option<&Arc<Node>> {
         match self {
             Handle::File { node, .. } => Some(node),
-            Handle::Dir(_) => None,
+            Handle::Dir { .. } => None,
+        }
+    }
+
+    /// The node the handle was opened on, file or directory.
+    pub fn owner(&self) -> &Arc<Node> {
+        match self {
+            Handle::File { node, .. } | Handle::Dir { node, .. } => node,
         }
     }
 }
 
 struct Inner {
     map: HashMap<u64, Arc<Handle>>,
+    stale: HashSet<u64>,
     next: u64,
+}
+
+/// Everything in the table, for a snapshot (or to build a restored table from).
+pub struct HandleParts {
+    pub next: u64,
+    pub live: Vec<(u64, Arc<Handle>)>,
+    pub stale: Vec<u64>,
 }
 
 /// All handles of open files and directories.
@@ -70,16 +107,37 @@ pub struct HandleTable {
 
 impl Default for HandleTable {
     fn default() -> Self {
-        Self {
-            inner: Mutex::new(Inner {
-                map: HashMap::new(),
-                next: 1,
-            }),
-        }
+        Self::from_parts(HandleParts {
+            next: 1,
+            live: Vec::new(),
+            stale: Vec::new(),
+        })
     }
 }
 
 impl HandleTable {
+    /// A table of restored handles; the caller has checked every `fh` is below `next`
+    /// and appears once.
+    pub fn from_parts(parts: HandleParts) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                map: parts.live.into_iter().collect(),
+                stale: parts.stale.into_iter().collect(),
+                next: parts.next,
+            }),
+        }
+    }
+
+    /// Every handle and the counter.
+    pub fn parts(&self) -> HandleParts {
+        let g = self.lock();
+        HandleParts {
+            next: g.next,
+            live: g.map.iter().map(|(&fh, h)| (fh, h.clone())).collect(),
+            stale: g.stale.iter().copied().collect(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -93,16 +151,26 @@ impl HandleTable {
         fh
     }
 
-    pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
-        self.lock().map.get(&fh).cloned()
+    /// The handle `fh`: EBADF when there is none, ESTALE when its object was lost
+    /// across a restore.
+    pub fn get(&self, fh: u64) -> Result<Arc<Handle>, Errno> {
+        let g = self.lock();
+        match g.map.get(&fh) {
+            Some(h) => Ok(h.clone()),
+            None if g.stale.contains(&fh) => Err(Errno(libc::ESTALE)),
+            None => Err(Errno(libc::EBADF)),
+        }
     }
 
     /// Removes `fh`; its descriptor closes when the last in-flight user drops it.
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
-        self.lock().map.remove(&fh)
+        let mut g = self.lock();
+        g.stale.remove(&fh);
+        g.map.remove(&fh)
     }
 
     pub fn count(&self) -> usize {
-        self.lock().map.len()
+        let g = self.lock();
+        g.map.len() + g.stale.len()
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! - [`inode`]: node ids → `O_PATH` descriptors, deduplicated by host identity;
 //! - [`handle`]: open file and directory handles;
+//! - [`snapshot`]: the tables as a versioned snapshot for a live restart, and
+//!   `restore`: the tables rebuilt from one (lent descriptors taken over, objects
+//!   without one found again by their path hints, the rest stale);
 //! - [`creds`]: per-thread caller credentials and umask for creating operations;
 //! - [`dir`]: `getdents64` listing with the host's own cookies;
 //! - [`xattr`]: extended attributes on `O_PATH` descriptors;
@@ -22,6 +25,8 @@ pub mod dir;
 pub mod handle;
 pub mod inode;
 pub mod read_trail;
+mod restore;
+pub mod snapshot;
 pub mod sys;
 pub mod xattr;
 
@@ -41,7 +46,6 @@ use fsva_protocol::abi::{self, fattr, init_flags as f, ROOT_ID};
 
 pub use config::{open_dir_path, DeviceNodes, PassthroughConfig, PassthroughError};
 use creds::{Caller, CredGuard};
-use dir::DirStream;
 use handle::{Handle, HandleTable};
 use inode::{InodeKey, Node, NodeTable};
 use sys::{cname, cvt, fd_name, EMPTY};
@@ -62,6 +66,16 @@ fn drop_cached(fd: BorrowedFd<'_>, (start, end): read_trail::Range) {
             libc::POSIX_FADV_DONTNEED,
         )
     };
+}
+
+/// Opens the object behind `fd` anew, through its magic link in `proc_self_fd`.
+fn reopen_via(proc_self_fd: BorrowedFd<'_>, fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    sys::openat(
+        proc_self_fd,
+        &fd_name(fd.as_raw_fd()),
+        flags & !STRIP_OPEN_FLAGS,
+        0,
+    )
 }
 
 /// Attribute mask asked of `statx` for nodes.
@@ -109,9 +123,16 @@ fn kind_of(stx: &libc::statx) -> u32 {
     u32::from(stx.stx_mode) & libc::S_IFMT
 }
 
-impl PassthroughFs {
-    pub fn new(config: PassthroughConfig) -> std::result::Result<Self, PassthroughError> {
-        let proc_self_fd = match config.proc_self_fd {
+/// What construction checks before any table exists: /proc/self/fd, the root's identity.
+struct Setup {
+    config: PassthroughConfig,
+    proc_self_fd: OwnedFd,
+    root_key: InodeKey,
+}
+
+impl Setup {
+    fn new(mut config: PassthroughConfig) -> std::result::Result<Self, PassthroughError> {
+        let proc_self_fd = match config.proc_self_fd.take() {
             Some(fd) => fd,
             None => open_dir_path(std::path::Path::new("/proc/self/fd"))
                 .map_err(PassthroughError::ProcSelfFd)?,
@@ -138,16 +159,92 @@ impl PassthroughFs {
                 "the export root seen through it is a different object",
             )));
         }
-        Ok(Self {
-            nodes: NodeTable::new(config.root, key_of(&stx)),
-            handles: HandleTable::default(),
+        Ok(Setup {
+            config,
             proc_self_fd,
-            entry_ttl: config.entry_ttl,
-            attr_ttl: config.attr_ttl,
-            base_groups: creds::current_groups(),
-            device_nodes: config.device_nodes,
-            exclusive_local: config.exclusive_local,
+            root_key: key_of(&stx),
         })
+    }
+}
+
+impl PassthroughFs {
+    pub fn new(config: PassthroughConfig) -> std::result::Result<Self, PassthroughError> {
+        let setup = Setup::new(config)?;
+        let root_key = setup.root_key;
+        let nodes = NodeTable::new(setup.config.root, root_key);
+        Ok(Self::with_tables(
+            setup.config.entry_ttl,
+            setup.config.attr_ttl,
+            setup.config.device_nodes,
+            setup.config.exclusive_local,
+            setup.proc_self_fd,
+            nodes,
+            HandleTable::default(),
+        ))
+    }
+
+    /// A file system taking over from a predecessor's snapshot (live restart), or from
+    /// a [`snapshot::portable`] one whose objects are found again by their path hints.
+    /// The snapshot is checked whole before anything is opened; objects that cannot be
+    /// found again become stale (ESTALE), never another object.
+    pub fn restore(
+        config: PassthroughConfig,
+        state: fsva_appliance::state::BackendState,
+    ) -> std::result::Result<Self, fsva_appliance::state::StateError> {
+        use fsva_appliance::state::StateError;
+        let t0 = std::time::Instant::now();
+        let setup = Setup::new(config).map_err(|e| StateError::Backend(e.to_string()))?;
+        let snapshot::PassthroughSnapshot::V1(s) = snapshot::decode(&state.bytes)?;
+        snapshot::check(&s, state.fds.len())?;
+        let proc_self_fd = setup.proc_self_fd;
+        let reopen = |fd: BorrowedFd<'_>, flags: i32| reopen_via(proc_self_fd.as_fd(), fd, flags);
+        let restored = restore::rebuild(
+            s,
+            state.fds,
+            restore::Export {
+                root: setup.config.root,
+                root_key: setup.root_key,
+                reopen: &reopen,
+            },
+        )?;
+        tracing::info!(
+            nodes = restored.nodes.count(),
+            handles = restored.handles.count(),
+            stale_nodes = restored.stale_nodes,
+            stale_handles = restored.stale_handles,
+            restore_us = t0.elapsed().as_micros() as u64,
+            "passthrough state restored"
+        );
+        Ok(Self::with_tables(
+            setup.config.entry_ttl,
+            setup.config.attr_ttl,
+            setup.config.device_nodes,
+            setup.config.exclusive_local,
+            proc_self_fd,
+            restored.nodes,
+            restored.handles,
+        ))
+    }
+
+    fn with_tables(
+        entry_ttl: Duration,
+        attr_ttl: Duration,
+        device_nodes: Option<Arc<dyn DeviceNodes>>,
+        exclusive_local: bool,
+        proc_self_fd: OwnedFd,
+        nodes: NodeTable,
+        handles: HandleTable,
+    ) -> Self {
+        Self {
+            nodes,
+            handles,
+            proc_self_fd,
+            entry_ttl,
+            attr_ttl,
+            base_groups: creds::current_groups(),
+            device_nodes,
+            exclusive_local,
+        }
     }
 
     /// Number of nodes held (root included); for tests and diagnostics.
@@ -161,21 +258,16 @@ impl PassthroughFs {
     }
 
     fn node(&self, id: u64) -> Result<Arc<Node>> {
-        self.nodes.get(id).ok_or(Errno::ENOENT)
+        self.nodes.get(id)
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
-        self.handles.get(fh).ok_or(Errno(libc::EBADF))
+        self.handles.get(fh)
     }
 
     /// Opens the object behind `fd` anew, through its /proc/self/fd magic link.
     fn reopen(&self, fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
-        sys::openat(
-            self.proc_self_fd.as_fd(),
-            &fd_name(fd.as_raw_fd()),
-            flags & !STRIP_OPEN_FLAGS,
-            0,
-        )
+        reopen_via(self.proc_self_fd.as_fd(), fd, flags)
     }
 
     fn entry(&self, node: &Node, stx: &libc::statx) -> Entry {
@@ -189,12 +281,26 @@ impl PassthroughFs {
         }
     }
 
-    /// Adds one lookup reference for the object `fd` (an `O_PATH` descriptor) refers to.
-    fn register(&self, fd: OwnedFd) -> io::Result<Entry> {
+    /// Adds one lookup reference for the object `fd` (an `O_PATH` descriptor) refers to,
+    /// found as `hint` (a name in a parent node), if it has a plain name.
+    fn register(&self, fd: OwnedFd, hint: Option<(u64, &OsStr)>) -> io::Result<Entry> {
         let stx = sys::statx_fd(fd.as_fd(), STATX_MASK, 0)?;
-        let (node, spare) = self.nodes.insert_or_ref(fd, key_of(&stx), kind_of(&stx));
+        let hint = hint
+            .filter(|(_, name)| !Self::is_dot(name))
+            .map(|(parent, name)| (parent, name.as_bytes()));
+        let (node, spare) = self
+            .nodes
+            .insert_or_ref(fd, key_of(&stx), kind_of(&stx), hint);
         drop(spare);
         Ok(self.entry(&node, &stx))
+    }
+
+    /// After a rename: whatever `name` in `parent` now is, that is where its node lives.
+    fn rehint(&self, parent: &Node, name: &OsStr) {
+        let Ok(c) = cname(name) else { return };
+        if let Ok(stx) = sys::statx_at(parent.fd(), &c, STATX_MASK) {
+            self.nodes.rehint(&key_of(&stx), parent.id, name.as_bytes());
+        }
     }
 
     /// Looks `name` up in `parent` and takes a lookup reference on the result.
@@ -207,7 +313,7 @@ impl PassthroughFs {
         };
         let c = cname(name)?;
         let fd = sys::openat(parent.fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        self.register(fd)
+        self.register(fd, Some((parent.id, name)))
     }
 
     /// Runs `f` as the caller (fsuid/fsgid/supplementary group/umask of `ctx`).
@@ -251,10 +357,15 @@ impl PassthroughFs {
         Ok((attr::to_attr(&stx), self.attr_ttl))
     }
 
-    /// Registers a freshly created and opened file (CREATE, TMPFILE).
-    fn finish_create(&self, file: OwnedFd, flags: u32) -> Result<(Entry, Opened)> {
+    /// Registers a freshly created and opened file (CREATE, TMPFILE), named `hint`.
+    fn finish_create(
+        &self,
+        file: OwnedFd,
+        flags: u32,
+        hint: Option<(u64, &OsStr)>,
+    ) -> Result<(Entry, Opened)> {
         let path_fd = self.reopen(file.as_fd(), libc::O_PATH)?;
-        let entry = self.register(path_fd)?;
+        let entry = self.register(path_fd, hint)?;
         let node = self.node(entry.ino)?;
         let fh = self.handles.insert(Handle::file(file, node, flags));
         Ok((entry, self.opened(fh)))
@@ -427,7 +538,12 @@ impl PassthroughFs {
     }
 
     fn truncate_inner(&self, node: &Node, fh: Option<u64>, size: u64) -> Result<()> {
-        if let Some(h) = fh.and_then(|fh| self.handles.get(fh)) {
+        let given = match fh.map(|fh| self.handles.get(fh)) {
+            Some(Err(Errno(libc::ESTALE))) => return Err(Errno(libc::ESTALE)),
+            Some(h) => h.ok(),
+            None => None,
+        };
+        if let Some(h) = given {
             // SAFETY: plain ftruncate on a descriptor we own.
             if unsafe { libc::ftruncate64(h.fd().as_raw_fd(), size as i64) } == 0 {
                 return Ok(());
@@ -469,6 +585,15 @@ impl Filesystem for PassthroughFs {
             flags: POSIX_BACKEND_FLAGS | f::PASSTHROUGH,
             max_write: 1 << 20,
         }
+    }
+
+    /// The node and handle tables with every descriptor lent (see [`snapshot`]).
+    /// Called with every worker paused.
+    fn checkpoint(
+        &self,
+    ) -> std::result::Result<fsva_appliance::state::BackendState, fsva_appliance::state::StateError>
+    {
+        Ok(snapshot::take(self.nodes.parts(), self.handles.parts()))
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
@@ -681,6 +806,11 @@ impl Filesystem for PassthroughFs {
         if r < 0 {
             return Err(Errno::last());
         }
+        // Keep the path hints true (for a restore that must find nodes by name).
+        self.rehint(&np, newname);
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            self.rehint(&p, name);
+        }
         Ok(())
     }
 
@@ -800,7 +930,7 @@ impl Filesystem for PassthroughFs {
     fn opendir(&self, _ctx: &Context, ino: u64, _flags: u32) -> Result<Opened> {
         let n = self.node(ino)?;
         let fd = self.reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let fh = self.handles.insert(Handle::Dir(DirStream::new(fd)));
+        let fh = self.handles.insert(Handle::dir(fd, n));
         Ok(Opened {
             fh,
             // The kernel may keep the listing: it drops it when an entry changes through
@@ -821,7 +951,7 @@ impl Filesystem for PassthroughFs {
         sink: &mut DirSink,
     ) -> Result<()> {
         let h = self.handle(fh)?;
-        let Handle::Dir(d) = &*h else {
+        let Handle::Dir { stream: d, .. } = &*h else {
             return Err(Errno(libc::ENOTDIR));
         };
         let plus = sink.is_plus();
@@ -944,7 +1074,7 @@ impl Filesystem for PassthroughFs {
         let file = self.as_caller(ctx, Some(umask), |g| {
             sys::openat(p.fd(), &c, oflags, g.mode(mode))
         })?;
-        self.finish_create(file, flags)
+        self.finish_create(file, flags, Some((parent, name)))
     }
 
     fn tmpfile(
@@ -962,7 +1092,7 @@ impl Filesystem for PassthroughFs {
         let file = self.as_caller(ctx, Some(umask), |g| {
             sys::openat(p.fd(), c".", oflags, g.mode(mode))
         })?;
-        self.finish_create(file, flags)
+        self.finish_create(file, flags, None)
     }
 
     fn fallocate(

@@ -83,3 +83,20 @@ pub fn statx_fd(fd: BorrowedFd<'_>, mask: u32, sync_flags: i32) -> io::Result<li
     // SAFETY: statx succeeded and filled `stx`.
     Ok(unsafe { stx.assume_init() })
 }
+
+/// `statx(dir, name, AT_SYMLINK_NOFOLLOW)`: the object `name` names in `dir` itself.
+pub fn statx_at(dir: BorrowedFd<'_>, name: &CStr, mask: u32) -> io::Result<libc::statx> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `name` is a valid C string and `stx` writable memory of the right size.
+    cvt(unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            mask,
+            stx.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: statx succeeded and filled `stx`.
+    Ok(unsafe { stx.assume_init() })
+}

@@ -714,3 +714,6 @@ fn concurrent_creates_keep_per_thread_credentials() {
     unsafe { libc::umask(now) };
     assert_eq!(now, mine);
 }
+
+/// Snapshots and restores (live restart, path hints).
+mod snapshot;

@@ -104,12 +104,14 @@ pub fn build(
     device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
     start: Start,
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
-    if let (
-        Start::Snapshot(_) | Start::Journaled { .. },
-        BackendSpec::Passthrough { .. } | BackendSpec::Image { .. },
-    ) = (&start, spec)
-    {
-        anyhow::bail!("only mem can be restored from a predecessor's state so far");
+    match (&start, spec) {
+        (Start::Journaled { .. }, BackendSpec::Passthrough { .. }) => {
+            anyhow::bail!("a passthrough appliance keeps no recovery journal")
+        }
+        (Start::Snapshot(_) | Start::Journaled { .. }, BackendSpec::Image { .. }) => {
+            anyhow::bail!("a disk image's VM appliance cannot be restored from a state yet")
+        }
+        _ => {}
     }
     match spec {
         BackendSpec::Mem { capacity } => {
@@ -159,9 +161,17 @@ pub fn build(
                 config.entry_ttl = EXCLUSIVE_TTL;
                 config.attr_ttl = EXCLUSIVE_TTL;
             }
-            let fs = fsva_backend_passthrough::PassthroughFs::new(config)
-                .with_context(|| format!("serving {}", path.display()))?;
-            Ok(Arc::new(fs))
+            match start {
+                Start::Snapshot(state) => Ok(Arc::new(
+                    fsva_backend_passthrough::PassthroughFs::restore(config, state).with_context(
+                        || format!("restoring {} from its predecessor's state", path.display()),
+                    )?,
+                )),
+                _ => Ok(Arc::new(
+                    fsva_backend_passthrough::PassthroughFs::new(config)
+                        .with_context(|| format!("serving {}", path.display()))?,
+                )),
+            }
         }
         BackendSpec::Image { path, .. } => anyhow::bail!(
             "{} is a disk image: it is served by a VM appliance (fsva mount --vm), not here",

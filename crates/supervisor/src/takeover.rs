@@ -259,8 +259,11 @@ impl Successors<'_> {
                 "live restart works for process appliances on the fusedev channel so far".into(),
             );
         }
-        if !matches!(self.req.backend, BackendSpec::Mem { .. }) {
-            return Err("only mem can be restarted live so far".into());
+        if !matches!(
+            self.req.backend,
+            BackendSpec::Mem { .. } | BackendSpec::Passthrough { .. }
+        ) {
+            return Err("only mem and passthrough can be restarted live so far".into());
         }
         // The successor sets up its sandbox while the predecessor still serves; the
         // downtime is only the handover.
