@@ -5,6 +5,7 @@
 //! reach fsva through their own virtiofs driver.
 
 pub mod guest;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -191,6 +191,19 @@ impl FileData {
         }
     }
 
+    /// An empty stand-in for memfd `id`, which the supervisor no longer keeps (its file
+    /// was removed), while a journal is replayed; never given to the keeper.
+    pub(crate) fn placeholder(id: u64, space: Arc<Space>) -> std::io::Result<FileData> {
+        // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(c"fsva-lost".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self::restored(id, fd, 0, space))
+    }
+
     /// File data taken over from a predecessor that kept no journal (its memfd came
     /// with its state): a new id, and given to the keeper like a new file's.
     pub(crate) fn adopted(fd: OwnedFd, charged: u64, space: Arc<Space>) -> FileData {

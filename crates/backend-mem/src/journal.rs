@@ -407,12 +407,22 @@ fn apply_meta(
 }
 
 /// Checks that replayed tables hold together: every directory entry and handle names
-/// an inode that exists, and no inode is left that nothing refers to.
-pub(crate) fn check(st: &mut State) -> Result<(), StateError> {
+/// an inode that exists, every file's memfd was kept, and no inode is left that
+/// nothing refers to.
+pub(crate) fn check(st: &mut State, data: &DataSource) -> Result<(), StateError> {
     let (_, all) = st.inodes.parts();
     let mut orphans = Vec::new();
     let mut missing = None;
     for (&ino, inode) in all {
+        if let Some(d) = inode.data() {
+            if data.is_lost(d) && !inode.unused() {
+                missing = Some(format!(
+                    "the contents of inode {ino} (memfd {}) were not kept",
+                    d.id()
+                ));
+                break;
+            }
+        }
         if let Kind::Dir(d) = &inode.kind {
             if let Some((_, name, child)) =
                 d.iter_from(0).find(|&(_, _, c)| st.inodes.get(c).is_err())

@@ -375,7 +375,8 @@ impl MemFs {
         {
             let st = fs.state.get_mut().unwrap_or_else(|e| e.into_inner());
             let answers = journal::replay(st, records, &mut data, &space)?;
-            journal::check(st)?;
+            journal::check(st, &data)?;
+            space.ids_after(data.top_id());
             fs.has_recovered
                 .store(!answers.is_empty(), Ordering::Relaxed);
             *fs.recovered.get_mut().unwrap_or_else(|e| e.into_inner()) = answers;

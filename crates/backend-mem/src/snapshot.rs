@@ -247,6 +247,11 @@ pub(crate) struct DataSource {
     by_id: HashMap<u64, OwnedFd>,
     indexed: bool,
     made: HashMap<u64, Arc<FileData>>,
+    /// Ids named but not kept: files removed later in the journal (a live file must
+    /// not end up with one; see [`DataSource::lost_in_use`]).
+    lost: std::collections::HashSet<u64>,
+    /// The highest id named anywhere (new memfds are numbered above it).
+    top_id: u64,
 }
 
 impl DataSource {
@@ -257,12 +262,16 @@ impl DataSource {
                 by_id: HashMap::new(),
                 indexed: true,
                 made: HashMap::new(),
+                lost: Default::default(),
+                top_id: 0,
             },
             Descriptors::ById(m) => DataSource {
+                top_id: m.keys().copied().max().unwrap_or(0),
                 by_index: Vec::new(),
                 by_id: m,
                 indexed: false,
                 made: HashMap::new(),
+                lost: Default::default(),
             },
         }
     }
@@ -291,13 +300,31 @@ impl DataSource {
                 .map_err(|e| StateError::Backend(format!("taking over a memfd: {e}")))?;
             Arc::new(FileData::adopted(fd, charged, space.clone()))
         } else {
-            let fd = self.by_id.remove(&key).ok_or_else(|| {
-                StateError::Backend(format!("the supervisor keeps no memfd {key}"))
-            })?;
-            Arc::new(FileData::restored(key, fd, charged, space.clone()))
+            self.top_id = self.top_id.max(key);
+            match self.by_id.remove(&key) {
+                Some(fd) => Arc::new(FileData::restored(key, fd, charged, space.clone())),
+                None => {
+                    // Released since: the journal removes its file later, or the state
+                    // does not hold together (checked once everything is replayed).
+                    self.lost.insert(key);
+                    Arc::new(FileData::placeholder(key, space.clone()).map_err(|e| {
+                        StateError::Backend(format!("a placeholder for memfd {key}: {e}"))
+                    })?)
+                }
+            }
         };
         self.made.insert(key, d.clone());
         Ok(d)
+    }
+
+    /// The highest memfd id named or kept.
+    pub(crate) fn top_id(&self) -> u64 {
+        self.top_id
+    }
+
+    /// Whether `d` stands for a memfd that was not kept.
+    pub(crate) fn is_lost(&self, d: &FileData) -> bool {
+        self.lost.contains(&d.id())
     }
 
     /// Memfd ids the supervisor kept that nothing named (their files were removed

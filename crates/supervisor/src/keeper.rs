@@ -129,6 +129,11 @@ fn serve(link: Link, kept: &Kept) {
         let (msg, mut fds) = match link.recv::<KeeperMessage>() {
             Ok(m) => m,
             Err(LinkError::Closed) => break,
+            Err(LinkError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                break
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "keeper link failed; nothing more is kept from this appliance");
                 break;
