@@ -187,3 +187,64 @@ fn a_hundred_kills_under_load_lose_nothing_and_repeat_nothing() {
 fn a_hundred_kills_with_data_through_the_appliance_lose_nothing() {
     kill_storm(&["--no-passthrough"], 100);
 }
+
+/// A journal damaged behind the appliance's back (bytes of its records overwritten
+/// through the supervisor's own descriptor) cannot be replayed: the successor says
+/// why, the mount goes on with an empty file system, the files it held answer ESTALE
+/// and new ones work — never an old state passed off as the current one.
+#[test]
+fn a_damaged_journal_gives_a_fresh_file_system_and_estale_not_a_wrong_state() {
+    use std::io::{Seek, SeekFrom, Write};
+    let m = Mount::new("mem", &["--no-passthrough"]);
+    let mut held = std::fs::File::create(m.path().join("held")).unwrap();
+    held.write_all(b"acknowledged").unwrap();
+    for i in 0..20 {
+        std::fs::write(m.path().join(format!("f{i}")), b"data").unwrap();
+    }
+    let (supervisor, appliance) = m.pids();
+    let journal = std::fs::read_dir(format!("/proc/{supervisor}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:fsva-journal"))
+        })
+        .expect("the supervisor keeps the journal memfd");
+    let mut j = std::fs::OpenOptions::new()
+        .write(true)
+        .open(journal.path())
+        .unwrap();
+    // The first record of each area, just past the 4 KiB header and the area header.
+    let area = (j.metadata().unwrap().len() - 4096) / 2;
+    for base in [4096, 4096 + area] {
+        j.seek(SeekFrom::Start(base + 64 + 16)).unwrap();
+        j.write_all(&[0xa5; 32]).unwrap();
+    }
+    assert!(kill_appliance(appliance.unwrap()));
+    assert!(
+        wait_for(Duration::from_secs(20), || m
+            .pids()
+            .1
+            .is_some_and(|p| Some(p) != appliance)),
+        "no successor took over"
+    );
+    let err = held
+        .write_all(b" more")
+        .and_then(|()| held.sync_all())
+        .expect_err("a handle of the lost state still worked");
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    std::fs::write(m.path().join("new"), b"after").unwrap();
+    assert_eq!(std::fs::read(m.path().join("new")).unwrap(), b"after");
+    let status = String::from_utf8_lossy(&fsva(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("with a fresh file system (state lost)"),
+        "{status}"
+    );
+    let log = fsva_tests::mount_log(m.path());
+    assert!(
+        log.contains("could not rebuild the state") && log.contains("journal"),
+        "the log does not say why the state was lost:\n{log}"
+    );
+    drop(held);
+    m.unmount();
+}

@@ -11,7 +11,8 @@
 //! Layout (all integers little-endian, the memfd sealed against shrinking and growing):
 //! - a 4 KiB header: magic, version, the size of an area, the highest sequence number
 //!   of a record that could not be written (so a successor knows the log is incomplete
-//!   after it), and the negotiated FUSE session;
+//!   after it), the negotiated FUSE session, and the number of the last record written
+//!   whole (a journal whose records end before it was damaged, not merely short);
 //! - two areas of equal size. Records go into the current area; a checkpoint switches
 //!   to the other one ([`Journal::rotate`]) once everything that area held is covered by
 //!   a checkpoint the supervisor stored ([`Journal::covered`]). An area starts with its
@@ -46,6 +47,9 @@ const H_VERSION: usize = 8;
 const H_AREA_SIZE: usize = 16;
 const H_LOST: usize = 24;
 const H_SESSION: usize = 32; // minor|valid, flags, max_write, check
+/// The sequence number of the last record written whole (so that a journal damaged in
+/// the middle is not taken for a shorter one).
+const H_WRITTEN: usize = 64;
 
 /// First byte of a record the runtime wrote (see [`crate::backing::RuntimeRecord`]).
 pub const RUNTIME: u8 = 0;
@@ -337,6 +341,7 @@ impl Journal {
         let c = check(&[&epoch.to_le_bytes(), &seq.to_le_bytes(), payload]);
         let head = u64::from(payload.len() as u32) | (u64::from(c) << 32);
         self.map.word(off).store(head, Ordering::Release);
+        self.map.word(H_WRITTEN).store(seq, Ordering::Release);
         w.cursor += total;
         w.last_in[current] = seq;
         if w.cursor >= self.threshold && w.cursor - total < self.threshold {
@@ -405,6 +410,7 @@ impl Journal {
             stored: 0,
         };
         self.map.word(H_LOST).store(0, Ordering::SeqCst);
+        self.map.word(H_WRITTEN).store(0, Ordering::SeqCst);
     }
 
     /// Records the negotiated FUSE session (at INIT).
@@ -457,6 +463,11 @@ impl Journal {
             }
         }
         let last = records.last().map_or(boundary, |r| r.seq);
+        let written = self.map.word(H_WRITTEN).load(Ordering::Acquire);
+        if written > last {
+            // Records that were written whole are unreadable: the journal is damaged.
+            return Err(JournalError::Gap(last + 1));
+        }
         // Every record of an area must be contiguous with the rest; continue writing
         // where the newest area ends.
         let newest = if areas[1].epoch > areas[0].epoch {
@@ -581,11 +592,16 @@ mod tests {
         for i in 0..5u8 {
             j.append(&[i; 10]).unwrap();
         }
-        // Corrupt the third record's payload: the log ends after the second.
+        // Corrupt the third record's payload: the records after it are lost, and the
+        // journal says so instead of passing for a shorter one.
         let off = HEADER + AREA_HEADER + 2 * (RECORD_HEADER + 16) + RECORD_HEADER;
         j.map.write(off, b"X");
         drop(j);
         let s = reopen(&fd);
+        assert_eq!(s.recover(0), Err(JournalError::Gap(3)));
+        // A writer killed half way through its last record leaves it unwritten: that
+        // journal is whole (the header was not moved past it).
+        s.map.word(H_WRITTEN).store(2, Ordering::SeqCst);
         assert_eq!(s.recover(0).unwrap().len(), 2);
         assert_eq!(
             s.append(b"next").unwrap(),

@@ -236,6 +236,12 @@ pub(crate) fn commit_lookups(journal: &Journal, unique: u64, lookups: &mut Vec<(
     }
 }
 
+/// A record as the journal holds it (tag included), for tests that forge records.
+#[cfg(test)]
+pub(crate) fn encode_for_tests(rec: RecordV1) -> Vec<u8> {
+    postcard::to_extend(&MemRecord::V1(rec), vec![BACKEND]).unwrap()
+}
+
 /// A record's payload (without the tag byte) decoded.
 pub(crate) fn decode(payload: &[u8]) -> Result<RecordV1, StateError> {
     match postcard::from_bytes::<MemRecord>(payload) {
