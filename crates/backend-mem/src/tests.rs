@@ -1020,9 +1020,8 @@ fn churn(fs: &MemFs, seed: u64, ops: usize, mut after_each: impl FnMut(&MemFs, u
         x % n
     };
     let mut open: Vec<(u64, u64)> = Vec::new();
-    let mut unique = 100u64;
     for op in 0..ops {
-        unique += 1;
+        let unique = 101 + op as u64;
         let ctx = Context { unique, ..root() };
         let name = format!("n{}", rnd(12));
         let dir = if rnd(3) == 0 {
