@@ -284,6 +284,10 @@ impl DataSource {
         space: &Arc<Space>,
     ) -> Result<Arc<FileData>, StateError> {
         if let Some(d) = self.made.get(&key) {
+            if !self.indexed {
+                // Made for an earlier checkpoint: what it charged is this one's now.
+                d.set_charged(charged);
+            }
             return Ok(d.clone());
         }
         let d = if self.indexed {
@@ -327,10 +331,23 @@ impl DataSource {
         self.lost.contains(&d.id())
     }
 
-    /// Memfd ids the supervisor kept that nothing named (their files were removed
-    /// after the last journal record that mentioned them).
-    pub(crate) fn unused_ids(&self) -> Vec<u64> {
-        self.by_id.keys().copied().collect()
+    /// More memfds the supervisor kept (after an earlier part was handed over).
+    pub(crate) fn add(&mut self, fds: HashMap<u64, OwnedFd>) {
+        for (id, fd) in fds {
+            if !self.made.contains_key(&id) {
+                self.top_id = self.top_id.max(id);
+                self.by_id.insert(id, fd);
+            }
+        }
+    }
+
+    /// Every memfd id handed over (used or not).
+    pub(crate) fn received_ids(&self) -> Vec<u64> {
+        self.by_id
+            .keys()
+            .chain(self.made.keys().filter(|id| !self.lost.contains(id)))
+            .copied()
+            .collect()
     }
 }
 

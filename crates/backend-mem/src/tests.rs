@@ -1244,3 +1244,65 @@ fn a_journal_that_does_not_hold_together_is_refused() {
         .expect("an entry in a missing directory");
     assert!(e.to_string().contains("no directory"), "{e}");
 }
+
+#[test]
+fn a_preloaded_spare_brought_up_to_date_rebuilds_the_same_file_system() {
+    let (a, keeper, fd) = journaled();
+    let journal = a.journal.clone().unwrap();
+    let checkpoint = |fs: &MemFs| {
+        let (bytes, boundary) = fs.journal_checkpoint(&mut || journal.rotate()).unwrap();
+        journal.covered(boundary);
+        (bytes, boundary)
+    };
+    let kept_now = || -> HashMap<u64, OwnedFd> {
+        keeper
+            .fds
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(&id, f)| (id, f.try_clone().unwrap()))
+            .collect()
+    };
+    churn(&a, 5, 300, |_, _| {});
+    let (first, _) = checkpoint(&a);
+    let early: HashMap<u64, OwnedFd> = kept_now();
+    let early_ids: std::collections::HashSet<u64> = early.keys().copied().collect();
+    // The spare restores the first checkpoint while the appliance goes on.
+    let config = MemConfig {
+        capacity_bytes: 64 << 20,
+        root_mode: 0o777,
+        ..Default::default()
+    };
+    let mut spare = MemFs::preload(config, Some(&first), early).unwrap();
+    churn(&a, 6, 300, |_, _| {});
+    let (second, boundary) = checkpoint(&a);
+    churn(&a, 7, 200, |_, _| {});
+    let want = everything(&a);
+    std::mem::forget(a);
+    // At the takeover: the memfds kept since, the newer checkpoint, the journal's tail.
+    let late: HashMap<u64, OwnedFd> = kept_now()
+        .into_iter()
+        .filter(|(id, _)| !early_ids.contains(id))
+        .collect();
+    spare.add_fds(late);
+    spare.reload(Some(&second)).unwrap();
+    let journal = Arc::new(Journal::open(fd.try_clone().unwrap()).unwrap());
+    let records = journal
+        .recover(boundary)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.payload.split_first() {
+            Some((&fsva_appliance::journal::BACKEND, rest)) => Some(rest.to_vec()),
+            _ => None,
+        })
+        .collect();
+    let b = MemFs::finish_recovery(spare, journal, keeper.clone(), records).unwrap();
+    assert_eq!(everything(&b), want);
+    // Memfds of files removed meanwhile were given back; live ones stay kept.
+    let kept: std::collections::HashSet<u64> = keeper.fds.lock().unwrap().keys().copied().collect();
+    let st = b.rlock();
+    let (_, all) = st.inodes.parts();
+    let live: std::collections::HashSet<u64> =
+        all.filter_map(|(_, i)| i.data().map(|d| d.id())).collect();
+    assert_eq!(kept, live);
+}
