@@ -61,6 +61,9 @@ pub const DEFAULT_AREA: u64 = 32 << 20;
 /// Smallest and largest area accepted.
 const MIN_AREA: u64 = 64 << 10;
 const MAX_AREA: u64 = 1 << 30;
+/// Records after which a checkpoint is due until the state's size says otherwise (see
+/// [`Journal::set_record_threshold`]).
+pub const MIN_RECORDS_BETWEEN_CHECKPOINTS: u64 = 4000;
 /// Largest single record.
 pub const MAX_RECORD: usize = 4 << 20;
 
@@ -201,6 +204,8 @@ struct Writer {
     last_in: [u64; 2],
     /// The boundary of the newest checkpoint the supervisor stored.
     stored: u64,
+    /// Records since the last checkpoint was taken.
+    since_checkpoint: u64,
 }
 
 /// One record read back for recovery.
@@ -218,6 +223,9 @@ pub struct Journal {
     writer: Mutex<Writer>,
     /// Bytes in the current area past which a checkpoint is due.
     threshold: usize,
+    /// Records after which a checkpoint is due (a successor replays at most about
+    /// this many); set from the size of the state ([`Journal::set_record_threshold`]).
+    record_threshold: AtomicU64,
     due: Condvar,
 }
 
@@ -271,8 +279,10 @@ impl Journal {
                 epoch: [0; 2],
                 last_in: [0; 2],
                 stored: 0,
+                since_checkpoint: 0,
             }),
             threshold: (area as usize / 8).max(64 << 10),
+            record_threshold: AtomicU64::new(MIN_RECORDS_BETWEEN_CHECKPOINTS),
             due: Condvar::new(),
         };
         Ok(journal)
@@ -344,28 +354,44 @@ impl Journal {
         self.map.word(H_WRITTEN).store(seq, Ordering::Release);
         w.cursor += total;
         w.last_in[current] = seq;
-        if w.cursor >= self.threshold && w.cursor - total < self.threshold {
+        w.since_checkpoint += 1;
+        let records = self.record_threshold.load(Ordering::Relaxed);
+        if (w.cursor >= self.threshold && w.cursor - total < self.threshold)
+            || w.since_checkpoint == records
+        {
             self.due.notify_all();
         }
         Ok(seq)
     }
 
-    /// Whether the current area is past the point where a checkpoint is due.
+    fn due_now(&self, w: &Writer) -> bool {
+        w.cursor >= self.threshold
+            || w.since_checkpoint >= self.record_threshold.load(Ordering::Relaxed)
+    }
+
+    /// Whether a checkpoint is due: the current area is filling up, or the records
+    /// since the last one would take a successor long to replay.
     pub fn checkpoint_due(&self) -> bool {
-        self.lock().cursor >= self.threshold
+        self.due_now(&self.lock())
+    }
+
+    /// A checkpoint becomes due after `records` records.
+    pub fn set_record_threshold(&self, records: u64) {
+        self.record_threshold
+            .store(records.max(1), Ordering::Relaxed);
     }
 
     /// Waits up to `timeout` for a checkpoint to become due; returns whether it is.
     pub fn wait_due(&self, timeout: std::time::Duration) -> bool {
         let w = self.lock();
-        if w.cursor >= self.threshold {
+        if self.due_now(&w) {
             return true;
         }
         let (w, _) = self
             .due
             .wait_timeout(w, timeout)
             .unwrap_or_else(|p| p.into_inner());
-        w.cursor >= self.threshold
+        self.due_now(&w)
     }
 
     /// Marks a checkpoint: every record written so far is covered by it (the caller
@@ -376,6 +402,7 @@ impl Journal {
     pub fn rotate(&self) -> u64 {
         let mut w = self.lock();
         let boundary = w.next_seq - 1;
+        w.since_checkpoint = 0;
         let other = 1 - w.current;
         if w.last_in[other] <= w.stored {
             let epoch = w.epoch[0].max(w.epoch[1]) + 1;
@@ -408,6 +435,7 @@ impl Journal {
             epoch: [epoch + 1, epoch],
             last_in: [0; 2],
             stored: 0,
+            since_checkpoint: 0,
         };
         self.map.word(H_LOST).store(0, Ordering::SeqCst);
         self.map.word(H_WRITTEN).store(0, Ordering::SeqCst);
@@ -449,7 +477,7 @@ impl Journal {
         }
         let mut areas = Vec::new();
         for a in 0..2 {
-            areas.push(self.scan(a));
+            areas.push(self.scan(a, boundary));
         }
         let mut records: Vec<Record> = areas
             .iter()
@@ -480,6 +508,8 @@ impl Journal {
         w.last_in = [areas[0].last_seq, areas[1].last_seq];
         w.next_seq = last.max(areas[0].last_seq).max(areas[1].last_seq) + 1;
         w.stored = boundary;
+        // The records after the checkpoint are a successor's to replay too: count them.
+        w.since_checkpoint = records.len() as u64;
         if areas[newest].epoch == 0 {
             // Never written: start cleanly.
             w.current = 0;
@@ -498,8 +528,9 @@ impl Journal {
         Ok(records)
     }
 
-    /// The valid records of area `a`, from its start to the first invalid one.
-    fn scan(&self, a: usize) -> AreaScan {
+    /// The valid records of area `a` after `boundary`, from its start to the first
+    /// invalid one (records the checkpoint covers are walked over, not read).
+    fn scan(&self, a: usize, boundary: u64) -> AreaScan {
         let base = self.area_base(a);
         let h = self.map.read(base, 24);
         let epoch = u64::from_le_bytes(h[0..8].try_into().unwrap());
@@ -524,12 +555,17 @@ impl Journal {
             if head == 0 || len > MAX_RECORD || off + RECORD_HEADER + len > self.area {
                 break;
             }
-            let seq = u64::from_le_bytes(self.map.read(base + off + 8, 8).try_into().unwrap());
-            let payload = self.map.read(base + off + RECORD_HEADER, len);
-            if seq != want || c != check(&[&epoch.to_le_bytes(), &seq.to_le_bytes(), &payload]) {
+            let seq = self.map.word(base + off + 8).load(Ordering::Relaxed);
+            if seq != want {
                 break;
             }
-            scan.records.push(Record { seq, payload });
+            if seq > boundary {
+                let payload = self.map.read(base + off + RECORD_HEADER, len);
+                if c != check(&[&epoch.to_le_bytes(), &seq.to_le_bytes(), &payload]) {
+                    break;
+                }
+                scan.records.push(Record { seq, payload });
+            }
             scan.last_seq = seq;
             want += 1;
             off += RECORD_HEADER + len.div_ceil(8) * 8;

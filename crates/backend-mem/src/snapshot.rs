@@ -326,6 +326,11 @@ impl DataSource {
         self.top_id
     }
 
+    /// Whether some memfd named was not kept.
+    pub(crate) fn any_lost(&self) -> bool {
+        !self.lost.is_empty()
+    }
+
     /// Whether `d` stands for a memfd that was not kept.
     pub(crate) fn is_lost(&self, d: &FileData) -> bool {
         self.lost.contains(&d.id())

@@ -1264,7 +1264,19 @@ fn a_preloaded_spare_brought_up_to_date_rebuilds_the_same_file_system() {
             .collect()
     };
     churn(&a, 5, 300, |_, _| {});
+    let ctx = Context {
+        unique: 5000,
+        ..root()
+    };
+    let (doomed, dfh) = create(&a, &ctx, ROOT, "doomed", 0o644);
+    a.write(&ctx, doomed, dfh, 0, b"gone soon", 0, 0).unwrap();
     let (first, _) = checkpoint(&a);
+    // A file of that checkpoint is removed (its memfd given back) before the spare
+    // gets it: the journal's tail removes it, so the preload must not refuse it.
+    a.release(&ctx, doomed, dfh, 0).unwrap();
+    a.unlink(&ctx, ROOT, n("doomed")).unwrap();
+    a.forget(doomed, 1);
+    assert!(a.rlock().inodes.get(doomed).is_err(), "freed");
     let early: HashMap<u64, OwnedFd> = kept_now();
     let early_ids: std::collections::HashSet<u64> = early.keys().copied().collect();
     // The spare restores the first checkpoint while the appliance goes on.

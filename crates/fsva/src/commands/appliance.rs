@@ -582,7 +582,9 @@ fn receive_recovery(
             unreachable!("set just above");
         };
         let boundary = state.as_ref().map_or(0, |s| s.journal_boundary);
+        let t0 = std::time::Instant::now();
         let records = journal.recover(boundary)?;
+        tracing::debug!(scan_us = t0.elapsed().as_micros() as u64, "journal read");
         let mut runtime_records = Vec::new();
         let mut backend_records = Vec::new();
         for r in records {
