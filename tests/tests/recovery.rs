@@ -30,29 +30,8 @@ fn fsx() -> PathBuf {
     panic!("fsx is not installed: run scripts/setup.sh --test-tools (cargo install fsx)");
 }
 
-const FSX_CONFIG: &str = "flen = 262144
-nomsyncafterwrite = false
-nosizechecks = false
-[opsize]
-max = 65536
-min = 0
-align = 1
-[weights]
-close_open = 1
-read = 10
-write = 10
-mapread = 3
-mapwrite = 10
-invalidate = 1
-truncate = 1
-fsync = 1
-fdatasync = 1
-sendfile = 1
-posix_fadvise = 1
-posix_fallocate = 0
-punch_hole = 0
-copy_file_range = 0
-";
+/// The operations and weights the external fsx suite runs with.
+const FSX_CONFIG: &str = include_str!("../../scripts/suites/fsx.toml");
 
 /// Runs fsx rounds of `ops` operations on a file in `dir` until `stop`; panics with
 /// fsx's report if a round fails. Returns the rounds completed.

@@ -27,7 +27,7 @@ use crate::data::Space;
 use crate::dir::{Dir, DirOp};
 use crate::handle::Handle;
 use crate::inode::{Inode, Kind};
-use crate::snapshot::{time, DataSource, COUNTER_LIMIT};
+use crate::snapshot::{DataSource, COUNTER_LIMIT};
 use crate::xattr::Xattrs;
 use crate::State;
 
@@ -109,7 +109,6 @@ pub(crate) struct HandleV1 {
 /// The metadata record of `inode`; its xattrs only if they changed since the last one
 /// (a new inode's start empty, so unchanged ones need no record either).
 fn meta(ino: u64, inode: &mut Inode) -> InodeMetaV1 {
-    use crate::snapshot::t;
     let kind = match &mut inode.kind {
         Kind::File(d) => KindMetaV1::File(d.as_ref().map(|d| (d.id(), d.charged()))),
         Kind::Dir(d) => KindMetaV1::Dir { parent: d.parent },
@@ -124,13 +123,7 @@ fn meta(ino: u64, inode: &mut Inode) -> InodeMetaV1 {
         gid: inode.gid,
         nlink: inode.nlink,
         rdev: inode.rdev,
-        times: [
-            t(inode.atime),
-            t(inode.mtime),
-            t(inode.ctime),
-            t(inode.btime),
-            t(inode.data_ctime_seen),
-        ],
+        times: inode.saved_times(),
         opens: inode.opens,
         kind,
         xattrs: changed.then(|| {
@@ -389,11 +382,7 @@ fn apply_meta(
         inode.gid = m.gid;
         inode.nlink = m.nlink;
         inode.rdev = m.rdev;
-        inode.atime = time(m.times[0]);
-        inode.mtime = time(m.times[1]);
-        inode.ctime = time(m.times[2]);
-        inode.btime = time(m.times[3]);
-        inode.data_ctime_seen = time(m.times[4]);
+        inode.restore_times(m.times);
         inode.opens = m.opens;
     };
     let memfd = |data: &mut DataSource, f: Option<(u64, u64)>| {

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use fsva_appliance::state::{BackendState, StateError, StateFd};
 use serde::{Deserialize, Serialize};
 
-use crate::attr::Time;
 use crate::data::{FileData, Space};
 use crate::dir::Dir;
 use crate::handle::{Handle, HandleTable};
@@ -110,14 +109,6 @@ pub(crate) enum Descriptors {
     ById(HashMap<u64, OwnedFd>),
 }
 
-pub(crate) fn t(time: Time) -> (i64, u32) {
-    (time.sec, time.nsec)
-}
-
-pub(crate) fn time((sec, nsec): (i64, u32)) -> Time {
-    Time { sec, nsec }
-}
-
 /// One inode as a snapshot holds it; `data` names its memfd.
 fn inode_record(ino: u64, inode: &Inode, data: &mut dyn FnMut(&Arc<FileData>) -> u64) -> InodeV1 {
     let kind = match &inode.kind {
@@ -143,13 +134,7 @@ fn inode_record(ino: u64, inode: &Inode, data: &mut dyn FnMut(&Arc<FileData>) ->
         gid: inode.gid,
         nlink: inode.nlink,
         rdev: inode.rdev,
-        times: [
-            t(inode.atime),
-            t(inode.mtime),
-            t(inode.ctime),
-            t(inode.btime),
-            t(inode.data_ctime_seen),
-        ],
+        times: inode.saved_times(),
         lookups: inode.lookups.load(std::sync::atomic::Ordering::SeqCst),
         opens: inode.opens,
         kind,
@@ -388,11 +373,7 @@ pub(crate) fn inode_from(
     let mut inode = Inode::new(i.mode, i.uid, i.gid, kind);
     inode.nlink = i.nlink;
     inode.rdev = i.rdev;
-    inode.atime = time(i.times[0]);
-    inode.mtime = time(i.times[1]);
-    inode.ctime = time(i.times[2]);
-    inode.btime = time(i.times[3]);
-    inode.data_ctime_seen = time(i.times[4]);
+    inode.restore_times(i.times);
     inode.lookups = AtomicU64::new(i.lookups);
     inode.opens = i.opens;
     inode.xattrs = Xattrs::from_pairs(i.xattrs);

@@ -20,11 +20,7 @@ fn user() -> Context {
 }
 
 fn fs() -> MemFs {
-    MemFs::new(MemConfig {
-        capacity_bytes: 64 << 20,
-        root_mode: 0o777,
-        ..Default::default()
-    })
+    MemFs::new(test_config())
 }
 
 fn n(s: &str) -> &OsStr {
@@ -896,19 +892,19 @@ impl Keeper for TestKeeper {
     }
 }
 
+fn test_config() -> MemConfig {
+    MemConfig {
+        capacity_bytes: 64 << 20,
+        root_mode: 0o777,
+        ..Default::default()
+    }
+}
+
 fn journaled() -> (MemFs, Arc<TestKeeper>, OwnedFd) {
     let fd = fsva_appliance::journal::create(4 << 20).unwrap();
     let journal = Arc::new(Journal::open(fd.try_clone().unwrap()).unwrap());
     let keeper = Arc::new(TestKeeper::default());
-    let fs = MemFs::journaled(
-        MemConfig {
-            capacity_bytes: 64 << 20,
-            root_mode: 0o777,
-            ..Default::default()
-        },
-        journal,
-        keeper.clone(),
-    );
+    let fs = MemFs::journaled(test_config(), journal, keeper.clone());
     (fs, keeper, fd)
 }
 
@@ -944,11 +940,7 @@ fn recovered(
         .map(|(&id, fd)| (id, fd.try_clone().unwrap()))
         .collect();
     MemFs::recover(
-        MemConfig {
-            capacity_bytes: 64 << 20,
-            root_mode: 0o777,
-            ..Default::default()
-        },
+        test_config(),
         journal,
         keeper.clone(),
         Recovery {
@@ -1280,12 +1272,7 @@ fn a_preloaded_spare_brought_up_to_date_rebuilds_the_same_file_system() {
     let early: HashMap<u64, OwnedFd> = kept_now();
     let early_ids: std::collections::HashSet<u64> = early.keys().copied().collect();
     // The spare restores the first checkpoint while the appliance goes on.
-    let config = MemConfig {
-        capacity_bytes: 64 << 20,
-        root_mode: 0o777,
-        ..Default::default()
-    };
-    let mut spare = MemFs::preload(config, Some(&first), early).unwrap();
+    let mut spare = MemFs::preload(test_config(), Some(&first), early).unwrap();
     churn(&a, 6, 300, |_, _| {});
     let (second, boundary) = checkpoint(&a);
     churn(&a, 7, 200, |_, _| {});
