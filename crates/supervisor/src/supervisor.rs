@@ -660,7 +660,7 @@ impl CrashLoop {
 /// (passthrough's state is the export itself; VM appliances and stream channels are
 /// not recovered yet).
 fn journals(req: &MountRequest) -> bool {
-    std::env::var_os("FSVA_NO_JOURNAL").is_none()
+    req.recovery
         && matches!(req.backend, BackendSpec::Mem { .. })
         && req.vm.is_none()
         && req.channel == ChannelKind::Fusedev
