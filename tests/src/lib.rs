@@ -143,9 +143,21 @@ impl Mount {
         &self.dir.path
     }
 
-    /// Unmounts through `fsva umount`, asserting it succeeds.
+    /// Unmounts through `fsva umount`, asserting it succeeds. A mount the test has let
+    /// go of can still be busy for a moment: another test thread's child, between its
+    /// fork and its exec, holds copies of every descriptor this process has (until exec
+    /// closes them), so EBUSY is retried for a short while.
     pub fn unmount(self) {
-        let out = fsva(&["umount", self.path().to_str().unwrap()]);
+        let mp = self.path().to_str().unwrap().to_string();
+        let mut out = fsva(&["umount", &mp]);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("busy")
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            out = fsva(&["umount", &mp]);
+        }
         assert!(
             out.status.success(),
             "fsva umount failed: {}",
