@@ -21,6 +21,7 @@ pub mod chain;
 pub mod config;
 pub mod device;
 pub mod relay;
+pub mod state_stream;
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
