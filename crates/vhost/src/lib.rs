@@ -20,6 +20,7 @@
 pub mod chain;
 pub mod config;
 pub mod device;
+pub mod migration;
 pub mod relay;
 pub mod state_stream;
 
@@ -27,6 +28,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use migration::{DeviceState, Saved};
+pub use state_stream::Incoming;
 
 pub use config::DeviceConfig;
 pub use device::{FsDevice, Inline};
@@ -46,7 +50,7 @@ pub enum VhostError {
 /// A device ready to serve, with the handle that fails its appliance link.
 pub struct Server {
     device: Arc<FsDevice>,
-    memory: GuestMemoryAtomic<GuestMemoryMmap>,
+    memory: device::Memory,
 }
 
 impl Server {
@@ -70,6 +74,12 @@ impl Server {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let device = FsDevice::inline(config, memory.clone(), inline);
         Server { device, memory }
+    }
+
+    /// Makes the device migratable (`VHOST_USER_PROTOCOL_F_DEVICE_STATE`): `state`
+    /// saves and loads the appliance's state. Without it the VMM refuses to migrate.
+    pub fn set_device_state(&self, state: Arc<dyn DeviceState>) {
+        self.device.set_device_state(state);
     }
 
     /// The appliance link of a relayed device, to fail (the appliance died) or close
