@@ -217,3 +217,156 @@ done
     // Writes before the kill reached the export.
     assert!(export.path.join("f0").exists());
 }
+
+/// In the guest: files written, one held open for reading and one for writing across
+/// the migration; after it (the host sends `go` on /dev/ttyS2), the held files are read
+/// and written through the same descriptors, the page cache dropped so that every
+/// read reaches the device, checksums compared, more files made and the directory
+/// listed.
+const MIGRATING: &str = r#"
+set -e
+mkdir /mnt/d
+seq 1 20000 > /mnt/d/numbers
+echo hello > /mnt/d/a
+head -c 300000 /dev/urandom > /mnt/d/rand
+(cd /mnt/d && md5sum numbers rand a > /tmp/sums)
+echo before > /mnt/d/held
+exec 3>>/mnt/d/held
+exec 4</mnt/d/numbers
+# Requests in flight while QEMU copies memory: every reply the device writes into
+# guest memory must reach the destination (the device logs the pages it dirties).
+(
+  n=0
+  while [ ! -e /tmp/stop ]; do
+    cat /mnt/d/rand > /mnt/d/copy
+    echo 1 > /proc/sys/vm/drop_caches
+    [ "$(md5sum < /mnt/d/copy)" = "$(md5sum < /mnt/d/rand)" ] || echo "@@mismatch in round $n"
+    n=$((n+1))
+  done
+  rm /mnt/d/copy
+  echo "busy rounds: $n"
+) &
+busy=$!
+stty -F /dev/ttyS2 raw -echo
+echo @@ready
+read -r go < /dev/ttyS2
+echo "go: $go"
+touch /tmp/stop
+wait $busy
+echo after >&3
+exec 3>&-
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo @@begin held
+cat /mnt/d/held
+echo @@end held
+echo "first line through the held descriptor: $(head -n 1 <&4)"
+exec 4<&-
+(cd /mnt/d && md5sum -c /tmp/sums)
+for i in 1 2 3 4 5; do echo "new $i" > /mnt/d/new$i; done
+mkdir /mnt/d/sub && mv /mnt/d/new5 /mnt/d/sub/
+rm /mnt/d/new4
+echo @@begin list
+ls /mnt/d | sort
+echo @@end list
+"#;
+
+/// Boots a guest on `source`'s device, live-migrates it to a second QEMU whose device is
+/// `dest` (serving the same backend), lets the script go on there and returns what it
+/// printed after the migration. Both servers must exit on their own when their QEMU
+/// goes away.
+fn migrate_guest(mut source: VhostServer, mut dest: VhostServer) -> GuestRun {
+    use fsva_tests::guest::{LiveGuest, Qemu};
+    let qemu = Qemu::for_migration();
+    let image = GuestImage::build(&[], MIGRATING);
+    let spec = GuestSpec {
+        cpus: 1,
+        memory_mib: 256,
+        limit: Duration::from_secs(120),
+    };
+    let t0 = std::time::Instant::now();
+    let mut from = LiveGuest::start(&qemu, &image, &source.socket, "fsva", spec, None);
+    assert!(
+        from.wait_output("@@ready", Duration::from_secs(120)),
+        "the guest did not get ready; output:\n{}\nconsole:\n{}",
+        from.output(),
+        from.console()
+    );
+    let uri = from.dir().join("migrate.sock");
+    let to = LiveGuest::start(&qemu, &image, &dest.socket, "fsva", spec, Some(&uri));
+    let took = from.migrate(&uri, Duration::from_secs(120));
+    let took = took.unwrap_or_else(|e| {
+        panic!(
+            "the migration failed: {e}\nsource console:\n{}\ndestination console:\n{}",
+            from.console(),
+            to.console()
+        )
+    });
+    eprintln!("migrated in {took:?}");
+    from.quit();
+    let status = source.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the source's serve-vhost did not end cleanly when its QEMU quit: {status:?}"
+    );
+    to.send_line("go");
+    let run = to.wait_exit(Duration::from_secs(120));
+    assert_eq!(
+        run.exit(),
+        Some(0),
+        "guest output after the migration:\n{}\nconsole:\n{}",
+        run.output,
+        run.console
+    );
+    let has = |line: &str| run.output.lines().any(|l| l == line);
+    assert!(has("go: go"), "{}", run.output);
+    assert!(!run.output.contains("@@mismatch"), "{}", run.output);
+    assert_eq!(run.section("held"), ["before", "after"], "{}", run.output);
+    for line in [
+        "first line through the held descriptor: 1",
+        "numbers: OK",
+        "rand: OK",
+        "a: OK",
+    ] {
+        assert!(has(line), "{line} missing:\n{}", run.output);
+    }
+    assert_eq!(
+        run.section("list"),
+        ["a", "held", "new1", "new2", "new3", "numbers", "rand", "sub"],
+        "{}",
+        run.output
+    );
+    let status = dest.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the destination's serve-vhost: {status:?}"
+    );
+    eprintln!("whole migration test: {:?}", t0.elapsed());
+    run
+}
+
+/// A guest migrated by QEMU keeps its open files on mem: the contents travel by value
+/// in the device state (the device in the appliance, on both ends).
+#[test]
+fn migrated_guest_keeps_its_open_files_on_mem() {
+    let source = VhostServer::start(&["--backend", "mem"]);
+    let dest = VhostServer::start(&["--backend", "mem"]);
+    migrate_guest(source, dest);
+}
+
+/// The same on a passthrough export both ends serve (shared storage), relayed by the
+/// supervisor on both ends: the destination starts an appliance restored from the
+/// state, which finds the nodes again by path.
+#[test]
+fn migrated_guest_keeps_its_open_files_on_passthrough() {
+    let export = Scratch::new("vhost-migrate");
+    export.open_to_all();
+    let spec = format!("passthrough:{}", export.path.display());
+    let source = VhostServer::start(&["--backend", &spec, "--relay"]);
+    let dest = VhostServer::start(&["--backend", &spec, "--relay"]);
+    migrate_guest(source, dest);
+    let held = std::fs::read_to_string(export.path.join("d/held")).unwrap();
+    assert_eq!(held, "before\nafter\n");
+    assert!(export.path.join("d/sub/new5").exists());
+    assert!(!export.path.join("d/new4").exists());
+}
