@@ -65,7 +65,7 @@ pub enum StreamError {
         during: String,
         source: std::io::Error,
     },
-    #[error("not an fsva device state (it does not begin with {MAGIC:?}): the source device is not fsva's or the stream is corrupt; refusing it")]
+    #[error("not an fsva device state (it does not begin with FSVAVUFS): the source device is not fsva's or the stream is corrupt; refusing it")]
     NotFsva,
     #[error("device state format v{found}, this fsva reads v{VERSION}: run the same fsva version on both ends of the migration")]
     Version { found: u32 },
