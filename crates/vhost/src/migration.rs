@@ -35,8 +35,9 @@ pub trait DeviceState: Send + Sync {
     /// Takes the appliance's state (the vrings are stopped and nothing is in flight).
     /// The appliance stays paused until [`DeviceState::resume`].
     fn save(&self) -> Result<Saved, String>;
-    /// The saved state was sent (or the transfer failed): the appliance goes on, as
-    /// the VMM may resume the guest here if the migration does not complete.
+    /// Called after every `save`, whether it succeeded, the state was sent or the
+    /// transfer failed: the appliance goes on, as the VMM may resume the guest here if
+    /// the migration does not complete. Harmless on an appliance that is not paused.
     fn resume(&self);
     /// Makes a received state the appliance's. Called only before the device served
     /// any request.
@@ -141,13 +142,12 @@ impl Transfers {
 /// Takes the appliance's state and writes it into `out`, then lets the appliance go on.
 /// `out` is closed on return, which tells the VMM the state is complete.
 fn save(state: &dyn DeviceState, out: File) -> Result<Summary, TransferError> {
-    let saved = state.save().map_err(TransferError::Save)?;
-    let files: Vec<BorrowedFd<'_>> = saved.files.iter().map(|f| f.as_fd()).collect();
-    let written = state_stream::write(&out, &saved.state, &files);
-    drop(files);
-    drop(saved);
+    let written = state.save().map_err(TransferError::Save).and_then(|saved| {
+        let files: Vec<BorrowedFd<'_>> = saved.files.iter().map(|f| f.as_fd()).collect();
+        Ok(state_stream::write(&out, &saved.state, &files)?)
+    });
     state.resume();
-    Ok(written?)
+    written
 }
 
 /// Reads a whole state from `input`, checks it, and hands it to the appliance.
@@ -247,6 +247,7 @@ mod tests {
             ..Fake::default()
         });
         assert!(saved_bytes(&failing).is_err());
+        assert!(failing.resumed.load(Ordering::SeqCst));
         // A truncated state: refused, the appliance never sees it.
         let bytes = saved_bytes(&Arc::new(Fake::default())).unwrap();
         let dest = Arc::new(Fake::default());
