@@ -11,7 +11,9 @@
 //! - [`config`]: tag, queue count, the virtio-fs configuration space.
 //! - [`chain`]: descriptor chains to request frames and back, every guest value checked.
 //! - [`relay`]: the link to the appliance (ids, the waiting table, reply checks).
-//! - [`device`]: the vhost-user back end: queues, workers, completions.
+//! - [`device`]: the vhost-user back end: queues, workers, completions, the dirty log.
+//! - [`migration`]: the device's state for a guest's migration, through the appliance.
+//! - [`state_stream`]: that state as bytes, the files it names carried by value.
 //! - [`serve`]: one VMM connection on a socket, served until it goes away.
 //!
 //! This crate never starts or watches an appliance (the supervisor does) and never
