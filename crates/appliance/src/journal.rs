@@ -64,6 +64,8 @@ const MAX_AREA: u64 = 1 << 30;
 /// Records after which a checkpoint is due until the state's size says otherwise (see
 /// [`Journal::set_record_threshold`]).
 pub const MIN_RECORDS_BETWEEN_CHECKPOINTS: u64 = 4000;
+/// Sequence numbers stay below this (a checkpoint claiming more is refused).
+pub const COUNTER_LIMIT: u64 = 1 << 62;
 /// Largest single record.
 pub const MAX_RECORD: usize = 4 << 20;
 
@@ -326,13 +328,16 @@ impl Journal {
     /// counted as lost (the header says so, and a successor refuses to rebuild from a
     /// checkpoint older than it) and reported as [`JournalError::Full`].
     pub fn append(&self, payload: &[u8]) -> Result<u64, JournalError> {
-        if payload.len() > MAX_RECORD {
-            return Err(JournalError::TooLarge(payload.len()));
-        }
         let mut w = self.lock();
         let w = &mut *w;
         let seq = w.next_seq;
         w.next_seq += 1;
+        if payload.len() > MAX_RECORD {
+            // Lost like a record that did not fit: a successor must not rebuild a state
+            // without it (until a checkpoint covers it).
+            self.map.word(H_LOST).fetch_max(seq, Ordering::SeqCst);
+            return Err(JournalError::TooLarge(payload.len()));
+        }
         let current = w.current;
         if w.cursor == AREA_HEADER && w.last_in[current] == 0 && w.epoch[current] == 0 {
             // First record ever in this area: stamp it.
@@ -471,6 +476,11 @@ impl Journal {
     /// positions the writer after the last one. Fails when a record after the boundary
     /// is missing or was lost, so that a successor never rebuilds a state with a hole.
     pub fn recover(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
+        if boundary >= COUNTER_LIMIT {
+            return Err(JournalError::Unusable(format!(
+                "a checkpoint claims to cover record {boundary}, beyond any journal"
+            )));
+        }
         let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
         if lost > boundary {
             return Err(JournalError::Incomplete { lost, boundary });
@@ -506,7 +516,10 @@ impl Journal {
         let mut w = self.lock();
         w.epoch = [areas[0].epoch, areas[1].epoch];
         w.last_in = [areas[0].last_seq, areas[1].last_seq];
-        w.next_seq = last.max(areas[0].last_seq).max(areas[1].last_seq) + 1;
+        w.next_seq = last
+            .max(areas[0].last_seq)
+            .max(areas[1].last_seq)
+            .saturating_add(1);
         w.stored = boundary;
         // The records after the checkpoint are a successor's to replay too: count them.
         w.since_checkpoint = records.len() as u64;
@@ -740,6 +753,17 @@ mod tests {
         assert_eq!(r.session(), Some(s));
         r.map.write(H_SESSION + 8, &[0xff]);
         assert_eq!(r.session(), None, "a damaged session is not trusted");
+    }
+
+    #[test]
+    fn a_checkpoint_boundary_beyond_any_journal_is_refused_not_a_panic() {
+        let fd = create(MIN_AREA).unwrap();
+        let j = Journal::open(fd).unwrap();
+        assert!(matches!(
+            j.recover(u64::MAX),
+            Err(JournalError::Unusable(_))
+        ));
+        assert_eq!(j.append(b"x").unwrap(), 1, "numbering untouched");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub(crate) enum Outcome {
     Written(u32),
     Copied(u64),
     Done,
+    /// The lookups a resent LOOKUP or READDIRPLUS had counted were given back; it
+    /// runs again when resent.
+    Undone,
 }
 
 /// An inode's metadata; a directory's entries travel as [`DirOp`]s.
@@ -246,7 +249,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<RecordV1, StateError> {
 
 /// What a successor keeps of the records it replayed: per request, how to answer it
 /// if the kernel resends it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Recovered {
     Outcome(Outcome),
     /// Lookups that were counted: undo them, then run the request again.
@@ -430,6 +433,23 @@ fn apply_meta(
     Ok(())
 }
 
+/// Whether the parents of directory `ino` lead to the root (not into a cycle or a
+/// missing inode).
+fn leads_to_root(inodes: &crate::inode::InodeTable, mut ino: u64) -> bool {
+    for _ in 0..=inodes.len() {
+        if ino == crate::inode::ROOT {
+            return true;
+        }
+        match inodes.get(ino).and_then(|i| i.dir().map(|d| d.parent)) {
+            // An unlinked directory (its parent may be gone) leads nowhere, rightly.
+            Ok(_) if inodes.get(ino).is_ok_and(|i| i.nlink == 0) => return true,
+            Ok(p) => ino = p,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 /// How much [`check`] looks at.
 pub(crate) enum Checking<'a> {
     /// A preloaded checkpoint: every inode, but a file whose memfd is no longer kept
@@ -496,6 +516,10 @@ pub(crate) fn check(
                 break;
             }
         }
+        if inode.is_dir() && !leads_to_root(inodes, ino) {
+            missing = Some(format!("directory {ino} does not lead up to the root"));
+            break;
+        }
         if let (Kind::Dir(d), false) = (&inode.kind, final_check) {
             if let Some((_, name, child)) = d.iter_from(0).find(|&(_, _, c)| inodes.get(c).is_err())
             {
@@ -525,4 +549,13 @@ pub(crate) fn check(
         inodes.remove(ino);
     }
     Ok(())
+}
+
+/// The metadata record of directory `ino` with its parent replaced (tests forging a
+/// hostile journal).
+#[cfg(test)]
+pub(crate) fn forge_parent(ino: u64, inode: &mut Inode, parent: u64) -> InodeMetaV1 {
+    let mut m = meta(ino, inode);
+    m.kind = KindMetaV1::Dir { parent };
+    m
 }

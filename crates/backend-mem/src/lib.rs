@@ -150,10 +150,21 @@ pub struct MemFs {
     /// The recovery journal every change goes to (see [`Txn`]).
     journal: Option<Arc<Journal>>,
     /// How to answer requests a dead predecessor had executed, if the kernel resends
-    /// them (crash recovery); emptied as they come.
-    recovered: Mutex<HashMap<u64, Recovered>>,
+    /// them (crash recovery); emptied as they come, and forgotten after
+    /// [`ANSWERS_KEPT`] (the kernel resends at once, so older ones are never asked for).
+    recovered: Mutex<Answers>,
     has_recovered: AtomicBool,
 }
+
+/// Answers for resent requests, and since when they are kept.
+#[derive(Default)]
+struct Answers {
+    map: HashMap<u64, Recovered>,
+    since: Option<std::time::Instant>,
+}
+
+/// How long a successor keeps answers for resent requests.
+const ANSWERS_KEPT: Duration = Duration::from_secs(10);
 
 /// A spare successor's head start: a checkpoint restored with the memfds kept when it
 /// was taken (see [`MemFs::preload`]).
@@ -163,6 +174,8 @@ pub struct Preloaded {
     data: snapshot::DataSource,
     /// The checkpoint's tables (`None`: there was none; the file system starts empty).
     tables: Option<(InodeTable, HandleTable)>,
+    /// Answers for resent requests the checkpoint carried.
+    answers: HashMap<u64, Recovered>,
 }
 
 impl Preloaded {
@@ -177,6 +190,7 @@ impl Preloaded {
         checkpoint: Option<&[u8]>,
     ) -> std::result::Result<(), fsva_appliance::state::StateError> {
         self.tables = None;
+        self.answers.clear();
         if let Some(bytes) = checkpoint {
             let mut restored = snapshot::restore(bytes, &mut self.data, &self.space)?;
             self.space
@@ -189,6 +203,15 @@ impl Preloaded {
                 &self.data,
                 journal::Checking::Preloaded,
             )?;
+            // Memfds of files removed before this checkpoint are not kept open here.
+            let named: std::collections::HashSet<u64> = restored
+                .inodes
+                .parts()
+                .1
+                .filter_map(|(_, i)| i.data().map(|d| d.id()))
+                .collect();
+            self.data.prune(&named, restored.next_data_id);
+            self.answers = restored.answers.into_iter().collect();
             self.tables = Some((restored.inodes, restored.handles));
         }
         Ok(())
@@ -402,6 +425,7 @@ impl MemFs {
             space,
             data,
             tables: None,
+            answers: HashMap::new(),
         };
         p.reload(checkpoint)?;
         Ok(p)
@@ -420,6 +444,7 @@ impl MemFs {
             space,
             mut data,
             tables,
+            answers: carried,
         } = p;
         let mut fs = match tables {
             Some((inodes, handles)) => MemFs {
@@ -460,9 +485,14 @@ impl MemFs {
                 "journal replayed"
             );
             space.ids_after(data.top_id());
-            fs.has_recovered
-                .store(!answers.is_empty(), Ordering::Relaxed);
-            *fs.recovered.get_mut().unwrap_or_else(|e| e.into_inner()) = answers;
+            // Answers a checkpoint carried, then what the replay says (newer).
+            let mut all = carried;
+            all.extend(answers);
+            fs.has_recovered.store(!all.is_empty(), Ordering::Relaxed);
+            *fs.recovered.get_mut().unwrap_or_else(|e| e.into_inner()) = Answers {
+                map: all,
+                since: Some(std::time::Instant::now()),
+            };
             let (_, all) = st.inodes.parts();
             all.filter_map(|(_, i)| i.data().map(|d| d.id()))
                 .collect::<std::collections::HashSet<u64>>()
@@ -734,8 +764,10 @@ impl MemFs {
     }
 
     /// Whether `ancestor` is `ino` or one of its ancestors.
+    /// (A chain longer than the table — a cycle a hostile predecessor's state could
+    /// hold — ends the walk instead of looping.)
     fn is_ancestor(st: &State, ancestor: u64, mut ino: u64) -> bool {
-        loop {
+        for _ in 0..=st.inodes.len() {
             if ino == ancestor {
                 return true;
             }
@@ -744,6 +776,7 @@ impl MemFs {
                 _ => return false,
             }
         }
+        false
     }
 
     fn do_rename(
@@ -860,7 +893,7 @@ impl MemFs {
             ))
         };
         let done = match o {
-            Outcome::Looked => return None,
+            Outcome::Looked | Outcome::Undone => return None,
             Outcome::Entry(ino) => Completed::Entry(entry(ino)?),
             Outcome::Attr(ino) => Completed::Attr(
                 st.inodes.get(ino).ok()?.meta(ino).to_attr(),
@@ -884,6 +917,85 @@ impl MemFs {
             Outcome::Done => Completed::Done,
         };
         Some(done)
+    }
+
+    /// SETXATTR's change (ACLs keep the mode in step, as the kernel leaves that to us).
+    fn set_xattr(
+        st: &mut State,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+        setxattr_flags: u32,
+    ) -> Result<()> {
+        let inode = st.inodes.get_mut(ino)?;
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            let exists = inode.xattrs.raw(name).is_some();
+            if flags & libc::XATTR_CREATE as u32 != 0 && exists {
+                return Err(Errno(libc::EEXIST));
+            }
+            if flags & libc::XATTR_REPLACE as u32 != 0 && !exists {
+                return Err(Errno(libc::ENODATA));
+            }
+            let a = Acl::parse(value)?;
+            if name == acl::DEFAULT {
+                if !inode.is_dir() {
+                    return Err(Errno(libc::EACCES));
+                }
+                if a.0.is_empty() {
+                    inode.xattrs.take(name);
+                } else {
+                    inode.xattrs.put(name, a.encode());
+                }
+            } else {
+                if a.0.is_empty() {
+                    return Err(Errno::EINVAL);
+                }
+                // The kernel leaves the mode update to the file system (fs/fuse/acl.c).
+                inode.mode = (inode.mode & !0o777) | a.mode_bits();
+                // The kernel decides whether the caller may keep S_ISGID.
+                if setxattr_flags & wflags::SETXATTR_ACL_KILL_SGID != 0 {
+                    inode.mode &= !S_ISGID;
+                }
+                if a.is_minimal() {
+                    inode.xattrs.take(name);
+                } else {
+                    inode.xattrs.put(name, a.encode());
+                }
+            }
+        } else {
+            inode.xattrs.set(name, value, flags)?;
+        }
+        inode.ctime = Time::now();
+        Ok(())
+    }
+
+    /// The answers for resent requests still kept (for a checkpoint to carry).
+    fn answers(&self) -> Vec<(u64, Recovered)> {
+        if !self.has_recovered.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let a = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+        if a.since.is_some_and(|t| t.elapsed() > ANSWERS_KEPT) {
+            return Vec::new();
+        }
+        a.map.iter().map(|(&u, r)| (u, r.clone())).collect()
+    }
+
+    /// Drops `n` kernel lookups of `ino`; the inode if that freed it (to drop outside
+    /// the lock).
+    fn drop_lookups(&self, st: &mut State, ino: u64, n: u64) -> Option<Inode> {
+        if let Ok(i) = st.inodes.get(ino) {
+            if let Ok(before) = i
+                .lookups
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    Some(c.saturating_sub(n))
+                })
+            {
+                self.note_lookups(ino, -(before.min(n) as i64));
+            }
+        }
+        st.inodes.release_if_unused(ino)
     }
 
     fn attr_of(&self, ino: u64) -> Result<(abi::Attr, Duration)> {
@@ -928,7 +1040,7 @@ impl Filesystem for MemFs {
         // Every change and its record happen under this lock: the snapshot and the
         // boundary agree.
         let st = self.wlock();
-        let bytes = snapshot::take_by_id(&st.inodes, &st.handles, &self.space);
+        let bytes = snapshot::take_by_id(&st.inodes, &st.handles, &self.space, self.answers());
         let boundary = rotate();
         Ok((bytes, boundary))
     }
@@ -937,19 +1049,29 @@ impl Filesystem for MemFs {
         if !self.has_recovered.load(Ordering::Relaxed) {
             return None;
         }
-        let answer = self
-            .recovered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&unique)?;
+        let answer = {
+            let mut a = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+            if a.since.is_some_and(|t| t.elapsed() > ANSWERS_KEPT) {
+                a.map.clear();
+                self.has_recovered.store(false, Ordering::Relaxed);
+            }
+            a.map.remove(&unique)?
+        };
         match answer {
             Recovered::Undo(lookups) => {
                 // Counted before the crash, not answered: give them back and run again.
+                // Journaled under the request, so that a successor's successor knows
+                // they were given back (and does not give them back twice).
+                let mut st = self.txn(unique);
+                let mut freed = Vec::new();
                 for (ino, n) in lookups {
                     if n > 0 {
-                        self.forget(ino, n as u64);
+                        freed.extend(self.drop_lookups(&mut st, ino, n as u64));
                     }
                 }
+                st.done(Outcome::Undone);
+                drop(st);
+                drop(freed);
                 None
             }
             Recovered::Outcome(o) => self.completed_outcome(o),
@@ -978,17 +1100,7 @@ impl Filesystem for MemFs {
 
     fn forget(&self, ino: u64, nlookup: u64) {
         let mut st = self.txn(0);
-        if let Ok(i) = st.inodes.get(ino) {
-            if let Ok(before) = i
-                .lookups
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(nlookup))
-                })
-            {
-                self.note_lookups(ino, -(before.min(nlookup) as i64));
-            }
-        }
-        let freed = st.inodes.release_if_unused(ino);
+        let freed = self.drop_lookups(&mut st, ino, nlookup);
         drop(st);
         drop(freed);
     }
@@ -1013,7 +1125,6 @@ impl Filesystem for MemFs {
             data.truncate(set.size)?;
         }
         let mut st = self.txn(unique);
-        st.done(Outcome::Attr(ino));
         let now = Time::now();
         let inode = st.inodes.get_mut(ino)?;
         inode.absorb_data_times();
@@ -1073,7 +1184,9 @@ impl Filesystem for MemFs {
         } else {
             inode.note_data_times();
         }
-        Ok((inode.meta(ino).to_attr(), self.config.ttl))
+        let attr = inode.meta(ino).to_attr();
+        st.done(Outcome::Attr(ino));
+        Ok((attr, self.config.ttl))
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
@@ -1162,7 +1275,6 @@ impl Filesystem for MemFs {
             return Err(Errno(libc::ENAMETOOLONG));
         }
         let mut st = self.txn(base_unique(ctx));
-        st.done(Outcome::Done);
         let child = st
             .inodes
             .get(parent)?
@@ -1177,6 +1289,7 @@ impl Filesystem for MemFs {
         p.dir_mut()?.remove(name);
         p.touch_mc(now);
         let freed = Self::unlink_inode(&mut st, child, now);
+        st.done(Outcome::Done);
         drop(st);
         drop(freed);
         Ok(())
@@ -1190,7 +1303,6 @@ impl Filesystem for MemFs {
             _ => {}
         }
         let mut st = self.txn(base_unique(ctx));
-        st.done(Outcome::Done);
         let child = st
             .inodes
             .get(parent)?
@@ -1206,6 +1318,7 @@ impl Filesystem for MemFs {
         p.nlink -= 1;
         p.touch_mc(now);
         let freed = Self::unlink_inode(&mut st, child, now);
+        st.done(Outcome::Done);
         drop(st);
         drop(freed);
         Ok(())
@@ -1235,8 +1348,8 @@ impl Filesystem for MemFs {
             }
         })?;
         let mut st = self.txn(base_unique(ctx));
-        st.done(Outcome::Done);
         let freed = self.do_rename(&mut st, parent, name, newparent, newname, flags)?;
+        st.done(Outcome::Done);
         drop(st);
         drop(freed);
         Ok(())
@@ -1245,7 +1358,6 @@ impl Filesystem for MemFs {
     fn link(&self, ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
         check_new_name(newname)?;
         let mut st = self.txn(base_unique(ctx));
-        st.done(Outcome::Entry(ino));
         if st.inodes.get(ino)?.is_dir() {
             return Err(Errno(libc::EPERM));
         }
@@ -1256,6 +1368,7 @@ impl Filesystem for MemFs {
         let now = Time::now();
         p.dir_mut()?.insert(newname, ino);
         p.touch_mc(now);
+        st.done(Outcome::Entry(ino));
         let inode = st.inodes.get_mut(ino)?;
         inode.nlink += 1;
         inode.ctime = now;
@@ -1339,8 +1452,8 @@ impl Filesystem for MemFs {
 
     fn release(&self, ctx: &Context, ino: u64, fh: u64, _flags: u32) -> Result<()> {
         let mut st = self.txn(base_unique(ctx));
-        st.done(Outcome::Done);
         let h = st.handles.remove(fh, ino)?;
+        st.done(Outcome::Done);
         if let Ok(i) = st.inodes.get_mut(ino) {
             i.opens = i.opens.saturating_sub(1);
         }
@@ -1469,46 +1582,8 @@ impl Filesystem for MemFs {
     ) -> Result<()> {
         let name = name.as_bytes();
         let mut st = self.txn(base_unique(ctx));
+        Self::set_xattr(&mut st, ino, name, value, flags, setxattr_flags)?;
         st.done(Outcome::Done);
-        let inode = st.inodes.get_mut(ino)?;
-        if name == acl::ACCESS || name == acl::DEFAULT {
-            let exists = inode.xattrs.raw(name).is_some();
-            if flags & libc::XATTR_CREATE as u32 != 0 && exists {
-                return Err(Errno(libc::EEXIST));
-            }
-            if flags & libc::XATTR_REPLACE as u32 != 0 && !exists {
-                return Err(Errno(libc::ENODATA));
-            }
-            let a = Acl::parse(value)?;
-            if name == acl::DEFAULT {
-                if !inode.is_dir() {
-                    return Err(Errno(libc::EACCES));
-                }
-                if a.0.is_empty() {
-                    inode.xattrs.take(name);
-                } else {
-                    inode.xattrs.put(name, a.encode());
-                }
-            } else {
-                if a.0.is_empty() {
-                    return Err(Errno::EINVAL);
-                }
-                // The kernel leaves the mode update to the file system (fs/fuse/acl.c).
-                inode.mode = (inode.mode & !0o777) | a.mode_bits();
-                // The kernel decides whether the caller may keep S_ISGID.
-                if setxattr_flags & wflags::SETXATTR_ACL_KILL_SGID != 0 {
-                    inode.mode &= !S_ISGID;
-                }
-                if a.is_minimal() {
-                    inode.xattrs.take(name);
-                } else {
-                    inode.xattrs.put(name, a.encode());
-                }
-            }
-        } else {
-            inode.xattrs.set(name, value, flags)?;
-        }
-        inode.ctime = Time::now();
         Ok(())
     }
 
@@ -1526,10 +1601,10 @@ impl Filesystem for MemFs {
 
     fn removexattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
         let mut st = self.txn(base_unique(ctx));
-        st.done(Outcome::Done);
         let inode = st.inodes.get_mut(ino)?;
         inode.xattrs.remove(name.as_bytes())?;
         inode.ctime = Time::now();
+        st.done(Outcome::Done);
         Ok(())
     }
 

@@ -54,6 +54,9 @@ struct SnapshotV2 {
     /// As in V1, but `KindV1::File(Some((id, charged)))` names a memfd by id.
     inodes: Vec<InodeV1>,
     handles: Vec<HandleV2>,
+    /// Answers for requests a predecessor had executed and the kernel may still
+    /// resend (a successor's checkpoint soon after its recovery must not lose them).
+    answers: Vec<(u64, crate::journal::Recovered)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,8 +192,13 @@ pub(crate) fn take(
 }
 
 /// Snapshots `inodes` and `handles` naming memfds by id (V2): a checkpoint for crash
-/// recovery, whose memfds the supervisor keeps already.
-pub(crate) fn take_by_id(inodes: &InodeTable, handles: &HandleTable, space: &Space) -> Vec<u8> {
+/// recovery, whose memfds the supervisor keeps already; with the `answers` not given yet.
+pub(crate) fn take_by_id(
+    inodes: &InodeTable,
+    handles: &HandleTable,
+    space: &Space,
+    answers: Vec<(u64, crate::journal::Recovered)>,
+) -> Vec<u8> {
     let (next_ino, all) = inodes.parts();
     let out = all
         .map(|(&ino, inode)| inode_record(ino, inode, &mut |d| d.id()))
@@ -211,6 +219,7 @@ pub(crate) fn take_by_id(inodes: &InodeTable, handles: &HandleTable, space: &Spa
         next_data_id: space.peek_next_id(),
         inodes: out,
         handles: hout,
+        answers,
     });
     postcard::to_allocvec(&snap).expect("in-memory snapshot always encodes")
 }
@@ -221,6 +230,8 @@ pub(crate) struct Restored {
     pub handles: HandleTable,
     /// The next memfd id the snapshot knew of (V2), for the space's counter.
     pub next_data_id: u64,
+    /// Answers for resent requests it carried (V2).
+    pub answers: Vec<(u64, crate::journal::Recovered)>,
 }
 
 /// Counters near the end of their range would wrap (and reuse the root's number).
@@ -331,6 +342,16 @@ impl DataSource {
         }
     }
 
+    /// Closes the memfds a newer checkpoint shows are gone: made before it (below
+    /// `below`, its next id) and not named by it. (Those above may belong to files the
+    /// journal's tail creates.)
+    pub(crate) fn prune(&mut self, named: &std::collections::HashSet<u64>, below: u64) {
+        let gone = |id: &u64| *id < below && !named.contains(id);
+        self.made.retain(|id, _| !gone(id));
+        self.by_id.retain(|id, _| !gone(id));
+        self.lost.retain(|id| !gone(id));
+    }
+
     /// Every memfd id handed over (used or not).
     pub(crate) fn received_ids(&self) -> Vec<u64> {
         self.by_id
@@ -391,14 +412,22 @@ pub(crate) fn restore(
     let snap: MemSnapshot =
         postcard::from_bytes(bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
     // One shape for both versions: handles as (fh, ino, has data, flags).
-    let (capacity, next_ino, next_fh, next_data_id, inodes, handles) = match snap {
+    let (capacity, next_ino, next_fh, next_data_id, inodes, handles, answers) = match snap {
         MemSnapshot::V1(s) => {
             let hs: Vec<(u64, u64, Option<u64>, u32)> = s
                 .handles
                 .into_iter()
                 .map(|h| (h.fh, h.ino, h.data.map(u64::from), h.flags))
                 .collect();
-            (s.capacity, s.next_ino, s.next_fh, 1, s.inodes, hs)
+            (
+                s.capacity,
+                s.next_ino,
+                s.next_fh,
+                1,
+                s.inodes,
+                hs,
+                Vec::new(),
+            )
         }
         MemSnapshot::V2(s) => {
             let hs = s
@@ -413,6 +442,7 @@ pub(crate) fn restore(
                 s.next_data_id,
                 s.inodes,
                 hs,
+                s.answers,
             )
         }
     };
@@ -464,5 +494,6 @@ pub(crate) fn restore(
         inodes,
         handles,
         next_data_id,
+        answers,
     })
 }

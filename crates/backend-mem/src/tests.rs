@@ -1305,3 +1305,235 @@ fn a_preloaded_spare_brought_up_to_date_rebuilds_the_same_file_system() {
         all.filter_map(|(_, i)| i.data().map(|d| d.id())).collect();
     assert_eq!(kept, live);
 }
+
+// Found by review: each of these failed before its fix.
+
+#[test]
+fn requests_that_failed_are_not_answered_as_successes_after_a_crash() {
+    let (a, keeper, fd) = journaled();
+    let ctx = |u| Context {
+        unique: u,
+        ..root()
+    };
+    let (f, _) = create(&a, &ctx(10), ROOT, "f", 0o644);
+    let (g, _) = create(&a, &ctx(11), ROOT, "g", 0o644);
+    // LINK f -> "g" fails: the name exists.
+    assert_eq!(err(a.link(&ctx(20), f, ROOT, n("g"))), libc::EEXIST);
+    // SETXATTR with XATTR_REPLACE on a missing attribute fails.
+    assert_eq!(
+        err(a.setxattr(
+            &ctx(21),
+            f,
+            n("user.x"),
+            b"v",
+            libc::XATTR_REPLACE as u32,
+            0
+        )),
+        libc::ENODATA
+    );
+    // REMOVEXATTR of a missing attribute fails.
+    assert_eq!(err(a.removexattr(&ctx(22), f, n("user.y"))), libc::ENODATA);
+    std::mem::forget(a);
+    let b = recovered(&keeper, &fd).unwrap();
+    let link = b.completed(20);
+    let set = b.completed(21);
+    let rm = b.completed(22);
+    eprintln!("resent LINK -> {link:?}\nresent SETXATTR -> {set:?}\nresent REMOVEXATTR -> {rm:?}");
+    let _ = g;
+    assert!(
+        link.is_none(),
+        "a LINK that failed with EEXIST is answered {link:?}"
+    );
+    assert!(
+        set.is_none(),
+        "a SETXATTR that failed with ENODATA is answered {set:?}"
+    );
+    assert!(rm.is_none(), "a REMOVEXATTR that failed is answered {rm:?}");
+}
+
+#[test]
+fn attributes_fill_up_with_enospc_and_every_acknowledged_change_survives_a_crash() {
+    let fd = fsva_appliance::journal::create(64 << 20).unwrap();
+    let journal = Arc::new(Journal::open(fd.try_clone().unwrap()).unwrap());
+    let keeper = Arc::new(TestKeeper::default());
+    let a = MemFs::journaled(test_config(), journal.clone(), keeper.clone());
+    let ctx = |u| Context {
+        unique: u,
+        ..root()
+    };
+    let (f, _) = create(&a, &ctx(10), ROOT, "f", 0o644);
+    let v = vec![7u8; 65536];
+    let mut set = 0;
+    for i in 0..70u64 {
+        match a.setxattr(&ctx(100 + i), f, n(&format!("user.a{i}")), &v, 0, 0) {
+            Ok(()) => set += 1,
+            Err(e) => {
+                assert_eq!(e.0, libc::ENOSPC);
+                break;
+            }
+        }
+    }
+    assert!((15..70).contains(&set), "{set} attributes of 64 KiB fit");
+    // Room again once one goes.
+    a.removexattr(&ctx(400), f, n("user.a0")).unwrap();
+    a.setxattr(&ctx(500), f, n("user.last"), b"acknowledged", 0, 0)
+        .unwrap();
+    let want = everything(&a);
+    std::mem::forget(a);
+    let b = recovered(&keeper, &fd).unwrap();
+    assert!(
+        everything(&b) == want,
+        "the successor's attributes differ from the acknowledged ones"
+    );
+}
+
+#[test]
+fn a_resent_lookups_count_is_given_back_once_across_two_crashes() {
+    let (a, keeper, fd) = journaled();
+    let ctx = |u| Context {
+        unique: u,
+        ..root()
+    };
+    let d = a.mkdir(&ctx(10), ROOT, n("d"), 0o755, 0o022).unwrap(); // kernel: 1 lookup
+    a.lookup(&ctx(14), ROOT, n("d")).unwrap(); // counted; reply lost in the crash
+    std::mem::forget(a);
+    let b = recovered(&keeper, &fd).unwrap();
+    assert!(b.completed(14).is_none()); // undo: back to 1
+                                        // b dies before running the LOOKUP again.
+    std::mem::forget(b);
+    let c = recovered(&keeper, &fd).unwrap();
+    assert!(c.completed(14).is_none()); // undone a second time
+    let now = c
+        .rlock()
+        .inodes
+        .get(d.ino)
+        .unwrap()
+        .lookups
+        .load(Ordering::Relaxed);
+    assert_eq!(
+        now, 1,
+        "the kernel still holds 1 lookup of d from MKDIR; mem counts {now}"
+    );
+}
+
+#[test]
+fn a_spare_closes_the_memfds_of_files_a_newer_checkpoint_no_longer_has() {
+    use std::os::fd::AsRawFd;
+    let (a, keeper, _fd) = journaled();
+    let journal = a.journal.clone().unwrap();
+    let ctx = |u| Context {
+        unique: u,
+        ..root()
+    };
+    let (f, fh) = create(&a, &ctx(10), ROOT, "big", 0o644);
+    a.write(&ctx(11), f, fh, 0, &vec![1u8; 1 << 20], 0, 0)
+        .unwrap();
+    let st_ino = {
+        let st = a.rlock();
+        let d = st.inodes.get(f).unwrap().data().unwrap().clone();
+        let mut s: libc::stat = unsafe { std::mem::zeroed() };
+        unsafe { libc::fstat(d.fd().as_raw_fd(), &mut s) };
+        s.st_ino
+    };
+    let (first, _) = a.journal_checkpoint(&mut || journal.rotate()).unwrap();
+    let kept: HashMap<u64, OwnedFd> = keeper
+        .fds
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(&id, f)| (id, f.try_clone().unwrap()))
+        .collect();
+    let mut spare = MemFs::preload(test_config(), Some(&first), kept).unwrap();
+    // The file goes away; the appliance and the supervisor let go of its memfd.
+    a.release(&ctx(12), f, fh, 0).unwrap();
+    a.unlink(&ctx(13), ROOT, n("big")).unwrap();
+    a.forget(f, 1);
+    assert!(keeper.fds.lock().unwrap().is_empty());
+    let (second, _) = a.journal_checkpoint(&mut || journal.rotate()).unwrap();
+    spare.reload(Some(&second)).unwrap();
+    let open_here = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .any(|e| {
+            std::fs::metadata(e.path())
+                .is_ok_and(|m| std::os::linux::fs::MetadataExt::st_ino(&m) == st_ino)
+        });
+    assert!(!open_here, "the spare still holds the removed file's 1 MiB memfd after preloading a checkpoint without it");
+    drop(spare);
+}
+
+#[test]
+fn a_hostile_journal_with_a_directory_cycle_is_refused() {
+    let (a, keeper, fd) = journaled();
+    let ctx = |u| Context {
+        unique: u,
+        ..root()
+    };
+    let x = a.mkdir(&ctx(1), ROOT, n("x"), 0o755, 0o022).unwrap().ino;
+    let y = a.mkdir(&ctx(2), x, n("y"), 0o755, 0o022).unwrap().ino;
+    let z = a.mkdir(&ctx(3), ROOT, n("z"), 0o755, 0o022).unwrap().ino;
+    // The compromised appliance appends one record: x's parent is y (y's is x).
+    let forged = {
+        let mut st = a.wlock();
+        let m = journal::forge_parent(x, st.inodes.get_untracked(x).unwrap(), y);
+        journal::RecordV1 {
+            inodes: vec![m],
+            ..Default::default()
+        }
+    };
+    a.journal
+        .as_ref()
+        .unwrap()
+        .append(&journal::encode_for_tests(forged))
+        .unwrap();
+    std::mem::forget(a);
+    let e = recovered(&keeper, &fd)
+        .err()
+        .expect("a successor accepted directories that lead nowhere");
+    assert!(
+        e.to_string().contains("does not lead up to the root"),
+        "{e}"
+    );
+    let _ = z;
+}
+
+#[test]
+fn a_checkpoint_soon_after_a_recovery_keeps_the_answers_for_resends() {
+    let (a, keeper, fd) = journaled();
+    let ctx = |u| Context {
+        unique: u,
+        ..root()
+    };
+    a.mkdir(&ctx(10), ROOT, n("d"), 0o755, 0o022).unwrap(); // reply lost in the crash
+    std::mem::forget(a);
+    let b = recovered(&keeper, &fd).unwrap();
+    // b's checkpointer runs before the kernel's resend of request 10 reaches a worker.
+    let journal = b.journal.clone().unwrap();
+    let (bytes, boundary) = b.journal_checkpoint(&mut || journal.rotate()).unwrap();
+    let state = fsva_appliance::state::ApplianceState::V2(fsva_appliance::state::StateV2 {
+        session: None,
+        backing: Vec::new(),
+        backend: bytes,
+        journal_boundary: boundary,
+    });
+    keeper.store_checkpoint(&state.encode(), boundary).unwrap();
+    journal.covered(boundary);
+    std::mem::forget(b); // b dies too
+    let c = recovered(&keeper, &fd).unwrap();
+    let answer = c.completed(10);
+    let again = c.mkdir(
+        &Context {
+            unique: 10 | abi::UNIQUE_RESEND,
+            ..root()
+        },
+        ROOT,
+        n("d"),
+        0o755,
+        0o022,
+    );
+    assert!(
+        answer.is_some(),
+        "MKDIR 10 took effect, yet its resend runs again: {:?}",
+        again.map(|e| e.ino)
+    );
+}

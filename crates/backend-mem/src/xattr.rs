@@ -12,6 +12,11 @@ use fsva_appliance::{Errno, Result, Xattr};
 pub const NAME_MAX: usize = 255;
 /// Largest attribute value (XATTR_SIZE_MAX).
 pub const SIZE_MAX: usize = 65536;
+/// Most bytes (names and values) one inode's attributes may hold, beyond which a set
+/// answers ENOSPC, as a local file system whose attribute space is full does. It keeps
+/// every change small enough for one recovery journal record, which carries an inode's
+/// attributes whole.
+pub const TOTAL_MAX: usize = 1 << 20;
 
 #[derive(Debug, Default, Clone)]
 pub struct Xattrs(BTreeMap<Vec<u8>, Vec<u8>>, Changed);
@@ -86,9 +91,18 @@ impl Xattrs {
         if replace && !exists {
             return Err(Errno(libc::ENODATA));
         }
+        let old = self.0.get(name).map_or(0, |v| name.len() + v.len());
+        if self.total() - old + name.len() + value.len() > TOTAL_MAX {
+            return Err(Errno(libc::ENOSPC));
+        }
         self.0.insert(name.to_vec(), value.to_vec());
         self.1 = Changed(true);
         Ok(())
+    }
+
+    /// Bytes the attributes hold (names and values).
+    fn total(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 
     pub fn get(&self, name: &[u8], size: u32) -> Result<Xattr> {
@@ -171,5 +185,18 @@ mod tests {
         assert_eq!(x.list(3).unwrap_err(), Errno(libc::ERANGE));
         x.remove(b"user.a").unwrap();
         assert_eq!(x.remove(b"user.a"), Err(Errno(libc::ENODATA)));
+        // The inode's attribute space is bounded (ENOSPC), but values can be replaced.
+        let mut y = Xattrs::default();
+        let value = vec![7u8; SIZE_MAX];
+        let mut i = 0;
+        let full = loop {
+            match y.set(format!("user.{i}").as_bytes(), &value, 0) {
+                Ok(()) => i += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(full, Errno(libc::ENOSPC));
+        assert!(y.total() <= TOTAL_MAX && i >= 15, "{} attributes fit", i);
+        y.set(b"user.0", b"small", 0).unwrap();
     }
 }

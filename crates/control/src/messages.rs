@@ -270,6 +270,11 @@ pub enum ToSupervisor {
     },
     /// A spare successor rebuilt the state it was given and waits.
     Preloaded,
+    /// A successor refused the predecessor's state (it does not hold together): the
+    /// message says why. Unlike `Failed`, another successor would refuse it too.
+    StateRefused {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

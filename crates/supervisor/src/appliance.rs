@@ -28,6 +28,8 @@ pub enum ApplianceError {
     Link(#[from] LinkError),
     #[error("the appliance failed to start: {0}")]
     Failed(String),
+    #[error("the successor refused its predecessor's state: {0}")]
+    StateRefused(String),
     #[error("{0}")]
     Checkpoint(String),
     #[error("the appliance sent an unexpected message during start-up: {0}")]
@@ -302,6 +304,7 @@ fn not_ready(
 ) -> (ApplianceError, bool) {
     match said {
         Ok(ToSupervisor::Failed { message }) => (ApplianceError::Failed(message), true),
+        Ok(ToSupervisor::StateRefused { message }) => (ApplianceError::StateRefused(message), true),
         Ok(other) => (ApplianceError::Unexpected(format!("{other:?}")), true),
         Err(LinkError::Closed) => (
             ApplianceError::Failed(format!("{ended} before it was ready (see the log for why)")),

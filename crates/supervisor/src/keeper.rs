@@ -274,6 +274,11 @@ fn serve(link: Link, kept: &Kept, end: &Reading) {
             KeeperMessage::Release { id } => {
                 g.fds.remove(&id);
             }
+            KeeperMessage::Checkpoint { boundary }
+                if boundary >= fsva_appliance::journal::COUNTER_LIMIT =>
+            {
+                tracing::warn!(boundary, "refused a checkpoint beyond any journal");
+            }
             KeeperMessage::Checkpoint { boundary } => match fds.pop() {
                 Some(blob) => {
                     let newer = g.checkpoint.as_ref().is_none_or(|(_, b)| boundary >= *b);

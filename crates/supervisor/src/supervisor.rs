@@ -347,7 +347,16 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     }
     let new_spare = |budget: Option<u64>| {
         let kept = kept.as_ref()?;
-        successors.spare(budget).ok()?.preload(kept)
+        match successors.spare(budget) {
+            Ok(s) => s.preload(kept).or_else(|| {
+                // The spare refused the checkpoint or died: one without a preload then.
+                successors.spare(budget).ok()
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "no spare successor; a crash will start one then");
+                None
+            }
+        }
     };
     let mut spare = new_spare(cache_budget);
     let mut crashes = CrashLoop::default();
@@ -412,9 +421,9 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                                 fresh = taken.fresh,
                                 "appliance replaced after it died"
                             );
+                            crashes.took_over();
                             record(current.appliance.pid);
                             spare = new_spare(cache_budget);
-                            crashes.took_over();
                             continue;
                         }
                         Err(e) => {
@@ -443,6 +452,9 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             Event::CheckpointStored => {
                 if let (Some(s), Some(k), true) = (spare.take(), &kept, alive) {
                     spare = s.preload(k);
+                    if spare.is_none() {
+                        spare = new_spare(cache_budget);
+                    }
                 }
             }
             Event::Signal(sig) => {
@@ -618,8 +630,9 @@ struct CrashLoop {
     quick_deaths: u32,
 }
 
-/// An appliance that dies within this time of taking over died quickly.
-const QUICK_DEATH: Duration = Duration::from_millis(100);
+/// An appliance that dies within this time of taking over died quickly (one that
+/// dies on a resent request does so within milliseconds).
+const QUICK_DEATH: Duration = Duration::from_millis(50);
 const CRASH_LOOP_LIMIT: u32 = 10;
 
 impl Default for CrashLoop {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use fsva_channel::fusedev::FuseDev;
 use fsva_control::{BackendSpec, ChannelKind, StartConfig};
 
-use crate::appliance::{Appliance, Starting};
+use crate::appliance::{Appliance, ApplianceError, Starting};
 use crate::keeper::{Kept, LinkEnd};
 use crate::supervisor::{Event, MountRequest};
 use crate::{launch, mount};
@@ -185,30 +185,42 @@ impl Successors<'_> {
             Some(s) => s,
             None => self.spare(cache_budget)?,
         };
-        let keeper = spare.keeper.clone();
-        let started_budget = spare.cache_budget;
-        let (appliance, child, fresh) = match spare.starting.recover(kept, spare.preloaded, false) {
-            Ok((a, c)) => (a, c, false),
-            Err(e) => {
-                tracing::error!(error = %e, "the successor could not rebuild the state; starting with an empty file system (old files answer ESTALE)");
-                kept.discard();
-                let spare = self.spare(cache_budget)?;
-                let keeper = spare.keeper.clone();
-                let (a, c) = spare
-                    .starting
-                    .recover(kept, None, true)
-                    .map_err(|e| format!("no appliance could take over: {e}"))?;
-                return self
-                    .go(a, c, keeper, t0, cache_budget, spare.cache_budget)
-                    .map(|mut t| {
-                        t.fresh = true;
-                        t
-                    });
+        // A spare that died or timed out says nothing about the state: try a new one
+        // (not preloaded) once. Only a successor that refuses the state itself means
+        // the state is lost.
+        let mut spare = spare;
+        let mut tries = 0;
+        let (appliance, child, keeper, started_budget) = loop {
+            let keeper = spare.keeper.clone();
+            let started_budget = spare.cache_budget;
+            match spare.starting.recover(kept, spare.preloaded, false) {
+                Ok((a, c)) => break (a, c, keeper, started_budget),
+                Err(ApplianceError::StateRefused(why)) => {
+                    tracing::error!(reason = %why, "the successor could not rebuild the state; starting with an empty file system (old files answer ESTALE)");
+                    kept.discard();
+                    let spare = self.spare(cache_budget)?;
+                    let keeper = spare.keeper.clone();
+                    let (a, c) = spare
+                        .starting
+                        .recover(kept, None, true)
+                        .map_err(|e| format!("no appliance could take over: {e}"))?;
+                    return self
+                        .go(a, c, keeper, t0, cache_budget, spare.cache_budget)
+                        .map(|mut t| {
+                            t.fresh = true;
+                            t
+                        });
+                }
+                Err(e) if tries == 0 => {
+                    tracing::warn!(error = %e, "the successor failed; trying a new one");
+                    tries += 1;
+                    spare = self.spare(cache_budget)?;
+                }
+                Err(e) => return Err(format!("no successor could take over: {e}")),
             }
         };
         let rebuilt = t0.elapsed();
-        let mut taken = self.go(appliance, child, keeper, t0, cache_budget, started_budget)?;
-        taken.fresh = fresh;
+        let taken = self.go(appliance, child, keeper, t0, cache_budget, started_budget)?;
         tracing::info!(
             drained_us = drained.as_micros() as u64,
             rebuilt_us = rebuilt.as_micros() as u64,

@@ -81,6 +81,14 @@ fn fail(link: &Link, message: String) -> i32 {
     1
 }
 
+/// Says the predecessor's state cannot be rebuilt (the supervisor then starts a fresh
+/// file system instead of trying another successor).
+fn refuse_state(link: &Link, message: String) -> i32 {
+    tracing::error!("{message}");
+    let _ = link.send(&ToSupervisor::StateRefused { message }, &[]);
+    1
+}
+
 fn sandbox_config(config: &StartConfig) -> SandboxConfig {
     let (root, caps, proc_fd) = match &config.backend {
         BackendSpec::Mem { .. } | BackendSpec::Image { .. } => (RootSpec::Empty, Vec::new(), false),
@@ -332,11 +340,12 @@ fn serve(
                         from: r.backend,
                     }
                 }
-                Err(e) => return fail(link, format!("{e:#}")),
+                Err(e) => return refuse_state(link, format!("{e:#}")),
             }
         }
     };
     let restarted = config.restore;
+    let rebuilding = kept.is_some() && restarted;
     // A vhost-user device may be the destination of a guest's migration: it then
     // builds its backend again, from the state the source sent, with the same export.
     let rebuild = match config.channel {
@@ -351,6 +360,7 @@ fn serve(
     let fs = match crate::backends::build(&config.backend, root, proc_self_fd, device_nodes, start)
     {
         Ok(fs) => fs,
+        Err(e) if rebuilding => return refuse_state(link, format!("{e:#}")),
         Err(e) => return fail(link, format!("{e:#}")),
     };
     let mut vhost_listener = None;
