@@ -746,7 +746,11 @@ mod tests {
 
         let (other, other_fd) = journal(MIN_AREA);
         other.seed(3, &tail).unwrap();
-        assert_eq!(other.append(b"next").unwrap(), 7, "writing goes on after the tail");
+        assert_eq!(
+            other.append(b"next").unwrap(),
+            7,
+            "writing goes on after the tail"
+        );
         drop(other);
         let r = reopen(&other_fd).recover(3).unwrap();
         assert_eq!(r.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);

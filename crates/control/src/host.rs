@@ -365,7 +365,10 @@ mod tests {
         HostKey::from_bytes(s.as_bytes().to_vec()).unwrap()
     }
 
-    fn run(client_key: HostKey, server_key: HostKey) -> (Result<(), HostError>, Result<(), HostError>) {
+    fn run(
+        client_key: HostKey,
+        server_key: HostKey,
+    ) -> (Result<(), HostError>, Result<(), HostError>) {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || handshake_server(&mut b, &server_key));
         let client = handshake_client(&mut a, &client_key);
@@ -403,7 +406,10 @@ mod tests {
             "{loose:?}"
         );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(HostKey::read(&dir).unwrap().bytes(), b"0123456789abcdef0123");
+        assert_eq!(
+            HostKey::read(&dir).unwrap().bytes(),
+            b"0123456789abcdef0123"
+        );
         std::fs::remove_file(&dir).unwrap();
 
         // Something that is not a daemon: refused before anything is decoded.

@@ -277,7 +277,10 @@ pub enum AdminRequest {
     StatusFull,
     /// Move the appliance to the host daemon at `to` (`HOST:PORT`), authenticating with
     /// `key` (read by the CLI from its `--key-file`). Answered `Migrated`.
-    Migrate { to: String, key: Vec<u8> },
+    Migrate {
+        to: String,
+        key: Vec<u8>,
+    },
     /// `StatusFull` with the migration counters (answered `StatusMigration`).
     StatusMigration,
 }
