@@ -140,9 +140,19 @@ fn connection(mut stream: TcpStream, shared: &Arc<Shared>) {
         tracing::warn!(peer, error = %e, "setting up a connection failed");
         return;
     }
-    if let Err(e) = host::handshake_server(&mut stream, &shared.key) {
-        tracing::warn!(peer, error = %e, "refused a connection");
-        return;
+    match host::handshake_server(&mut stream, &shared.key) {
+        Ok(()) => {}
+        Err(fsva_control::host::HostError::WrongKey) => {
+            tracing::warn!(
+                peer,
+                "refused a connection that did not prove the key (another --key-file?)"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(peer, error = %e, "refused a connection");
+            return;
+        }
     }
     let link = match stream
         .set_read_timeout(None)

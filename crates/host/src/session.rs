@@ -12,8 +12,11 @@
 //!   file's memfd id when no FUSE passthrough is in use, which the supervisor
 //!   checked), and those that were not sent before.
 //! - `passthrough`: the state loses its descriptors (a portable snapshot: nodes found
-//!   again by path on the storage both hosts see, ESTALE where not) and its FUSE
-//!   passthrough backing ids, which belong to the other host's kernel.
+//!   again by path on the storage both hosts see, ESTALE where not). It keeps its FUSE
+//!   passthrough backing ids: they are registered in the other host's kernel, for
+//!   files of the shared storage that kernel holds open, and every later open of those
+//!   inodes must name them; new registrations are refused here (the appliance serves
+//!   such files' data itself).
 //!
 //! This module checks everything it is sent against bounds before acting on it, and
 //! never lets a state or a record reach the appliance unchecked by the appliance's own
@@ -148,6 +151,7 @@ fn admit(shared: &Shared, mut config: StartConfig, kind: StateKind) -> Result<St
         (BackendSpec::Mem { .. }, StateKind::Mem) => {
             config.broker_link = false;
             config.device_nodes = false;
+            config.backing_files = false;
         }
         (BackendSpec::Passthrough { path, exclusive }, StateKind::Passthrough) => {
             let canonical = path
@@ -163,6 +167,11 @@ fn admit(shared: &Shared, mut config: StartConfig, kind: StateKind) -> Result<St
                 ));
             }
             // A root user's passthrough appliance has its device nodes made by a broker.
+            // The same broker refuses every new FUSE passthrough registration (the
+            // session belongs to the other host's kernel), so the appliance serves new
+            // opens' data itself while reusing the ids of files the kernel holds open
+            // with passthrough there: the kernel wants every open of such an inode to
+            // name the inode's backing id.
             let root = rustix::process::geteuid().is_root();
             config.backend = BackendSpec::Passthrough {
                 path: canonical,
@@ -170,6 +179,7 @@ fn admit(shared: &Shared, mut config: StartConfig, kind: StateKind) -> Result<St
             };
             config.broker_link = root;
             config.device_nodes = root;
+            config.backing_files = root;
         }
         (backend, kind) => {
             return Err(format!(
@@ -188,7 +198,6 @@ fn admit(shared: &Shared, mut config: StartConfig, kind: StateKind) -> Result<St
     }
     config.channel = ChannelKind::Stream;
     config.workers_per_channel = config.workers_per_channel.clamp(1, MAX_WORKERS);
-    config.backing_files = false;
     config.vhost_tag = None;
     config.restore = true;
     Ok(config)
@@ -528,8 +537,10 @@ impl Migration {
     }
 }
 
-/// Restores a passthrough appliance from the supervisor's state, without descriptors
-/// and backing ids.
+/// Restores a passthrough appliance from the supervisor's state, without descriptors.
+/// The backing ids stay: the kernel files that hold them (opened with FUSE passthrough
+/// on the supervisor's host, of the storage both hosts share) keep using them, and
+/// every later open of their inodes must name them.
 fn build_passthrough(
     starting: Starting,
     state: &[u8],
@@ -545,9 +556,6 @@ fn build_passthrough(
             })
             .map_err(|e| e.to_string())?;
             s.backend = backend.bytes;
-            // The kernel files opened with FUSE passthrough keep their backing files
-            // on the other host; no id of that kernel means anything here.
-            s.backing.clear();
             Ok(ApplianceState::V2(s).encode())
         });
     let bytes = match portable {

@@ -21,8 +21,11 @@
 //! - `passthrough` moves by path, over storage both hosts see: the appliance is paused
 //!   and its state sent without descriptors; the remote appliance finds every node
 //!   again by its path hint (ESTALE for one it cannot find). The kernel files that use
-//!   FUSE passthrough keep their backing files (they are files of the shared storage
-//!   opened here) until they are closed; new opens go through the remote appliance.
+//!   FUSE passthrough keep their backing files (files of the shared storage, opened
+//!   here) until they are closed, and the remote appliance names their backing ids
+//!   when their inodes are opened again (the kernel requires it); other files' data
+//!   goes through the remote appliance. Those ids stay registered until the unmount
+//!   (the remote appliance cannot close an id of this kernel).
 //!
 //! The switch: the remote appliance has rebuilt the state and says Ready; the local
 //! one is gone (all its threads); the kernel is asked to queue again what it held
@@ -80,7 +83,7 @@ pub enum MigrateError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("the host daemon at {addr}: {source}")]
+    #[error("{source} (host daemon {addr})")]
     Handshake { addr: String, source: HostError },
     #[error("the host daemon at {addr} failed: {message}")]
     Remote { addr: String, message: String },
