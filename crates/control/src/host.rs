@@ -328,6 +328,9 @@ pub enum ToHost {
     Resume,
     /// Answered `Stats`.
     Stats,
+    /// Answered `Synced` once everything sent before is applied (the pre-copy's files
+    /// are written before the source stops, not during its downtime).
+    Sync,
 }
 
 /// Host daemon → supervisor.
@@ -350,6 +353,10 @@ pub enum FromHost {
     },
     Resumed,
     Stats(ApplianceStats),
+    /// Everything sent before `Sync` is applied; `files` memfds are held.
+    Synced {
+        files: u64,
+    },
     /// Refused or failed; says what and what to do.
     Failed {
         message: String,

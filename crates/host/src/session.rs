@@ -365,6 +365,9 @@ impl Migration {
                 let stats = a.stats().map_err(|e| e.to_string())?;
                 Ok(Some(FromHost::Stats(stats)))
             }
+            ToHost::Sync => Ok(Some(FromHost::Synced {
+                files: self.files.len() as u64,
+            })),
             ToHost::Prepare { .. } | ToHost::Attach { .. } => {
                 Err("the migration is prepared already".into())
             }
@@ -502,9 +505,17 @@ impl Migration {
         if let Err(e) = seeded {
             return fail(starting, format!("writing the journal records: {e}"));
         }
-        starting
+        let t0 = std::time::Instant::now();
+        let ready = starting
             .recover(&kept, false)
-            .map_err(|e| format!("the appliance could not rebuild the state: {e}"))
+            .map_err(|e| format!("the appliance could not rebuild the state: {e}"))?;
+        tracing::info!(
+            files = kept.counts().0,
+            records = records.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "the appliance rebuilt the state"
+        );
+        Ok(ready)
     }
 
     /// Ends the control connection when the appliance exits, so that the supervisor

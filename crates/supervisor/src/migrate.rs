@@ -371,12 +371,20 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
     let t_pre = Instant::now();
     let ids = kept.ids();
     let sent = send_files(daemon, kept, &ids).map_err(Failure::before)?;
-    tracing::info!(
-        files = ids.len(),
-        bytes = sent,
-        ms = t_pre.elapsed().as_millis() as u64,
-        "pre-copy done"
-    );
+    // The daemon turns what came into memfds before the appliance stops, not during
+    // its downtime.
+    match daemon
+        .ask(&ToHost::Sync, "pre-copying file contents")
+        .map_err(Failure::before)?
+    {
+        FromHost::Synced { files } => tracing::info!(
+            files,
+            bytes = sent,
+            ms = t_pre.elapsed().as_millis() as u64,
+            "pre-copy done"
+        ),
+        other => return Err(Failure::before(daemon.unexpected(other))),
+    }
     no_passthrough_files(src).map_err(Failure::before)?;
 
     // Stop-and-copy.
