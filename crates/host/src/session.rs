@@ -591,3 +591,135 @@ fn build_passthrough(
         .serve(Some(&saved))
         .map_err(|e| format!("the appliance could not restore the state: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(exports: Vec<std::path::PathBuf>) -> Shared {
+        Shared {
+            key: fsva_control::host::HostKey::from_bytes(b"0123456789abcdef".to_vec()).unwrap(),
+            exe: "/bin/false".into(),
+            exports,
+            waiting: Default::default(),
+            hostname: "test".into(),
+        }
+    }
+
+    fn config(backend: BackendSpec) -> StartConfig {
+        StartConfig {
+            backend,
+            channel: ChannelKind::Fusedev,
+            workers_per_channel: 1000,
+            sandbox: SandboxKind::Namespaces,
+            log_filter: "info".into(),
+            broker_link: true,
+            backing_files: true,
+            device_nodes: true,
+            cache_budget: None,
+            vhost_tag: Some("x".into()),
+            restore: false,
+        }
+    }
+
+    #[test]
+    fn only_what_this_host_allows_is_admitted() {
+        let base = std::env::temp_dir().join(format!("fsva-admit-{}", std::process::id()));
+        let inside = base.join("shared/sub");
+        let outside = base.join("private");
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let s = shared(vec![base.join("shared").canonicalize().unwrap()]);
+        let mem = BackendSpec::Mem { capacity: 0 };
+
+        let c = admit(&s, config(mem.clone()), StateKind::Mem).unwrap();
+        assert_eq!(c.channel, ChannelKind::Stream);
+        assert_eq!(c.workers_per_channel, MAX_WORKERS);
+        assert!(c.restore && !c.backing_files && !c.broker_link && c.vhost_tag.is_none());
+
+        let pt = |path: &std::path::Path| BackendSpec::Passthrough {
+            path: path.to_path_buf(),
+            exclusive: false,
+        };
+        let c = admit(&s, config(pt(&inside)), StateKind::Passthrough).unwrap();
+        assert!(
+            matches!(c.backend, BackendSpec::Passthrough { path, .. } if path == inside.canonicalize().unwrap())
+        );
+        let refused = admit(&s, config(pt(&outside)), StateKind::Passthrough).unwrap_err();
+        assert!(refused.contains("--export"), "{refused}");
+        let escape = inside.join("../../private");
+        assert!(admit(&s, config(pt(&escape)), StateKind::Passthrough).is_err());
+        assert!(admit(&s, config(mem.clone()), StateKind::Passthrough).is_err());
+        assert!(admit(&s, config(pt(&inside)), StateKind::Mem).is_err());
+        let mut unsandboxed = config(mem);
+        unsandboxed.sandbox = SandboxKind::None;
+        let refused = admit(&s, unsandboxed, StateKind::Mem).unwrap_err();
+        assert!(refused.contains("sandbox"), "{refused}");
+        let image = BackendSpec::Image {
+            path: "/x.img".into(),
+            fstype: None,
+            read_only: true,
+        };
+        assert!(admit(&s, config(image), StateKind::Mem).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    fn migration() -> Migration {
+        Migration {
+            kind: StateKind::Mem,
+            pid: 0,
+            starting: None,
+            appliance: None,
+            child: None,
+            kept: None,
+            state: Vec::new(),
+            checkpoint: None,
+            files: HashMap::new(),
+            records: Vec::new(),
+            record_bytes: 0,
+        }
+    }
+
+    fn part(id: u64, start: Option<u64>, offset: u64, bytes: &[u8]) -> FilePart {
+        FilePart {
+            id,
+            start,
+            offset,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn contents_are_rebuilt_within_bounds_and_the_unsent_are_asked_for() {
+        let mut m = migration();
+        m.file_part(part(1, Some(1 << 20), 4096, b"data")).unwrap();
+        m.file_part(part(1, None, 8192, b"more")).unwrap();
+        m.file_part(part(2, Some(3), 0, b"abc")).unwrap();
+        let mut got = [0u8; 4];
+        rustix::io::pread(&m.files[&1], &mut got, 8192).unwrap();
+        assert_eq!(&got, b"more");
+        assert_eq!(rustix::fs::fstat(&m.files[&1]).unwrap().st_size, 1 << 20);
+        assert!(
+            m.file_part(part(2, None, 2, b"xy")).is_err(),
+            "beyond its size"
+        );
+        assert!(
+            m.file_part(part(3, None, 0, b"x")).is_err(),
+            "before its start"
+        );
+        assert!(m.file_part(part(4, Some(u64::MAX), 0, b"")).is_err());
+
+        // 2 is gone, 5 is new, nothing changed: only 5 comes.
+        assert_eq!(m.changed(&[1, 5], false).unwrap(), [5]);
+        assert!(!m.files.contains_key(&2));
+        assert_eq!(m.changed(&[1, 5], true).unwrap(), [1, 5]);
+        m.records.push(JournalRecord {
+            seq: 1,
+            payload: vec![9, 1, 2],
+        });
+        assert!(
+            m.changed(&[1], false).is_err(),
+            "a record with no known tag"
+        );
+    }
+}
