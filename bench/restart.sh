@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Live-restart downtime of a mem appliance with many nodes and open files.
+# Downtime of a mem appliance replaced under load: a live restart (`fsva restart`) or
+# a crash (`kill -9` of the appliance; `--kill`), with many nodes and open files.
 #
-#   bench/restart.sh [NODES] [OPEN] [RESTARTS]     (defaults 10000 1000 5)
+#   bench/restart.sh [--kill] [NODES] [OPEN] [TIMES]     (defaults 10000 1000 5)
 #
 # Mounts mem, creates NODES files (each looked up by the kernel), holds OPEN of them
-# open in another process, restarts the appliance RESTARTS times with `fsva restart`,
-# and prints each restart's downtime (from the pause of the old appliance to the
-# successor serving and the kernel resending what was held) as fsva reports it, with
-# the median. Then checks that the held files still read back. Needs root.
+# open in another process, and replaces the appliance TIMES times while a prober
+# creates and removes files in a loop (every one of its requests reaches the
+# appliance). For each replacement it prints the downtime fsva measured (from the
+# moment the old appliance stopped serving to the successor serving, after the kernel
+# resent what was in flight) and the longest the prober waited for one operation.
+# Medians at the end; then the held files are read back. Needs root.
 set -euo pipefail
+MODE=restart
+if [[ "${1:-}" == "--kill" ]]; then MODE=kill; shift; fi
 NODES=${1:-10000}
 OPEN=${2:-1000}
-RESTARTS=${3:-5}
+TIMES=${3:-5}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 (cd "$REPO" && cargo build --release -q -p fsva)
 FSVA=$REPO/target/release/fsva
 MNT=$(mktemp -d /var/tmp/fsva-restart-bench.XXXXXX)
-trap '"$FSVA" umount "$MNT" >/dev/null 2>&1 || true; rmdir "$MNT"' EXIT
+cleanup() {
+  [[ -n "${PROBER_PID:-}" ]] && kill "$PROBER_PID" 2>/dev/null
+  [[ -n "${HOLDER_PID:-}" ]] && kill "$HOLDER_PID" 2>/dev/null
+  sleep 0.2
+  "$FSVA" umount "$MNT" >/dev/null 2>&1 || "$FSVA" umount --lazy "$MNT" >/dev/null 2>&1 || true
+  rmdir "$MNT" 2>/dev/null || true
+}
+trap cleanup EXIT
 "$FSVA" mount "$MNT" >/dev/null
 python3 - "$MNT" "$NODES" <<'PY'
 import os, sys
@@ -35,14 +47,48 @@ sys.stdin.readline()
 bad = sum(1 for i, f in enumerate(fs) if (f.seek(0) or f.read()) != f"node {i}\n")
 print("checked", len(fs), "bad", bad, flush=True)
 ' "$MNT" "$OPEN"; }
-read -r line <&"${HOLDER[0]}"; echo "bench/restart.sh: $NODES nodes, $line $OPEN open files"
-times=()
-for _ in $(seq "$RESTARTS"); do
-  out=$("$FSVA" restart "$MNT")
+read -r line <&"${HOLDER[0]}"; echo "bench/restart.sh ($MODE): $NODES nodes, $line $OPEN open files"
+# The prober: creates and unlinks files in a loop; on a line on stdin, prints the
+# longest single operation since the last line (ms) and starts over.
+coproc PROBER { python3 -c '
+import os, sys, threading, time
+d = os.path.join(sys.argv[1], "probe"); os.mkdir(d)
+worst = [0.0]; lock = threading.Lock(); stop = False
+def loop():
+    i = 0
+    while not stop:
+        p = os.path.join(d, f"p{i % 64}"); i += 1
+        t = time.monotonic()
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)); os.unlink(p)
+        dt = (time.monotonic() - t) * 1000
+        with lock: worst[0] = max(worst[0], dt)
+threading.Thread(target=loop, daemon=True).start()
+for line in sys.stdin:
+    with lock: w, worst[0] = worst[0], 0.0
+    print(f"{w:.1f}", flush=True)
+' "$MNT"; }
+pids_of() { sed -n 's/^appliance_pid=//p' /run/fsva/*.mount 2>/dev/null | head -1; }
+record=$(grep -l "mountpoint=$MNT\$" /run/fsva/*.mount)
+times=(); waits=()
+for _ in $(seq "$TIMES"); do
+  sleep 0.3; echo >&"${PROBER[1]}"; read -r _ <&"${PROBER[0]}"
+  if [[ $MODE == restart ]]; then
+    out=$("$FSVA" restart "$MNT")
+  else
+    old=$(sed -n 's/^appliance_pid=//p' "$record")
+    kill -9 "$old"
+    for _ in $(seq 500); do
+      now=$(sed -n 's/^appliance_pid=//p' "$record")
+      [[ -n "$now" && "$now" != "$old" ]] && break; sleep 0.01
+    done
+    out=$("$FSVA" status | grep -A4 "^$MNT " | grep -o 'waited [0-9.]* ms the last time' | tail -1)
+  fi
   ms=$(echo "$out" | sed -n 's/.*waited \([0-9.]*\) ms.*/\1/p')
-  times+=("$ms"); echo "  restart: $ms ms"
+  sleep 0.2; echo >&"${PROBER[1]}"; read -r w <&"${PROBER[0]}"
+  times+=("$ms"); waits+=("$w"); echo "  $MODE: downtime $ms ms; longest probe operation $w ms"
 done
 echo "check" >&"${HOLDER[1]}"
-read -r line <&"${HOLDER[0]}"; echo "  held files after the restarts: $line"
+read -r line <&"${HOLDER[0]}"; echo "  held files afterwards: $line"
 wait "$HOLDER_PID" 2>/dev/null || true
-printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print "  median downtime: " a[int((NR+1)/2)] " ms"}'
+med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo "  median downtime: $(med "${times[@]}") ms; median longest probe operation: $(med "${waits[@]}") ms"

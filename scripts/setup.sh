@@ -37,6 +37,13 @@ if [[ $(id -u) -eq 0 && $(stat -c %a /dev/fuse) != 666 ]]; then
   chmod 0666 /dev/fuse
 fi
 
+# fsx (crates.io), the File System eXerciser: the external suites and the crash
+# recovery test run it.
+if [[ " $* " == *" --test-tools "* ]] && ! fsx --version 2>/dev/null | grep -qx "fsx 0.3.2"; then
+  echo "fsva setup: installing fsx 0.3.2 with cargo"
+  cargo install --locked --quiet --version 0.3.2 fsx
+fi
+
 profile=debug
 args=()
 if [[ " $* " == *" --release "* ]]; then profile=release; args+=(--release); fi

@@ -30,30 +30,7 @@ fi
 
 # ---- run ----
 CONF="$LOGDIR/fsx.toml"
-cat > "$CONF" <<'EOF'
-flen = 262144
-nomsyncafterwrite = false
-nosizechecks = false
-[opsize]
-max = 65536
-min = 0
-align = 1
-[weights]
-close_open = 1
-read = 10
-write = 10
-mapread = 3
-mapwrite = 10
-invalidate = 1
-truncate = 1
-fsync = 1
-fdatasync = 1
-sendfile = 1
-posix_fadvise = 1
-posix_fallocate = 0
-punch_hole = 0
-copy_file_range = 0
-EOF
+cp "$(dirname "$0")/fsx.toml" "$CONF"
 log "running $OPS ops for seeds: $SEEDS"
 pids=()
 for s in $SEEDS; do

@@ -5,6 +5,7 @@
 //! reach fsva through their own virtiofs driver.
 
 pub mod guest;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -142,9 +143,21 @@ impl Mount {
         &self.dir.path
     }
 
-    /// Unmounts through `fsva umount`, asserting it succeeds.
+    /// Unmounts through `fsva umount`, asserting it succeeds. A mount the test has let
+    /// go of can still be busy for a moment: another test thread's child, between its
+    /// fork and its exec, holds copies of every descriptor this process has (until exec
+    /// closes them), so EBUSY is retried for a short while.
     pub fn unmount(self) {
-        let out = fsva(&["umount", self.path().to_str().unwrap()]);
+        let mp = self.path().to_str().unwrap().to_string();
+        let mut out = fsva(&["umount", &mp]);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("busy")
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            out = fsva(&["umount", &mp]);
+        }
         assert!(
             out.status.success(),
             "fsva umount failed: {}",
@@ -176,23 +189,37 @@ impl Drop for Mount {
 
 /// Reads the runtime record of the mount at `mountpoint`.
 pub fn mount_record(mountpoint: &Path) -> Option<std::collections::BTreeMap<String, String>> {
+    record_file(mountpoint).map(|(_, map)| map)
+}
+
+/// The runtime record file of the mount at `mountpoint`, and its fields.
+fn record_file(mountpoint: &Path) -> Option<(PathBuf, std::collections::BTreeMap<String, String>)> {
     let dir = std::env::var_os("FSVA_RUNTIME_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/fsva"));
     for e in std::fs::read_dir(dir).ok()?.flatten() {
         if e.path().extension().is_some_and(|x| x == "mount") {
-            let text = std::fs::read_to_string(e.path()).ok()?;
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
             let map: std::collections::BTreeMap<String, String> = text
                 .lines()
                 .filter_map(|l| l.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             if map.get("mountpoint").map(PathBuf::from).as_deref() == Some(mountpoint) {
-                return Some(map);
+                return Some((e.path(), map));
             }
         }
     }
     None
+}
+
+/// The log of the (detached) supervisor of the mount at `mountpoint`.
+pub fn mount_log(mountpoint: &Path) -> String {
+    record_file(mountpoint)
+        .and_then(|(p, _)| std::fs::read_to_string(p.with_extension("log")).ok())
+        .unwrap_or_default()
 }
 
 /// Whether /proc/self/mountinfo lists a mount at `path`.

@@ -418,7 +418,9 @@ fn a_wrong_key_a_dead_daemon_or_open_passthrough_files_leave_the_mount_here() {
     assert!(said.contains("refused the key"), "{said}");
     assert!(said.contains("serves on here"), "{said}");
     assert!(
-        host.log().contains("did not prove the key"),
+        wait_for(Duration::from_secs(5), || host
+            .log()
+            .contains("did not prove the key")),
         "the daemon does not say why it refused: {}",
         host.log()
     );

@@ -3,10 +3,9 @@
 //! applications notice nothing: no error, no lost or doubled write, handles still
 //! valid, a directory listing in progress goes on where it was.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -153,7 +152,9 @@ fn workload_across_ten_restarts(backend: &str, extra: &[&str]) {
         let dir = m.path().join(format!("w{w}"));
         std::fs::create_dir(&dir).unwrap();
         let stop = stop.clone();
-        workers.push(std::thread::spawn(move || writer(&dir, &stop)));
+        workers.push(std::thread::spawn(move || {
+            fsva_tests::workload::writer(&dir, w as u64 + 1, &stop).ops
+        }));
     }
     for _ in 0..10 {
         std::thread::sleep(std::time::Duration::from_millis(150));
@@ -170,67 +171,6 @@ fn workload_across_ten_restarts(backend: &str, extra: &[&str]) {
     m.unmount();
 }
 
-/// One writer's loop; panics on the first error or mismatch. Returns operations done.
-fn writer(dir: &PathBuf, stop: &AtomicBool) -> usize {
-    let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut ops = 0usize;
-    let mut i = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        i += 1;
-        let name = format!("f{}", i % 16);
-        let path = dir.join(&name);
-        match i % 5 {
-            0 | 1 => {
-                let mut f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(&path)
-                    .unwrap_or_else(|e| panic!("open {name}: {e}"));
-                let line = format!("{i}\n");
-                f.write_all(line.as_bytes())
-                    .unwrap_or_else(|e| panic!("append {name}: {e}"));
-                if i.is_multiple_of(3) {
-                    f.sync_all().unwrap_or_else(|e| panic!("fsync {name}: {e}"));
-                }
-                model.entry(name).or_default().extend(line.as_bytes());
-            }
-            2 => {
-                let to = format!("f{}", (i + 7) % 16);
-                if let Some(data) = model.remove(&name) {
-                    std::fs::rename(&path, dir.join(&to))
-                        .unwrap_or_else(|e| panic!("rename {name}: {e}"));
-                    model.insert(to, data);
-                }
-            }
-            3 => {
-                if model.remove(&name).is_some() {
-                    std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unlink {name}: {e}"));
-                }
-            }
-            _ => {
-                let want = model.get(&name).cloned();
-                match (std::fs::read(&path), want) {
-                    (Ok(got), Some(want)) => assert_eq!(got, want, "{name} differs from the model"),
-                    (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    (got, want) => panic!("{name}: read {got:?}, model {want:?}"),
-                }
-            }
-        }
-        ops += 1;
-    }
-    let mut on_disk: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    on_disk.sort();
-    assert_eq!(on_disk, model.keys().cloned().collect::<Vec<_>>());
-    for (name, data) in &model {
-        assert_eq!(&std::fs::read(dir.join(name)).unwrap(), data, "{name}");
-    }
-    ops
-}
-
-/// A mount that cannot be restarted live yet (the stream channel) says so, and serves on.
 #[test]
 fn a_restart_that_cannot_be_done_is_refused_and_the_mount_serves_on() {
     let m = Mount::new("passthrough", &["--channel", "stream"]);

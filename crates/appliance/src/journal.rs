@@ -11,7 +11,8 @@
 //! Layout (all integers little-endian, the memfd sealed against shrinking and growing):
 //! - a 4 KiB header: magic, version, the size of an area, the highest sequence number
 //!   of a record that could not be written (so a successor knows the log is incomplete
-//!   after it), and the negotiated FUSE session;
+//!   after it), the negotiated FUSE session, and the number of the last record written
+//!   whole (a journal whose records end before it was damaged, not merely short);
 //! - two areas of equal size. Records go into the current area; a checkpoint switches
 //!   to the other one ([`Journal::rotate`]) once everything that area held is covered by
 //!   a checkpoint the supervisor stored ([`Journal::covered`]). An area starts with its
@@ -46,6 +47,9 @@ const H_VERSION: usize = 8;
 const H_AREA_SIZE: usize = 16;
 const H_LOST: usize = 24;
 const H_SESSION: usize = 32; // minor|valid, flags, max_write, check
+/// The sequence number of the last record written whole (so that a journal damaged in
+/// the middle is not taken for a shorter one).
+const H_WRITTEN: usize = 64;
 
 /// First byte of a record the runtime wrote (see [`crate::backing::RuntimeRecord`]).
 pub const RUNTIME: u8 = 0;
@@ -57,6 +61,9 @@ pub const DEFAULT_AREA: u64 = 32 << 20;
 /// Smallest and largest area accepted.
 const MIN_AREA: u64 = 64 << 10;
 const MAX_AREA: u64 = 1 << 30;
+/// Records after which a checkpoint is due until the state's size says otherwise (see
+/// [`Journal::set_record_threshold`]).
+pub const MIN_RECORDS_BETWEEN_CHECKPOINTS: u64 = 4000;
 /// Largest single record.
 pub const MAX_RECORD: usize = 4 << 20;
 
@@ -197,6 +204,8 @@ struct Writer {
     last_in: [u64; 2],
     /// The boundary of the newest checkpoint the supervisor stored.
     stored: u64,
+    /// Records since the last checkpoint was taken.
+    since_checkpoint: u64,
 }
 
 /// One record read back for recovery.
@@ -214,6 +223,9 @@ pub struct Journal {
     writer: Mutex<Writer>,
     /// Bytes in the current area past which a checkpoint is due.
     threshold: usize,
+    /// Records after which a checkpoint is due (a successor replays at most about
+    /// this many); set from the size of the state ([`Journal::set_record_threshold`]).
+    record_threshold: AtomicU64,
     due: Condvar,
 }
 
@@ -267,8 +279,10 @@ impl Journal {
                 epoch: [0; 2],
                 last_in: [0; 2],
                 stored: 0,
+                since_checkpoint: 0,
             }),
             threshold: (area as usize / 8).max(64 << 10),
+            record_threshold: AtomicU64::new(MIN_RECORDS_BETWEEN_CHECKPOINTS),
             due: Condvar::new(),
         };
         Ok(journal)
@@ -337,30 +351,47 @@ impl Journal {
         let c = check(&[&epoch.to_le_bytes(), &seq.to_le_bytes(), payload]);
         let head = u64::from(payload.len() as u32) | (u64::from(c) << 32);
         self.map.word(off).store(head, Ordering::Release);
+        self.map.word(H_WRITTEN).store(seq, Ordering::Release);
         w.cursor += total;
         w.last_in[current] = seq;
-        if w.cursor >= self.threshold && w.cursor - total < self.threshold {
+        w.since_checkpoint += 1;
+        let records = self.record_threshold.load(Ordering::Relaxed);
+        if (w.cursor >= self.threshold && w.cursor - total < self.threshold)
+            || w.since_checkpoint == records
+        {
             self.due.notify_all();
         }
         Ok(seq)
     }
 
-    /// Whether the current area is past the point where a checkpoint is due.
+    fn due_now(&self, w: &Writer) -> bool {
+        w.cursor >= self.threshold
+            || w.since_checkpoint >= self.record_threshold.load(Ordering::Relaxed)
+    }
+
+    /// Whether a checkpoint is due: the current area is filling up, or the records
+    /// since the last one would take a successor long to replay.
     pub fn checkpoint_due(&self) -> bool {
-        self.lock().cursor >= self.threshold
+        self.due_now(&self.lock())
+    }
+
+    /// A checkpoint becomes due after `records` records.
+    pub fn set_record_threshold(&self, records: u64) {
+        self.record_threshold
+            .store(records.max(1), Ordering::Relaxed);
     }
 
     /// Waits up to `timeout` for a checkpoint to become due; returns whether it is.
     pub fn wait_due(&self, timeout: std::time::Duration) -> bool {
         let w = self.lock();
-        if w.cursor >= self.threshold {
+        if self.due_now(&w) {
             return true;
         }
         let (w, _) = self
             .due
             .wait_timeout(w, timeout)
             .unwrap_or_else(|p| p.into_inner());
-        w.cursor >= self.threshold
+        self.due_now(&w)
     }
 
     /// Marks a checkpoint: every record written so far is covered by it (the caller
@@ -371,6 +402,7 @@ impl Journal {
     pub fn rotate(&self) -> u64 {
         let mut w = self.lock();
         let boundary = w.next_seq - 1;
+        w.since_checkpoint = 0;
         let other = 1 - w.current;
         if w.last_in[other] <= w.stored {
             let epoch = w.epoch[0].max(w.epoch[1]) + 1;
@@ -403,8 +435,10 @@ impl Journal {
             epoch: [epoch + 1, epoch],
             last_in: [0; 2],
             stored: 0,
+            since_checkpoint: 0,
         };
         self.map.word(H_LOST).store(0, Ordering::SeqCst);
+        self.map.word(H_WRITTEN).store(0, Ordering::SeqCst);
     }
 
     /// Records the negotiated FUSE session (at INIT).
@@ -437,8 +471,31 @@ impl Journal {
     /// positions the writer after the last one. Fails when a record after the boundary
     /// is missing or was lost, so that a successor never rebuilds a state with a hole.
     pub fn recover(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
-        let (areas, records) = self.after(boundary)?;
+        let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
+        if lost > boundary {
+            return Err(JournalError::Incomplete { lost, boundary });
+        }
+        let mut areas = Vec::new();
+        for a in 0..2 {
+            areas.push(self.scan(a, boundary));
+        }
+        let mut records: Vec<Record> = areas
+            .iter()
+            .flat_map(|s| s.records.iter().filter(|r| r.seq > boundary).cloned())
+            .collect();
+        records.sort_by_key(|r| r.seq);
+        for (i, r) in records.iter().enumerate() {
+            let want = boundary + 1 + i as u64;
+            if r.seq != want {
+                return Err(JournalError::Gap(want));
+            }
+        }
         let last = records.last().map_or(boundary, |r| r.seq);
+        let written = self.map.word(H_WRITTEN).load(Ordering::Acquire);
+        if written > last {
+            // Records that were written whole are unreadable: the journal is damaged.
+            return Err(JournalError::Gap(last + 1));
+        }
         // Every record of an area must be contiguous with the rest; continue writing
         // where the newest area ends.
         let newest = if areas[1].epoch > areas[0].epoch {
@@ -451,6 +508,8 @@ impl Journal {
         w.last_in = [areas[0].last_seq, areas[1].last_seq];
         w.next_seq = last.max(areas[0].last_seq).max(areas[1].last_seq) + 1;
         w.stored = boundary;
+        // The records after the checkpoint are a successor's to replay too: count them.
+        w.since_checkpoint = records.len() as u64;
         if areas[newest].epoch == 0 {
             // Never written: start cleanly.
             w.current = 0;
@@ -473,32 +532,38 @@ impl Journal {
     /// but leaves the journal as it is: for reading a stopped appliance's journal
     /// without becoming its writer (a migration sends these records to another host).
     pub fn read_after(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
-        // The areas hold consecutive runs of records: when the newer one begins at
-        // or before the first record wanted, the older one (often a long run a
-        // checkpoint just covered) need not be read at all.
+        let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
+        if lost > boundary {
+            return Err(JournalError::Incomplete { lost, boundary });
+        }
+        // The areas hold consecutive runs of records: when the newer one begins at or
+        // before the first record wanted, the older one need not be walked at all.
         let heads = [self.area_head(0), self.area_head(1)];
         let newest = usize::from(heads[1].0 > heads[0].0);
         let (epoch, first) = heads[newest];
-        if epoch != 0 && first <= boundary + 1 {
-            let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
-            if lost > boundary {
-                return Err(JournalError::Incomplete { lost, boundary });
+        let areas: Vec<usize> = if epoch != 0 && first <= boundary + 1 {
+            vec![newest]
+        } else {
+            vec![0, 1]
+        };
+        let mut records: Vec<Record> = areas
+            .into_iter()
+            .flat_map(|a| self.scan(a, boundary).records)
+            .filter(|r| r.seq > boundary)
+            .collect();
+        records.sort_by_key(|r| r.seq);
+        for (i, r) in records.iter().enumerate() {
+            let want = boundary + 1 + i as u64;
+            if r.seq != want {
+                return Err(JournalError::Gap(want));
             }
-            let records: Vec<Record> = self
-                .scan(newest)
-                .records
-                .into_iter()
-                .filter(|r| r.seq > boundary)
-                .collect();
-            for (i, r) in records.iter().enumerate() {
-                let want = boundary + 1 + i as u64;
-                if r.seq != want {
-                    return Err(JournalError::Gap(want));
-                }
-            }
-            return Ok(records);
         }
-        self.after(boundary).map(|(_, records)| records)
+        let last = records.last().map_or(boundary, |r| r.seq);
+        if self.map.word(H_WRITTEN).load(Ordering::Acquire) > last {
+            // Records that were written whole are unreadable: the journal is damaged.
+            return Err(JournalError::Gap(last + 1));
+        }
+        Ok(records)
     }
 
     /// Area `a`'s epoch and first sequence number ((0, 0) if it was never started or
@@ -510,27 +575,6 @@ impl Journal {
             return (0, 0);
         }
         (word(0), word(8))
-    }
-
-    /// Both areas scanned, and the records after `boundary` in order, without a gap.
-    fn after(&self, boundary: u64) -> Result<([AreaScan; 2], Vec<Record>), JournalError> {
-        let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
-        if lost > boundary {
-            return Err(JournalError::Incomplete { lost, boundary });
-        }
-        let areas = [self.scan(0), self.scan(1)];
-        let mut records: Vec<Record> = areas
-            .iter()
-            .flat_map(|s| s.records.iter().filter(|r| r.seq > boundary).cloned())
-            .collect();
-        records.sort_by_key(|r| r.seq);
-        for (i, r) in records.iter().enumerate() {
-            let want = boundary + 1 + i as u64;
-            if r.seq != want {
-                return Err(JournalError::Gap(want));
-            }
-        }
-        Ok((areas, records))
     }
 
     /// Writes `records` — numbered `after + 1` on, in order — into a journal nothing
@@ -559,8 +603,9 @@ impl Journal {
         Ok(())
     }
 
-    /// The valid records of area `a`, from its start to the first invalid one.
-    fn scan(&self, a: usize) -> AreaScan {
+    /// The valid records of area `a` after `boundary`, from its start to the first
+    /// invalid one (records the checkpoint covers are walked over, not read).
+    fn scan(&self, a: usize, boundary: u64) -> AreaScan {
         let base = self.area_base(a);
         let h = self.map.read(base, 24);
         let epoch = u64::from_le_bytes(h[0..8].try_into().unwrap());
@@ -585,12 +630,17 @@ impl Journal {
             if head == 0 || len > MAX_RECORD || off + RECORD_HEADER + len > self.area {
                 break;
             }
-            let seq = u64::from_le_bytes(self.map.read(base + off + 8, 8).try_into().unwrap());
-            let payload = self.map.read(base + off + RECORD_HEADER, len);
-            if seq != want || c != check(&[&epoch.to_le_bytes(), &seq.to_le_bytes(), &payload]) {
+            let seq = self.map.word(base + off + 8).load(Ordering::Relaxed);
+            if seq != want {
                 break;
             }
-            scan.records.push(Record { seq, payload });
+            if seq > boundary {
+                let payload = self.map.read(base + off + RECORD_HEADER, len);
+                if c != check(&[&epoch.to_le_bytes(), &seq.to_le_bytes(), &payload]) {
+                    break;
+                }
+                scan.records.push(Record { seq, payload });
+            }
             scan.last_seq = seq;
             want += 1;
             off += RECORD_HEADER + len.div_ceil(8) * 8;
@@ -653,11 +703,16 @@ mod tests {
         for i in 0..5u8 {
             j.append(&[i; 10]).unwrap();
         }
-        // Corrupt the third record's payload: the log ends after the second.
+        // Corrupt the third record's payload: the records after it are lost, and the
+        // journal says so instead of passing for a shorter one.
         let off = HEADER + AREA_HEADER + 2 * (RECORD_HEADER + 16) + RECORD_HEADER;
         j.map.write(off, b"X");
         drop(j);
         let s = reopen(&fd);
+        assert_eq!(s.recover(0), Err(JournalError::Gap(3)));
+        // A writer killed half way through its last record leaves it unwritten: that
+        // journal is whole (the header was not moved past it).
+        s.map.word(H_WRITTEN).store(2, Ordering::SeqCst);
         assert_eq!(s.recover(0).unwrap().len(), 2);
         assert_eq!(
             s.append(b"next").unwrap(),

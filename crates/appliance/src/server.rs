@@ -51,6 +51,13 @@ struct Pause {
     active: AtomicUsize,
 }
 
+/// Journal records between checkpoints: at least
+/// [`crate::journal::MIN_RECORDS_BETWEEN_CHECKPOINTS`], and more for a larger state (one
+/// per this many bytes of it): replaying a record costs about what encoding a few
+/// hundred bytes of state does, so a successor's replay stays about as short as the
+/// checkpoint that would have spared it.
+const RECORD_PER_STATE_BYTES: u64 = 200;
+
 /// How long a checkpoint waits for requests in execution to finish.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -112,6 +119,12 @@ impl Server {
             .dispatcher
             .filesystem()
             .journal_checkpoint(&mut || journal.rotate())?;
+        // A successor should replay about as long as taking a checkpoint takes: the
+        // larger the state, the longer the journal between checkpoints.
+        journal.set_record_threshold(
+            (backend.len() as u64 / RECORD_PER_STATE_BYTES)
+                .max(crate::journal::MIN_RECORDS_BETWEEN_CHECKPOINTS),
+        );
         // The runtime's part is read after the rotation: it then holds every change up
         // to the boundary (and perhaps some after it, which replay again harmlessly).
         let state = self.dispatcher.state(backend, boundary).encode();
@@ -123,8 +136,9 @@ impl Server {
     }
 
     /// Keeps the journal short: a checkpoint whenever the journal says one is due, on
-    /// a thread of its own, until `keeper` fails. Starts with one at once, so that a
-    /// successor replays only what came after the start.
+    /// a thread of its own. (None at once: a new appliance's state is empty, and a
+    /// successor's is its predecessor's checkpoint and journal, which a spare already
+    /// preloads; taking one now would only stall the requests waiting for it.)
     pub fn start_checkpointer(self: &Arc<Self>, keeper: Arc<dyn crate::Keeper>) {
         let server = self.clone();
         let _ = thread::Builder::new()
@@ -134,6 +148,7 @@ impl Server {
                     return;
                 };
                 loop {
+                    while !journal.wait_due(std::time::Duration::from_secs(3600)) {}
                     let t0 = std::time::Instant::now();
                     match server.journal_checkpoint(&*keeper) {
                         Ok(boundary) => tracing::debug!(
@@ -146,7 +161,6 @@ impl Server {
                             std::thread::sleep(std::time::Duration::from_secs(1));
                         }
                     }
-                    while !journal.wait_due(std::time::Duration::from_secs(3600)) {}
                 }
             });
     }

@@ -43,8 +43,9 @@ pub struct Space {
     capacity: AtomicU64,
     used: AtomicU64,
     /// The supervisor's safe-keeping: every memfd is given to it when made, so file
-    /// contents outlive this appliance (crash recovery).
-    keeper: Option<Arc<dyn Keeper>>,
+    /// contents outlive this appliance (crash recovery). Set once a rebuilt state is
+    /// complete, so that nothing dropped while rebuilding is given back.
+    keeper: std::sync::OnceLock<Arc<dyn Keeper>>,
     /// Id of the next memfd (unique in the mount, across successors).
     next_id: AtomicU64,
 }
@@ -54,7 +55,7 @@ impl std::fmt::Debug for Space {
         f.debug_struct("Space")
             .field("capacity", &self.capacity)
             .field("used", &self.used)
-            .field("kept", &self.keeper.is_some())
+            .field("kept", &self.keeper.get().is_some())
             .finish()
     }
 }
@@ -66,17 +67,26 @@ impl Space {
 
     /// A space whose memfds go to `keeper` as they are made, numbered from `first_id`.
     pub fn kept(capacity: u64, keeper: Option<Arc<dyn Keeper>>, first_id: u64) -> Arc<Space> {
+        let cell = std::sync::OnceLock::new();
+        if let Some(k) = keeper {
+            let _ = cell.set(k);
+        }
         Arc::new(Space {
             capacity: AtomicU64::new(capacity),
             used: AtomicU64::new(0),
-            keeper,
+            keeper: cell,
             next_id: AtomicU64::new(first_id.max(1)),
         })
     }
 
+    /// From now on memfds go to `keeper` (after a state was rebuilt).
+    pub(crate) fn attach_keeper(&self, keeper: Arc<dyn Keeper>) {
+        let _ = self.keeper.set(keeper);
+    }
+
     /// Whether memfds are kept by the supervisor.
     pub fn is_kept(&self) -> bool {
-        self.keeper.is_some()
+        self.keeper.get().is_some()
     }
 
     fn new_id(&self) -> u64 {
@@ -131,7 +141,7 @@ impl Drop for FileData {
     fn drop(&mut self) {
         let c = *self.charged.lock().unwrap_or_else(|e| e.into_inner());
         self.space.used.fetch_sub(c, Ordering::Relaxed);
-        if let Some(k) = &self.space.keeper {
+        if let Some(k) = self.space.keeper.get() {
             k.release(self.id);
         }
     }
@@ -163,7 +173,7 @@ impl FileData {
         // SAFETY: `fd` was just created and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let id = space.new_id();
-        if let Some(k) = &space.keeper {
+        if let Some(k) = space.keeper.get() {
             k.keep(id, fd.as_fd());
         }
         Ok(FileData {
@@ -191,11 +201,24 @@ impl FileData {
         }
     }
 
+    /// An empty stand-in for memfd `id`, which the supervisor no longer keeps (its file
+    /// was removed), while a journal is replayed; never given to the keeper.
+    pub(crate) fn placeholder(id: u64, space: Arc<Space>) -> std::io::Result<FileData> {
+        // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(c"fsva-lost".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self::restored(id, fd, 0, space))
+    }
+
     /// File data taken over from a predecessor that kept no journal (its memfd came
     /// with its state): a new id, and given to the keeper like a new file's.
     pub(crate) fn adopted(fd: OwnedFd, charged: u64, space: Arc<Space>) -> FileData {
         let id = space.new_id();
-        if let Some(k) = &space.keeper {
+        if let Some(k) = space.keeper.get() {
             k.keep(id, fd.as_fd());
         }
         Self::restored(id, fd, charged, space)

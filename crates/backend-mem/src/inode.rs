@@ -75,6 +75,30 @@ impl Inode {
         }
     }
 
+    /// atime, mtime, ctime, btime and the memfd ctime last seen, as states save them.
+    pub(crate) fn saved_times(&self) -> [(i64, u32); 5] {
+        [
+            self.atime,
+            self.mtime,
+            self.ctime,
+            self.btime,
+            self.data_ctime_seen,
+        ]
+        .map(|t| (t.sec, t.nsec))
+    }
+
+    /// Sets the times [`Inode::saved_times`] gave.
+    pub(crate) fn restore_times(&mut self, times: [(i64, u32); 5]) {
+        let [a, m, c, b, d] = times.map(|(sec, nsec)| Time { sec, nsec });
+        (
+            self.atime,
+            self.mtime,
+            self.ctime,
+            self.btime,
+            self.data_ctime_seen,
+        ) = (a, m, c, b, d);
+    }
+
     pub fn is_dir(&self) -> bool {
         matches!(self.kind, Kind::Dir(_))
     }

@@ -15,6 +15,7 @@
 //! locks (its callers hold them) and never touches file data.
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ use crate::data::Space;
 use crate::dir::{Dir, DirOp};
 use crate::handle::Handle;
 use crate::inode::{Inode, Kind};
-use crate::snapshot::{time, DataSource, COUNTER_LIMIT};
+use crate::snapshot::{DataSource, COUNTER_LIMIT};
 use crate::xattr::Xattrs;
 use crate::State;
 
@@ -108,7 +109,6 @@ pub(crate) struct HandleV1 {
 /// The metadata record of `inode`; its xattrs only if they changed since the last one
 /// (a new inode's start empty, so unchanged ones need no record either).
 fn meta(ino: u64, inode: &mut Inode) -> InodeMetaV1 {
-    use crate::snapshot::t;
     let kind = match &mut inode.kind {
         Kind::File(d) => KindMetaV1::File(d.as_ref().map(|d| (d.id(), d.charged()))),
         Kind::Dir(d) => KindMetaV1::Dir { parent: d.parent },
@@ -123,13 +123,7 @@ fn meta(ino: u64, inode: &mut Inode) -> InodeMetaV1 {
         gid: inode.gid,
         nlink: inode.nlink,
         rdev: inode.rdev,
-        times: [
-            t(inode.atime),
-            t(inode.mtime),
-            t(inode.ctime),
-            t(inode.btime),
-            t(inode.data_ctime_seen),
-        ],
+        times: inode.saved_times(),
         opens: inode.opens,
         kind,
         xattrs: changed.then(|| {
@@ -236,6 +230,12 @@ pub(crate) fn commit_lookups(journal: &Journal, unique: u64, lookups: &mut Vec<(
     }
 }
 
+/// A record as the journal holds it (tag included), for tests that forge records.
+#[cfg(test)]
+pub(crate) fn encode_for_tests(rec: RecordV1) -> Vec<u8> {
+    postcard::to_extend(&MemRecord::V1(rec), vec![BACKEND]).unwrap()
+}
+
 /// A record's payload (without the tag byte) decoded.
 pub(crate) fn decode(payload: &[u8]) -> Result<RecordV1, StateError> {
     match postcard::from_bytes::<MemRecord>(payload) {
@@ -276,14 +276,39 @@ const RECOVERED_MAX: usize = 1 << 16;
 
 /// Applies `records` in order to `st` (a checkpoint's tables); memfds come from
 /// `data`. Returns what to answer resent requests with.
+/// What a replay leaves: how to answer resends, the inodes it touched, and the inodes
+/// its directory entries name.
+pub(crate) struct Replayed {
+    pub answers: HashMap<u64, Recovered>,
+    pub touched: Touched,
+}
+
+/// What a replay changed, for [`check`].
+#[derive(Default)]
+pub(crate) struct Touched {
+    pub inodes: std::collections::HashSet<u64>,
+    /// Entries the replay added or repointed: (directory, name).
+    pub entries: std::collections::HashSet<(u64, Vec<u8>)>,
+}
+
 pub(crate) fn replay(
     st: &mut State,
     records: Vec<RecordV1>,
     data: &mut DataSource,
     space: &Arc<Space>,
-) -> Result<HashMap<u64, Recovered>, StateError> {
+) -> Result<Replayed, StateError> {
     let mut answers: Vec<(u64, Recovered)> = Vec::new();
+    let mut touched = Touched::default();
     for (n, rec) in records.into_iter().enumerate() {
+        touched.inodes.extend(rec.inodes.iter().map(|m| m.ino));
+        touched.inodes.extend(rec.freed.iter().copied());
+        touched.inodes.extend(rec.lookups.iter().map(|(i, _)| *i));
+        for (dir, ops) in &rec.dir_ops {
+            touched.entries.extend(ops.iter().filter_map(|op| match op {
+                DirOp::Insert(name, _) | DirOp::Set(name, _) => Some((*dir, name.clone())),
+                DirOp::Remove(_) => None,
+            }));
+        }
         let bad = |why: String| StateError::Backend(format!("journal record {n}: {why}"));
         if rec.next_ino >= COUNTER_LIMIT || rec.next_fh >= COUNTER_LIMIT {
             return Err(bad("counter out of range".into()));
@@ -349,7 +374,10 @@ pub(crate) fn replay(
         }
     }
     let skip = answers.len().saturating_sub(RECOVERED_MAX);
-    Ok(answers.into_iter().skip(skip).collect())
+    Ok(Replayed {
+        answers: answers.into_iter().skip(skip).collect(),
+        touched,
+    })
 }
 
 /// Creates or updates the inode `m` describes.
@@ -371,11 +399,7 @@ fn apply_meta(
         inode.gid = m.gid;
         inode.nlink = m.nlink;
         inode.rdev = m.rdev;
-        inode.atime = time(m.times[0]);
-        inode.mtime = time(m.times[1]);
-        inode.ctime = time(m.times[2]);
-        inode.btime = time(m.times[3]);
-        inode.data_ctime_seen = time(m.times[4]);
+        inode.restore_times(m.times);
         inode.opens = m.opens;
     };
     let memfd = |data: &mut DataSource, f: Option<(u64, u64)>| {
@@ -423,16 +447,74 @@ fn apply_meta(
     Ok(())
 }
 
-/// Checks that replayed tables hold together: every directory entry and handle names
-/// an inode that exists, and no inode is left that nothing refers to.
-pub(crate) fn check(st: &mut State) -> Result<(), StateError> {
-    let (_, all) = st.inodes.parts();
+/// How much [`check`] looks at.
+pub(crate) enum Checking<'a> {
+    /// A preloaded checkpoint: every inode, but a file whose memfd is no longer kept
+    /// is allowed (the journal's tail removes it, or the final check refuses it).
+    Preloaded,
+    /// After a replay: the inodes it touched and the entries it added (the rest was
+    /// checked when preloaded), and every file whose memfd was not kept.
+    Replayed(&'a Touched),
+}
+
+/// Checks that tables hold together: every directory entry and handle names an inode
+/// that exists, every live file's memfd was kept, and no inode is left that nothing
+/// refers to.
+pub(crate) fn check(
+    inodes: &mut crate::inode::InodeTable,
+    handles: &crate::handle::HandleTable,
+    data: &DataSource,
+    how: Checking<'_>,
+) -> Result<(), StateError> {
+    let final_check = matches!(how, Checking::Replayed(_));
+    if let Checking::Replayed(t) = &how {
+        for (dir, name) in &t.entries {
+            let target = inodes
+                .get(*dir)
+                .ok()
+                .and_then(|d| d.dir().ok())
+                .and_then(|d| d.get(std::ffi::OsStr::from_bytes(name)));
+            if let Some(ino) = target.filter(|&ino| inodes.get(ino).is_err()) {
+                return Err(StateError::Backend(format!(
+                    "directory {dir} names {:?} -> missing inode {ino}",
+                    String::from_utf8_lossy(name)
+                )));
+            }
+        }
+    }
+    let inos: Vec<u64> = match how {
+        Checking::Replayed(t) if !data.any_lost() => t.inodes.iter().copied().collect(),
+        // Files whose memfd was not kept may be anywhere: look at every file.
+        Checking::Replayed(t) => {
+            let mut v: Vec<u64> = t.inodes.iter().copied().collect();
+            v.extend(
+                inodes
+                    .parts()
+                    .1
+                    .filter(|(_, i)| i.data().is_some_and(|d| data.is_lost(d)))
+                    .map(|(&ino, _)| ino),
+            );
+            v
+        }
+        Checking::Preloaded => inodes.parts().1.map(|(&ino, _)| ino).collect(),
+    };
     let mut orphans = Vec::new();
     let mut missing = None;
-    for (&ino, inode) in all {
-        if let Kind::Dir(d) = &inode.kind {
-            if let Some((_, name, child)) =
-                d.iter_from(0).find(|&(_, _, c)| st.inodes.get(c).is_err())
+    let checked = inos
+        .iter()
+        .filter_map(|&ino| inodes.get(ino).ok().map(|i| (ino, i)));
+    for (ino, inode) in checked {
+        if let Some(d) = inode.data() {
+            if final_check && data.is_lost(d) && !inode.unused() {
+                missing = Some(format!(
+                    "the contents of inode {ino} (memfd {}) were not kept",
+                    d.id()
+                ));
+                break;
+            }
+        }
+        if let (Kind::Dir(d), false) = (&inode.kind, final_check) {
+            if let Some((_, name, child)) = d.iter_from(0).find(|&(_, _, c)| inodes.get(c).is_err())
             {
                 missing = Some(format!(
                     "directory {ino} names {name:?} -> missing inode {child}"
@@ -447,9 +529,9 @@ pub(crate) fn check(st: &mut State) -> Result<(), StateError> {
     if let Some(m) = missing {
         return Err(StateError::Backend(m));
     }
-    let (_, hs) = st.handles.parts();
+    let (_, hs) = handles.parts();
     for (fh, h) in hs {
-        if st.inodes.get(h.ino).is_err() {
+        if inodes.get(h.ino).is_err() {
             return Err(StateError::Backend(format!(
                 "handle {fh} on missing inode {}",
                 h.ino
@@ -457,7 +539,7 @@ pub(crate) fn check(st: &mut State) -> Result<(), StateError> {
         }
     }
     for ino in orphans {
-        st.inodes.remove(ino);
+        inodes.remove(ino);
     }
     Ok(())
 }

@@ -156,6 +156,46 @@ pub struct MemFs {
     has_recovered: AtomicBool,
 }
 
+/// A spare successor's head start: a checkpoint restored with the memfds kept when it
+/// was taken (see [`MemFs::preload`]).
+pub struct Preloaded {
+    config: MemConfig,
+    space: Arc<Space>,
+    data: snapshot::DataSource,
+    /// The checkpoint's tables (`None`: there was none; the file system starts empty).
+    tables: Option<(InodeTable, HandleTable)>,
+}
+
+impl Preloaded {
+    /// Memfds kept after the preload.
+    pub fn add_fds(&mut self, fds: HashMap<u64, OwnedFd>) {
+        self.data.add(fds);
+    }
+
+    /// Restores `checkpoint` (a newer one than preloaded, or the first).
+    pub fn reload(
+        &mut self,
+        checkpoint: Option<&[u8]>,
+    ) -> std::result::Result<(), fsva_appliance::state::StateError> {
+        self.tables = None;
+        if let Some(bytes) = checkpoint {
+            let mut restored = snapshot::restore(bytes, &mut self.data, &self.space)?;
+            self.space
+                .ids_after(restored.next_data_id.saturating_sub(1));
+            // The whole checkpoint is checked here, ahead of need; a replay later checks
+            // only what it touches.
+            journal::check(
+                &mut restored.inodes,
+                &restored.handles,
+                &self.data,
+                journal::Checking::Preloaded,
+            )?;
+            self.tables = Some((restored.inodes, restored.handles));
+        }
+        Ok(())
+    }
+}
+
 /// What a successor rebuilds a journaled mem from after its predecessor died.
 pub struct Recovery {
     /// The backend's part of the last checkpoint, if one was stored.
@@ -334,57 +374,110 @@ impl MemFs {
     /// supervisor kept that nothing names any more are given back. Goes on recording
     /// in `journal`.
     pub fn recover(
-        mut config: MemConfig,
+        config: MemConfig,
         journal: Arc<Journal>,
         keeper: Arc<dyn Keeper>,
         recovery: Recovery,
     ) -> std::result::Result<MemFs, fsva_appliance::state::StateError> {
-        let top_id = recovery.fds.keys().copied().max().unwrap_or(0);
-        let mut data = snapshot::DataSource::new(snapshot::Descriptors::ById(recovery.fds));
+        let preloaded = Self::preload(config, recovery.checkpoint.as_deref(), recovery.fds)?;
+        Self::finish_recovery(preloaded, journal, keeper, recovery.records)
+    }
+
+    /// The first half of a recovery, done ahead of need by a spare successor while its
+    /// predecessor still serves: the checkpoint restored with the memfds kept so far.
+    pub fn preload(
+        mut config: MemConfig,
+        checkpoint: Option<&[u8]>,
+        fds: HashMap<u64, OwnedFd>,
+    ) -> std::result::Result<Preloaded, fsva_appliance::state::StateError> {
+        let top_id = fds.keys().copied().max().unwrap_or(0);
+        let data = snapshot::DataSource::new(snapshot::Descriptors::ById(fds));
         let nofile = raise_nofile_limit();
         config.max_inodes = config
             .max_inodes
             .min(nofile.saturating_sub(RESERVED_FDS).max(RESERVED_FDS));
-        let space = Space::kept(config.capacity_bytes, Some(keeper.clone()), top_id + 1);
-        let mut fs = match &recovery.checkpoint {
-            Some(bytes) => {
-                let restored = snapshot::restore(bytes, &mut data, &space)?;
-                space.ids_after(restored.next_data_id.saturating_sub(1));
-                MemFs {
-                    state: RwLock::new(State {
-                        inodes: restored.inodes,
-                        handles: restored.handles,
-                    }),
-                    space: space.clone(),
-                    config,
-                    journal: None,
-                    recovered: Mutex::default(),
-                    has_recovered: AtomicBool::new(false),
-                }
-            }
+        // The keeper comes last: nothing dropped while rebuilding is given back.
+        let space = Space::kept(config.capacity_bytes, None, top_id + 1);
+        let mut p = Preloaded {
+            config,
+            space,
+            data,
+            tables: None,
+        };
+        p.reload(checkpoint)?;
+        Ok(p)
+    }
+
+    /// The second half: the journal records after the checkpoint replayed on the
+    /// preloaded state, checked, and the memfds nothing names given back.
+    pub fn finish_recovery(
+        p: Preloaded,
+        journal: Arc<Journal>,
+        keeper: Arc<dyn Keeper>,
+        records: Vec<Vec<u8>>,
+    ) -> std::result::Result<MemFs, fsva_appliance::state::StateError> {
+        let Preloaded {
+            config,
+            space,
+            mut data,
+            tables,
+        } = p;
+        let mut fs = match tables {
+            Some((inodes, handles)) => MemFs {
+                state: RwLock::new(State { inodes, handles }),
+                space: space.clone(),
+                config,
+                journal: None,
+                recovered: Mutex::default(),
+                has_recovered: AtomicBool::new(false),
+            },
             None => {
                 let mut fs = MemFs::new(config);
                 fs.space = space.clone();
                 fs
             }
         };
-        let records = recovery
-            .records
+        let t0 = std::time::Instant::now();
+        let records = records
             .iter()
             .map(|r| journal::decode(r))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        {
+        let decoded = t0.elapsed();
+        let live = {
             let st = fs.state.get_mut().unwrap_or_else(|e| e.into_inner());
-            let answers = journal::replay(st, records, &mut data, &space)?;
-            journal::check(st)?;
+            let journal::Replayed { answers, touched } =
+                journal::replay(st, records, &mut data, &space)?;
+            let replayed = t0.elapsed();
+            journal::check(
+                &mut st.inodes,
+                &st.handles,
+                &data,
+                journal::Checking::Replayed(&touched),
+            )?;
+            tracing::debug!(
+                decoded_us = decoded.as_micros() as u64,
+                replayed_us = replayed.as_micros() as u64,
+                checked_us = t0.elapsed().as_micros() as u64,
+                "journal replayed"
+            );
+            space.ids_after(data.top_id());
             fs.has_recovered
                 .store(!answers.is_empty(), Ordering::Relaxed);
             *fs.recovered.get_mut().unwrap_or_else(|e| e.into_inner()) = answers;
-        }
-        for id in data.unused_ids() {
+            let (_, all) = st.inodes.parts();
+            all.filter_map(|(_, i)| i.data().map(|d| d.id()))
+                .collect::<std::collections::HashSet<u64>>()
+        };
+        let unused: Vec<u64> = data
+            .received_ids()
+            .into_iter()
+            .filter(|id| !live.contains(id))
+            .collect();
+        drop(data);
+        space.attach_keeper(keeper.clone());
+        for id in unused {
             keeper.release(id);
         }
-        drop(data);
         fs.attach(journal);
         Ok(fs)
     }

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use fsva_appliance::state::{BackendState, StateError, StateFd};
 use serde::{Deserialize, Serialize};
 
-use crate::attr::Time;
 use crate::data::{FileData, Space};
 use crate::dir::Dir;
 use crate::handle::{Handle, HandleTable};
@@ -110,14 +109,6 @@ pub(crate) enum Descriptors {
     ById(HashMap<u64, OwnedFd>),
 }
 
-pub(crate) fn t(time: Time) -> (i64, u32) {
-    (time.sec, time.nsec)
-}
-
-pub(crate) fn time((sec, nsec): (i64, u32)) -> Time {
-    Time { sec, nsec }
-}
-
 /// One inode as a snapshot holds it; `data` names its memfd.
 fn inode_record(ino: u64, inode: &Inode, data: &mut dyn FnMut(&Arc<FileData>) -> u64) -> InodeV1 {
     let kind = match &inode.kind {
@@ -143,13 +134,7 @@ fn inode_record(ino: u64, inode: &Inode, data: &mut dyn FnMut(&Arc<FileData>) ->
         gid: inode.gid,
         nlink: inode.nlink,
         rdev: inode.rdev,
-        times: [
-            t(inode.atime),
-            t(inode.mtime),
-            t(inode.ctime),
-            t(inode.btime),
-            t(inode.data_ctime_seen),
-        ],
+        times: inode.saved_times(),
         lookups: inode.lookups.load(std::sync::atomic::Ordering::SeqCst),
         opens: inode.opens,
         kind,
@@ -247,6 +232,11 @@ pub(crate) struct DataSource {
     by_id: HashMap<u64, OwnedFd>,
     indexed: bool,
     made: HashMap<u64, Arc<FileData>>,
+    /// Ids named but not kept: files removed later in the journal (a live file must
+    /// not end up with one; see [`DataSource::lost_in_use`]).
+    lost: std::collections::HashSet<u64>,
+    /// The highest id named anywhere (new memfds are numbered above it).
+    top_id: u64,
 }
 
 impl DataSource {
@@ -257,12 +247,16 @@ impl DataSource {
                 by_id: HashMap::new(),
                 indexed: true,
                 made: HashMap::new(),
+                lost: Default::default(),
+                top_id: 0,
             },
             Descriptors::ById(m) => DataSource {
+                top_id: m.keys().copied().max().unwrap_or(0),
                 by_index: Vec::new(),
                 by_id: m,
                 indexed: false,
                 made: HashMap::new(),
+                lost: Default::default(),
             },
         }
     }
@@ -275,6 +269,10 @@ impl DataSource {
         space: &Arc<Space>,
     ) -> Result<Arc<FileData>, StateError> {
         if let Some(d) = self.made.get(&key) {
+            if !self.indexed {
+                // Made for an earlier checkpoint: what it charged is this one's now.
+                d.set_charged(charged);
+            }
             return Ok(d.clone());
         }
         let d = if self.indexed {
@@ -291,19 +289,55 @@ impl DataSource {
                 .map_err(|e| StateError::Backend(format!("taking over a memfd: {e}")))?;
             Arc::new(FileData::adopted(fd, charged, space.clone()))
         } else {
-            let fd = self.by_id.remove(&key).ok_or_else(|| {
-                StateError::Backend(format!("the supervisor keeps no memfd {key}"))
-            })?;
-            Arc::new(FileData::restored(key, fd, charged, space.clone()))
+            self.top_id = self.top_id.max(key);
+            match self.by_id.remove(&key) {
+                Some(fd) => Arc::new(FileData::restored(key, fd, charged, space.clone())),
+                None => {
+                    // Released since: the journal removes its file later, or the state
+                    // does not hold together (checked once everything is replayed).
+                    self.lost.insert(key);
+                    Arc::new(FileData::placeholder(key, space.clone()).map_err(|e| {
+                        StateError::Backend(format!("a placeholder for memfd {key}: {e}"))
+                    })?)
+                }
+            }
         };
         self.made.insert(key, d.clone());
         Ok(d)
     }
 
-    /// Memfd ids the supervisor kept that nothing named (their files were removed
-    /// after the last journal record that mentioned them).
-    pub(crate) fn unused_ids(&self) -> Vec<u64> {
-        self.by_id.keys().copied().collect()
+    /// The highest memfd id named or kept.
+    pub(crate) fn top_id(&self) -> u64 {
+        self.top_id
+    }
+
+    /// Whether some memfd named was not kept.
+    pub(crate) fn any_lost(&self) -> bool {
+        !self.lost.is_empty()
+    }
+
+    /// Whether `d` stands for a memfd that was not kept.
+    pub(crate) fn is_lost(&self, d: &FileData) -> bool {
+        self.lost.contains(&d.id())
+    }
+
+    /// More memfds the supervisor kept (after an earlier part was handed over).
+    pub(crate) fn add(&mut self, fds: HashMap<u64, OwnedFd>) {
+        for (id, fd) in fds {
+            if !self.made.contains_key(&id) {
+                self.top_id = self.top_id.max(id);
+                self.by_id.insert(id, fd);
+            }
+        }
+    }
+
+    /// Every memfd id handed over (used or not).
+    pub(crate) fn received_ids(&self) -> Vec<u64> {
+        self.by_id
+            .keys()
+            .chain(self.made.keys().filter(|id| !self.lost.contains(id)))
+            .copied()
+            .collect()
     }
 }
 
@@ -339,11 +373,7 @@ pub(crate) fn inode_from(
     let mut inode = Inode::new(i.mode, i.uid, i.gid, kind);
     inode.nlink = i.nlink;
     inode.rdev = i.rdev;
-    inode.atime = time(i.times[0]);
-    inode.mtime = time(i.times[1]);
-    inode.ctime = time(i.times[2]);
-    inode.btime = time(i.times[3]);
-    inode.data_ctime_seen = time(i.times[4]);
+    inode.restore_times(i.times);
     inode.lookups = AtomicU64::new(i.lookups);
     inode.opens = i.opens;
     inode.xattrs = Xattrs::from_pairs(i.xattrs);

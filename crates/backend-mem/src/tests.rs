@@ -20,11 +20,7 @@ fn user() -> Context {
 }
 
 fn fs() -> MemFs {
-    MemFs::new(MemConfig {
-        capacity_bytes: 64 << 20,
-        root_mode: 0o777,
-        ..Default::default()
-    })
+    MemFs::new(test_config())
 }
 
 fn n(s: &str) -> &OsStr {
@@ -875,15 +871,439 @@ fn a_snapshot_that_does_not_hold_together_is_refused() {
     assert!(MemFs::restore(MemConfig::default(), garbage).is_err());
 }
 
-/// A keeper that holds nothing (the journal alone is under test).
-struct NoKeeper;
+/// The supervisor's keeping, in-process: memfds by id and the last checkpoint.
+#[derive(Default)]
+struct TestKeeper {
+    fds: std::sync::Mutex<HashMap<u64, OwnedFd>>,
+    checkpoint: std::sync::Mutex<Option<(Vec<u8>, u64)>>,
+}
 
-impl fsva_appliance::Keeper for NoKeeper {
-    fn keep(&self, _: u64, _: std::os::fd::BorrowedFd<'_>) {}
-    fn release(&self, _: u64) {}
-    fn store_checkpoint(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+impl Keeper for TestKeeper {
+    fn keep(&self, id: u64, fd: std::os::fd::BorrowedFd<'_>) {
+        let dup = fd.try_clone_to_owned().unwrap();
+        self.fds.lock().unwrap().insert(id, dup);
+    }
+    fn release(&self, id: u64) {
+        self.fds.lock().unwrap().remove(&id);
+    }
+    fn store_checkpoint(&self, state: &[u8], boundary: u64) -> std::io::Result<()> {
+        *self.checkpoint.lock().unwrap() = Some((state.to_vec(), boundary));
         Ok(())
     }
+}
+
+fn test_config() -> MemConfig {
+    MemConfig {
+        capacity_bytes: 64 << 20,
+        root_mode: 0o777,
+        ..Default::default()
+    }
+}
+
+fn journaled() -> (MemFs, Arc<TestKeeper>, OwnedFd) {
+    let fd = fsva_appliance::journal::create(4 << 20).unwrap();
+    let journal = Arc::new(Journal::open(fd.try_clone().unwrap()).unwrap());
+    let keeper = Arc::new(TestKeeper::default());
+    let fs = MemFs::journaled(test_config(), journal, keeper.clone());
+    (fs, keeper, fd)
+}
+
+/// What a successor rebuilds from what `keeper` and the journal in `fd` hold.
+fn recovered(
+    keeper: &Arc<TestKeeper>,
+    fd: &OwnedFd,
+) -> std::result::Result<MemFs, fsva_appliance::state::StateError> {
+    let journal = Arc::new(Journal::open(fd.try_clone().unwrap()).unwrap());
+    let (checkpoint, boundary) = match keeper.checkpoint.lock().unwrap().clone() {
+        Some((bytes, b)) => {
+            let s = fsva_appliance::state::ApplianceState::decode(&bytes)
+                .unwrap()
+                .into_latest();
+            (Some(s.backend), b)
+        }
+        None => (None, 0),
+    };
+    let records = journal
+        .recover(boundary)
+        .map_err(|e| fsva_appliance::state::StateError::Corrupt(e.to_string()))?
+        .into_iter()
+        .filter_map(|r| match r.payload.split_first() {
+            Some((&fsva_appliance::journal::BACKEND, rest)) => Some(rest.to_vec()),
+            _ => None,
+        })
+        .collect();
+    let fds = keeper
+        .fds
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(&id, fd)| (id, fd.try_clone().unwrap()))
+        .collect();
+    MemFs::recover(
+        test_config(),
+        journal,
+        keeper.clone(),
+        Recovery {
+            checkpoint,
+            records,
+            fds,
+        },
+    )
+}
+
+/// Everything observable of a file system: every inode's metadata (lookups and opens
+/// included), directory entries with their cookies, file contents, xattrs, handles.
+fn everything(fs: &MemFs) -> Vec<String> {
+    let st = fs.rlock();
+    let (next, all) = st.inodes.parts();
+    let mut out = vec![format!("next ino {next}")];
+    for (&ino, i) in all {
+        let kind = match &i.kind {
+            Kind::File(Some(d)) => {
+                let mut data = Vec::new();
+                d.read_into(0, 1 << 20, &mut data).unwrap();
+                format!("file {data:?}")
+            }
+            Kind::File(None) => "file -".into(),
+            Kind::Dir(d) => format!(
+                "dir parent {} entries {:?}",
+                d.parent,
+                d.iter_from(0)
+                    .map(|(c, n, i)| (c, n.to_owned(), i))
+                    .collect::<Vec<_>>()
+            ),
+            Kind::Symlink(t) => format!("symlink {t:?}"),
+            Kind::Special => "special".into(),
+        };
+        out.push(format!(
+            "{ino}: mode {:o} uid {} gid {} nlink {} rdev {} times {:?} lookups {} opens {} xattrs {:?} {kind}",
+            i.mode,
+            i.uid,
+            i.gid,
+            i.nlink,
+            i.rdev,
+            [i.atime, i.mtime, i.ctime, i.btime],
+            i.lookups.load(Ordering::Relaxed),
+            i.opens,
+            i.xattrs.pairs().collect::<Vec<_>>(),
+        ));
+    }
+    let (last, hs) = st.handles.parts();
+    out.push(format!("last fh {last}"));
+    for (fh, h) in hs {
+        out.push(format!(
+            "handle {fh}: ino {} flags {:o} data {}",
+            h.ino,
+            h.flags,
+            h.data.is_some()
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// A random workload on `fs` with request uniques; returns ops done.
+fn churn(fs: &MemFs, seed: u64, ops: usize, mut after_each: impl FnMut(&MemFs, usize)) {
+    let mut x = seed | 1;
+    let mut rnd = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut open: Vec<(u64, u64)> = Vec::new();
+    for op in 0..ops {
+        let unique = 101 + op as u64;
+        let ctx = Context { unique, ..root() };
+        let name = format!("n{}", rnd(12));
+        let dir = if rnd(3) == 0 {
+            fs.lookup(&ctx, ROOT, n("sub"))
+                .map(|e| e.ino)
+                .or_else(|_| fs.mkdir(&ctx, ROOT, n("sub"), 0o755, 0o022).map(|e| e.ino))
+                .unwrap_or(ROOT)
+        } else {
+            ROOT
+        };
+        match rnd(12) {
+            0 | 1 => {
+                if let Ok((e, o)) = fs.create(
+                    &ctx,
+                    dir,
+                    n(&name),
+                    0o644,
+                    0o022,
+                    libc::O_CREAT as u32 | libc::O_RDWR as u32,
+                ) {
+                    open.push((e.ino, o.fh));
+                }
+            }
+            2 | 3 => {
+                if let Some(&(ino, fh)) = open.get(rnd(open.len().max(1) as u64) as usize) {
+                    let data = vec![op as u8; rnd(5000) as usize];
+                    let _ = fs.write(&ctx, ino, fh, rnd(3000), &data, 0, 0);
+                }
+            }
+            4 => {
+                if !open.is_empty() {
+                    let (ino, fh) = open.swap_remove(rnd(open.len() as u64) as usize);
+                    fs.release(&ctx, ino, fh, 0).unwrap();
+                }
+            }
+            5 => {
+                let _ = fs.unlink(&ctx, dir, n(&name));
+            }
+            6 => {
+                let _ = fs.rename(&ctx, dir, n(&name), ROOT, n(&format!("n{}", rnd(12))), 0);
+            }
+            7 => {
+                if let Ok(e) = fs.lookup(&ctx, dir, n(&name)) {
+                    let _ = fs.link(&ctx, e.ino, ROOT, n(&format!("l{}", rnd(6))));
+                    if rnd(2) == 0 {
+                        fs.forget(e.ino, 1);
+                    }
+                }
+            }
+            8 => {
+                if let Ok(e) = fs.lookup(&ctx, dir, n(&name)) {
+                    let _ = fs.setxattr(&ctx, e.ino, n("user.x"), &[op as u8; 3], 0, 0);
+                    let set = abi::SetattrIn {
+                        valid: fattr::MODE | fattr::SIZE,
+                        mode: 0o600,
+                        size: rnd(100),
+                        ..Default::default()
+                    };
+                    let _ = fs.setattr(&ctx, e.ino, &set);
+                }
+            }
+            9 => {
+                let _ = fs.symlink(&ctx, dir, n(&format!("s{}", rnd(4))), b"target");
+                let _ = fs.rmdir(&ctx, ROOT, n("empty"));
+                let _ = fs.mkdir(&ctx, ROOT, n("empty"), 0o700, 0o022);
+            }
+            10 => {
+                if let Ok(o) = fs.opendir(&ctx, dir, 0) {
+                    let mut out = Vec::new();
+                    let mut sink = DirSink::new(&mut out, 4096, true);
+                    let _ = fs.readdir(&ctx, dir, o.fh, 0, &mut sink);
+                    fs.releasedir(&ctx, dir, o.fh).unwrap();
+                }
+            }
+            _ => {
+                if let Ok((e, o)) = fs.tmpfile(&ctx, dir, 0o600, 0o022, libc::O_RDWR as u32) {
+                    let _ = fs.write(&ctx, e.ino, o.fh, 0, b"tmp", 0, 0);
+                    open.push((e.ino, o.fh));
+                }
+            }
+        }
+        after_each(fs, op);
+    }
+}
+
+#[test]
+fn a_successor_rebuilds_exactly_the_file_system_from_the_journal() {
+    for seed in [1, 7, 42, 1234] {
+        let (a, keeper, fd) = journaled();
+        churn(&a, seed, 600, |_, _| {});
+        let want = everything(&a);
+        // A killed appliance runs no destructor (it gives nothing back to the keeper).
+        std::mem::forget(a);
+        let b = recovered(&keeper, &fd).unwrap();
+        assert_eq!(everything(&b), want, "seed {seed}: replay from the start");
+        // Again with checkpoints taken on the way: the checkpoint plus the records after it.
+        let (a, keeper, fd) = journaled();
+        let journal = a.journal.clone().unwrap();
+        churn(&a, seed, 600, |fs, op| {
+            if op % 150 == 75 {
+                let (bytes, boundary) = fs.journal_checkpoint(&mut || journal.rotate()).unwrap();
+                let state =
+                    fsva_appliance::state::ApplianceState::V2(fsva_appliance::state::StateV2 {
+                        session: None,
+                        backing: Vec::new(),
+                        backend: bytes,
+                        journal_boundary: boundary,
+                    });
+                keeper.store_checkpoint(&state.encode(), boundary).unwrap();
+                journal.covered(boundary);
+            }
+        });
+        let want = everything(&a);
+        std::mem::forget(a);
+        let b = recovered(&keeper, &fd).unwrap();
+        assert_eq!(everything(&b), want, "seed {seed}: checkpoint and replay");
+        // The successor goes on journaling: a third generation sees its changes too.
+        let ctx = Context {
+            unique: 99_999,
+            ..root()
+        };
+        b.mkdir(&ctx, ROOT, n("by-the-successor"), 0o755, 0o022)
+            .unwrap();
+        let want = everything(&b);
+        std::mem::forget(b);
+        let c = recovered(&keeper, &fd).unwrap();
+        assert_eq!(everything(&c), want, "seed {seed}: a successor's successor");
+    }
+}
+
+#[test]
+fn resent_requests_that_took_effect_are_answered_from_the_journal() {
+    let (a, keeper, fd) = journaled();
+    let ctx = |u| Context {
+        unique: u,
+        ..root()
+    };
+    let d = a.mkdir(&ctx(10), ROOT, n("d"), 0o755, 0o022).unwrap();
+    let (e, o) = a
+        .create(
+            &ctx(11),
+            d.ino,
+            n("f"),
+            0o644,
+            0o022,
+            libc::O_CREAT as u32 | libc::O_RDWR as u32,
+        )
+        .unwrap();
+    a.write(&ctx(12), e.ino, o.fh, 0, b"once", 0, 0).unwrap();
+    a.rename(&ctx(13), d.ino, n("f"), ROOT, n("g"), 0).unwrap();
+    a.lookup(&ctx(14), ROOT, n("g")).unwrap();
+    let lookups = a
+        .rlock()
+        .inodes
+        .get(e.ino)
+        .unwrap()
+        .lookups
+        .load(Ordering::Relaxed);
+    let b = recovered(&keeper, &fd).unwrap();
+    // Each of them, resent, gets its first result; nothing runs again.
+    assert!(matches!(b.completed(10), Some(Completed::Entry(x)) if x.ino == d.ino));
+    assert!(
+        matches!(b.completed(11), Some(Completed::Created(x, y)) if x.ino == e.ino && y.fh == o.fh)
+    );
+    assert!(matches!(b.completed(12), Some(Completed::Written(4))));
+    assert!(matches!(b.completed(13), Some(Completed::Done)));
+    // A resent LOOKUP gives back the count it took and runs again.
+    assert!(b.completed(14).is_none());
+    assert_eq!(
+        b.rlock()
+            .inodes
+            .get(e.ino)
+            .unwrap()
+            .lookups
+            .load(Ordering::Relaxed),
+        lookups - 1
+    );
+    // Answered once: a second resend of the same request is executed as new.
+    assert!(b.completed(13).is_none());
+    assert!(b.completed(999).is_none(), "unknown requests run");
+}
+
+#[test]
+fn a_journal_that_does_not_hold_together_is_refused() {
+    let (a, keeper, fd) = journaled();
+    let (_, fh) = create(
+        &a,
+        &Context {
+            unique: 5,
+            ..root()
+        },
+        ROOT,
+        "f",
+        0o644,
+    );
+    let _ = fh;
+    // The memfd of a live file was not kept: refused, never a file with other contents.
+    keeper.fds.lock().unwrap().clear();
+    let e = recovered(&keeper, &fd)
+        .err()
+        .expect("a live file without its memfd");
+    assert!(e.to_string().contains("were not kept"), "{e}");
+    // Garbage in a record's payload (a record that checks out but decodes to nonsense).
+    let fd2 = fsva_appliance::journal::create(1 << 20).unwrap();
+    let j = Journal::open(fd2.try_clone().unwrap()).unwrap();
+    j.append(&[fsva_appliance::journal::BACKEND, 0xff, 0xff, 0x01])
+        .unwrap();
+    let k2 = Arc::new(TestKeeper::default());
+    assert!(recovered(&k2, &fd2).is_err());
+    // A record naming a directory entry in an inode that is no directory.
+    let fd3 = fsva_appliance::journal::create(1 << 20).unwrap();
+    let j3 = Journal::open(fd3.try_clone().unwrap()).unwrap();
+    let rec = journal::RecordV1 {
+        dir_ops: vec![(7, vec![dir::DirOp::Insert(b"x".to_vec(), 1)])],
+        ..Default::default()
+    };
+    j3.append(&journal::encode_for_tests(rec)).unwrap();
+    let e = recovered(&k2, &fd3)
+        .err()
+        .expect("an entry in a missing directory");
+    assert!(e.to_string().contains("no directory"), "{e}");
+}
+
+#[test]
+fn a_preloaded_spare_brought_up_to_date_rebuilds_the_same_file_system() {
+    let (a, keeper, fd) = journaled();
+    let journal = a.journal.clone().unwrap();
+    let checkpoint = |fs: &MemFs| {
+        let (bytes, boundary) = fs.journal_checkpoint(&mut || journal.rotate()).unwrap();
+        journal.covered(boundary);
+        (bytes, boundary)
+    };
+    let kept_now = || -> HashMap<u64, OwnedFd> {
+        keeper
+            .fds
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(&id, f)| (id, f.try_clone().unwrap()))
+            .collect()
+    };
+    churn(&a, 5, 300, |_, _| {});
+    let ctx = Context {
+        unique: 5000,
+        ..root()
+    };
+    let (doomed, dfh) = create(&a, &ctx, ROOT, "doomed", 0o644);
+    a.write(&ctx, doomed, dfh, 0, b"gone soon", 0, 0).unwrap();
+    let (first, _) = checkpoint(&a);
+    // A file of that checkpoint is removed (its memfd given back) before the spare
+    // gets it: the journal's tail removes it, so the preload must not refuse it.
+    a.release(&ctx, doomed, dfh, 0).unwrap();
+    a.unlink(&ctx, ROOT, n("doomed")).unwrap();
+    a.forget(doomed, 1);
+    assert!(a.rlock().inodes.get(doomed).is_err(), "freed");
+    let early: HashMap<u64, OwnedFd> = kept_now();
+    let early_ids: std::collections::HashSet<u64> = early.keys().copied().collect();
+    // The spare restores the first checkpoint while the appliance goes on.
+    let mut spare = MemFs::preload(test_config(), Some(&first), early).unwrap();
+    churn(&a, 6, 300, |_, _| {});
+    let (second, boundary) = checkpoint(&a);
+    churn(&a, 7, 200, |_, _| {});
+    let want = everything(&a);
+    std::mem::forget(a);
+    // At the takeover: the memfds kept since, the newer checkpoint, the journal's tail.
+    let late: HashMap<u64, OwnedFd> = kept_now()
+        .into_iter()
+        .filter(|(id, _)| !early_ids.contains(id))
+        .collect();
+    spare.add_fds(late);
+    spare.reload(Some(&second)).unwrap();
+    let journal = Arc::new(Journal::open(fd.try_clone().unwrap()).unwrap());
+    let records = journal
+        .recover(boundary)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.payload.split_first() {
+            Some((&fsva_appliance::journal::BACKEND, rest)) => Some(rest.to_vec()),
+            _ => None,
+        })
+        .collect();
+    let b = MemFs::finish_recovery(spare, journal, keeper.clone(), records).unwrap();
+    assert_eq!(everything(&b), want);
+    // Memfds of files removed meanwhile were given back; live ones stay kept.
+    let kept: std::collections::HashSet<u64> = keeper.fds.lock().unwrap().keys().copied().collect();
+    let st = b.rlock();
+    let (_, all) = st.inodes.parts();
+    let live: std::collections::HashSet<u64> =
+        all.filter_map(|(_, i)| i.data().map(|d| d.id())).collect();
+    assert_eq!(kept, live);
 }
 
 #[test]
@@ -897,7 +1317,7 @@ fn records_name_the_memfds_whose_contents_changed() {
             ..Default::default()
         },
         journal.clone(),
-        Arc::new(NoKeeper),
+        Arc::new(TestKeeper::default()),
     );
     let (a, fa) = create(&fs, &root(), ROOT, "a", 0o644);
     let (b, fb) = create(&fs, &root(), ROOT, "b", 0o644);

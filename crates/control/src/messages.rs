@@ -152,6 +152,9 @@ pub enum KeeperMessage {
     /// The attached sealed memfd is the checkpoint a successor starts from; it holds
     /// every journal record up to `boundary`.
     Checkpoint { boundary: u64 },
+    /// Written by the supervisor itself, on the appliance's end of the link once the
+    /// appliance is dead: everything before it is everything the appliance sent.
+    Barrier { nonce: u64 },
 }
 
 /// Supervisor → appliance, on the broker link.
@@ -196,8 +199,10 @@ pub enum ToAppliance {
     StartJournaled(StartConfig),
     /// To a successor started with `StartJournaled` and `restore`: rebuild the state a
     /// dead (or stopped) predecessor left. The checkpoint's sealed memfd is attached if
-    /// `checkpoint`; `KeptFds` batches follow until `fds` descriptors came. `fresh`:
-    /// that state is lost; start empty, answering ESTALE for every old node.
+    /// `checkpoint` (after a `Preload`: only if newer than that one); `KeptFds`
+    /// batches follow until `fds` descriptors came (after a `Preload`: those kept
+    /// since). `fresh`: that state is lost; start empty, answering ESTALE for every
+    /// old node.
     Recover {
         checkpoint: bool,
         fds: u32,
@@ -208,6 +213,12 @@ pub enum ToAppliance {
     /// Take a checkpoint for crash recovery now (before a planned replacement, so the
     /// successor has little journal to replay). Answered `CheckpointTaken`.
     CheckpointNow,
+    /// To a spare successor (started with `StartJournaled` and `restore`), ahead of
+    /// need: rebuild from this checkpoint (attached if `checkpoint`; otherwise keep the
+    /// one preloaded before) with these kept descriptors (`KeptFds` batches follow
+    /// until `fds` came), then wait. A later `Preload` or `Recover` brings only what
+    /// is new. Answered `Preloaded`.
+    Preload { checkpoint: bool, fds: u32 },
 }
 
 /// Most descriptors one message carries.
@@ -251,6 +262,8 @@ pub enum ToSupervisor {
     CheckpointTaken {
         boundary: u64,
     },
+    /// A spare successor rebuilt the state it was given and waits.
+    Preloaded,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

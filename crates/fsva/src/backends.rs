@@ -89,9 +89,43 @@ pub enum Start {
 /// Where a journaled backend starts.
 pub enum Journaled {
     Empty,
-    Recover(fsva_backend_mem::Recovery),
+    /// A predecessor's checkpoint (preloaded) and the journal records after it.
+    Recover {
+        preloaded: Box<fsva_backend_mem::Preloaded>,
+        records: Vec<Vec<u8>>,
+    },
     /// The predecessor's state is lost: empty, its nodes stale below this number.
     AfterLoss(u64),
+}
+
+/// mem's settings for `spec`: capacity, and a root owned by whoever runs the appliance
+/// (root, or the user who mounted without privileges).
+fn mem_config(capacity: u64) -> fsva_backend_mem::MemConfig {
+    let mut config = fsva_backend_mem::MemConfig {
+        root_uid: rustix::process::getuid().as_raw(),
+        root_gid: rustix::process::getgid().as_raw(),
+        ..Default::default()
+    };
+    if capacity > 0 {
+        config.capacity_bytes = capacity;
+    }
+    config
+}
+
+/// The first half of a journaled recovery, ahead of need: a checkpoint's backend part
+/// restored with the memfds kept so far (mem only).
+pub fn preload(
+    spec: &BackendSpec,
+    checkpoint: Option<&[u8]>,
+    fds: std::collections::HashMap<u64, OwnedFd>,
+) -> anyhow::Result<fsva_backend_mem::Preloaded> {
+    match spec {
+        BackendSpec::Mem { capacity } => {
+            fsva_backend_mem::MemFs::preload(mem_config(*capacity), checkpoint, fds)
+                .context("restoring mem's checkpoint")
+        }
+        other => anyhow::bail!("{other} keeps no recovery journal"),
+    }
 }
 
 /// Instantiates the backend inside the appliance. `root` is the export opened before
@@ -115,16 +149,7 @@ pub fn build(
     }
     match spec {
         BackendSpec::Mem { capacity } => {
-            // The root directory belongs to whoever runs the appliance: root, or the
-            // user who mounted without privileges.
-            let mut config = fsva_backend_mem::MemConfig {
-                root_uid: rustix::process::getuid().as_raw(),
-                root_gid: rustix::process::getgid().as_raw(),
-                ..Default::default()
-            };
-            if *capacity > 0 {
-                config.capacity_bytes = *capacity;
-            }
+            let config = mem_config(*capacity);
             use fsva_backend_mem::MemFs;
             Ok(match start {
                 Start::Fresh => Arc::new(MemFs::new(config)),
@@ -138,8 +163,8 @@ pub fn build(
                     from,
                 } => match from {
                     Journaled::Empty => Arc::new(MemFs::journaled(config, journal, keeper)),
-                    Journaled::Recover(r) => Arc::new(
-                        MemFs::recover(config, journal, keeper, r)
+                    Journaled::Recover { preloaded, records } => Arc::new(
+                        MemFs::finish_recovery(*preloaded, journal, keeper, records)
                             .context("rebuilding mem from its checkpoint and journal")?,
                     ),
                     Journaled::AfterLoss(base) => {

@@ -10,7 +10,11 @@
 //!   as after a crash. At the stop-and-copy, the files to send again are those the
 //!   records after the checkpoint name (every change of contents is journaled with its
 //!   file's memfd id when no FUSE passthrough is in use, which the supervisor
-//!   checked), and those that were not sent before.
+//!   checked), and those that were not sent before. The appliance preloads the
+//!   checkpoint and the pre-copied memfds while the source still serves (the end of
+//!   the pre-copy, `Sync`); a changed file's contents are then rewritten in place, in
+//!   the memfd it already holds, so that the stop-and-copy hands it only new files,
+//!   the records and the go-ahead.
 //! - `passthrough`: the state loses its descriptors (a portable snapshot: nodes found
 //!   again by path on the storage both hosts see, ESTALE where not). It keeps its FUSE
 //!   passthrough backing ids: they are registered in the other host's kernel, for
@@ -221,9 +225,15 @@ struct Migration {
     /// mem: what this daemon keeps for the appliance.
     kept: Option<Arc<Kept>>,
     state: Vec<u8>,
-    /// The complete state, with the journal boundary it covers.
+    /// passthrough: the complete state, with the journal boundary it covers.
     checkpoint: Option<(Vec<u8>, u64)>,
+    /// mem: the boundary of the checkpoint in the keeping.
+    boundary: Option<u64>,
+    /// mem: the memfds rebuilt here, by id (the keeping holds duplicates of those
+    /// preloaded: the same files, so contents rewritten here reach the appliance).
     files: HashMap<u64, OwnedFd>,
+    /// mem: what the appliance has preloaded of the keeping.
+    preloaded: Option<fsva_supervisor::keeper::Mark>,
     records: Vec<JournalRecord>,
     record_bytes: usize,
 }
@@ -302,7 +312,9 @@ impl Migration {
             kept,
             state: Vec::new(),
             checkpoint: None,
+            boundary: None,
             files: HashMap::new(),
+            preloaded: None,
             records: Vec::new(),
             record_bytes: 0,
         })
@@ -319,7 +331,16 @@ impl Migration {
                 Ok(None)
             }
             ToHost::StateEnd { boundary } => {
-                self.checkpoint = Some((std::mem::take(&mut self.state), boundary));
+                let state = std::mem::take(&mut self.state);
+                match &self.kept {
+                    Some(kept) => {
+                        let blob = fsva_control::blob::seal(&state)
+                            .map_err(|e| format!("sealing the state: {e}"))?;
+                        kept.set_checkpoint(blob, boundary);
+                        self.boundary = Some(boundary);
+                    }
+                    None => self.checkpoint = Some((state, boundary)),
+                }
                 Ok(None)
             }
             ToHost::Files { parts } => {
@@ -365,9 +386,14 @@ impl Migration {
                 let stats = a.stats().map_err(|e| e.to_string())?;
                 Ok(Some(FromHost::Stats(stats)))
             }
-            ToHost::Sync => Ok(Some(FromHost::Synced {
-                files: self.files.len() as u64,
-            })),
+            ToHost::Sync => {
+                if self.kind == StateKind::Mem {
+                    self.preload()?;
+                }
+                Ok(Some(FromHost::Synced {
+                    files: self.files.len() as u64,
+                }))
+            }
             ToHost::Prepare { .. } | ToHost::Attach { .. } => {
                 Err("the migration is prepared already".into())
             }
@@ -382,21 +408,31 @@ impl Migration {
         }
     }
 
-    /// Writes one part of a memfd's contents (a new memfd when the part starts it).
+    /// Writes one part of a memfd's contents. A part that starts a file makes a new
+    /// memfd, or empties the one of that id (its contents come again, and the
+    /// appliance holds the same file: it sees them).
     fn file_part(&mut self, p: FilePart) -> Result<(), String> {
         if let Some(size) = p.start {
             if size > MAX_FILE {
                 return Err(format!("file {} of {size} bytes is too large", p.id));
             }
-            if !self.files.contains_key(&p.id)
-                && self.files.len() >= fsva_supervisor::keeper::MAX_KEPT
-            {
-                return Err("more files than any appliance may hold".into());
+            let sized = |fd: &OwnedFd| {
+                rustix::fs::ftruncate(fd, 0)
+                    .and_then(|()| rustix::fs::ftruncate(fd, size))
+                    .map_err(|e| format!("sizing a memfd: {e}"))
+            };
+            match self.files.get(&p.id) {
+                Some(fd) => sized(fd)?,
+                None => {
+                    if self.files.len() >= fsva_supervisor::keeper::MAX_KEPT {
+                        return Err("more files than any appliance may hold".into());
+                    }
+                    let fd = rustix::fs::memfd_create("fsva-mem", rustix::fs::MemfdFlags::CLOEXEC)
+                        .map_err(|e| format!("creating a memfd: {e}"))?;
+                    sized(&fd)?;
+                    self.files.insert(p.id, fd);
+                }
             }
-            let fd = rustix::fs::memfd_create("fsva-mem", rustix::fs::MemfdFlags::CLOEXEC)
-                .map_err(|e| format!("creating a memfd: {e}"))?;
-            rustix::fs::ftruncate(&fd, size).map_err(|e| format!("sizing a memfd: {e}"))?;
-            self.files.insert(p.id, fd);
         }
         let fd = self
             .files
@@ -437,7 +473,14 @@ impl Migration {
             }
         }
         let wanted: HashSet<u64> = kept.iter().copied().collect();
-        self.files.retain(|id, _| wanted.contains(id));
+        let keeping = self.kept.clone();
+        self.files.retain(|id, _| {
+            let stays = wanted.contains(id);
+            if let (false, Some(k)) = (stays, &keeping) {
+                k.remove(*id);
+            }
+            stays
+        });
         let need: Vec<u64> = kept
             .iter()
             .copied()
@@ -452,16 +495,57 @@ impl Migration {
         Ok(need)
     }
 
+    /// Hands the keeping to the waiting appliance, which restores the checkpoint with
+    /// the memfds while the source still serves; the stop-and-copy then has only the
+    /// changes left. Memfds are kept as duplicates: contents rewritten later reach it.
+    fn preload(&mut self) -> Result<(), String> {
+        let (Some(kept), Some(starting)) = (&self.kept, &self.starting) else {
+            return Ok(());
+        };
+        if self.boundary.is_none() {
+            return Err("file contents came before the state".into());
+        }
+        self.keep_new_files()?;
+        let t0 = std::time::Instant::now();
+        let mark = starting
+            .preload(kept, self.preloaded)
+            .map_err(|e| format!("the appliance could not preload the state: {e}"))?;
+        self.preloaded = Some(mark);
+        tracing::info!(
+            files = self.files.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "the appliance preloaded the state"
+        );
+        Ok(())
+    }
+
+    /// Puts duplicates of the memfds the keeping does not hold yet into it.
+    fn keep_new_files(&self) -> Result<(), String> {
+        let Some(kept) = &self.kept else {
+            return Ok(());
+        };
+        let held: HashSet<u64> = kept.ids().into_iter().collect();
+        for (id, fd) in &self.files {
+            if !held.contains(id) {
+                let dup = fd
+                    .try_clone()
+                    .map_err(|e| format!("duplicating a memfd: {e}"))?;
+                kept.insert(*id, dup);
+            }
+        }
+        Ok(())
+    }
+
     /// Rebuilds the state in the waiting appliance; returns its pid once it is ready.
     fn build(&mut self) -> Result<u32, String> {
         let starting = self.starting.take().ok_or("the state was built already")?;
-        let Some((state, boundary)) = self.checkpoint.take() else {
-            starting.abandon();
-            return Err("no state came".into());
-        };
-        let built = match self.kind {
-            StateKind::Mem => self.build_mem(starting, state, boundary),
-            StateKind::Passthrough => build_passthrough(starting, &state),
+        let built = match (self.kind, self.boundary, self.checkpoint.take()) {
+            (StateKind::Mem, Some(boundary), _) => self.build_mem(starting, boundary),
+            (StateKind::Passthrough, _, Some((state, _))) => build_passthrough(starting, &state),
+            _ => {
+                starting.abandon();
+                return Err("no state came".into());
+            }
         };
         let (appliance, child) = built?;
         let pid = appliance.pid;
@@ -473,7 +557,6 @@ impl Migration {
     fn build_mem(
         &mut self,
         starting: Starting,
-        state: Vec<u8>,
         boundary: u64,
     ) -> Result<(Appliance, std::process::Child), String> {
         let kept = self.kept.clone().ok_or("no keeping for a mem migration")?;
@@ -481,13 +564,8 @@ impl Migration {
             starting.abandon();
             Err(e)
         };
-        let blob = match fsva_control::blob::seal(&state) {
-            Ok(b) => b,
-            Err(e) => return fail(starting, format!("sealing the state: {e}")),
-        };
-        kept.set_checkpoint(blob, boundary);
-        for (id, fd) in self.files.drain() {
-            kept.insert(id, fd);
+        if let Err(e) = self.keep_new_files() {
+            return fail(starting, e);
         }
         let records: Vec<_> = std::mem::take(&mut self.records)
             .into_iter()
@@ -507,7 +585,7 @@ impl Migration {
         }
         let t0 = std::time::Instant::now();
         let ready = starting
-            .recover(&kept, false)
+            .recover(&kept, self.preloaded, false)
             .map_err(|e| format!("the appliance could not rebuild the state: {e}"))?;
         tracing::info!(
             files = kept.counts().0,
@@ -674,7 +752,9 @@ mod tests {
             kept: None,
             state: Vec::new(),
             checkpoint: None,
+            boundary: None,
             files: HashMap::new(),
+            preloaded: None,
             records: Vec::new(),
             record_bytes: 0,
         }
@@ -708,6 +788,14 @@ mod tests {
             "before its start"
         );
         assert!(m.file_part(part(4, Some(u64::MAX), 0, b"")).is_err());
+
+        // A file that starts again is emptied in place: whoever holds it sees that.
+        let held = m.files[&1].try_clone().unwrap();
+        m.file_part(part(1, Some(8), 0, b"new")).unwrap();
+        assert_eq!(rustix::fs::fstat(&held).unwrap().st_size, 8);
+        let mut got = [0u8; 8];
+        rustix::io::pread(&held, &mut got, 0).unwrap();
+        assert_eq!(&got, b"new\0\0\0\0\0");
 
         // 2 is gone, 5 is new, nothing changed: only 5 comes.
         assert_eq!(m.changed(&[1, 5], false).unwrap(), [5]);

@@ -126,16 +126,47 @@ impl Starting {
 
     /// Hands a journaled successor what its predecessor left (`fresh`: that state is
     /// lost; start empty) and waits until it serves.
+    /// `since`: what a preload gave it already.
     pub fn recover(
         self,
         kept: &crate::keeper::Kept,
+        since: Option<crate::keeper::Mark>,
         fresh: bool,
     ) -> Result<(Appliance, Child), ApplianceError> {
-        if let Err(e) = kept.handover(|h| send_handover(&self.link, &h, fresh)) {
+        let sent = kept.handover(since, |h| {
+            let msg = ToAppliance::Recover {
+                checkpoint: h.checkpoint.is_some() && !fresh,
+                fds: if fresh { 0 } else { h.fds.len() as u32 },
+                fresh,
+            };
+            send_handover(&self.link, msg, &h, fresh)
+        });
+        if let Err(e) = sent {
             self.abandon();
             return Err(e.into());
         }
         self.serve(None)
+    }
+
+    /// Gives a spare successor a head start: the checkpoint and descriptors it does not
+    /// have yet (`since`), which it restores while its predecessor serves on. Returns
+    /// what it has then.
+    pub fn preload(
+        &self,
+        kept: &crate::keeper::Kept,
+        since: Option<crate::keeper::Mark>,
+    ) -> Result<crate::keeper::Mark, ApplianceError> {
+        let mark = kept.handover(since, |h| {
+            let msg = ToAppliance::Preload {
+                checkpoint: h.checkpoint.is_some(),
+                fds: h.fds.len() as u32,
+            };
+            send_handover(&self.link, msg, &h, false).map(|()| h.mark)
+        })?;
+        match self.link.recv::<ToSupervisor>().map(|(m, _)| m) {
+            Ok(ToSupervisor::Preloaded) => Ok(mark),
+            other => Err(not_ready(other, "it exited", "it", self.timeout).0),
+        }
     }
 
     /// Waits until a successor has set itself up and waits for its state (so that its
@@ -154,9 +185,11 @@ impl Starting {
     }
 }
 
-/// Sends `Recover` and the kept descriptors in batches.
+/// Sends `msg` (`Preload` or `Recover`) with the checkpoint, then the descriptors
+/// in batches (none when `fresh`).
 fn send_handover(
     link: &Link,
+    msg: ToAppliance,
     kept: &crate::keeper::Handover,
     fresh: bool,
 ) -> Result<(), LinkError> {
@@ -166,14 +199,7 @@ fn send_handover(
         (kept.checkpoint, &kept.fds[..])
     };
     let attached: Vec<_> = checkpoint.into_iter().collect();
-    link.send(
-        &ToAppliance::Recover {
-            checkpoint: checkpoint.is_some(),
-            fds: fds.len() as u32,
-            fresh,
-        },
-        &attached,
-    )?;
+    link.send(&msg, &attached)?;
     for batch in fds.chunks(fsva_control::FDS_PER_MESSAGE) {
         let ids = batch.iter().map(|(id, _)| *id).collect();
         let fds: Vec<_> = batch.iter().map(|(_, f)| *f).collect();

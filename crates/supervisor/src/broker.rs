@@ -53,6 +53,12 @@ pub fn serve(link: Link, scope: BrokerScope) {
         let (request, fds) = match link.recv::<BrokerRequest>() {
             Ok(r) => r,
             Err(LinkError::Closed) => return,
+            // The appliance died with a request unread: the link is simply gone.
+            Err(LinkError::Io { source, .. })
+                if source.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                return
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "broker link failed; no more privileged requests");
                 return;

@@ -25,36 +25,87 @@ pub const MAX_KEPT: usize = 1 << 20;
 pub struct Kept {
     journal: OwnedFd,
     inner: Mutex<Inner>,
+    /// Signalled when a checkpoint is stored.
+    stored: Condvar,
 }
 
 #[derive(Default)]
 struct Inner {
     checkpoint: Option<(OwnedFd, u64)>,
-    fds: HashMap<u64, OwnedFd>,
+    /// Each kept descriptor with the order it came in (see [`Mark`]).
+    fds: HashMap<u64, (OwnedFd, u64)>,
+    received: u64,
     refused: u64,
+    /// Called when a new checkpoint is stored (a spare may preload it).
+    on_checkpoint: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
-/// Tells when one appliance's keeper link has been read to its end: everything that
-/// appliance sent is kept.
-#[derive(Clone, Default)]
-pub struct LinkEnd(Arc<(Mutex<bool>, Condvar)>);
+/// How much of the keeping a spare successor already has: the checkpoint it preloaded
+/// (its boundary) and every descriptor kept up to a point.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub boundary: Option<u64>,
+    pub received: u64,
+}
+
+/// Tells when everything one appliance sent on its keeper link has been read.
+///
+/// Once the appliance is dead nothing more can come, but its end of the link closes
+/// only when the kernel has closed all its descriptors (milliseconds for a mem with
+/// many files). So the supervisor keeps a duplicate of that end and, after the death,
+/// writes a barrier on it: when the barrier is read, so is everything before it.
+#[derive(Clone)]
+pub struct LinkEnd {
+    state: Arc<(Mutex<EndState>, Condvar)>,
+    /// A duplicate of the appliance's end, for the barrier.
+    peer: Arc<Mutex<Option<Link>>>,
+    nonce: u64,
+}
+
+#[derive(Default)]
+struct EndState {
+    ended: bool,
+    barrier: bool,
+}
 
 impl LinkEnd {
-    /// Waits at most `limit`; whether the link was read to its end.
+    /// Once the appliance that held this link is dead: waits at most `limit` until
+    /// everything it sent has been read; whether it has.
     pub fn wait(&self, limit: Duration) -> bool {
-        let (done, cv) = &*self.0;
-        let g = done.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(peer) = self.peer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // If this fails the link is gone anyway: its end then comes as EOF.
+            let _ = peer.send(&KeeperMessage::Barrier { nonce: self.nonce }, &[]);
+        }
+        let (state, cv) = &*self.state;
+        let g = state.lock().unwrap_or_else(|p| p.into_inner());
         let (g, _) = cv
-            .wait_timeout_while(g, limit, |d| !*d)
+            .wait_timeout_while(g, limit, |s| !s.ended && !s.barrier)
             .unwrap_or_else(|p| p.into_inner());
-        *g
+        g.ended || g.barrier
     }
+}
 
-    fn reached(&self) {
-        let (done, cv) = &*self.0;
-        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+/// What the reading thread updates (it must not hold the duplicate of the peer's end,
+/// or the link would never end).
+struct Reading {
+    state: Arc<(Mutex<EndState>, Condvar)>,
+    nonce: u64,
+}
+
+impl Reading {
+    fn note(&self, f: impl FnOnce(&mut EndState)) {
+        let (state, cv) = &*self.state;
+        f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
         cv.notify_all();
     }
+}
+
+/// A number nobody else knows (for the barrier).
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
 }
 
 /// What a successor gets: borrowed from the keeping (no duplicate, so that a mount
@@ -62,6 +113,8 @@ impl LinkEnd {
 pub struct Handover<'a> {
     pub checkpoint: Option<BorrowedFd<'a>>,
     pub fds: Vec<(u64, BorrowedFd<'a>)>,
+    /// What the successor has once it got this.
+    pub mark: Mark,
 }
 
 impl Kept {
@@ -70,6 +123,7 @@ impl Kept {
         Ok(Arc::new(Kept {
             journal: fsva_appliance::journal::create(area)?,
             inner: Mutex::default(),
+            stored: Condvar::new(),
         }))
     }
 
@@ -86,27 +140,76 @@ impl Kept {
     /// pass to it and close here) and what tells when it has been read to its end.
     pub fn link(self: &Arc<Self>) -> std::io::Result<(Link, LinkEnd)> {
         let (ours, theirs) = Link::pair().map_err(std::io::Error::other)?;
-        let end = LinkEnd::default();
-        let (kept, done) = (self.clone(), end.clone());
+        let end = LinkEnd {
+            state: Arc::default(),
+            peer: Arc::new(Mutex::new(Some(Link::from_fd(
+                theirs.as_fd().try_clone_to_owned()?,
+            )))),
+            nonce: nonce(),
+        };
+        let kept = self.clone();
+        let reading = Reading {
+            state: end.state.clone(),
+            nonce: end.nonce,
+        };
         std::thread::Builder::new()
             .name("fsva-keeper".into())
             .spawn(move || {
-                serve(ours, &kept);
-                done.reached();
+                serve(ours, &kept, &reading);
+                reading.note(|s| s.ended = true);
             })?;
         Ok((theirs, end))
     }
 
-    /// Runs `f` with everything kept, for handing to a successor (the originals stay
-    /// here, and nothing changes them meanwhile).
-    pub fn handover<R>(&self, f: impl FnOnce(Handover<'_>) -> R) -> R {
+    /// Runs `f` with what a successor that has `since` does not have yet (everything,
+    /// for `None`), for handing over (the originals stay here, and nothing changes
+    /// them meanwhile): the checkpoint if it is not the one it has, and the
+    /// descriptors kept after its mark.
+    pub fn handover<R>(&self, since: Option<Mark>, f: impl FnOnce(Handover<'_>) -> R) -> R {
         let g = self.lock();
-        let mut fds: Vec<_> = g.fds.iter().map(|(&id, fd)| (id, fd.as_fd())).collect();
+        let since = since.unwrap_or(Mark {
+            boundary: None,
+            received: 0,
+        });
+        let mut fds: Vec<_> = g
+            .fds
+            .iter()
+            .filter(|(_, (_, n))| *n > since.received)
+            .map(|(&id, (fd, _))| (id, fd.as_fd()))
+            .collect();
         fds.sort_unstable_by_key(|(id, _)| *id);
+        let boundary = g.checkpoint.as_ref().map(|(_, b)| *b);
+        let checkpoint = g
+            .checkpoint
+            .as_ref()
+            .filter(|_| boundary != since.boundary)
+            .map(|(fd, _)| fd.as_fd());
         f(Handover {
-            checkpoint: g.checkpoint.as_ref().map(|(fd, _)| fd.as_fd()),
+            checkpoint,
             fds,
+            mark: Mark {
+                boundary,
+                received: g.received,
+            },
         })
+    }
+
+    /// Waits at most `limit` until a checkpoint covering `boundary` is kept (the
+    /// appliance sent it; the link may not have been read that far yet).
+    pub fn wait_checkpoint(&self, boundary: u64, limit: Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = self
+            .stored
+            .wait_timeout_while(g, limit, |i| {
+                i.checkpoint.as_ref().is_none_or(|(_, b)| *b < boundary)
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        g.checkpoint.as_ref().is_some_and(|(_, b)| *b >= boundary)
+    }
+
+    /// Calls `f` whenever a new checkpoint is stored.
+    pub fn on_checkpoint(&self, f: impl Fn() + Send + Sync + 'static) {
+        self.lock().on_checkpoint = Some(Arc::new(f));
     }
 
     /// The state is lost (a successor could not rebuild it): forget it all.
@@ -137,14 +240,17 @@ impl Kept {
     pub fn duplicates(&self, ids: &[u64]) -> std::io::Result<Vec<(u64, OwnedFd)>> {
         let g = self.lock();
         ids.iter()
-            .filter_map(|id| g.fds.get(id).map(|fd| Ok((*id, fd.try_clone()?))))
+            .filter_map(|id| g.fds.get(id).map(|(fd, _)| Ok((*id, fd.try_clone()?))))
             .collect()
     }
 
     /// Keeps `fd` under `id` as if an appliance had sent it (a host daemon keeps the
     /// memfds it rebuilt from a migration's contents).
     pub fn insert(&self, id: u64, fd: OwnedFd) {
-        self.lock().fds.insert(id, fd);
+        let mut g = self.lock();
+        g.received += 1;
+        let n = g.received;
+        g.fds.insert(id, (fd, n));
     }
 
     /// Stops keeping `id`.
@@ -166,21 +272,39 @@ impl Kept {
 }
 
 /// Reads one appliance's keeper link until it closes.
-fn serve(link: Link, kept: &Kept) {
+fn serve(link: Link, kept: &Kept, end: &Reading) {
+    let mut messages = 0u64;
     loop {
+        messages += 1;
         let (msg, mut fds) = match link.recv::<KeeperMessage>() {
             Ok(m) => m,
             Err(LinkError::Closed) => break,
+            Err(LinkError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                break
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "keeper link failed; nothing more is kept from this appliance");
                 break;
             }
         };
+        if messages == 1 {
+            tracing::trace!("keeper link: first message");
+        }
+        if let KeeperMessage::Barrier { nonce } = msg {
+            if nonce == end.nonce {
+                end.note(|s| s.barrier = true);
+            }
+            continue;
+        }
         let mut g = kept.lock();
         match msg {
             KeeperMessage::Keep { id } => match fds.pop() {
                 Some(fd) if g.fds.len() < MAX_KEPT && is_memfd(fd.as_fd()) => {
-                    g.fds.insert(id, fd);
+                    g.received += 1;
+                    let n = g.received;
+                    g.fds.insert(id, (fd, n));
                 }
                 _ => {
                     g.refused += 1;
@@ -200,12 +324,19 @@ fn serve(link: Link, kept: &Kept) {
                     let newer = g.checkpoint.as_ref().is_none_or(|(_, b)| boundary >= *b);
                     if newer {
                         g.checkpoint = Some((blob, boundary));
+                        kept.stored.notify_all();
+                        if let Some(f) = g.on_checkpoint.clone() {
+                            drop(g);
+                            f();
+                        }
                     }
                 }
                 None => tracing::warn!("a checkpoint came without its state"),
             },
+            KeeperMessage::Barrier { .. } => {}
         }
     }
+    tracing::debug!(messages, "keeper link ended");
 }
 
 /// Whether `fd` is a memfd (its magic link says `/memfd:`).
@@ -241,15 +372,20 @@ mod tests {
         link.send(&KeeperMessage::Keep { id: 3 }, &[not.as_fd()])
             .unwrap();
         drop(link);
+        // The appliance is gone; its end stays open here until the barrier is read.
         assert!(end.wait(Duration::from_secs(5)));
         assert_eq!(kept.counts(), (1, Some(7)));
-        let (ids, checkpoint) = kept.handover(|h| {
+        // What a spare that has everything up to now still needs: nothing.
+        let mark = kept.handover(None, |h| h.mark);
+        let (ids, checkpoint) = kept.handover(None, |h| {
             (
                 h.fds.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
                 h.checkpoint.map(|c| c.try_clone_to_owned().unwrap()),
             )
         });
         assert_eq!(ids, [2]);
+        let (fds, again) = kept.handover(Some(mark), |h| (h.fds.len(), h.checkpoint.is_some()));
+        assert_eq!((fds, again), (0, false));
         assert_eq!(
             fsva_control::blob::read(checkpoint.unwrap()).unwrap(),
             b"state"

@@ -509,19 +509,14 @@ fn move_passthrough(current: &Current, daemon: &Daemon) -> Result<Instant, Failu
 
 /// Waits until the keeping holds a checkpoint at `boundary` or later; returns it.
 fn wait_for_checkpoint(kept: &Kept, boundary: u64) -> Result<(OwnedFd, u64), MigrateError> {
-    let deadline = Instant::now() + EXIT_LIMIT;
-    loop {
-        match kept.checkpoint() {
-            Ok(Some((fd, b))) if b >= boundary => return Ok((fd, b)),
-            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
-            Ok(_) => {
-                return Err(MigrateError::Refused(
-                    "the appliance's checkpoint did not reach the supervisor".into(),
-                ))
-            }
-            Err(e) => return Err(io_err("reading the checkpoint")(e)),
-        }
+    if !kept.wait_checkpoint(boundary, EXIT_LIMIT) {
+        return Err(MigrateError::Refused(
+            "the appliance's checkpoint did not reach the supervisor".into(),
+        ));
     }
+    kept.checkpoint()
+        .map_err(io_err("reading the checkpoint"))?
+        .ok_or_else(|| MigrateError::Refused("no checkpoint is kept".into()))
 }
 
 /// Sends the state in `blob` (a sealed memfd) as covering the journal up to `boundary`.

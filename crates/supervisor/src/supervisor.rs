@@ -94,11 +94,14 @@ pub struct VmPlan {
 
 pub(crate) enum Event {
     Admin(Link),
-    /// The appliance with this pid exited (or was dropped), with why.
-    ApplianceExited(u32, String),
+    /// The appliance with this pid exited (or was dropped), with why, seen at that
+    /// moment.
+    ApplianceExited(u32, String, std::time::Instant),
     Signal(i32),
     /// The FUSE connection is gone: unmounted (by us or anyone) or aborted.
     Disconnected,
+    /// The appliance stored a new checkpoint (the spare may preload it).
+    CheckpointStored,
 }
 
 /// Mounts, serves until unmounted, and cleans up.
@@ -337,10 +340,19 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         events: &events_tx,
         kept: kept.as_ref(),
     };
-    // A successor waiting in the wings, so that a crash costs only the handover.
-    let mut spare = kept
-        .as_ref()
-        .and_then(|_| successors.spare(cache_budget).ok());
+    // A successor waiting in the wings, preloaded with the last checkpoint, so that a
+    // crash costs only the journal's tail.
+    if let Some(k) = &kept {
+        let tx = events_tx.clone();
+        k.on_checkpoint(move || {
+            let _ = tx.send(Event::CheckpointStored);
+        });
+    }
+    let new_spare = |budget: Option<u64>| {
+        let kept = kept.as_ref()?;
+        successors.spare(budget).ok()?.preload(kept)
+    };
+    let mut spare = new_spare(cache_budget);
     let mut crashes = CrashLoop::default();
     let mut alive = true;
     let mut mounted = mounted;
@@ -373,7 +385,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 }
                 return Ok(());
             }
-            Event::ApplianceExited(pid, status) => {
+            Event::ApplianceExited(pid, status, died) => {
                 if !alive || pid != current.appliance.pid {
                     // Not the current appliance: one replaced by a takeover.
                     continue;
@@ -385,7 +397,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 }
                 if kept.is_some() && !crashes.died() {
                     tracing::warn!(status = %status, "appliance died; a successor takes over with its state");
-                    match successors.recover(&current, spare.take(), cache_budget) {
+                    match successors.recover(&current, spare.take(), cache_budget, died) {
                         Ok(taken) => {
                             current = taken.current;
                             let us = taken.downtime.as_micros() as u64;
@@ -404,7 +416,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                                 "appliance replaced after it died"
                             );
                             record(current.appliance.pid);
-                            spare = successors.spare(cache_budget).ok();
+                            spare = new_spare(cache_budget);
                             crashes.took_over();
                             continue;
                         }
@@ -429,6 +441,11 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             }
                         });
                     }
+                }
+            }
+            Event::CheckpointStored => {
+                if let (Some(s), Some(k), true) = (spare.take(), &kept, alive) {
+                    spare = s.preload(k);
                 }
             }
             Event::Signal(sig) => {
@@ -537,7 +554,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                                     crashes.took_over();
                                     record(current.appliance.pid);
                                     if kept.is_some() && spare.is_none() {
-                                        spare = successors.spare(cache_budget).ok();
+                                        spare = new_spare(cache_budget);
                                     }
                                     AdminReply::Restarted {
                                         downtime_us: us,
@@ -546,7 +563,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                                 }
                                 Err(message) => {
                                     if kept.is_some() && spare.is_none() {
-                                        spare = successors.spare(cache_budget).ok();
+                                        spare = new_spare(cache_budget);
                                     }
                                     AdminReply::Error { message }
                                 }
@@ -761,7 +778,7 @@ impl CrashLoop {
 /// (passthrough's state is the export itself; VM appliances and stream channels are
 /// not recovered yet).
 fn journals(req: &MountRequest) -> bool {
-    std::env::var_os("FSVA_NO_JOURNAL").is_none()
+    req.recovery
         && matches!(req.backend, BackendSpec::Mem { .. })
         && req.vm.is_none()
         && req.channel == ChannelKind::Fusedev
@@ -832,7 +849,11 @@ pub(crate) fn watch_appliance(
         if let Some(exited) = exited {
             *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
         }
-        let _ = tx.send(Event::ApplianceExited(pid, status));
+        let _ = tx.send(Event::ApplianceExited(
+            pid,
+            status,
+            std::time::Instant::now(),
+        ));
     })
 }
 
@@ -855,7 +876,11 @@ fn relay(
         Box::new(move |why| {
             kill();
             tracing::error!(reason = why, "appliance dropped by the stream relay");
-            let _ = tx.send(Event::ApplianceExited(pid, format!("dropped: {why}")));
+            let _ = tx.send(Event::ApplianceExited(
+                pid,
+                format!("dropped: {why}"),
+                std::time::Instant::now(),
+            ));
         }),
     )
     .map_err(io_err("starting the stream relay"))

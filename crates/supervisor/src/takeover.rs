@@ -45,12 +45,39 @@ pub(crate) struct Spare {
     keeper: Option<LinkEnd>,
     /// The budget it was started with (a later `fsva cache` is applied on takeover).
     cache_budget: Option<u64>,
+    /// What it has preloaded of the keeping.
+    preloaded: Option<crate::keeper::Mark>,
 }
 
 impl Spare {
     /// Stops it (the mount goes away, or it is not wanted).
     pub fn discard(self) {
         self.starting.abandon();
+    }
+
+    /// Brings it up to date with the keeping (the last checkpoint and the memfds kept
+    /// since its last preload), so that a takeover has little left to do. A spare that
+    /// fails at it is discarded.
+    pub fn preload(mut self, kept: &Kept) -> Option<Spare> {
+        let t0 = Instant::now();
+        match self.starting.preload(kept, self.preloaded) {
+            Ok(mark) => {
+                if self.preloaded != Some(mark) {
+                    tracing::debug!(
+                        boundary = mark.boundary,
+                        took_us = t0.elapsed().as_micros() as u64,
+                        "spare preloaded"
+                    );
+                }
+                self.preloaded = Some(mark);
+                Some(self)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the spare could not preload; a new one will be started");
+                self.discard();
+                None
+            }
+        }
     }
 }
 
@@ -131,32 +158,36 @@ impl Successors<'_> {
             starting,
             keeper,
             cache_budget,
+            preloaded: None,
         })
     }
 
     /// Replaces a journaled appliance that died: a successor (`spare`, or a new one)
     /// rebuilds its state; if that state cannot be rebuilt, an empty file system takes
     /// over and every node the kernel still holds answers ESTALE.
+    /// `since`: when requests stopped being served (the death, or the kill).
     pub fn recover(
         &self,
         dead: &Current,
         spare: Option<Spare>,
         cache_budget: Option<u64>,
+        since: Instant,
     ) -> Result<TakenOver, String> {
-        let t0 = Instant::now();
+        let t0 = since;
         let kept = self.kept.ok_or("this mount keeps no recovery journal")?;
         if let Some(end) = &dead.keeper {
             if !end.wait(DRAIN_LIMIT) {
                 return Err("the dead appliance's keeper link did not end".into());
             }
         }
+        let drained = t0.elapsed();
         let spare = match spare {
             Some(s) => s,
             None => self.spare(cache_budget)?,
         };
         let keeper = spare.keeper.clone();
         let started_budget = spare.cache_budget;
-        let (appliance, child, fresh) = match spare.starting.recover(kept, false) {
+        let (appliance, child, fresh) = match spare.starting.recover(kept, spare.preloaded, false) {
             Ok((a, c)) => (a, c, false),
             Err(e) => {
                 tracing::error!(error = %e, "the successor could not rebuild the state; starting with an empty file system (old files answer ESTALE)");
@@ -165,7 +196,7 @@ impl Successors<'_> {
                 let keeper = spare.keeper.clone();
                 let (a, c) = spare
                     .starting
-                    .recover(kept, true)
+                    .recover(kept, None, true)
                     .map_err(|e| format!("no appliance could take over: {e}"))?;
                 return self
                     .go(a, c, keeper, t0, cache_budget, spare.cache_budget)
@@ -175,8 +206,15 @@ impl Successors<'_> {
                     });
             }
         };
+        let rebuilt = t0.elapsed();
         let mut taken = self.go(appliance, child, keeper, t0, cache_budget, started_budget)?;
         taken.fresh = fresh;
+        tracing::info!(
+            drained_us = drained.as_micros() as u64,
+            rebuilt_us = rebuilt.as_micros() as u64,
+            serving_us = taken.downtime.as_micros() as u64,
+            "successor took over"
+        );
         Ok(taken)
     }
 
@@ -193,15 +231,33 @@ impl Successors<'_> {
             None => self.spare(cache_budget)?,
         };
         // Little journal left to replay. If it fails, the successor replays more.
-        if let Err(e) = old.appliance.checkpoint_now() {
-            tracing::warn!(error = %e, "no fresh checkpoint before the restart");
+        match old.appliance.checkpoint_now() {
+            Ok(boundary) => {
+                if let Some(kept) = self.kept {
+                    kept.wait_checkpoint(boundary, Duration::from_secs(2));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "no fresh checkpoint before the restart"),
         }
+        // The successor restores that checkpoint while the predecessor still serves.
+        let spare = match self.kept {
+            Some(kept) => match spare.preload(kept) {
+                Some(s) => s,
+                None => self.spare(cache_budget)?,
+            },
+            None => spare,
+        };
+        let since = Instant::now();
         old.appliance.kill();
         if !old.appliance.wait_exit(Duration::from_secs(5)) {
             spare.discard();
             return Err("the old appliance did not exit within 5 s of SIGKILL".into());
         }
-        self.recover(old, Some(spare), cache_budget)
+        tracing::debug!(
+            exit_us = since.elapsed().as_micros() as u64,
+            "old appliance gone"
+        );
+        self.recover(old, Some(spare), cache_budget, since)
     }
 
     /// The last steps of every takeover: the kernel resends what the predecessor held,

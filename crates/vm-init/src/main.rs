@@ -184,6 +184,7 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                     }
                     ToAppliance::Checkpoint
                     | ToAppliance::CheckpointNow
+                    | ToAppliance::Preload { .. }
                     | ToAppliance::Restore { .. }
                     | ToAppliance::Recover { .. }
                     | ToAppliance::KeptFds { .. }

@@ -322,7 +322,7 @@ fn serve(
             if link.send(&ToSupervisor::AwaitingState, &[]).is_err() {
                 return 1;
             }
-            match receive_recovery(link, &k.journal) {
+            match receive_recovery(link, &config.backend, &k.journal) {
                 Ok(r) => {
                     runtime_state = r.runtime;
                     runtime_records = r.runtime_records;
@@ -471,6 +471,7 @@ fn serve(
                     | ToAppliance::Restore { .. }
                     | ToAppliance::Recover { .. }
                     | ToAppliance::KeptFds { .. }
+                    | ToAppliance::Preload { .. }
                     | ToAppliance::StateFds => ToSupervisor::Failed {
                         message: "already started".into(),
                     },
@@ -509,46 +510,114 @@ struct RecoveryInput {
     backend: crate::backends::Journaled,
 }
 
-/// Receives `Recover` (with the checkpoint, if any) and the kept memfds, and reads the
-/// journal records after the checkpoint. Anything that does not hold together is an
-/// error: the supervisor then starts a fresh appliance instead.
+/// A checkpoint's runtime part and its backend part restored ahead of need.
+struct Preloaded {
+    state: Option<fsva_appliance::state::StateV2>,
+    backend: fsva_backend_mem::Preloaded,
+}
+
+/// Serves `Preload`s (a spare's head start: checkpoint and kept memfds restored while
+/// the predecessor still serves) until `Recover` comes, then reads the journal records
+/// after the checkpoint. Anything that does not hold together is an error: the
+/// supervisor then starts a fresh appliance instead.
 fn receive_recovery(
     link: &Link,
+    spec: &BackendSpec,
     journal: &fsva_appliance::journal::Journal,
 ) -> anyhow::Result<RecoveryInput> {
     use fsva_appliance::backing::RuntimeRecord;
     use fsva_appliance::journal::{BACKEND, RUNTIME};
-    let (msg, mut attached) = link.recv::<ToAppliance>()?;
-    let ToAppliance::Recover {
-        checkpoint,
-        fds: count,
-        fresh,
-    } = msg
-    else {
-        anyhow::bail!("expected the recovery, got {msg:?}");
-    };
-    if fresh {
-        // The state is lost; numbers above anything the old one can have used.
-        journal.clear();
+    let mut preloaded: Option<Preloaded> = None;
+    loop {
+        let (msg, mut attached) = link.recv::<ToAppliance>()?;
+        let (checkpoint, count, recover) = match msg {
+            ToAppliance::Preload { checkpoint, fds } => (checkpoint, fds, false),
+            ToAppliance::Recover { fresh: true, .. } => {
+                // The state is lost; numbers above anything the old one can have used.
+                journal.clear();
+                return Ok(RecoveryInput {
+                    runtime: None,
+                    runtime_records: Vec::new(),
+                    backend: crate::backends::Journaled::AfterLoss(1 << 48),
+                });
+            }
+            ToAppliance::Recover {
+                checkpoint, fds, ..
+            } => (checkpoint, fds, true),
+            other => anyhow::bail!("expected the predecessor's state, got {other:?}"),
+        };
+        let state = if checkpoint {
+            let blob = attached
+                .pop()
+                .context("the checkpoint was announced but not attached")?;
+            let bytes = fsva_control::blob::read(blob).context("reading the checkpoint")?;
+            Some(
+                fsva_appliance::state::ApplianceState::decode(&bytes)
+                    .context("the last checkpoint")?
+                    .into_latest(),
+            )
+        } else {
+            None
+        };
+        let fds = receive_kept(link, count)?;
+        let backend_part = state.as_ref().map(|s| s.backend.as_slice());
+        match &mut preloaded {
+            Some(p) => {
+                p.backend.add_fds(fds);
+                if state.is_some() {
+                    p.backend.reload(backend_part)?;
+                    p.state = state;
+                }
+            }
+            None => {
+                let backend = crate::backends::preload(spec, backend_part, fds)?;
+                preloaded = Some(Preloaded { state, backend });
+            }
+        }
+        if !recover {
+            link.send(&ToSupervisor::Preloaded, &[])?;
+            continue;
+        }
+        let Some(Preloaded { state, backend }) = preloaded else {
+            unreachable!("set just above");
+        };
+        let boundary = state.as_ref().map_or(0, |s| s.journal_boundary);
+        let t0 = std::time::Instant::now();
+        let records = journal.recover(boundary)?;
+        tracing::debug!(scan_us = t0.elapsed().as_micros() as u64, "journal read");
+        let mut runtime_records = Vec::new();
+        let mut backend_records = Vec::new();
+        for r in records {
+            match r.payload.split_first() {
+                Some((&RUNTIME, rest)) => runtime_records.push(
+                    RuntimeRecord::decode(rest)
+                        .with_context(|| format!("journal record {}", r.seq))?,
+                ),
+                Some((&BACKEND, rest)) => backend_records.push(rest.to_vec()),
+                _ => anyhow::bail!("journal record {} has no known tag", r.seq),
+            }
+        }
+        tracing::info!(
+            boundary,
+            records = backend_records.len() + runtime_records.len(),
+            "rebuilding the predecessor's state"
+        );
         return Ok(RecoveryInput {
-            runtime: None,
-            runtime_records: Vec::new(),
-            backend: crate::backends::Journaled::AfterLoss(1 << 48),
+            runtime: state,
+            runtime_records,
+            backend: crate::backends::Journaled::Recover {
+                preloaded: Box::new(backend),
+                records: backend_records,
+            },
         });
     }
-    let state = if checkpoint {
-        let blob = attached
-            .pop()
-            .context("the checkpoint was announced but not attached")?;
-        let bytes = fsva_control::blob::read(blob).context("reading the checkpoint")?;
-        Some(
-            fsva_appliance::state::ApplianceState::decode(&bytes)
-                .context("the last checkpoint")?
-                .into_latest(),
-        )
-    } else {
-        None
-    };
+}
+
+/// Receives `count` kept descriptors in `KeptFds` batches, by id.
+fn receive_kept(
+    link: &Link,
+    count: u32,
+) -> anyhow::Result<std::collections::HashMap<u64, OwnedFd>> {
     let mut fds = std::collections::HashMap::with_capacity(count as usize);
     let mut got = 0usize;
     while got < count as usize {
@@ -557,7 +626,7 @@ fn receive_recovery(
             anyhow::bail!("expected kept descriptors, got {m:?}");
         };
         anyhow::ensure!(
-            ids.len() == batch.len() && !batch.is_empty(),
+            ids.len() == batch.len() && !batch.is_empty() && got + batch.len() <= count as usize,
             "a batch of {} ids came with {} descriptors",
             ids.len(),
             batch.len()
@@ -565,35 +634,7 @@ fn receive_recovery(
         got += batch.len();
         fds.extend(ids.into_iter().zip(batch));
     }
-    let boundary = state.as_ref().map_or(0, |s| s.journal_boundary);
-    let records = journal.recover(boundary).context("the recovery journal")?;
-    let mut runtime_records = Vec::new();
-    let mut backend_records = Vec::new();
-    for r in records {
-        match r.payload.split_first() {
-            Some((&RUNTIME, rest)) => runtime_records.push(
-                RuntimeRecord::decode(rest).with_context(|| format!("journal record {}", r.seq))?,
-            ),
-            Some((&BACKEND, rest)) => backend_records.push(rest.to_vec()),
-            _ => anyhow::bail!("journal record {} has no known tag", r.seq),
-        }
-    }
-    tracing::info!(
-        boundary,
-        records = backend_records.len() + runtime_records.len(),
-        memfds = fds.len(),
-        "rebuilding the predecessor's state"
-    );
-    let checkpoint = state.as_ref().map(|s| s.backend.clone());
-    Ok(RecoveryInput {
-        runtime: state,
-        runtime_records,
-        backend: crate::backends::Journaled::Recover(fsva_backend_mem::Recovery {
-            checkpoint,
-            records: backend_records,
-            fds,
-        }),
-    })
+    Ok(fds)
 }
 
 /// Sends a checkpoint: `Checkpointed` with the sealed state, then its descriptors.
