@@ -227,6 +227,17 @@ fn raise_open_file_limit() {
             limit.maximum = Some(nr_open);
         }
     }
+    let before = getrlimit(Resource::Nofile);
     limit.current = limit.maximum;
-    let _ = setrlimit(Resource::Nofile, limit);
+    if setrlimit(Resource::Nofile, limit).is_err() {
+        // Raising the hard limit was refused (no CAP_SYS_RESOURCE): up to it, then.
+        limit = before;
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(0);
+    tracing::info!(
+        open_files = now,
+        "descriptor limit (a mem appliance received here holds one per file)"
+    );
 }

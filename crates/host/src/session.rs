@@ -229,9 +229,11 @@ struct Migration {
     checkpoint: Option<(Vec<u8>, u64)>,
     /// mem: the boundary of the checkpoint in the keeping.
     boundary: Option<u64>,
-    /// mem: the memfds rebuilt here, by id (the keeping holds duplicates of those
-    /// preloaded: the same files, so contents rewritten here reach the appliance).
+    /// mem: the memfds rebuilt here and not handed to the keeping yet, by id.
     files: HashMap<u64, OwnedFd>,
+    /// mem: the ids of those the keeping holds (the appliance preloaded them: contents
+    /// rewritten in them reach it).
+    kept_ids: HashSet<u64>,
     /// mem: what the appliance has preloaded of the keeping.
     preloaded: Option<fsva_supervisor::keeper::Mark>,
     records: Vec<JournalRecord>,
@@ -314,6 +316,7 @@ impl Migration {
             checkpoint: None,
             boundary: None,
             files: HashMap::new(),
+            kept_ids: HashSet::new(),
             preloaded: None,
             records: Vec::new(),
             record_bytes: 0,
@@ -391,7 +394,7 @@ impl Migration {
                     self.preload()?;
                 }
                 Ok(Some(FromHost::Synced {
-                    files: self.files.len() as u64,
+                    files: (self.files.len() + self.kept_ids.len()) as u64,
                 }))
             }
             ToHost::Prepare { .. } | ToHost::Attach { .. } => {
@@ -421,10 +424,10 @@ impl Migration {
                     .and_then(|()| rustix::fs::ftruncate(fd, size))
                     .map_err(|e| format!("sizing a memfd: {e}"))
             };
-            match self.files.get(&p.id) {
-                Some(fd) => sized(fd)?,
+            match self.fd_of(p.id)? {
+                Some(fd) => sized(&fd)?,
                 None => {
-                    if self.files.len() >= fsva_supervisor::keeper::MAX_KEPT {
+                    if self.files.len() + self.kept_ids.len() >= fsva_supervisor::keeper::MAX_KEPT {
                         return Err("more files than any appliance may hold".into());
                     }
                     let fd = rustix::fs::memfd_create("fsva-mem", rustix::fs::MemfdFlags::CLOEXEC)
@@ -435,9 +438,9 @@ impl Migration {
             }
         }
         let fd = self
-            .files
-            .get(&p.id)
+            .fd_of(p.id)?
             .ok_or_else(|| format!("contents of file {} came before its start", p.id))?;
+        let fd = &fd;
         let size = rustix::fs::fstat(fd)
             .map_err(|e| format!("inspecting a memfd: {e}"))?
             .st_size as u64;
@@ -454,6 +457,19 @@ impl Migration {
             }
         }
         Ok(())
+    }
+
+    /// A descriptor of the memfd of `id`: a duplicate of the one kept here or by the
+    /// keeping (holding a second descriptor of each would double this daemon's count).
+    fn fd_of(&self, id: u64) -> Result<Option<OwnedFd>, String> {
+        let dup = |e: std::io::Error| format!("duplicating a memfd: {e}");
+        if let Some(fd) = self.files.get(&id) {
+            return fd.try_clone().map(Some).map_err(dup);
+        }
+        match (&self.kept, self.kept_ids.contains(&id)) {
+            (Some(kept), true) => Ok(kept.duplicates(&[id]).map_err(dup)?.pop().map(|(_, fd)| fd)),
+            _ => Ok(None),
+        }
     }
 
     /// After the source stopped: drops the files it no longer holds and says which
@@ -473,18 +489,20 @@ impl Migration {
             }
         }
         let wanted: HashSet<u64> = kept.iter().copied().collect();
+        self.files.retain(|id, _| wanted.contains(id));
         let keeping = self.kept.clone();
-        self.files.retain(|id, _| {
+        self.kept_ids.retain(|id| {
             let stays = wanted.contains(id);
             if let (false, Some(k)) = (stays, &keeping) {
                 k.remove(*id);
             }
             stays
         });
+        let have = |id: &u64| self.files.contains_key(id) || self.kept_ids.contains(id);
         let need: Vec<u64> = kept
             .iter()
             .copied()
-            .filter(|id| all_changed || named.contains(id) || !self.files.contains_key(id))
+            .filter(|id| all_changed || named.contains(id) || !have(id))
             .collect();
         tracing::info!(
             records = self.records.len(),
@@ -497,43 +515,41 @@ impl Migration {
 
     /// Hands the keeping to the waiting appliance, which restores the checkpoint with
     /// the memfds while the source still serves; the stop-and-copy then has only the
-    /// changes left. Memfds are kept as duplicates: contents rewritten later reach it.
+    /// changes left (contents rewritten in those memfds reach it).
     fn preload(&mut self) -> Result<(), String> {
-        let (Some(kept), Some(starting)) = (&self.kept, &self.starting) else {
+        let (Some(kept), true) = (&self.kept, self.starting.is_some()) else {
             return Ok(());
         };
         if self.boundary.is_none() {
             return Err("file contents came before the state".into());
         }
-        self.keep_new_files()?;
+        let kept = kept.clone();
         let t0 = std::time::Instant::now();
+        self.keep_new_files();
+        let Some(starting) = &self.starting else {
+            return Ok(());
+        };
         let mark = starting
-            .preload(kept, self.preloaded)
+            .preload(&kept, self.preloaded)
             .map_err(|e| format!("the appliance could not preload the state: {e}"))?;
         self.preloaded = Some(mark);
         tracing::info!(
-            files = self.files.len(),
+            files = self.kept_ids.len(),
             ms = t0.elapsed().as_millis() as u64,
             "the appliance preloaded the state"
         );
         Ok(())
     }
 
-    /// Puts duplicates of the memfds the keeping does not hold yet into it.
-    fn keep_new_files(&self) -> Result<(), String> {
+    /// Hands the memfds rebuilt here to the keeping.
+    fn keep_new_files(&mut self) {
         let Some(kept) = &self.kept else {
-            return Ok(());
+            return;
         };
-        let held: HashSet<u64> = kept.ids().into_iter().collect();
-        for (id, fd) in &self.files {
-            if !held.contains(id) {
-                let dup = fd
-                    .try_clone()
-                    .map_err(|e| format!("duplicating a memfd: {e}"))?;
-                kept.insert(*id, dup);
-            }
+        for (id, fd) in self.files.drain() {
+            kept.insert(id, fd);
+            self.kept_ids.insert(id);
         }
-        Ok(())
     }
 
     /// Rebuilds the state in the waiting appliance; returns its pid once it is ready.
@@ -564,9 +580,7 @@ impl Migration {
             starting.abandon();
             Err(e)
         };
-        if let Err(e) = self.keep_new_files() {
-            return fail(starting, e);
-        }
+        self.keep_new_files();
         let records: Vec<_> = std::mem::take(&mut self.records)
             .into_iter()
             .map(|r| fsva_appliance::journal::Record {
@@ -754,6 +768,7 @@ mod tests {
             checkpoint: None,
             boundary: None,
             files: HashMap::new(),
+            kept_ids: HashSet::new(),
             preloaded: None,
             records: Vec::new(),
             record_bytes: 0,
