@@ -316,12 +316,25 @@ pub enum ToHost {
     StateEnd { boundary: u64 },
     /// File contents (mem).
     Files { parts: Vec<FilePart> },
-    /// Journal records after the state's boundary, in order (mem, after `Stopped`).
+    /// Journal records after the state's boundary, in order (mem, after the source
+    /// stopped, before `Stopped`).
     Records { records: Vec<JournalRecord> },
     /// The source appliance has stopped. `kept`: every memfd id its file system holds
-    /// now; `all_changed`: treat every file's contents as changed since they were
-    /// sent. Answered `Need` with the ids whose contents must come (again).
-    Stopped { kept: Vec<u64>, all_changed: bool },
+    /// now; the files named by the records after `changed_after` changed since their
+    /// contents were sent (`all_changed`: every file did). Answered `Need` with the
+    /// ids whose contents must come (again).
+    Stopped {
+        kept: Vec<u64>,
+        all_changed: bool,
+        changed_after: u64,
+    },
+    /// Another pre-copy round while the source still serves: these records (read from
+    /// its journal, not kept here) name files that changed since their contents were
+    /// sent; `kept` is every memfd id its file system holds. Answered `Need`.
+    Round {
+        records: Vec<JournalRecord>,
+        kept: Vec<u64>,
+    },
     /// Everything came: rebuild the state in the appliance; answered `Ready`.
     Build,
     /// The mount's requests come to this appliance now: serve. Answered `Resumed`.

@@ -362,9 +362,33 @@ impl Migration {
                 self.records.extend(records);
                 Ok(None)
             }
-            ToHost::Stopped { kept, all_changed } => {
+            ToHost::Stopped {
+                kept,
+                all_changed,
+                changed_after,
+            } => {
                 self.mem_only("a stop-and-copy")?;
-                let ids = self.changed(&kept, all_changed)?;
+                let named = if all_changed {
+                    None
+                } else {
+                    Some(named(
+                        self.records.iter().filter(|r| r.seq > changed_after),
+                    )?)
+                };
+                let ids = self.changed(&kept, named.as_ref())?;
+                tracing::info!(
+                    records = self.records.len(),
+                    files = kept.len(),
+                    again = ids.len(),
+                    "stop-and-copy"
+                );
+                Ok(Some(FromHost::Need { ids }))
+            }
+            ToHost::Round { records, kept } => {
+                self.mem_only("a pre-copy round")?;
+                let named = named(records.iter())?;
+                let ids = self.changed(&kept, Some(&named))?;
+                tracing::debug!(records = records.len(), again = ids.len(), "pre-copy round");
                 Ok(Some(FromHost::Need { ids }))
             }
             ToHost::Build => {
@@ -472,22 +496,9 @@ impl Migration {
         }
     }
 
-    /// After the source stopped: drops the files it no longer holds and says which
-    /// contents must come again (changed after they were sent, or never sent).
-    fn changed(&mut self, kept: &[u64], all_changed: bool) -> Result<Vec<u64>, String> {
-        let mut named = HashSet::new();
-        if !all_changed {
-            for r in &self.records {
-                match r.payload.split_first() {
-                    Some((&fsva_appliance::journal::BACKEND, payload)) => named.extend(
-                        fsva_backend_mem::memfd_ids(payload)
-                            .map_err(|e| format!("journal record {}: {e}", r.seq))?,
-                    ),
-                    Some((&fsva_appliance::journal::RUNTIME, _)) => {}
-                    _ => return Err(format!("journal record {} has no known tag", r.seq)),
-                }
-            }
-        }
+    /// Drops the files the source no longer holds and says which contents must come
+    /// (again): those `named` (all, for `None`) and those never sent.
+    fn changed(&mut self, kept: &[u64], named: Option<&HashSet<u64>>) -> Result<Vec<u64>, String> {
         let wanted: HashSet<u64> = kept.iter().copied().collect();
         self.files.retain(|id, _| wanted.contains(id));
         let keeping = self.kept.clone();
@@ -499,18 +510,11 @@ impl Migration {
             stays
         });
         let have = |id: &u64| self.files.contains_key(id) || self.kept_ids.contains(id);
-        let need: Vec<u64> = kept
+        Ok(kept
             .iter()
             .copied()
-            .filter(|id| all_changed || named.contains(id) || !have(id))
-            .collect();
-        tracing::info!(
-            records = self.records.len(),
-            files = kept.len(),
-            again = need.len(),
-            "stop-and-copy"
-        );
-        Ok(need)
+            .filter(|id| named.is_none_or(|n| n.contains(id)) || !have(id))
+            .collect())
     }
 
     /// Hands the keeping to the waiting appliance, which restores the checkpoint with
@@ -638,6 +642,23 @@ impl Migration {
             a.kill();
         }
     }
+}
+
+/// The memfds `records` name (every change of a file's contents is journaled with
+/// its memfd id, see [`fsva_backend_mem::memfd_ids`]).
+fn named<'a>(records: impl Iterator<Item = &'a JournalRecord>) -> Result<HashSet<u64>, String> {
+    let mut ids = HashSet::new();
+    for r in records {
+        match r.payload.split_first() {
+            Some((&fsva_appliance::journal::BACKEND, payload)) => ids.extend(
+                fsva_backend_mem::memfd_ids(payload)
+                    .map_err(|e| format!("journal record {}: {e}", r.seq))?,
+            ),
+            Some((&fsva_appliance::journal::RUNTIME, _)) => {}
+            _ => return Err(format!("journal record {} has no known tag", r.seq)),
+        }
+    }
+    Ok(ids)
 }
 
 /// Restores a passthrough appliance from the supervisor's state, without descriptors.
@@ -813,16 +834,14 @@ mod tests {
         assert_eq!(&got, b"new\0\0\0\0\0");
 
         // 2 is gone, 5 is new, nothing changed: only 5 comes.
-        assert_eq!(m.changed(&[1, 5], false).unwrap(), [5]);
+        let none = HashSet::new();
+        assert_eq!(m.changed(&[1, 5], Some(&none)).unwrap(), [5]);
         assert!(!m.files.contains_key(&2));
-        assert_eq!(m.changed(&[1, 5], true).unwrap(), [1, 5]);
-        m.records.push(JournalRecord {
+        assert_eq!(m.changed(&[1, 5], None).unwrap(), [1, 5]);
+        let bad = JournalRecord {
             seq: 1,
             payload: vec![9, 1, 2],
-        });
-        assert!(
-            m.changed(&[1], false).is_err(),
-            "a record with no known tag"
-        );
+        };
+        assert!(named([bad].iter()).is_err(), "a record with no known tag");
     }
 }

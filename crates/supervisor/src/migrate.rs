@@ -10,9 +10,11 @@
 //!
 //! - `mem` moves by content, in two rounds. While the local appliance serves, it
 //!   stores a fresh checkpoint; the checkpoint and the contents of every memfd it kept
-//!   with this supervisor are sent (pre-copy). Then it is killed and its keeper link
-//!   read to the end; the journal records after the checkpoint follow, and the
-//!   contents of the memfds that changed meanwhile (stop-and-copy). Without FUSE
+//!   with this supervisor are sent (pre-copy), and again those the journal names as
+//!   changed since, for a few rounds while they add up to much. Then it is killed and
+//!   its keeper link read to the end; the journal records after the checkpoint follow,
+//!   and the contents of the memfds that changed after the last round
+//!   (stop-and-copy). Without FUSE
 //!   passthrough every change of a file's contents goes through the appliance and is
 //!   journaled with the file's memfd id, so the daemon finds the changed files in
 //!   those records (it knows mem's format; this module does not); a file kept after
@@ -71,6 +73,10 @@ const STATS_TIMEOUT: Duration = Duration::from_secs(1);
 const EXIT_LIMIT: Duration = Duration::from_secs(5);
 /// Most bytes of state or journal records in one message.
 const STATE_BATCH: usize = 4 << 20;
+/// Most pre-copy rounds after the first, and the size of a round small enough to stop
+/// at (what changes meanwhile goes in the stop-and-copy).
+const MAX_ROUNDS: u32 = 4;
+const ROUND_ENOUGH: u64 = 256 << 10;
 
 /// Why a migration did not happen.
 #[derive(Debug, Error)]
@@ -355,8 +361,9 @@ fn no_passthrough_files(src: &Source<'_>) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// Sends a mem appliance's state in two rounds (see the module's documentation) and
-/// has the remote appliance rebuild it. Returns when the local appliance stopped.
+/// Sends a mem appliance's state (pre-copy rounds, then the stop-and-copy; see the
+/// module's documentation) and has the remote appliance rebuild it. Returns when the
+/// local appliance stopped.
 fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Instant, Failure> {
     let kept = src.kept.expect("checked: mem migrates with its journal");
     let boundary = current.appliance.checkpoint_now().map_err(|e| {
@@ -371,20 +378,64 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
     let t_pre = Instant::now();
     let ids = kept.ids();
     let sent = send_files(daemon, kept, &ids).map_err(Failure::before)?;
-    // The daemon turns what came into memfds before the appliance stops, not during
-    // its downtime.
-    match daemon
-        .ask(&ToHost::Sync, "pre-copying file contents")
-        .map_err(Failure::before)?
-    {
-        FromHost::Synced { files } => tracing::info!(
-            files,
-            bytes = sent,
-            ms = t_pre.elapsed().as_millis() as u64,
-            "pre-copy done"
-        ),
-        other => return Err(Failure::before(daemon.unexpected(other))),
+    sync(daemon).map_err(Failure::before)?;
+    let journal = fsva_appliance::journal::Journal::open(
+        kept.journal()
+            .try_clone_to_owned()
+            .map_err(|e| Failure::before(io_err("duplicating the journal")(e)))?,
+    )
+    .map_err(|e| Failure::before(MigrateError::Refused(e.to_string())))?;
+    // More rounds while it serves: the files the journal names since the last round
+    // go again, until little changes. The stop-and-copy then sends only what changed
+    // after the last round (`cut`).
+    let mut cut = boundary;
+    let mut rounds = 0;
+    while rounds < MAX_ROUNDS {
+        // Read while the appliance writes: a record is seen whole or not at all, and a
+        // journal that cannot be read now is left to the stop-and-copy.
+        let Ok(records) = journal.read_after(cut) else {
+            break;
+        };
+        let Some(last) = records.last().map(|r| r.seq) else {
+            break;
+        };
+        if records.iter().map(|r| r.payload.len()).sum::<usize>() > STATE_BATCH {
+            break;
+        }
+        let records = records
+            .into_iter()
+            .map(|r| JournalRecord {
+                seq: r.seq,
+                payload: r.payload,
+            })
+            .collect();
+        let round = ToHost::Round {
+            records,
+            kept: kept.ids(),
+        };
+        let need = match daemon
+            .ask(&round, "a pre-copy round")
+            .map_err(Failure::before)?
+        {
+            FromHost::Need { ids } => ids,
+            other => return Err(Failure::before(daemon.unexpected(other))),
+        };
+        let bytes = send_files(daemon, kept, &need).map_err(Failure::before)?;
+        sync(daemon).map_err(Failure::before)?;
+        rounds += 1;
+        cut = last;
+        tracing::debug!(rounds, files = need.len(), bytes, "pre-copy round");
+        if bytes < ROUND_ENOUGH {
+            break;
+        }
     }
+    tracing::info!(
+        files = ids.len(),
+        bytes = sent,
+        rounds,
+        ms = t_pre.elapsed().as_millis() as u64,
+        "pre-copy done"
+    );
     no_passthrough_files(src).map_err(Failure::before)?;
 
     // Stop-and-copy.
@@ -403,12 +454,6 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
         }
     }
     no_passthrough_files(src).map_err(Failure::after)?;
-    let journal = fsva_appliance::journal::Journal::open(
-        kept.journal()
-            .try_clone_to_owned()
-            .map_err(|e| Failure::after(io_err("duplicating the journal")(e)))?,
-    )
-    .map_err(|e| Failure::after(MigrateError::Refused(e.to_string())))?;
     let (records, all_changed) = match journal.read_after(boundary) {
         Ok(r) => (r, false),
         Err(e) => {
@@ -437,6 +482,7 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
             &ToHost::Stopped {
                 kept: now_kept.clone(),
                 all_changed,
+                changed_after: cut,
             },
             "finding what changed",
         )
@@ -505,6 +551,15 @@ fn move_passthrough(current: &Current, daemon: &Daemon) -> Result<Instant, Failu
     }
     drop(saved);
     Ok(t0)
+}
+
+/// Ends a round of file contents: the daemon has applied them (and the remote
+/// appliance preloaded them) before the local appliance stops, not during its downtime.
+fn sync(daemon: &Daemon) -> Result<(), MigrateError> {
+    match daemon.ask(&ToHost::Sync, "pre-copying file contents")? {
+        FromHost::Synced { .. } => Ok(()),
+        other => Err(daemon.unexpected(other)),
+    }
 }
 
 /// Waits until the keeping holds a checkpoint at `boundary` or later; returns it.
