@@ -532,23 +532,25 @@ impl Journal {
     /// but leaves the journal as it is: for reading a stopped appliance's journal
     /// without becoming its writer (a migration sends these records to another host).
     pub fn read_after(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
+        self.read(boundary, true)
+    }
+
+    /// As [`Journal::read_after`], while the appliance still writes: records written
+    /// meanwhile may be missing at the end (each record is seen whole or not at all),
+    /// so a record written but not seen is no sign of damage here.
+    pub fn read_live(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
+        self.read(boundary, false)
+    }
+
+    fn read(&self, boundary: u64, stopped: bool) -> Result<Vec<Record>, JournalError> {
         let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
         if lost > boundary {
             return Err(JournalError::Incomplete { lost, boundary });
         }
-        // The areas hold consecutive runs of records: when the newer one begins at or
-        // before the first record wanted, the older one need not be walked at all.
-        let heads = [self.area_head(0), self.area_head(1)];
-        let newest = usize::from(heads[1].0 > heads[0].0);
-        let (epoch, first) = heads[newest];
-        let areas: Vec<usize> = if epoch != 0 && first <= boundary + 1 {
-            vec![newest]
-        } else {
-            vec![0, 1]
-        };
-        let mut records: Vec<Record> = areas
+        // Records the boundary covers are walked over, not read (see `scan`).
+        let mut records: Vec<Record> = [self.scan(0, boundary), self.scan(1, boundary)]
             .into_iter()
-            .flat_map(|a| self.scan(a, boundary).records)
+            .flat_map(|s| s.records)
             .filter(|r| r.seq > boundary)
             .collect();
         records.sort_by_key(|r| r.seq);
@@ -559,22 +561,11 @@ impl Journal {
             }
         }
         let last = records.last().map_or(boundary, |r| r.seq);
-        if self.map.word(H_WRITTEN).load(Ordering::Acquire) > last {
+        if stopped && self.map.word(H_WRITTEN).load(Ordering::Acquire) > last {
             // Records that were written whole are unreadable: the journal is damaged.
             return Err(JournalError::Gap(last + 1));
         }
         Ok(records)
-    }
-
-    /// Area `a`'s epoch and first sequence number ((0, 0) if it was never started or
-    /// its header does not check).
-    fn area_head(&self, a: usize) -> (u64, u64) {
-        let h = self.map.read(self.area_base(a), 24);
-        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
-        if word(16) != u64::from(check(&[&h[0..16]])) {
-            return (0, 0);
-        }
-        (word(0), word(8))
     }
 
     /// Writes `records` — numbered `after + 1` on, in order — into a journal nothing

@@ -319,18 +319,14 @@ pub enum ToHost {
     /// Journal records after the state's boundary, in order (mem, after the source
     /// stopped, before `Stopped`).
     Records { records: Vec<JournalRecord> },
-    /// The source appliance has stopped. `kept`: every memfd id its file system holds
-    /// now; the files named by the records after `changed_after` changed since their
-    /// contents were sent (`all_changed`: every file did). Answered `Need` with the
-    /// ids whose contents must come (again).
-    Stopped {
-        kept: Vec<u64>,
-        all_changed: bool,
-        changed_after: u64,
-    },
-    /// Another pre-copy round while the source still serves: these records (read from
-    /// its journal, not kept here) name files that changed since their contents were
-    /// sent; `kept` is every memfd id its file system holds. Answered `Need`.
+    /// The source appliance has stopped and every file that changed since its
+    /// contents were sent was named (`Round`). `kept`: every memfd id its file system
+    /// holds now; `all_changed`: every file changed (records were lost before they
+    /// were read). Answered `Need` with the ids whose contents must come (again).
+    Stopped { kept: Vec<u64>, all_changed: bool },
+    /// Records read from the source's journal (not kept here, not replayed) that name
+    /// files changed since their contents were sent; `kept` is every memfd id its file
+    /// system holds. Answered `Need` with those and the ones never sent.
     Round {
         records: Vec<JournalRecord>,
         kept: Vec<u64>,

@@ -362,20 +362,10 @@ impl Migration {
                 self.records.extend(records);
                 Ok(None)
             }
-            ToHost::Stopped {
-                kept,
-                all_changed,
-                changed_after,
-            } => {
+            ToHost::Stopped { kept, all_changed } => {
                 self.mem_only("a stop-and-copy")?;
-                let named = if all_changed {
-                    None
-                } else {
-                    Some(named(
-                        self.records.iter().filter(|r| r.seq > changed_after),
-                    )?)
-                };
-                let ids = self.changed(&kept, named.as_ref())?;
+                let nothing = HashSet::new();
+                let ids = self.changed(&kept, (!all_changed).then_some(&nothing))?;
                 tracing::info!(
                     records = self.records.len(),
                     files = kept.len(),
@@ -388,7 +378,11 @@ impl Migration {
                 self.mem_only("a pre-copy round")?;
                 let named = named(records.iter())?;
                 let ids = self.changed(&kept, Some(&named))?;
-                tracing::debug!(records = records.len(), again = ids.len(), "pre-copy round");
+                tracing::debug!(
+                    records = records.len(),
+                    again = ids.len(),
+                    "files named as changed"
+                );
                 Ok(Some(FromHost::Need { ids }))
             }
             ToHost::Build => {

@@ -74,9 +74,13 @@ const EXIT_LIMIT: Duration = Duration::from_secs(5);
 /// Most bytes of state or journal records in one message.
 const STATE_BATCH: usize = 4 << 20;
 /// Most pre-copy rounds after the first, and the size of a round small enough to stop
-/// at (what changes meanwhile goes in the stop-and-copy).
+/// at, in bytes and in files (what changes meanwhile goes in the stop-and-copy).
 const MAX_ROUNDS: u32 = 4;
 const ROUND_ENOUGH: u64 = 256 << 10;
+const ROUND_FILES: usize = 64;
+/// Most bytes of journal records gathered for naming changed files; past it, every
+/// file is sent again instead.
+const MAX_TAIL: usize = 32 << 20;
 
 /// Why a migration did not happen.
 #[derive(Debug, Error)]
@@ -374,58 +378,51 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
     // The checkpoint reaches the keeping on the keeper link, after the answer.
     let (blob, boundary) = wait_for_checkpoint(kept, boundary).map_err(Failure::before)?;
     send_state(daemon, blob.as_fd(), boundary).map_err(Failure::before)?;
-    // Pre-copy: every file's contents, while the appliance serves.
-    let t_pre = Instant::now();
-    let ids = kept.ids();
-    let sent = send_files(daemon, kept, &ids).map_err(Failure::before)?;
-    sync(daemon).map_err(Failure::before)?;
+    let mut sent_state = boundary;
     let journal = fsva_appliance::journal::Journal::open(
         kept.journal()
             .try_clone_to_owned()
             .map_err(|e| Failure::before(io_err("duplicating the journal")(e)))?,
     )
     .map_err(|e| Failure::before(MigrateError::Refused(e.to_string())))?;
-    // More rounds while it serves: the files the journal names since the last round
-    // go again, until little changes. The stop-and-copy then sends only what changed
-    // after the last round (`cut`).
-    let mut cut = boundary;
+    let mut tail = Tail::new(&journal, boundary);
+    // Pre-copy: every file's contents, while the appliance serves.
+    let t_pre = Instant::now();
+    let ids = kept.ids();
+    let sent = send_files(daemon, kept, &ids, &mut tail).map_err(Failure::before)?;
+    sync(daemon).map_err(Failure::before)?;
+    // More rounds while it serves: the files the journal named since they were read
+    // go again, until little changes; a newer checkpoint goes too, so that the remote
+    // appliance preloads it and the stop-and-copy has a short journal to replay.
     let mut rounds = 0;
     while rounds < MAX_ROUNDS {
-        // Read while the appliance writes: a record is seen whole or not at all, and a
-        // journal that cannot be read now is left to the stop-and-copy.
-        let Ok(records) = journal.read_after(cut) else {
-            break;
+        tail.poll(false);
+        let need = if tail.lost {
+            // Records were lost to the journal's rotation before they were read: from
+            // the newest checkpoint on they are tracked again, and every file goes.
+            let from = kept.counts().1.unwrap_or(boundary);
+            tail = Tail::new(&journal, from);
+            kept.ids()
+        } else {
+            let records = tail.take();
+            if records.is_empty() {
+                break;
+            }
+            name_changed(daemon, records, kept).map_err(Failure::before)?
         };
-        let Some(last) = records.last().map(|r| r.seq) else {
-            break;
-        };
-        if records.iter().map(|r| r.payload.len()).sum::<usize>() > STATE_BATCH {
-            break;
-        }
-        let records = records
-            .into_iter()
-            .map(|r| JournalRecord {
-                seq: r.seq,
-                payload: r.payload,
-            })
-            .collect();
-        let round = ToHost::Round {
-            records,
-            kept: kept.ids(),
-        };
-        let need = match daemon
-            .ask(&round, "a pre-copy round")
-            .map_err(Failure::before)?
+        let bytes = send_files(daemon, kept, &need, &mut tail).map_err(Failure::before)?;
+        if let Some((blob, newer)) = kept
+            .checkpoint()
+            .map_err(|e| Failure::before(io_err("reading the last checkpoint")(e)))?
+            .filter(|(_, b)| *b > sent_state)
         {
-            FromHost::Need { ids } => ids,
-            other => return Err(Failure::before(daemon.unexpected(other))),
-        };
-        let bytes = send_files(daemon, kept, &need).map_err(Failure::before)?;
+            send_state(daemon, blob.as_fd(), newer).map_err(Failure::before)?;
+            sent_state = newer;
+        }
         sync(daemon).map_err(Failure::before)?;
         rounds += 1;
-        cut = last;
         tracing::debug!(rounds, files = need.len(), bytes, "pre-copy round");
-        if bytes < ROUND_ENOUGH {
+        if bytes < ROUND_ENOUGH && need.len() < ROUND_FILES {
             break;
         }
     }
@@ -454,26 +451,34 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
         }
     }
     no_passthrough_files(src).map_err(Failure::after)?;
-    let (records, all_changed) = match journal.read_after(boundary) {
-        Ok(r) => (r, false),
-        Err(e) => {
-            // The appliance checkpointed twice during the pre-copy and the records
-            // after the first are gone: start from its last checkpoint, and every
-            // file's contents come again.
-            tracing::warn!(error = %e, "records after the pre-copy's checkpoint are gone; sending the last checkpoint and every file again");
-            let (blob, newer) = kept
-                .checkpoint()
-                .map_err(|e| Failure::after(io_err("reading the last checkpoint")(e)))?
-                .ok_or_else(|| {
-                    Failure::after(MigrateError::Refused("no checkpoint is kept".into()))
-                })?;
-            send_state(daemon, blob.as_fd(), newer).map_err(Failure::after)?;
-            let r = journal
-                .read_after(newer)
-                .map_err(|e| Failure::after(MigrateError::Refused(e.to_string())))?;
-            (r, true)
+    // What changed since it was sent: named by the records not seen yet.
+    tail.poll(true);
+    let all_changed = tail.lost;
+    let mut again = 0;
+    let mut bytes = 0;
+    if all_changed {
+        tracing::warn!("journal records were lost before they were read; every file goes again");
+    } else {
+        let records = tail.take();
+        if !records.is_empty() {
+            let need = name_changed(daemon, records, kept).map_err(Failure::after)?;
+            again += need.len();
+            bytes += send_files(daemon, kept, &need, &mut tail).map_err(Failure::after)?;
         }
-    };
+    }
+    // The state to rebuild: the newest checkpoint (every record after it is in the
+    // journal), and those records.
+    if let Some((blob, newer)) = kept
+        .checkpoint()
+        .map_err(|e| Failure::after(io_err("reading the last checkpoint")(e)))?
+        .filter(|(_, b)| *b > sent_state)
+    {
+        send_state(daemon, blob.as_fd(), newer).map_err(Failure::after)?;
+        sent_state = newer;
+    }
+    let records = journal
+        .read_after(sent_state)
+        .map_err(|e| Failure::after(MigrateError::Refused(e.to_string())))?;
     let record_count = records.len();
     send_records(daemon, records).map_err(Failure::after)?;
     let now_kept = kept.ids();
@@ -482,7 +487,6 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
             &ToHost::Stopped {
                 kept: now_kept.clone(),
                 all_changed,
-                changed_after: cut,
             },
             "finding what changed",
         )
@@ -491,17 +495,12 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
         FromHost::Need { ids } => ids,
         other => return Err(Failure::after(daemon.unexpected(other))),
     };
-    let known: HashSet<u64> = now_kept.into_iter().collect();
-    if let Some(id) = need.iter().find(|id| !known.contains(id)) {
-        return Err(Failure::after(MigrateError::Remote {
-            addr: daemon.addr.clone(),
-            message: format!("it asked for file {id}, which this mount does not hold"),
-        }));
-    }
-    let bytes = send_files(daemon, kept, &need).map_err(Failure::after)?;
+    check_need(daemon, &need, &now_kept).map_err(Failure::after)?;
+    again += need.len();
+    bytes += send_files(daemon, kept, &need, &mut tail).map_err(Failure::after)?;
     tracing::info!(
         records = record_count,
-        files = need.len(),
+        files = again,
         bytes,
         ms = t0.elapsed().as_millis() as u64,
         "stop-and-copy sent"
@@ -512,6 +511,115 @@ fn move_mem(src: &Source<'_>, current: &Current, daemon: &Daemon) -> Result<Inst
     {
         FromHost::Ready { .. } => Ok(t0),
         other => Err(Failure::after(daemon.unexpected(other))),
+    }
+}
+
+/// The journal records after a point, read as they come (so that a checkpoint's
+/// rotation cannot drop them before they are looked at), for finding the files that
+/// changed after their contents were read.
+struct Tail<'j> {
+    journal: &'j fsva_appliance::journal::Journal,
+    /// The last record read.
+    last: u64,
+    records: Vec<fsva_appliance::journal::Record>,
+    bytes: usize,
+    /// Records after `last` were gone before they were read.
+    lost: bool,
+}
+
+impl<'j> Tail<'j> {
+    fn new(journal: &'j fsva_appliance::journal::Journal, from: u64) -> Tail<'j> {
+        Tail {
+            journal,
+            last: from,
+            records: Vec::new(),
+            bytes: 0,
+            lost: false,
+        }
+    }
+
+    /// Reads what came since; `stopped`: the appliance is gone (a record written but
+    /// unreadable is then damage, not one being written).
+    fn poll(&mut self, stopped: bool) {
+        if self.lost {
+            return;
+        }
+        let read = if stopped {
+            self.journal.read_after(self.last)
+        } else {
+            self.journal.read_live(self.last)
+        };
+        match read {
+            Ok(records) => {
+                for r in records {
+                    self.last = r.seq;
+                    self.bytes += r.payload.len();
+                    self.records.push(r);
+                }
+                if self.bytes > MAX_TAIL {
+                    // Too much to name: every file goes instead.
+                    self.lost = true;
+                    self.records.clear();
+                }
+            }
+            Err(_) => self.lost = true,
+        }
+    }
+
+    fn take(&mut self) -> Vec<fsva_appliance::journal::Record> {
+        self.bytes = 0;
+        std::mem::take(&mut self.records)
+    }
+}
+
+/// Has the daemon name the files `records` changed (it knows mem's format); returns
+/// the ids whose contents must go again.
+fn name_changed(
+    daemon: &Daemon,
+    records: Vec<fsva_appliance::journal::Record>,
+    kept: &Kept,
+) -> Result<Vec<u64>, MigrateError> {
+    let ids = kept.ids();
+    let mut need = Vec::new();
+    let mut batch = Vec::new();
+    let mut size = 0;
+    let mut records = records.into_iter().peekable();
+    while let Some(r) = records.next() {
+        size += r.payload.len() + 16;
+        batch.push(JournalRecord {
+            seq: r.seq,
+            payload: r.payload,
+        });
+        let full = records
+            .peek()
+            .is_some_and(|n| size + n.payload.len() + 16 > STATE_BATCH);
+        if full || records.peek().is_none() {
+            let round = ToHost::Round {
+                records: std::mem::take(&mut batch),
+                kept: ids.clone(),
+            };
+            size = 0;
+            match daemon.ask(&round, "finding what changed")? {
+                FromHost::Need { ids: more } => need.extend(more),
+                other => return Err(daemon.unexpected(other)),
+            }
+        }
+    }
+    need.sort_unstable();
+    need.dedup();
+    check_need(daemon, &need, &ids)?;
+    Ok(need)
+}
+
+/// The daemon may ask only for files this mount holds.
+fn check_need(daemon: &Daemon, need: &[u64], kept: &[u64]) -> Result<(), MigrateError> {
+    let known: HashSet<u64> = kept.iter().copied().collect();
+    match need.iter().find(|id| !known.contains(id)) {
+        Some(id) => Err(MigrateError::Remote {
+            addr: daemon.addr.clone(),
+            message: format!("it asked for file {id}, which this mount does not hold"),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -623,7 +731,12 @@ fn send_records(
 
 /// Sends the contents of the memfds kept under `ids` (those still kept); returns the
 /// bytes sent. Holes are not sent.
-fn send_files(daemon: &Daemon, kept: &Kept, ids: &[u64]) -> Result<u64, MigrateError> {
+fn send_files(
+    daemon: &Daemon,
+    kept: &Kept,
+    ids: &[u64],
+    tail: &mut Tail<'_>,
+) -> Result<u64, MigrateError> {
     let mut out = Batch {
         daemon,
         parts: Vec::new(),
@@ -631,6 +744,7 @@ fn send_files(daemon: &Daemon, kept: &Kept, ids: &[u64]) -> Result<u64, MigrateE
         total: 0,
     };
     // A few hundred at a time: each is duplicated while the keeping's lock is held.
+    // Between groups, the journal is read on, before a rotation can drop records.
     for group in ids.chunks(256) {
         let fds = kept
             .duplicates(group)
@@ -638,6 +752,7 @@ fn send_files(daemon: &Daemon, kept: &Kept, ids: &[u64]) -> Result<u64, MigrateE
         for (id, fd) in fds {
             send_file(&mut out, id, fd.as_fd())?;
         }
+        tail.poll(false);
     }
     out.flush()?;
     Ok(out.total)
