@@ -37,6 +37,45 @@ if [[ $(id -u) -eq 0 && $(stat -c %a /dev/fuse) != 666 ]]; then
   chmod 0666 /dev/fuse
 fi
 
+# The guest migration tests (vhost-user-fs device state) need QEMU 8.2 or later;
+# Debian 12's is 7.2. bookworm-backports' QEMU is unpacked beside the system one (not
+# installed: VM appliances and every other test keep the system QEMU), with the
+# libraries it needs from bookworm itself. Its ROMs are its own; the BIOS is the
+# system's SeaBIOS (tests/src/guest.rs passes both with -L).
+qemu_migration=/var/cache/fsva/qemu-migration
+if [[ " $* " == *" --test-tools "* && $(id -u) -eq 0 && ! -x $qemu_migration/usr/bin/qemu-system-x86_64 ]]; then
+  echo "fsva setup: unpacking bookworm-backports' QEMU into $qemu_migration (migration tests)"
+  backports=/etc/apt/sources.list.d/backports.list
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian bookworm-backports main" > "$backports"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  debs=$(mktemp -d)
+  chown _apt "$debs" 2>/dev/null || true
+  (cd "$debs" && apt-get download -qq -t bookworm-backports \
+    qemu-system-x86 qemu-system-common qemu-system-data)
+  # Its shared libraries, from bookworm (none of them come from backports).
+  libs=$(dpkg-deb -f "$debs"/qemu-system-x86_*.deb Depends \
+    | tr ',' '\n' | sed -n 's/^ *\(lib[^ ]*\).*/\1/p' | sort -u)
+  missing_libs=()
+  for l in $libs; do
+    dpkg-query -W -f='${Status}' "$l" 2>/dev/null | grep -q "install ok installed" || missing_libs+=("$l")
+  done
+  if ((${#missing_libs[@]})); then
+    apt-get install -y -qq "${missing_libs[@]}" >/dev/null
+  fi
+  rm -rf "$qemu_migration.new"
+  for d in "$debs"/*.deb; do dpkg -x "$d" "$qemu_migration.new"; done
+  rm -rf "$debs" "$qemu_migration"
+  mv "$qemu_migration.new" "$qemu_migration"
+  if ldd "$qemu_migration/usr/bin/qemu-system-x86_64" | grep -q "not found"; then
+    echo "fsva setup: the unpacked QEMU misses libraries:" >&2
+    ldd "$qemu_migration/usr/bin/qemu-system-x86_64" | grep "not found" >&2
+    exit 1
+  fi
+fi
+
 # fsx (crates.io), the File System eXerciser: the external suites and the crash
 # recovery test run it.
 if [[ " $* " == *" --test-tools "* ]] && ! fsx --version 2>/dev/null | grep -qx "fsx 0.3.2"; then

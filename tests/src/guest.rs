@@ -192,20 +192,73 @@ impl GuestSpec {
     }
 }
 
-/// Boots `image` under TCG with a vhost-user-fs device on `socket`, mounted by tag
-/// `tag`, and waits for it to power off.
-pub fn boot(image: &GuestImage, socket: &Path, tag: &str, spec: GuestSpec) -> GuestRun {
-    let dir = Scratch::new("guest-run");
-    let console = dir.path.join("console");
-    let output = dir.path.join("output");
-    let GuestSpec {
-        cpus,
-        memory_mib,
-        limit,
-    } = spec;
-    let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
+/// A QEMU to boot user VMs with.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub binary: PathBuf,
+    /// Firmware and option ROM directories (`-L`), searched in order.
+    pub data_dirs: Vec<PathBuf>,
+}
+
+/// Where `scripts/setup.sh --test-tools` unpacks a QEMU that can migrate a guest with a
+/// vhost-user-fs device (device state: QEMU 8.2 and later; Debian 12's is 7.2). It is
+/// bookworm-backports' qemu-system-x86, unpacked beside the system QEMU, not installed.
+pub const MIGRATION_QEMU_DIR: &str = "/var/cache/fsva/qemu-migration";
+
+impl Qemu {
+    /// The system's `qemu-system-x86_64`.
+    pub fn system() -> Qemu {
+        Qemu {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            data_dirs: Vec::new(),
+        }
+    }
+
+    /// The QEMU for migration tests: `FSVA_MIGRATION_QEMU` (a directory holding
+    /// `usr/bin/qemu-system-x86_64`, as `dpkg -x` unpacks it) or
+    /// [`MIGRATION_QEMU_DIR`].
+    pub fn for_migration() -> Qemu {
+        let root = std::env::var_os("FSVA_MIGRATION_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(MIGRATION_QEMU_DIR));
+        let binary = root.join("usr/bin/qemu-system-x86_64");
+        assert!(
+            binary.exists(),
+            "{} is missing: the migration tests need QEMU 8.2 or later (Debian 12's is 7.2); \
+             `scripts/setup.sh --test-tools` unpacks bookworm-backports' QEMU there",
+            binary.display()
+        );
+        Qemu {
+            binary,
+            // Its own ROMs first, then the system's SeaBIOS (the backport's wants a
+            // newer seabios package; the BIOS itself is the same interface).
+            data_dirs: vec![
+                root.join("usr/share/qemu"),
+                PathBuf::from("/usr/share/seabios"),
+            ],
+        }
+    }
+
+    /// A user VM's command line: `image` under TCG with a vhost-user-fs device on
+    /// `socket` mounted by tag `tag`; the kernel console on the first serial port
+    /// (`console`), the script's output on the second (`output`).
+    fn command(
+        &self,
+        image: &GuestImage,
+        socket: &Path,
+        tag: &str,
+        spec: &GuestSpec,
+        console: &Path,
+        output: &Path,
+    ) -> Command {
+        let GuestSpec {
+            cpus, memory_mib, ..
+        } = *spec;
+        let mut cmd = Command::new(&self.binary);
+        for dir in &self.data_dirs {
+            cmd.arg("-L").arg(dir);
+        }
+        cmd.args([
             "-machine",
             "q35,accel=tcg",
             "-cpu",
@@ -236,7 +289,21 @@ pub fn boot(image: &GuestImage, socket: &Path, tag: &str, spec: GuestSpec) -> Gu
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
         .arg(format!("file:{}", output.display()))
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+        cmd
+    }
+}
+
+/// Boots `image` under TCG with a vhost-user-fs device on `socket`, mounted by tag
+/// `tag`, and waits for it to power off.
+pub fn boot(image: &GuestImage, socket: &Path, tag: &str, spec: GuestSpec) -> GuestRun {
+    let dir = Scratch::new("guest-run");
+    let console = dir.path.join("console");
+    let output = dir.path.join("output");
+    let limit = spec.limit;
+    let started = Instant::now();
+    let mut child = Qemu::system()
+        .command(image, socket, tag, &spec, &console, &output)
         .spawn()
         .expect("starting qemu-system-x86_64 (scripts/setup.sh installs it)");
     let mut timed_out = false;
@@ -263,6 +330,187 @@ pub fn boot(image: &GuestImage, socket: &Path, tag: &str, spec: GuestSpec) -> Gu
         run.output, run.console
     );
     run
+}
+
+/// A user VM that runs while the test acts on it: it can be sent lines (its
+/// `/dev/ttyS2`) and migrated to another QEMU over QMP. Killed when dropped.
+pub struct LiveGuest {
+    child: std::process::Child,
+    qmp: std::io::BufReader<std::os::unix::net::UnixStream>,
+    console: PathBuf,
+    output: PathBuf,
+    control: PathBuf,
+    started: Instant,
+    dir: Scratch,
+}
+
+impl LiveGuest {
+    /// Starts `image` on `qemu` against the device on `socket`. `incoming`: this QEMU
+    /// waits for a migration on that unix socket instead of booting.
+    pub fn start(
+        qemu: &Qemu,
+        image: &GuestImage,
+        socket: &Path,
+        tag: &str,
+        spec: GuestSpec,
+        incoming: Option<&Path>,
+    ) -> LiveGuest {
+        let dir = Scratch::new("live-guest");
+        let console = dir.path.join("console");
+        let output = dir.path.join("output");
+        let control = dir.path.join("control.sock");
+        let qmp = dir.path.join("qmp.sock");
+        let mut cmd = qemu.command(image, socket, tag, &spec, &console, &output);
+        cmd.arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", control.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(path) = incoming {
+            cmd.arg("-incoming").arg(format!("unix:{}", path.display()));
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", qemu.binary.display()));
+        let up = crate::wait_for(Duration::from_secs(30), || {
+            qmp.exists() || child.try_wait().unwrap().is_some()
+        });
+        assert!(
+            up && child.try_wait().unwrap().is_none(),
+            "QEMU did not start; console:\n{}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        let stream = std::os::unix::net::UnixStream::connect(&qmp).expect("connecting to QMP");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut guest = LiveGuest {
+            child,
+            qmp: std::io::BufReader::new(stream),
+            console,
+            output,
+            control,
+            started: Instant::now(),
+            dir,
+        };
+        guest.qmp_line(); // the greeting
+        guest.qmp("{\"execute\":\"qmp_capabilities\"}");
+        guest
+    }
+
+    /// The next QMP line that is not an event.
+    fn qmp_line(&mut self) -> String {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            let n = self.qmp.read_line(&mut line).expect("reading QMP");
+            assert!(n > 0, "QMP closed; console:\n{}", self.console());
+            if !line.contains("\"event\"") {
+                return line;
+            }
+        }
+    }
+
+    /// Sends one QMP command; its answer (a `return` or an `error` line).
+    pub fn qmp(&mut self, command: &str) -> String {
+        use std::io::Write;
+        self.qmp
+            .get_mut()
+            .write_all(format!("{command}\n").as_bytes())
+            .expect("writing to QMP");
+        self.qmp_line()
+    }
+
+    /// What the guest's script printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// The kernel console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the script printed `line`; false after `limit` or if QEMU exited.
+    pub fn wait_output(&mut self, line: &str, limit: Duration) -> bool {
+        crate::wait_for(limit, || {
+            self.output().lines().any(|l| l == line) || self.child.try_wait().unwrap().is_some()
+        }) && self.output().lines().any(|l| l == line)
+    }
+
+    /// Writes `line` to the guest's `/dev/ttyS2`.
+    pub fn send_line(&self, line: &str) {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control)
+            .expect("connecting to the guest's control port");
+        s.write_all(format!("{line}\n").as_bytes())
+            .expect("writing to the guest's control port");
+    }
+
+    /// Live-migrates this guest to `to` (a QEMU started with `incoming` = `uri_path`)
+    /// and returns how long it took, or QEMU's error.
+    pub fn migrate(&mut self, uri_path: &Path, limit: Duration) -> Result<Duration, String> {
+        let t0 = Instant::now();
+        let answer = self.qmp(&format!(
+            "{{\"execute\":\"migrate\",\"arguments\":{{\"uri\":\"unix:{}\"}}}}",
+            uri_path.display()
+        ));
+        if answer.contains("\"error\"") {
+            return Err(answer);
+        }
+        loop {
+            let status = self.qmp("{\"execute\":\"query-migrate\"}");
+            if status.contains("\"status\": \"completed\"") {
+                return Ok(t0.elapsed());
+            }
+            if status.contains("\"status\": \"failed\"")
+                || status.contains("\"status\": \"cancelled\"")
+            {
+                return Err(status);
+            }
+            if t0.elapsed() > limit {
+                return Err(format!("not done within {limit:?}: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ends this QEMU (a migration's source, once the guest runs elsewhere).
+    pub fn quit(mut self) {
+        let _ = self.qmp("{\"execute\":\"quit\"}");
+        let _ = crate::wait_for(Duration::from_secs(30), || {
+            self.child.try_wait().unwrap().is_some()
+        });
+    }
+
+    /// Waits for the guest to power off; what it printed (on this QEMU).
+    pub fn wait_exit(mut self, limit: Duration) -> GuestRun {
+        let exited = crate::wait_for(limit, || self.child.try_wait().unwrap().is_some());
+        let run = GuestRun {
+            output: self.output(),
+            console: self.console(),
+            elapsed: self.started.elapsed(),
+        };
+        assert!(
+            exited,
+            "the guest did not power off within {limit:?}; output:\n{}\nconsole:\n{}",
+            run.output, run.console
+        );
+        run
+    }
+
+    /// A scratch directory that lives as long as this guest (for migration sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir.path
+    }
+}
+
+impl Drop for LiveGuest {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// A running `fsva serve-vhost`, stopped (SIGTERM) when dropped.

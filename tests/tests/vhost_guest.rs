@@ -217,3 +217,340 @@ done
     // Writes before the kill reached the export.
     assert!(export.path.join("f0").exists());
 }
+
+/// In the guest: files written, one held open for reading and one for writing across
+/// the migration; after it (the host sends `go` on /dev/ttyS2), the held files are read
+/// and written through the same descriptors, the page cache dropped so that every
+/// read reaches the device, checksums compared, more files made and the directory
+/// listed.
+const MIGRATING: &str = r#"
+set -e
+mkdir /mnt/d
+seq 1 20000 > /mnt/d/numbers
+echo hello > /mnt/d/a
+head -c 300000 /dev/urandom > /mnt/d/rand
+(cd /mnt/d && md5sum numbers rand a > /tmp/sums)
+echo before > /mnt/d/held
+exec 3>>/mnt/d/held
+exec 4</mnt/d/numbers
+# Requests in flight while QEMU copies memory: every reply the device writes into
+# guest memory must reach the destination (the device logs the pages it dirties).
+(
+  n=0
+  while [ ! -e /tmp/stop ]; do
+    cat /mnt/d/rand > /mnt/d/copy
+    echo 1 > /proc/sys/vm/drop_caches
+    [ "$(md5sum < /mnt/d/copy)" = "$(md5sum < /mnt/d/rand)" ] || echo "@@mismatch in round $n"
+    n=$((n+1))
+  done
+  rm /mnt/d/copy
+  echo "busy rounds: $n"
+) &
+busy=$!
+stty -F /dev/ttyS2 raw -echo
+echo @@ready
+read -r go < /dev/ttyS2
+echo "go: $go"
+touch /tmp/stop
+wait $busy
+echo after >&3
+exec 3>&-
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo @@begin held
+cat /mnt/d/held
+echo @@end held
+echo "first line through the held descriptor: $(head -n 1 <&4)"
+exec 4<&-
+(cd /mnt/d && md5sum -c /tmp/sums)
+for i in 1 2 3 4 5; do echo "new $i" > /mnt/d/new$i; done
+mkdir /mnt/d/sub && mv /mnt/d/new5 /mnt/d/sub/
+rm /mnt/d/new4
+echo @@begin list
+ls /mnt/d | sort
+echo @@end list
+"#;
+
+/// Boots a guest on `source`'s device, live-migrates it to a second QEMU whose device is
+/// `dest` (serving the same backend), lets the script go on there and returns what it
+/// printed after the migration. Both servers must exit on their own when their QEMU
+/// goes away.
+fn migrate_guest(mut source: VhostServer, mut dest: VhostServer) -> GuestRun {
+    use fsva_tests::guest::{LiveGuest, Qemu};
+    let qemu = Qemu::for_migration();
+    let image = GuestImage::build(&[], MIGRATING);
+    let spec = GuestSpec {
+        cpus: 1,
+        memory_mib: 256,
+        limit: Duration::from_secs(120),
+    };
+    let t0 = std::time::Instant::now();
+    let mut from = LiveGuest::start(&qemu, &image, &source.socket, "fsva", spec, None);
+    assert!(
+        from.wait_output("@@ready", Duration::from_secs(120)),
+        "the guest did not get ready; output:\n{}\nconsole:\n{}",
+        from.output(),
+        from.console()
+    );
+    let uri = from.dir().join("migrate.sock");
+    let to = LiveGuest::start(&qemu, &image, &dest.socket, "fsva", spec, Some(&uri));
+    let took = from.migrate(&uri, Duration::from_secs(120));
+    let took = took.unwrap_or_else(|e| {
+        panic!(
+            "the migration failed: {e}\nsource console:\n{}\ndestination console:\n{}",
+            from.console(),
+            to.console()
+        )
+    });
+    eprintln!("migrated in {took:?}");
+    from.quit();
+    let status = source.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the source's serve-vhost did not end cleanly when its QEMU quit: {status:?}"
+    );
+    to.send_line("go");
+    let run = to.wait_exit(Duration::from_secs(120));
+    assert_eq!(
+        run.exit(),
+        Some(0),
+        "guest output after the migration:\n{}\nconsole:\n{}",
+        run.output,
+        run.console
+    );
+    let has = |line: &str| run.output.lines().any(|l| l == line);
+    assert!(has("go: go"), "{}", run.output);
+    let rounds: u32 = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("busy rounds: ")?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        rounds > 0,
+        "no request ran around the migration:\n{}",
+        run.output
+    );
+    assert!(!run.output.contains("@@mismatch"), "{}", run.output);
+    assert_eq!(run.section("held"), ["before", "after"], "{}", run.output);
+    for line in [
+        "first line through the held descriptor: 1",
+        "numbers: OK",
+        "rand: OK",
+        "a: OK",
+    ] {
+        assert!(has(line), "{line} missing:\n{}", run.output);
+    }
+    assert_eq!(
+        run.section("list"),
+        ["a", "held", "new1", "new2", "new3", "numbers", "rand", "sub"],
+        "{}",
+        run.output
+    );
+    let status = dest.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the destination's serve-vhost: {status:?}"
+    );
+    eprintln!("whole migration test: {:?}", t0.elapsed());
+    run
+}
+
+/// A guest migrated by QEMU keeps its open files on mem: the contents travel by value
+/// in the device state. The device in the appliance on both ends.
+#[test]
+fn migrated_guest_keeps_its_open_files_on_mem() {
+    let source = VhostServer::start(&["--backend", "mem"]);
+    let dest = VhostServer::start(&["--backend", "mem"]);
+    migrate_guest(source, dest);
+}
+
+/// The same with the device in the supervisor on both ends: the destination starts an
+/// appliance restored from the state and moves its relay to it.
+#[test]
+fn migrated_guest_keeps_its_open_files_on_relayed_mem() {
+    let source = VhostServer::start(&["--backend", "mem", "--relay"]);
+    let dest = VhostServer::start(&["--backend", "mem", "--relay"]);
+    migrate_guest(source, dest);
+}
+
+/// A passthrough export both ends serve (shared storage): the state carries no
+/// descriptors, the destination finds the nodes again by path. Relayed on the source,
+/// in the appliance on the destination: the state is the same either way.
+#[test]
+fn migrated_guest_keeps_its_open_files_on_passthrough() {
+    for (from, to) in [("--relay", "--queues=1"), ("--queues=1", "--relay")] {
+        let export = Scratch::new("vhost-migrate");
+        export.open_to_all();
+        let spec = format!("passthrough:{}", export.path.display());
+        let source = VhostServer::start(&["--backend", &spec, from]);
+        let dest = VhostServer::start(&["--backend", &spec, to]);
+        migrate_guest(source, dest);
+        let held = std::fs::read_to_string(export.path.join("d/held")).unwrap();
+        assert_eq!(held, "before\nafter\n");
+        assert!(export.path.join("d/sub/new5").exists());
+        assert!(!export.path.join("d/new4").exists());
+    }
+}
+
+/// A destination that refuses the state (it serves another backend) fails the
+/// migration, and the guest carries on at the source, its files intact.
+#[test]
+fn a_refused_state_fails_the_migration_and_the_guest_stays() {
+    use fsva_tests::guest::{LiveGuest, Qemu};
+    let export = Scratch::new("vhost-refuse");
+    let spec = format!("passthrough:{}", export.path.display());
+    let source = VhostServer::start(&["--backend", "mem"]);
+    let mut dest = VhostServer::start(&["--backend", &spec]);
+    let qemu = Qemu::for_migration();
+    let image = GuestImage::build(&[], MIGRATING);
+    let spec = GuestSpec {
+        cpus: 1,
+        memory_mib: 256,
+        limit: Duration::from_secs(120),
+    };
+    let mut from = LiveGuest::start(&qemu, &image, &source.socket, "fsva", spec, None);
+    assert!(
+        from.wait_output("@@ready", Duration::from_secs(120)),
+        "{}",
+        from.output()
+    );
+    let uri = from.dir().join("migrate.sock");
+    let mut to = LiveGuest::start(&qemu, &image, &dest.socket, "fsva", spec, Some(&uri));
+    // The source learns of the destination's failure over the return path.
+    let cap = r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}"#;
+    assert!(from.qmp(cap).contains("return"));
+    assert!(to.qmp(cap).contains("return"));
+    let failed = from.migrate(&uri, Duration::from_secs(120));
+    assert!(failed.is_err(), "the migration went through: {failed:?}");
+    drop(to);
+    assert!(dest.wait_exit(Duration::from_secs(60)).is_some());
+    from.send_line("go");
+    let run = from.wait_exit(Duration::from_secs(120));
+    assert_eq!(run.exit(), Some(0), "{}\n{}", run.output, run.console);
+    assert_eq!(run.section("held"), ["before", "after"], "{}", run.output);
+    assert!(!run.output.contains("@@mismatch"), "{}", run.output);
+}
+
+/// A VMM's side of a vhost-user connection, far enough for state transfers.
+struct FakeVmm(vhost::vhost_user::Frontend);
+
+impl FakeVmm {
+    fn connect(socket: &std::path::Path) -> FakeVmm {
+        use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+        use vhost::VhostBackend;
+        let mut f = Frontend::connect(socket, 2).expect("connecting to the device");
+        f.set_owner().unwrap();
+        let features = f.get_features().unwrap();
+        assert_ne!(
+            features & (1 << 26),
+            0,
+            "the device does not log dirty pages"
+        );
+        f.set_features(features).unwrap();
+        let protocol = f.get_protocol_features().unwrap();
+        assert!(
+            protocol.contains(
+                VhostUserProtocolFeatures::DEVICE_STATE | VhostUserProtocolFeatures::LOG_SHMFD
+            ),
+            "{protocol:?}"
+        );
+        f.set_protocol_features(protocol).unwrap();
+        FakeVmm(f)
+    }
+
+    /// The device's state, as a VMM saves it.
+    fn save(&self) -> Result<Vec<u8>, String> {
+        use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+        use vhost::vhost_user::VhostUserFrontend;
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let reply = self
+            .0
+            .set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                w,
+            )
+            .map_err(|e| e.to_string())?;
+        assert!(reply.is_none(), "the device wants another pipe");
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut bytes).unwrap();
+        self.0.check_device_state().map_err(|e| e.to_string())?;
+        Ok(bytes)
+    }
+
+    /// Hands the device `bytes` as a state to load; its verdict.
+    fn load(&self, bytes: &[u8]) -> Result<(), String> {
+        use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+        use vhost::vhost_user::VhostUserFrontend;
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        self.0
+            .set_device_state_fd(
+                VhostTransferStateDirection::LOAD,
+                VhostTransferStatePhase::STOPPED,
+                r,
+            )
+            .map_err(|e| e.to_string())?;
+        let bytes = bytes.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut std::fs::File::from(w), &bytes);
+        });
+        writer.join().unwrap();
+        self.0.check_device_state().map_err(|e| e.to_string())
+    }
+}
+
+/// The state of a fresh device of `args`, saved as a VMM would.
+fn saved_state(args: &[&str]) -> Vec<u8> {
+    let mut server = VhostServer::start(args);
+    let vmm = FakeVmm::connect(&server.socket);
+    let state = vmm.save().expect("saving a fresh device's state");
+    drop(vmm);
+    assert!(server.wait_exit(Duration::from_secs(30)).is_some());
+    state
+}
+
+/// Hostile, truncated or foreign states handed to a device by its VMM are refused with
+/// an error the VMM sees, the device (in the appliance or relayed) goes on, and a good
+/// state still loads after them.
+#[test]
+fn hostile_device_states_are_refused_and_the_device_lives_on() {
+    let export = Scratch::new("vhost-state");
+    let spec = format!("passthrough:{}", export.path.display());
+    let good = saved_state(&["--backend", "mem"]);
+    let foreign = saved_state(&["--backend", &spec, "--relay"]);
+    let mut junk_state = Vec::new();
+    fsva_vhost::state_stream::write(&mut junk_state, b"not an appliance state", &[]).unwrap();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let hostile: [(&str, &[u8]); 6] = [
+        ("empty", b""),
+        ("garbage", b"this is no device state at all"),
+        ("truncated", &good[..good.len() - 9]),
+        ("corrupted", &flipped),
+        ("not an appliance state inside", &junk_state),
+        ("another backend's state", &foreign),
+    ];
+    for args in [
+        &["--backend", "mem"][..],
+        &["--backend", "mem", "--relay"][..],
+    ] {
+        let mut server = VhostServer::start(args);
+        let pid = server.appliance_pid();
+        let vmm = FakeVmm::connect(&server.socket);
+        for (what, bytes) in hostile {
+            assert!(vmm.load(bytes).is_err(), "{args:?}: {what} was accepted");
+            assert!(
+                server.wait_exit(Duration::from_millis(1)).is_none(),
+                "{args:?}: the server died on {what}"
+            );
+        }
+        // Nothing of that reached the appliance, which still serves.
+        assert_eq!(server.appliance_pid(), pid, "{args:?}");
+        vmm.load(&good).expect("a good state after hostile ones");
+        assert!(vmm.save().is_ok(), "{args:?}: saving after a load");
+        drop(vmm);
+        let status = server.wait_exit(Duration::from_secs(30));
+        assert!(status.is_some_and(|s| s.success()), "{args:?}: {status:?}");
+    }
+}

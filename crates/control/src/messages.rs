@@ -219,6 +219,12 @@ pub enum ToAppliance {
     /// until `fds` came), then wait. A later `Preload` or `Recover` brings only what
     /// is new. Answered `Preloaded`.
     Preload { checkpoint: bool, fds: u32 },
+    /// Pause, and answer `Checkpointed` with a state fit for a transfer that carries
+    /// bytes only (a vhost-user device's state, for a guest's migration): its
+    /// descriptors are only files whose contents travel by value (mem's memfds); a
+    /// passthrough state names none (its nodes are found again by path). `Resume`
+    /// ends the pause.
+    CheckpointForTransfer,
 }
 
 /// Most descriptors one message carries.

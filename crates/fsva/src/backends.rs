@@ -204,3 +204,32 @@ pub fn build(
         ),
     }
 }
+
+/// A checkpoint made fit for a transfer that carries bytes only (a vhost-user device's
+/// state for a guest's migration): mem keeps its memfds, whose contents then travel by
+/// value; passthrough drops its descriptors, its nodes and handles to be found again
+/// by path on the same export (ESTALE for what is gone).
+pub fn transferable(
+    spec: &BackendSpec,
+    state: Vec<u8>,
+    fds: Vec<fsva_appliance::state::StateFd>,
+) -> anyhow::Result<(Vec<u8>, Vec<fsva_appliance::state::StateFd>)> {
+    use fsva_appliance::state::{ApplianceState, BackendState};
+    match spec {
+        BackendSpec::Mem { .. } => Ok((state, fds)),
+        BackendSpec::Passthrough { .. } => {
+            drop(fds);
+            let mut s = ApplianceState::decode(&state)?.into_latest();
+            let backend = fsva_backend_passthrough::snapshot::portable(BackendState {
+                bytes: std::mem::take(&mut s.backend),
+                fds: Vec::new(),
+            })
+            .context("making the passthrough state portable")?;
+            s.backend = backend.bytes;
+            Ok((ApplianceState::V2(s).encode(), Vec::new()))
+        }
+        BackendSpec::Image { .. } => {
+            anyhow::bail!("a disk image's VM appliance cannot hand over its state yet")
+        }
+    }
+}

@@ -469,6 +469,18 @@ impl Appliance {
     /// Pauses a process appliance and takes its state (live restart). It stays paused
     /// until the caller replaces it; a checkpoint that fails resumes it on its side.
     pub fn checkpoint(&self) -> Result<SavedState, ApplianceError> {
+        self.take_state(&ToAppliance::Checkpoint)
+    }
+
+    /// Pauses a process appliance and takes its state for a transfer that carries
+    /// bytes only (a vhost-user device's state): its descriptors are files whose
+    /// contents are to travel by value. It stays paused until [`Appliance::resume`].
+    pub fn checkpoint_for_transfer(&self) -> Result<SavedState, ApplianceError> {
+        self.take_state(&ToAppliance::CheckpointForTransfer)
+    }
+
+    /// Sends `ask` (a checkpoint request) and receives the state it is answered with.
+    fn take_state(&self, ask: &ToAppliance) -> Result<SavedState, ApplianceError> {
         let Control::Local(link) = &self.control else {
             return Err(ApplianceError::Checkpoint(
                 "a VM appliance cannot be restarted live yet".into(),
@@ -478,7 +490,7 @@ impl Appliance {
         rustix::net::sockopt::set_socket_timeout(link, rustix::net::sockopt::Timeout::Recv, long)
             .ok();
         let result = (|| {
-            link.send(&ToAppliance::Checkpoint, &[])?;
+            link.send(ask, &[])?;
             let (reply, mut blob) = link.recv::<ToSupervisor>()?;
             let count = match reply {
                 ToSupervisor::Checkpointed { fds } => fds as usize,

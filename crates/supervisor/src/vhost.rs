@@ -7,12 +7,25 @@
 //! or on SIGINT/SIGTERM/SIGHUP; either way the appliance's stream is closed so it
 //! syncs and exits (a VM appliance unmounts its disk and powers off).
 //!
-//! This module wires parts together; it never relays a frame itself.
+//! A device served for a process appliance can be migrated with its guest
+//! (`VHOST_USER_PROTOCOL_F_DEVICE_STATE`): the VMM reads the appliance's state from
+//! the source device and hands it to the destination's, started the same way on the
+//! destination host. With the device in the appliance, the appliance does both
+//! itself. Relayed, this module asks the appliance for its state over the control
+//! link, and on the destination starts a successor restored from the received state
+//! (as a live restart does), moves the relay to it and stops the fresh appliance it
+//! replaces. A VM appliance's state cannot be moved yet: its device offers no device
+//! state, so the VMM refuses to migrate the guest.
+//!
+//! This module wires parts together; it never relays a frame itself and never
+//! interprets an appliance's state.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use std::os::unix::net::UnixStream;
 
 use fsva_control::{BackendSpec, ChannelKind, SandboxKind, StartConfig};
 
@@ -115,12 +128,23 @@ fn start_config(
 
 /// The broker link for a process appliance that needs device nodes made for it.
 fn device_broker(req: &VhostRequest) -> Result<Option<fsva_control::Link>, SupervisorError> {
-    if req.vm.is_some() || !crate::supervisor::needs_device_broker(&req.backend, req.sandbox) {
+    if req.vm.is_some() {
+        return Ok(None);
+    }
+    broker_for(&req.backend, req.sandbox)
+}
+
+/// The broker link for a process appliance of `backend` in `sandbox`, if it needs one.
+fn broker_for(
+    backend: &BackendSpec,
+    sandbox: SandboxKind,
+) -> Result<Option<fsva_control::Link>, SupervisorError> {
+    if !crate::supervisor::needs_device_broker(backend, sandbox) {
         return Ok(None);
     }
     let scope = crate::broker::BrokerScope {
         backing: None,
-        devices_in: crate::supervisor::open_export(&req.backend)?,
+        devices_in: crate::supervisor::open_export(backend)?,
         live_backing: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
     crate::broker::start(scope)
@@ -187,6 +211,200 @@ fn inline(
     }
 }
 
+/// The appliance a relayed device forwards to now. A migration's destination replaces
+/// it by one restored from the source's state.
+struct Current {
+    appliance: Appliance,
+    pid: u32,
+}
+
+/// What the waiters, the signal thread and the end of service share: the appliance of
+/// the moment.
+#[derive(Clone)]
+struct Shared {
+    current: Arc<std::sync::Mutex<Current>>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pid(&self) -> u32 {
+        self.lock().pid
+    }
+
+    fn kill(&self) {
+        self.lock().appliance.kill();
+    }
+
+    /// Stops the current appliance once its channel is closed (killing it if it
+    /// lingers).
+    fn stop(&self, vm: bool) {
+        let (pid, kill) = {
+            let c = self.lock();
+            (c.pid, c.appliance.killer())
+        };
+        stop_appliance(pid, kill, vm);
+    }
+}
+
+/// Fails the relay when the appliance `pid` exits, if it is still the current one
+/// (the fresh appliance a migration's destination replaces exits as planned).
+fn watch(
+    child: std::process::Child,
+    relay: Arc<fsva_vhost::relay::Relay<fsva_vhost::device::Token>>,
+    shared: Shared,
+) -> Result<(), SupervisorError> {
+    crate::supervisor::on_exit(child, move |pid, status| {
+        if shared.pid() == pid {
+            relay.fail(&format!("appliance exited ({status})"));
+        }
+    })
+}
+
+/// A thread that lives as long as the process and starts appliances for threads that
+/// do not: an appliance dies with the thread that started it (`PR_SET_PDEATHSIG`
+/// fires when the parent *thread* exits), and a device state transfer runs on a
+/// thread of its own that ends when the transfer does.
+struct Spawner(std::sync::Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>);
+
+impl Spawner {
+    fn start() -> Result<Spawner, SupervisorError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("fsva-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+                // Every sender is gone: the process is ending. Stay, so that what was
+                // started here lives until then.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .map_err(io_err("spawning the appliance starter thread".into()))?;
+        Ok(Spawner(std::sync::Mutex::new(tx)))
+    }
+
+    /// Runs `job` on the spawner's thread and returns its result.
+    fn run<R: Send + 'static>(&self, job: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Box::new(move || {
+                let _ = tx.send(job());
+            }));
+        sent.ok()?;
+        rx.recv().ok()
+    }
+}
+
+/// A relayed process appliance's side of a guest's migration.
+struct RelayedState {
+    spawner: Spawner,
+    exe: PathBuf,
+    /// The appliance's configuration (a successor's is the same, restoring).
+    config: StartConfig,
+    procs: Option<PathBuf>,
+    relay: Arc<fsva_vhost::relay::Relay<fsva_vhost::device::Token>>,
+    shared: Shared,
+}
+
+impl fsva_vhost::DeviceState for RelayedState {
+    fn save(&self) -> Result<fsva_vhost::Saved, String> {
+        let saved = self
+            .shared
+            .lock()
+            .appliance
+            .checkpoint_for_transfer()
+            .map_err(|e| e.to_string())?;
+        let state = fsva_control::blob::read(saved.blob)
+            .map_err(|e| format!("reading the appliance's state: {e}"))?;
+        Ok(fsva_vhost::Saved {
+            state,
+            files: saved
+                .fds
+                .into_iter()
+                .map(|f| Box::new(f) as Box<dyn std::os::fd::AsFd + Send>)
+                .collect(),
+        })
+    }
+
+    fn resume(&self) {
+        if let Err(e) = self.shared.lock().appliance.resume() {
+            tracing::error!(error = %e, "the appliance did not resume after its state was taken");
+        }
+    }
+
+    fn load(&self, incoming: fsva_vhost::Incoming) -> Result<(), String> {
+        if self.relay.has_forwarded() {
+            return Err("the appliance has served requests already".into());
+        }
+        let t0 = std::time::Instant::now();
+        let saved = crate::appliance::SavedState {
+            blob: fsva_control::blob::seal(&incoming.state)
+                .map_err(|e| format!("sealing the received state: {e}"))?,
+            fds: incoming.files,
+        };
+        let config = StartConfig {
+            restore: true,
+            ..self.config.clone()
+        };
+        let broker = broker_for(&config.backend, config.sandbox).map_err(|e| e.to_string())?;
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| format!("creating the stream channel: {e}"))?;
+        let (exe, procs) = (self.exe.clone(), self.procs.clone());
+        let starting = self
+            .spawner
+            .run(move || {
+                let mut fds = vec![theirs.as_fd()];
+                fds.extend(broker.as_ref().map(|l| l.as_fd()));
+                Appliance::spawn(
+                    &exe,
+                    &config,
+                    &fds,
+                    false,
+                    procs.as_deref(),
+                    launch::START_TIMEOUT,
+                )
+                .map_err(|e| e.to_string())
+            })
+            .ok_or("the appliance starter thread is gone")??;
+        if let Err(e) = starting.await_state_request() {
+            starting.abandon();
+            return Err(e.to_string());
+        }
+        let (appliance, child) = starting
+            .serve(Some(&saved))
+            .map_err(|e| format!("the appliance could not restore the state: {e}"))?;
+        drop(saved);
+        let pid = appliance.pid;
+        if let Err(e) = appliance.resume().and_then(|()| {
+            self.relay
+                .reattach(ours)
+                .map_err(|e| crate::appliance::ApplianceError::Failed(e.to_string()))
+        }) {
+            appliance.kill();
+            return Err(format!("switching to the restored appliance: {e}"));
+        }
+        let fresh = std::mem::replace(&mut *self.shared.lock(), Current { appliance, pid });
+        watch(child, self.relay.clone(), self.shared.clone()).map_err(|e| e.to_string())?;
+        // The fresh appliance never served; its stream is closed: it exits.
+        fresh.appliance.kill();
+        tracing::info!(
+            pid,
+            replaced = fresh.pid,
+            restore_ms = t0.elapsed().as_millis() as u64,
+            "serving the migrated guest from a restored appliance"
+        );
+        Ok(())
+    }
+}
+
 /// The supervisor is the device and relays requests to the appliance over a stream:
 /// the appliance never sees guest memory, and its death is an error for the guest, not
 /// a hang. VM appliances are always served this way.
@@ -197,25 +415,32 @@ fn relayed(
     socket: &str,
     tag: &str,
 ) -> Result<(), SupervisorError> {
-    let started = match &req.vm {
-        Some(plan) => launch::vm(plan, procs, req.cache_budget)?,
+    let (started, config) = match &req.vm {
+        Some(plan) => (launch::vm(plan, procs, req.cache_budget)?, None),
         None => {
             let (config, broker) = start_config(req, ChannelKind::Stream)?;
-            launch::sandboxed(&req.exe, &config, broker.as_ref().map(|l| l.as_fd()), procs)?
+            let started =
+                launch::sandboxed(&req.exe, &config, broker.as_ref().map(|l| l.as_fd()), procs)?;
+            (started, Some(config))
         }
     };
     let is_vm = req.vm.is_some();
     let pid = started.appliance.pid;
-    let kill = Arc::new(started.appliance.killer());
+    let shared = Shared {
+        current: Arc::new(std::sync::Mutex::new(Current {
+            appliance: started.appliance,
+            pid,
+        })),
+    };
     let server = {
-        let kill = kill.clone();
+        let shared = shared.clone();
         fsva_vhost::Server::relayed(
             req.device.clone(),
             started.stream,
             started.shm,
             Box::new(move |why| {
                 tracing::error!(reason = why, "appliance dropped; the guest gets EIO");
-                kill();
+                shared.kill();
             }),
         )
         .map_err(|e| SupervisorError::Io {
@@ -224,22 +449,27 @@ fn relayed(
         })?
     };
     let relay = server.relay().expect("a relayed device has a relay");
-    {
-        let relay = relay.clone();
-        crate::supervisor::on_exit(started.child, move |_, status| {
-            relay.fail(&format!("appliance exited ({status})"));
-        })?;
+    watch(started.child, relay.clone(), shared.clone())?;
+    if let Some(config) = config {
+        server.set_device_state(Arc::new(RelayedState {
+            spawner: Spawner::start()?,
+            exe: req.exe.clone(),
+            config,
+            procs: procs.map(|p| p.to_path_buf()),
+            relay: relay.clone(),
+            shared: shared.clone(),
+        }));
     }
     {
         let relay = relay.clone();
-        let kill = kill.clone();
+        let shared = shared.clone();
         std::thread::Builder::new()
             .name("fsva-signals".into())
             .spawn(move || {
                 let sig = wait_termination_signal();
                 tracing::info!(signal = sig, "stopping: closing the appliance's channel");
                 relay.close();
-                stop_appliance(pid, &*kill, is_vm);
+                shared.stop(is_vm);
                 std::process::exit(0);
             })
             .map_err(io_err("spawning the signal thread".into()))?;
@@ -247,7 +477,7 @@ fn relayed(
     ready(req, socket, tag, pid, "relayed by the supervisor");
     let served = server.serve(fsva_vhost::Listener::from(listener));
     relay.close();
-    stop_appliance(pid, &*kill, is_vm);
+    shared.stop(is_vm);
     served.map_err(|e| SupervisorError::Io {
         what: format!("serving the VMM on {socket}"),
         source: std::io::Error::other(e.to_string()),

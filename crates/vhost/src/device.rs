@@ -17,8 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fsva_protocol::reply::ReplyBuf;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -30,6 +34,7 @@ use vmm_sys_util::event::{
 
 use crate::chain::{self, ReplySpace};
 use crate::config::DeviceConfig;
+use crate::migration::{DeviceState, Direction, Transfers};
 use crate::relay::{Forwarded, OnFailure, Relay};
 
 /// How long stopping a queue waits for its requests at the appliance.
@@ -39,7 +44,17 @@ const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// largest request by the queue).
 const MAX_QUEUE_SIZE: usize = 1024;
 
-type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+/// Guest memory, with the dirty-page log the VMM reads during a live migration: every
+/// write of ours into guest memory (replies, used rings) marks its pages once the VMM
+/// has set a log (`VHOST_USER_SET_LOG_BASE`), so pages we change after they were
+/// copied are copied again.
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
+/// A vring over that memory.
+pub type VringRwLock = vhost_user_backend::VringRwLock<Memory>;
+
+/// `VHOST_F_LOG_ALL`: the device logs its writes to guest memory (required by the VMM
+/// for live migration).
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Where a request's reply goes.
 #[derive(Debug)]
@@ -158,6 +173,10 @@ pub struct FsDevice {
     config: DeviceConfig,
     queues: Arc<Queues>,
     route: Route,
+    /// The appliance's side of migration; unset, the device offers no device state
+    /// (and no dirty log), so the VMM refuses to migrate the guest.
+    state: std::sync::OnceLock<Arc<dyn DeviceState>>,
+    transfers: Arc<Transfers>,
 }
 
 impl FsDevice {
@@ -186,6 +205,8 @@ impl FsDevice {
             config,
             queues,
             route: Route::Relay(relay),
+            state: Default::default(),
+            transfers: Default::default(),
         }))
     }
 
@@ -195,7 +216,34 @@ impl FsDevice {
             queues: Queues::new(&config, memory),
             config,
             route: Route::Inline(inline),
+            state: Default::default(),
+            transfers: Default::default(),
         })
+    }
+
+    /// Makes the device migratable: `state` saves and loads the appliance's state.
+    /// Must be set before a VMM connects (the features it offers depend on it); a
+    /// second call is ignored.
+    pub fn set_device_state(&self, state: Arc<dyn DeviceState>) {
+        let _ = self.state.set(state);
+    }
+
+    fn migratable(&self) -> bool {
+        self.state.get().is_some()
+    }
+
+    /// Waits (at most [`STOP_DRAIN`]) until no request is in flight on any queue.
+    fn quiesced(queues: &Queues) -> bool {
+        let deadline = std::time::Instant::now() + STOP_DRAIN;
+        loop {
+            if (0..queues.in_flight.len()).all(|q| queues.in_flight(q).is_empty()) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// The link to the appliance, for a relayed device (to fail it when the appliance
@@ -226,6 +274,11 @@ impl FsDevice {
                 .take(most)
                 .collect()
         };
+        if !chains.is_empty() {
+            self.transfers
+                .served
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         BUFFERS.with_borrow_mut(|(frame, reply)| {
             for c in chains {
                 let head = c.head_index();
@@ -274,7 +327,7 @@ impl FsDevice {
 }
 
 impl VhostUserBackend for FsDevice {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
@@ -290,6 +343,11 @@ impl VhostUserBackend for FsDevice {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | if self.migratable() {
+                VHOST_F_LOG_ALL
+            } else {
+                0
+            }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -297,6 +355,10 @@ impl VhostUserBackend for FsDevice {
         if self.config.tag().is_some() {
             // The VMM may take the tag from us (a generic vhost-user device does).
             f |= VhostUserProtocolFeatures::CONFIG;
+        }
+        if self.migratable() {
+            // The dirty log in a shared memfd, and the state through a pipe.
+            f |= VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::DEVICE_STATE;
         }
         f
     }
@@ -338,6 +400,40 @@ impl VhostUserBackend for FsDevice {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: std::fs::File,
+    ) -> std::io::Result<Option<std::fs::File>> {
+        let Some(state) = self.state.get() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this device cannot be migrated (a VM appliance's state cannot be moved yet)",
+            ));
+        };
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(std::io::Error::other(format!(
+                "device state transfer in phase {phase:?}: only a stopped device's state is transferred"
+            )));
+        }
+        let direction = match direction {
+            VhostTransferStateDirection::SAVE => Direction::Save,
+            VhostTransferStateDirection::LOAD => Direction::Load,
+        };
+        let queues = self.queues.clone();
+        self.transfers
+            .start(state.clone(), direction, file, move || {
+                FsDevice::quiesced(&queues)
+            })?;
+        // The pipe the VMM gave is the one we use.
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> std::io::Result<()> {
+        self.transfers.check()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

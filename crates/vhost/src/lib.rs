@@ -11,7 +11,9 @@
 //! - [`config`]: tag, queue count, the virtio-fs configuration space.
 //! - [`chain`]: descriptor chains to request frames and back, every guest value checked.
 //! - [`relay`]: the link to the appliance (ids, the waiting table, reply checks).
-//! - [`device`]: the vhost-user back end: queues, workers, completions.
+//! - [`device`]: the vhost-user back end: queues, workers, completions, the dirty log.
+//! - [`migration`]: the device's state for a guest's migration, through the appliance.
+//! - [`state_stream`]: that state as bytes, the files it names carried by value.
 //! - [`serve`]: one VMM connection on a socket, served until it goes away.
 //!
 //! This crate never starts or watches an appliance (the supervisor does) and never
@@ -20,12 +22,17 @@
 pub mod chain;
 pub mod config;
 pub mod device;
+pub mod migration;
 pub mod relay;
+pub mod state_stream;
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use migration::{DeviceState, Saved};
+pub use state_stream::Incoming;
 
 pub use config::DeviceConfig;
 pub use device::{FsDevice, Inline};
@@ -45,7 +52,7 @@ pub enum VhostError {
 /// A device ready to serve, with the handle that fails its appliance link.
 pub struct Server {
     device: Arc<FsDevice>,
-    memory: GuestMemoryAtomic<GuestMemoryMmap>,
+    memory: device::Memory,
 }
 
 impl Server {
@@ -69,6 +76,12 @@ impl Server {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let device = FsDevice::inline(config, memory.clone(), inline);
         Server { device, memory }
+    }
+
+    /// Makes the device migratable (`VHOST_USER_PROTOCOL_F_DEVICE_STATE`): `state`
+    /// saves and loads the appliance's state. Without it the VMM refuses to migrate.
+    pub fn set_device_state(&self, state: Arc<dyn DeviceState>) {
+        self.device.set_device_state(state);
     }
 
     /// The appliance link of a relayed device, to fail (the appliance died) or close

@@ -9,6 +9,10 @@
 //! of these, closes its stream or dies fails the link: every waiting request is
 //! completed with EIO, and every later one at once.
 //!
+//! A link may be moved to a new appliance while nothing waits ([`Relay::reattach`]: a
+//! migration's destination replaces the fresh appliance it started by one restored
+//! from the source's state); the old stream's end is then no failure.
+//!
 //! This module never reads a payload and never touches guest memory: completing a
 //! request (writing the reply into the chain) is the caller's `complete` callback.
 
@@ -59,8 +63,11 @@ struct Waiting<T> {
 /// The link to one appliance.
 pub struct Relay<T> {
     to_appliance: Mutex<UnixStream>,
-    /// The same socket, to shut down without the writer's lock.
-    shutdown: UnixStream,
+    /// The same socket, to shut down without the writer's lock (held only to swap or
+    /// shut it, never across a blocking call).
+    shutdown: Mutex<UnixStream>,
+    /// Which stream is current: a reply reader of an earlier one ends silently.
+    generation: AtomicU64,
     shm: Option<Arc<ShmRegion>>,
     waiting: Mutex<HashMap<u64, Waiting<T>>>,
     next_unique: AtomicU64,
@@ -82,7 +89,8 @@ impl<T: Send + 'static> Relay<T> {
         let shutdown = stream.try_clone()?;
         let relay = Arc::new(Relay {
             to_appliance: Mutex::new(stream),
-            shutdown,
+            shutdown: Mutex::new(shutdown),
+            generation: AtomicU64::new(0),
             shm,
             waiting: Mutex::new(HashMap::new()),
             next_unique: AtomicU64::new(1),
@@ -150,8 +158,63 @@ impl<T: Send + 'static> Relay<T> {
         }
     }
 
-    /// Delivers the appliance's replies until the link fails; returns why it did.
+    /// Delivers the appliance's replies until the link fails.
     pub fn run_replies(&self, reader: UnixStream) {
+        self.replies_of(reader, 0)
+    }
+
+    /// Whether any request was sent to an appliance over this link.
+    pub fn has_forwarded(&self) -> bool {
+        self.next_unique.load(Ordering::Relaxed) > 1
+    }
+
+    /// Moves the link to a new appliance's `stream` (a process appliance's: no shared
+    /// memory) and starts delivering its replies. Only while no request waits: the
+    /// old appliance's stream is shut and its end is not a failure.
+    pub fn reattach(self: &Arc<Self>, stream: UnixStream) -> std::io::Result<()> {
+        if self.shm.is_some() {
+            return Err(std::io::Error::other(
+                "a link with a shared-memory data path cannot move to another appliance",
+            ));
+        }
+        let reader = stream.try_clone()?;
+        let shutdown = stream.try_clone()?;
+        let generation = {
+            let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if self.is_dead() {
+                return Err(std::io::Error::other("the appliance link has failed"));
+            }
+            if !waiting.is_empty() {
+                return Err(std::io::Error::other(format!(
+                    "{} requests wait at the appliance; the link cannot move",
+                    waiting.len()
+                )));
+            }
+            let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            let old = std::mem::replace(
+                &mut *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()),
+                shutdown,
+            );
+            *self.to_appliance.lock().unwrap_or_else(|p| p.into_inner()) = stream;
+            let _ = old.shutdown(std::net::Shutdown::Both);
+            generation
+        };
+        let relay = self.clone();
+        std::thread::Builder::new()
+            .name("fsva-vhost-reply".into())
+            .spawn(move || relay.replies_of(reader, generation))
+            .map(|_| ())
+    }
+
+    /// Delivers the replies on stream `generation` until it ends: a failure of the
+    /// link if it is still the current one.
+    fn replies_of(&self, reader: UnixStream, generation: u64) {
+        let current = || self.generation.load(Ordering::SeqCst) == generation;
+        let fail = |why: &str| {
+            if current() {
+                self.fail(why);
+            }
+        };
         let mut buf = vec![0u8; MAX_REQUEST];
         let min = core::mem::size_of::<OutHeader>();
         loop {
@@ -164,14 +227,14 @@ impl<T: Send + 'static> Relay<T> {
             );
             let n = match received {
                 Ok(Some(n)) => n,
-                Ok(None) => return self.fail("the appliance closed its stream"),
-                Err(e) => return self.fail(&format!("malformed reply frame: {e}")),
+                Ok(None) => return fail("the appliance closed its stream"),
+                Err(e) => return fail(&format!("malformed reply frame: {e}")),
             };
-            if self.is_dead() {
+            if self.is_dead() || !current() {
                 return;
             }
             if let Err(why) = self.deliver(&mut buf[..n]) {
-                return self.fail(&why);
+                return fail(&why);
             }
         }
     }
@@ -230,7 +293,7 @@ impl<T: Send + 'static> Relay<T> {
             reason = why,
             "dropping the appliance; answering the guest with EIO"
         );
-        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+        self.shut();
         let mut reply = ReplyBuf::default();
         for w in waiting {
             (self.complete)(w.token, reply.error(w.guest_unique, libc::EIO));
@@ -241,7 +304,15 @@ impl<T: Send + 'static> Relay<T> {
     /// Closes the link at the end of service (not a failure).
     pub fn close(&self) {
         self.dead.store(true, Ordering::SeqCst);
-        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+        self.shut();
+    }
+
+    fn shut(&self) {
+        let _ = self
+            .shutdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -321,6 +392,42 @@ mod tests {
             relay.forward(&mut request(opcode::GETATTR, 8), 3),
             Forwarded::Refused(3, libc::EIO)
         ));
+    }
+
+    #[test]
+    fn a_link_moves_to_a_new_appliance_and_the_old_ones_end_is_no_failure() {
+        let (relay, reader, _first, done) = relay();
+        let r = relay.clone();
+        let t = std::thread::spawn(move || r.run_replies(reader));
+        let (ours, mut second) = UnixStream::pair().unwrap();
+        relay.reattach(ours).unwrap();
+        // The old stream was shut: its reader ends, the link lives.
+        t.join().unwrap();
+        assert!(!relay.is_dead());
+        let mut a = request(opcode::GETATTR, 5);
+        assert!(matches!(relay.forward(&mut a, 1), Forwarded::Sent));
+        let mut got = [0u8; 40];
+        std::io::Read::read_exact(&mut second, &mut got).unwrap();
+        let ours = u64::from_ne_bytes(got[8..16].try_into().unwrap());
+        let mut reply = ReplyBuf::default();
+        second.write_all(reply.error(ours, libc::ENOENT)).unwrap();
+        let (token, frame) = done.recv().unwrap();
+        assert_eq!(token, 1);
+        let (h, _) = OutHeader::read_from_prefix(&frame[..]).unwrap();
+        assert_eq!((h.unique, h.error), (5, -libc::ENOENT));
+        // With a request waiting, the link does not move.
+        assert!(matches!(
+            relay.forward(&mut request(opcode::GETATTR, 6), 2),
+            Forwarded::Sent
+        ));
+        assert!(relay.reattach(UnixStream::pair().unwrap().0).is_err());
+        // The new appliance's end is a failure as before.
+        drop(second);
+        let (token, frame) = done.recv().unwrap();
+        assert_eq!(token, 2);
+        let (h, _) = OutHeader::read_from_prefix(&frame[..]).unwrap();
+        assert_eq!(h.error, -libc::EIO);
+        assert!(relay.is_dead());
     }
 
     #[test]

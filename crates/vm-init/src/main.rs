@@ -183,6 +183,7 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                         }
                     }
                     ToAppliance::Checkpoint
+                    | ToAppliance::CheckpointForTransfer
                     | ToAppliance::CheckpointNow
                     | ToAppliance::Preload { .. }
                     | ToAppliance::Restore { .. }

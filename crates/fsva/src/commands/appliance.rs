@@ -337,6 +337,17 @@ fn serve(
         }
     };
     let restarted = config.restore;
+    // A vhost-user device may be the destination of a guest's migration: it then
+    // builds its backend again, from the state the source sent, with the same export.
+    let rebuild = match config.channel {
+        ChannelKind::Vhost { .. } => {
+            match Rebuild::new(config, &root, &proc_self_fd, &device_nodes) {
+                Ok(r) => Some(r),
+                Err(e) => return fail(link, format!("{e:#}")),
+            }
+        }
+        _ => None,
+    };
     let fs = match crate::backends::build(&config.backend, root, proc_self_fd, device_nodes, start)
     {
         Ok(fs) => fs,
@@ -451,6 +462,20 @@ fn serve(
                             message: e.to_string(),
                         },
                     },
+                    ToAppliance::CheckpointForTransfer => {
+                        match transfer_checkpoint(&server, &config.backend) {
+                            Ok((bytes, fds)) => {
+                                if let Err(e) = send_state(link, &bytes, &fds) {
+                                    tracing::error!(error = %e, "sending the checkpoint failed");
+                                    server.resume();
+                                }
+                                continue;
+                            }
+                            Err(e) => ToSupervisor::Failed {
+                                message: format!("{e:#}"),
+                            },
+                        }
+                    }
                     ToAppliance::CheckpointNow => match &kept {
                         Some(k) => match server.journal_checkpoint(&*k.keeper) {
                             Ok(boundary) => ToSupervisor::CheckpointTaken { boundary },
@@ -486,7 +511,11 @@ fn serve(
         });
         let ok = match (vhost_listener, config.channel) {
             (Some(listener), ChannelKind::Vhost { request_queues }) => {
-                serve_vhost(&server, listener, config.vhost_tag.clone(), request_queues)
+                let inline = Arc::new(InlineServer {
+                    server: std::sync::RwLock::new(server.clone()),
+                    rebuild: rebuild.expect("made for every vhost channel"),
+                });
+                serve_vhost(inline, listener, config.vhost_tag.clone(), request_queues)
             }
             _ => {
                 let result = server.serve(channels, config.workers_per_channel as usize);
@@ -692,8 +721,96 @@ fn receive_state(
     Ok((backend, state))
 }
 
-/// The appliance's dispatcher as the vhost-user-fs device's inline route.
-struct InlineServer(Arc<Server>);
+/// Pauses the server and takes its state for a transfer that carries bytes only;
+/// resumes it if that fails.
+fn transfer_checkpoint(
+    server: &Server,
+    spec: &BackendSpec,
+) -> anyhow::Result<(Vec<u8>, Vec<fsva_appliance::state::StateFd>)> {
+    let (bytes, fds) = server.checkpoint()?;
+    crate::backends::transferable(spec, bytes, fds).inspect_err(|_| server.resume())
+}
+
+/// What building the backend again from a received state needs: the spec and
+/// duplicates of what the first build consumed.
+struct Rebuild {
+    spec: BackendSpec,
+    root: Option<OwnedFd>,
+    proc_self_fd: Option<OwnedFd>,
+    device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
+    cache_budget: Option<u64>,
+}
+
+impl Rebuild {
+    fn new(
+        config: &StartConfig,
+        root: &Option<OwnedFd>,
+        proc_self_fd: &Option<OwnedFd>,
+        device_nodes: &Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
+    ) -> anyhow::Result<Rebuild> {
+        let dup = |fd: &Option<OwnedFd>| {
+            fd.as_ref()
+                .map(|f| f.try_clone())
+                .transpose()
+                .context("keeping the export for a migration's restore")
+        };
+        Ok(Rebuild {
+            spec: config.backend.clone(),
+            root: dup(root)?,
+            proc_self_fd: dup(proc_self_fd)?,
+            device_nodes: device_nodes.clone(),
+            cache_budget: config.cache_budget,
+        })
+    }
+
+    /// A server restored from `incoming` (the state a migration's source sent).
+    fn server(&self, incoming: fsva_vhost::Incoming) -> anyhow::Result<Server> {
+        use fsva_appliance::state::{ApplianceState, BackendState, StateFd};
+        let state = ApplianceState::decode(&incoming.state)
+            .context("the received state")?
+            .into_latest();
+        let backend = BackendState {
+            bytes: state.backend.clone(),
+            fds: incoming.files.into_iter().map(StateFd::Owned).collect(),
+        };
+        let dup = |fd: &Option<OwnedFd>| fd.as_ref().map(|f| f.try_clone()).transpose();
+        let fs = crate::backends::build(
+            &self.spec,
+            dup(&self.root)?,
+            dup(&self.proc_self_fd)?,
+            self.device_nodes.clone(),
+            crate::backends::Start::Snapshot(backend),
+        )?;
+        if let Some(bytes) = self.cache_budget {
+            fs.set_cache_budget(bytes);
+        }
+        Ok(Server::restored(
+            fs,
+            SessionConfig::default(),
+            None,
+            None,
+            &state,
+            &[],
+        ))
+    }
+}
+
+/// The appliance's dispatcher as the vhost-user-fs device's inline route, and its side
+/// of a guest's migration: the state of the dispatcher (session included) and backend
+/// saved into, or replaced by, what the VMM moves.
+struct InlineServer {
+    server: std::sync::RwLock<Arc<Server>>,
+    rebuild: Rebuild,
+}
+
+impl InlineServer {
+    fn current(&self) -> Arc<Server> {
+        self.server
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
 
 impl fsva_vhost::Inline for InlineServer {
     fn answer<'r>(
@@ -701,13 +818,48 @@ impl fsva_vhost::Inline for InlineServer {
         frame: &[u8],
         reply: &'r mut fsva_protocol::reply::ReplyBuf,
     ) -> Option<&'r [u8]> {
-        self.0.answer(frame, reply)
+        self.server
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .answer(frame, reply)
+    }
+}
+
+impl fsva_vhost::DeviceState for InlineServer {
+    fn save(&self) -> Result<fsva_vhost::Saved, String> {
+        let (state, fds) = transfer_checkpoint(&self.current(), &self.rebuild.spec)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(fsva_vhost::Saved {
+            state,
+            files: fds
+                .into_iter()
+                .map(|f| Box::new(f) as Box<dyn std::os::fd::AsFd + Send>)
+                .collect(),
+        })
+    }
+
+    fn resume(&self) {
+        self.current().resume();
+    }
+
+    fn load(&self, incoming: fsva_vhost::Incoming) -> Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let restored = self
+            .rebuild
+            .server(incoming)
+            .map_err(|e| format!("{e:#}"))?;
+        *self.server.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(restored);
+        tracing::info!(
+            restore_us = t0.elapsed().as_micros() as u64,
+            "took over the migration source's state"
+        );
+        Ok(())
     }
 }
 
 /// Serves one VMM on `listener` as a vhost-user-fs device until it disconnects.
 fn serve_vhost(
-    server: &Arc<Server>,
+    inline: Arc<InlineServer>,
     listener: std::os::unix::net::UnixListener,
     tag: Option<String>,
     request_queues: u16,
@@ -719,9 +871,10 @@ fn serve_vhost(
             return false;
         }
     };
-    let served = fsva_vhost::Server::inline(device, Arc::new(InlineServer(server.clone())))
-        .serve(fsva_vhost::Listener::from(listener));
-    server.finish();
+    let server = fsva_vhost::Server::inline(device, inline.clone());
+    server.set_device_state(inline.clone());
+    let served = server.serve(fsva_vhost::Listener::from(listener));
+    inline.current().finish();
     match served {
         Ok(()) => true,
         Err(e) => {
