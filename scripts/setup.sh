@@ -14,6 +14,8 @@ if [[ " $* " == *" --test-tools "* ]]; then
   need_pkgs+=(e2fsprogs dosfstools f2fs-tools jfsutils genisoimage)
   # The user VMs of the vhost-user-fs tests: a busybox initramfs around the stock kernel.
   need_pkgs+=(busybox-static)
+  # The migration tests' second host: a network namespace on a veth pair.
+  need_pkgs+=(iproute2)
 fi
 missing=()
 for p in "${need_pkgs[@]}"; do

@@ -541,6 +541,72 @@ impl Journal {
         Ok(records)
     }
 
+    /// Reads back every record after `boundary`, in order, as [`Journal::recover`] does,
+    /// but leaves the journal as it is: for reading a stopped appliance's journal
+    /// without becoming its writer (a migration sends these records to another host).
+    pub fn read_after(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
+        self.read(boundary, true)
+    }
+
+    /// As [`Journal::read_after`], while the appliance still writes: records written
+    /// meanwhile may be missing at the end (each record is seen whole or not at all),
+    /// so a record written but not seen is no sign of damage here.
+    pub fn read_live(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
+        self.read(boundary, false)
+    }
+
+    fn read(&self, boundary: u64, stopped: bool) -> Result<Vec<Record>, JournalError> {
+        let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
+        if lost > boundary {
+            return Err(JournalError::Incomplete { lost, boundary });
+        }
+        // Records the boundary covers are walked over, not read (see `scan`).
+        let mut records: Vec<Record> = [self.scan(0, boundary), self.scan(1, boundary)]
+            .into_iter()
+            .flat_map(|s| s.records)
+            .filter(|r| r.seq > boundary)
+            .collect();
+        records.sort_by_key(|r| r.seq);
+        for (i, r) in records.iter().enumerate() {
+            let want = boundary + 1 + i as u64;
+            if r.seq != want {
+                return Err(JournalError::Gap(want));
+            }
+        }
+        let last = records.last().map_or(boundary, |r| r.seq);
+        if stopped && self.map.word(H_WRITTEN).load(Ordering::Acquire) > last {
+            // Records that were written whole are unreadable: the journal is damaged.
+            return Err(JournalError::Gap(last + 1));
+        }
+        Ok(records)
+    }
+
+    /// Writes `records` — numbered `after + 1` on, in order — into a journal nothing
+    /// has written yet, as if this journal's appliance had written them after a
+    /// checkpoint at `after`: another host's journal tail, so that an appliance here
+    /// rebuilds from the same checkpoint and records (migration). Writing goes on
+    /// after them.
+    pub fn seed(&self, after: u64, records: &[Record]) -> Result<(), JournalError> {
+        {
+            let mut w = self.lock();
+            if w.next_seq != 1 || w.epoch != [0; 2] || w.cursor != AREA_HEADER {
+                return Err(JournalError::Unusable(
+                    "records can only be seeded into a journal nothing wrote yet".into(),
+                ));
+            }
+            w.next_seq = after + 1;
+            w.stored = after;
+        }
+        for (i, r) in records.iter().enumerate() {
+            let want = after + 1 + i as u64;
+            if r.seq != want {
+                return Err(JournalError::Gap(want));
+            }
+            self.append(&r.payload)?;
+        }
+        Ok(())
+    }
+
     /// The valid records of area `a` after `boundary`, from its start to the first
     /// invalid one (records the checkpoint covers are walked over, not read).
     fn scan(&self, a: usize, boundary: u64) -> AreaScan {
@@ -771,5 +837,44 @@ mod tests {
         let fd = rustix::fs::memfd_create("x", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
         assert!(matches!(Journal::open(fd), Err(JournalError::Unusable(_))));
+    }
+
+    #[test]
+    fn a_tail_read_elsewhere_seeds_another_journal() {
+        let (j, fd) = journal(MIN_AREA);
+        for i in 0..6u8 {
+            j.append(&[i; 5]).unwrap();
+        }
+        // Reading leaves the journal as it was: its writer goes on where it was.
+        let tail = reopen(&fd).read_after(3).unwrap();
+        assert_eq!(tail.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5, 6]);
+        assert_eq!(j.append(b"seven").unwrap(), 7);
+
+        let (other, other_fd) = journal(MIN_AREA);
+        other.seed(3, &tail).unwrap();
+        assert_eq!(
+            other.append(b"next").unwrap(),
+            7,
+            "writing goes on after the tail"
+        );
+        drop(other);
+        let r = reopen(&other_fd).recover(3).unwrap();
+        assert_eq!(r.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);
+        assert_eq!(r[0].payload, [3u8; 5]);
+        // A tail with a hole, or a journal already written, is refused.
+        let (fresh, _) = journal(MIN_AREA);
+        assert_eq!(fresh.seed(2, &tail), Err(JournalError::Gap(3)));
+        assert!(matches!(j.seed(3, &tail), Err(JournalError::Unusable(_))));
+
+        // After a checkpoint's rotation, the tail after it comes from the new area
+        // alone, and a tail from before it from both.
+        assert_eq!(j.rotate(), 7);
+        j.append(b"eight").unwrap();
+        j.append(b"nine").unwrap();
+        let r = reopen(&fd);
+        let seqs = |v: Vec<Record>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(r.read_after(7).unwrap()), [8, 9]);
+        assert_eq!(seqs(r.read_after(8).unwrap()), [9]);
+        assert_eq!(seqs(r.read_after(5).unwrap()), [6, 7, 8, 9]);
     }
 }

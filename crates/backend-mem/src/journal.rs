@@ -247,6 +247,23 @@ pub(crate) fn decode(payload: &[u8]) -> Result<RecordV1, StateError> {
     }
 }
 
+/// The memfds a record (its payload without the tag byte) names: the files whose
+/// metadata it holds, which every change of a file's contents records (writes,
+/// truncation, fallocate, copies). What changed a memfd's contents after a given
+/// record is thus found by reading the records after it, without reading a byte of
+/// data (a migration sends these files again).
+pub fn memfd_ids(payload: &[u8]) -> Result<Vec<u64>, StateError> {
+    let rec = decode(payload)?;
+    Ok(rec
+        .inodes
+        .iter()
+        .filter_map(|m| match m.kind {
+            KindMetaV1::File(Some((id, _))) => Some(id),
+            _ => None,
+        })
+        .collect())
+}
+
 /// What a successor keeps of the records it replayed: per request, how to answer it
 /// if the kernel resends it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -28,6 +28,7 @@ pub mod dir;
 pub mod handle;
 pub mod inode;
 mod journal;
+pub use journal::memfd_ids;
 mod snapshot;
 pub mod xattr;
 

@@ -1537,3 +1537,56 @@ fn a_checkpoint_soon_after_a_recovery_keeps_the_answers_for_resends() {
         again.map(|e| e.ino)
     );
 }
+
+#[test]
+fn records_name_the_memfds_whose_contents_changed() {
+    let fd = fsva_appliance::journal::create(1 << 20).unwrap();
+    let journal = Arc::new(Journal::open(fd.try_clone().unwrap()).unwrap());
+    let fs = MemFs::journaled(
+        MemConfig {
+            capacity_bytes: 64 << 20,
+            root_mode: 0o777,
+            ..Default::default()
+        },
+        journal.clone(),
+        Arc::new(TestKeeper::default()),
+    );
+    let (a, fa) = create(&fs, &root(), ROOT, "a", 0o644);
+    let (b, fb) = create(&fs, &root(), ROOT, "b", 0o644);
+    let id_of = |ino: u64| {
+        fs.rlock()
+            .inodes
+            .get(ino)
+            .unwrap()
+            .data()
+            .expect("a file with data")
+            .id()
+    };
+    fs.write(&root(), a, fa, 0, b"x", 0, libc::O_RDWR as u32)
+        .unwrap();
+    let (id_a, id_b) = (id_of(a), id_of(b));
+    assert_ne!(id_a, id_b);
+    let from = journal.rotate();
+    // After this point: b is written, then a is truncated; a lookup names no file.
+    fs.write(&root(), b, fb, 0, b"yy", 0, libc::O_RDWR as u32)
+        .unwrap();
+    let set = abi::SetattrIn {
+        valid: fattr::SIZE,
+        size: 0,
+        ..Default::default()
+    };
+    fs.setattr(&root(), a, &set).unwrap();
+    fs.lookup(&root(), ROOT, n("a")).unwrap();
+    let mut named = Vec::new();
+    for r in journal.read_after(from).unwrap() {
+        let (&tag, payload) = r.payload.split_first().unwrap();
+        assert_eq!(tag, fsva_appliance::journal::BACKEND);
+        named.extend(memfd_ids(payload).unwrap());
+    }
+    named.sort_unstable();
+    named.dedup();
+    let mut want = vec![id_a, id_b];
+    want.sort_unstable();
+    assert_eq!(named, want);
+    assert!(memfd_ids(b"\xff\xff garbage").is_err());
+}

@@ -26,22 +26,32 @@ pub const MAX_FRAME: usize = 64 * 1024;
 pub struct FramedLink {
     reader: Mutex<File>,
     writer: Mutex<File>,
+    /// Largest frame sent or accepted ([`MAX_FRAME`] unless [`FramedLink::with_max_frame`]).
+    max: usize,
 }
 
 impl FramedLink {
     /// Wraps a connected stream (a socket or a character device).
     pub fn new(stream: impl Into<OwnedFd>) -> std::io::Result<Self> {
+        Self::with_max_frame(stream, MAX_FRAME)
+    }
+
+    /// As [`FramedLink::new`], with frames of up to `max` bytes (a link that carries
+    /// bulk data in its messages, such as a migration's; still refused before anything
+    /// is allocated when a peer announces more).
+    pub fn with_max_frame(stream: impl Into<OwnedFd>, max: usize) -> std::io::Result<Self> {
         let reader = File::from(stream.into());
         Ok(Self {
             writer: Mutex::new(reader.try_clone()?),
             reader: Mutex::new(reader),
+            max,
         })
     }
 
     /// Sends one message.
     pub fn send<T: Serialize>(&self, msg: &T) -> Result<(), LinkError> {
         let body = postcard::to_stdvec(&Envelope::V1(msg)).map_err(LinkError::Decode)?;
-        if body.len() > MAX_FRAME {
+        if body.len() > self.max {
             return Err(LinkError::TooLarge);
         }
         let mut frame = Vec::with_capacity(4 + body.len());
@@ -88,7 +98,7 @@ impl FramedLink {
             }
         }
         let len = u32::from_le_bytes(len) as usize;
-        if len > MAX_FRAME {
+        if len > self.max {
             return Err(LinkError::TooLarge);
         }
         let mut body = vec![0u8; len];

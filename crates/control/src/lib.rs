@@ -6,13 +6,16 @@
 //! - [`link`]: how it is carried: one message per `SOCK_SEQPACKET` datagram, encoded with
 //!   postcard, with descriptors attached as `SCM_RIGHTS`;
 //! - [`framed`]: the same messages length-framed over a byte stream, for VM appliances
-//!   reached through a virtio-serial port.
+//!   reached through a virtio-serial port;
+//! - [`host`]: what a supervisor and a host daemon say over TCP when a mount's
+//!   appliance migrates to another host, and the shared-key handshake before it.
 //!
 //! This crate must never carry FUSE traffic and never act on a message: it only encodes,
 //! decodes and moves them.
 
 pub mod blob;
 pub mod framed;
+pub mod host;
 pub mod link;
 pub mod messages;
 

@@ -299,6 +299,14 @@ pub enum AdminRequest {
     Restart,
     /// `Status` with the recovery counters (answered `StatusFull`).
     StatusFull,
+    /// Move the appliance to the host daemon at `to` (`HOST:PORT`), authenticating with
+    /// `key` (read by the CLI from its `--key-file`). Answered `Migrated`.
+    Migrate {
+        to: String,
+        key: Vec<u8>,
+    },
+    /// `StatusFull` with the migration counters (answered `StatusMigration`).
+    StatusMigration,
 }
 
 /// Supervisor → CLI.
@@ -316,6 +324,14 @@ pub enum AdminReply {
         message: String,
     },
     StatusFull(Box<MountStatus>, RecoveryStatus),
+    /// The appliance on `host` (pid `pid` there) serves the mount; requests waited
+    /// `downtime_us` at most.
+    Migrated {
+        downtime_us: u64,
+        host: String,
+        pid: u32,
+    },
+    StatusMigration(Box<MountStatus>, RecoveryStatus, MigrationStatus),
 }
 
 /// One mount as `fsva status` shows it.
@@ -361,4 +377,20 @@ pub struct RecoveryStatus {
     pub last_event: Option<u64>,
     /// Whether the mount keeps a recovery journal (crash recovery is possible).
     pub journaled: bool,
+}
+
+/// What `fsva status` shows about migrations (a separate message, so that the status
+/// of older supervisors still decodes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// Migrations to another host so far.
+    pub migrations: u32,
+    /// Where the appliance serving the mount runs: `None` on this host, else the
+    /// daemon's address, with the appliance's pid there.
+    pub host: Option<String>,
+    pub remote_pid: Option<u32>,
+    /// How long requests waited during the last migration, and when it ended (seconds
+    /// since the Unix epoch).
+    pub last_downtime_us: Option<u64>,
+    pub last_event: Option<u64>,
 }

@@ -39,6 +39,12 @@ pub enum Command {
     /// runtime) that `fsva mount --vm` boots.
     #[command(subcommand)]
     Appliance(VmApplianceCommand),
+    /// Move a mount's appliance to the host daemon on another host, live: the mount
+    /// stays here, its requests are served there over TCP (mem and passthrough on the
+    /// fusedev channel).
+    Migrate(MigrateArgs),
+    /// Run the host daemon that receives migrating appliances (in the foreground).
+    Host(HostArgs),
     /// Internal: the appliance process (started by the supervisor).
     #[command(name = "__appliance", hide = true)]
     ApplianceProcess(ApplianceArgs),
@@ -225,6 +231,36 @@ pub struct ApplianceArgs {
     /// The control socket inherited from the supervisor.
     #[arg(long)]
     pub control_fd: i32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    pub mountpoint: PathBuf,
+    /// The host daemon (`fsva host`) to move to, as HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: String,
+    /// The shared secret the daemon was started with (a file only its owner may read).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// Address to listen on, as HOST:PORT (e.g. 0.0.0.0:7420).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// The shared secret supervisors must prove they hold (a file only its owner may
+    /// read, at least 16 bytes).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// A directory (on storage the supervisors' hosts share) that migrating
+    /// passthrough appliances may serve, with everything below it; repeatable.
+    /// Without one, only mem appliances are accepted.
+    #[arg(long = "export", value_name = "DIR")]
+    pub exports: Vec<PathBuf>,
+    /// The fsva executable to run appliances with (default: this one).
+    #[arg(long, hide = true)]
+    pub appliance_exe: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -89,6 +89,11 @@ pub struct Starting {
 }
 
 impl Starting {
+    /// The appliance's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Hands over `state` (for a successor) and waits until the appliance serves.
     pub fn serve(self, state: Option<&SavedState>) -> Result<(Appliance, Child), ApplianceError> {
         if let Some(state) = state {

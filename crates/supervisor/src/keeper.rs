@@ -219,6 +219,51 @@ impl Kept {
         g.fds.clear();
     }
 
+    /// A duplicate of the last checkpoint, with its boundary (a migration sends it).
+    pub fn checkpoint(&self) -> std::io::Result<Option<(OwnedFd, u64)>> {
+        let g = self.lock();
+        g.checkpoint
+            .as_ref()
+            .map(|(fd, b)| Ok((fd.try_clone()?, *b)))
+            .transpose()
+    }
+
+    /// The ids of the memfds kept now, in order.
+    pub fn ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.lock().fds.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Duplicates of the memfds kept under `ids` (those still kept), for reading their
+    /// contents without holding the keeping's lock meanwhile.
+    pub fn duplicates(&self, ids: &[u64]) -> std::io::Result<Vec<(u64, OwnedFd)>> {
+        let g = self.lock();
+        ids.iter()
+            .filter_map(|id| g.fds.get(id).map(|(fd, _)| Ok((*id, fd.try_clone()?))))
+            .collect()
+    }
+
+    /// Keeps `fd` under `id` as if an appliance had sent it (a host daemon keeps the
+    /// memfds it rebuilt from a migration's contents).
+    pub fn insert(&self, id: u64, fd: OwnedFd) {
+        let mut g = self.lock();
+        g.received += 1;
+        let n = g.received;
+        g.fds.insert(id, (fd, n));
+    }
+
+    /// Stops keeping `id`.
+    pub fn remove(&self, id: u64) {
+        self.lock().fds.remove(&id);
+    }
+
+    /// Stores `blob` (a sealed memfd) as the checkpoint, covering the journal up to
+    /// `boundary`, as if an appliance had sent it.
+    pub fn set_checkpoint(&self, blob: OwnedFd, boundary: u64) {
+        self.lock().checkpoint = Some((blob, boundary));
+    }
+
     /// Memfds kept now, and the boundary of the checkpoint (for status and tests).
     pub fn counts(&self) -> (usize, Option<u64>) {
         let g = self.lock();

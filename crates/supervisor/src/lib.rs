@@ -7,6 +7,7 @@
 //! relay for stream channels ([`bridge`]), the appliance's memory cgroup that enforces
 //! its cache budget ([`cgroup`]), what it keeps so that a successor can take over after
 //! an appliance dies ([`keeper`]), replacing an appliance by a successor ([`takeover`]),
+//! moving it to another host's daemon ([`migrate`]),
 //! the fallback that answers
 //! requests with errors once an appliance is gone ([`fallback`]), the per-mount runtime
 //! files ([`registry`]) and the loop that ties them together ([`supervisor`]).
@@ -22,6 +23,7 @@ pub mod cgroup;
 pub mod fallback;
 pub mod keeper;
 pub mod launch;
+pub mod migrate;
 pub mod mount;
 pub mod registry;
 pub mod supervisor;

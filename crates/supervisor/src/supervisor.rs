@@ -322,6 +322,9 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         journaled: kept.is_some(),
         ..Default::default()
     };
+    // The appliance on another host serving the mount since a migration, if any.
+    let mut remote: Option<crate::migrate::Remote> = None;
+    let mut migration = fsva_control::MigrationStatus::default();
     let mut current = crate::takeover::Current {
         appliance,
         keeper: keeper_end,
@@ -482,23 +485,28 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                     continue;
                 };
                 match request {
-                    AdminRequest::Status | AdminRequest::StatusFull => {
-                        let stats = if alive {
-                            current.appliance.stats().ok()
-                        } else {
-                            None
+                    AdminRequest::Status
+                    | AdminRequest::StatusFull
+                    | AdminRequest::StatusMigration => {
+                        let stats = match &remote {
+                            Some(r) => r.stats(),
+                            None if alive => current.appliance.stats().ok(),
+                            None => None,
                         };
                         let status = MountStatus {
                             mountpoint: mountpoint.clone(),
                             backend: req.backend.to_string(),
-                            channel: req.channel.to_string(),
+                            channel: match &remote {
+                                Some(_) => "tcp".into(),
+                                None => req.channel.to_string(),
+                            },
                             sandbox: req.sandbox.to_string(),
                             supervisor_pid: std::process::id(),
                             appliance_pid: alive.then_some(current.appliance.pid),
                             started,
                             requests: stats.map(|s| s.requests).unwrap_or(0),
                             errors: stats.map(|s| s.errors).unwrap_or(0),
-                            state: state.clone(),
+                            state: remote.as_ref().map_or_else(|| state.clone(), |r| r.state()),
                             data_path: data_path.clone(),
                             backing_files: backing_files.load(std::sync::atomic::Ordering::Relaxed),
                             cache_budget,
@@ -510,12 +518,25 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             AdminRequest::StatusFull => {
                                 AdminReply::StatusFull(Box::new(status), recovery.clone())
                             }
+                            AdminRequest::StatusMigration => AdminReply::StatusMigration(
+                                Box::new(status),
+                                recovery.clone(),
+                                migration.clone(),
+                            ),
                             _ => AdminReply::Status(Box::new(status)),
                         };
                         let _ = link.send(&reply, &[]);
                     }
                     AdminRequest::Restart => {
-                        let reply = if !alive {
+                        let reply = if let Some(r) = &remote {
+                            AdminReply::Error {
+                                message: format!(
+                                    "{} is served from {}: restart restarts local appliances only",
+                                    mountpoint.display(),
+                                    r.host
+                                ),
+                            }
+                        } else if !alive {
                             AdminReply::Error {
                                 message: "the appliance is gone; remount to get a new one".into(),
                             }
@@ -557,6 +578,88 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                                         spare = new_spare(cache_budget);
                                     }
                                     AdminReply::Error { message }
+                                }
+                            }
+                        };
+                        let _ = link.send(&reply, &[]);
+                    }
+                    AdminRequest::SetCacheBudget { .. } if remote.is_some() => {
+                        let message = format!(
+                            "{} is served from another host: its cache budget cannot change at run time yet",
+                            mountpoint.display()
+                        );
+                        let _ = link.send(&AdminReply::Error { message }, &[]);
+                    }
+                    AdminRequest::Migrate { to, key } => {
+                        let reply = match (&remote, alive) {
+                            (Some(r), _) => AdminReply::Error {
+                                message: format!(
+                                    "{} is already served from {}: migrating it again is not built yet",
+                                    mountpoint.display(),
+                                    r.host
+                                ),
+                            },
+                            (None, false) => AdminReply::Error {
+                                message: "the appliance is gone; remount to get a new one".into(),
+                            },
+                            (None, true) => {
+                                let source = crate::migrate::Source {
+                                    backend: &req.backend,
+                                    channel: req.channel,
+                                    vm: req.vm.is_some(),
+                                    config: &config,
+                                    devs: &devs,
+                                    mountpoint: &mountpoint,
+                                    backing_files: &backing_files,
+                                    kept: kept.as_ref(),
+                                };
+                                let moved = fsva_control::host::HostKey::from_bytes(key)
+                                    .map_err(|e| e.to_string())
+                                    .and_then(|key| {
+                                        crate::migrate::migrate(&source, &current, &to, &key)
+                                            .map_err(|f| migration_failed(&f, kept.is_some()))
+                                    });
+                                match moved {
+                                    Ok(m) => {
+                                        // The local appliance is gone; the relay serves.
+                                        alive = false;
+                                        if let Some(s) = spare.take() {
+                                            s.discard();
+                                        }
+                                        if let Some(k) = &kept {
+                                            k.discard();
+                                        }
+                                        let us = m.downtime.as_micros() as u64;
+                                        migration.migrations += 1;
+                                        migration.host = Some(to.clone());
+                                        migration.remote_pid = Some(m.remote.pid);
+                                        migration.last_downtime_us = Some(us);
+                                        migration.last_event = Some(now_secs());
+                                        data_path = format!(
+                                            "through the appliance on {to}, over TCP (relayed here)"
+                                        );
+                                        let _ = entry.write_record(&[
+                                            ("mountpoint", mountpoint.display().to_string()),
+                                            ("supervisor_pid", std::process::id().to_string()),
+                                            ("backend", req.backend.to_string()),
+                                            ("host", to.clone()),
+                                            ("remote_pid", m.remote.pid.to_string()),
+                                        ]);
+                                        bridge = Some(m.bridge);
+                                        let reply = match &m.problem {
+                                            None => AdminReply::Migrated {
+                                                downtime_us: us,
+                                                host: to.clone(),
+                                                pid: m.remote.pid,
+                                            },
+                                            Some(p) => AdminReply::Error {
+                                                message: format!("the appliance moved to {to} but did not begin serving ({p}); the mount answers EIO"),
+                                            },
+                                        };
+                                        remote = Some(m.remote);
+                                        reply
+                                    }
+                                    Err(message) => AdminReply::Error { message },
                                 }
                             }
                         };
@@ -611,6 +714,21 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     entry.remove();
     drop(session);
     Ok(())
+}
+
+/// What `fsva migrate` says when a migration did not happen.
+fn migration_failed(f: &crate::migrate::Failure, journaled: bool) -> String {
+    match (f.stopped, journaled) {
+        (false, _) => format!("{}; the mount serves on here", f.error),
+        (true, true) => format!(
+            "{}; the local appliance had stopped: a successor takes over here with the state this supervisor kept",
+            f.error
+        ),
+        (true, false) => format!(
+            "{}; the local appliance had stopped and the mount now answers EIO",
+            f.error
+        ),
+    }
 }
 
 fn now_secs() -> u64 {

@@ -3,6 +3,8 @@
 
 pub mod appliance;
 pub mod cache;
+pub mod host;
+pub mod migrate;
 pub mod mount;
 pub mod mount_helper;
 pub mod restart;
@@ -22,6 +24,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => status::run(),
         Command::Cache(args) => cache::run(args),
         Command::Restart(args) => restart::run(args),
+        Command::Migrate(args) => migrate::run(args),
+        Command::Host(args) => host::run(args, &cli.log),
         Command::ServeVhost(args) => serve_vhost::run(args, &cli.log),
         Command::ApplianceProcess(args) => appliance::run(args),
         Command::Appliance(cmd) => vm_appliance::run(cmd),

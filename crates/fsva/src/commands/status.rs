@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fsva_control::{AdminReply, AdminRequest, Link, LinkError, MountStatus, RecoveryStatus};
+use fsva_control::{
+    AdminReply, AdminRequest, Link, LinkError, MigrationStatus, MountStatus, RecoveryStatus,
+};
 
 /// Prints a line, quietly stopping at a closed pipe (`fsva status | head`).
 macro_rules! outln {
@@ -38,7 +40,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         };
         let mountpoint = fields.get("mountpoint").cloned().unwrap_or_default();
         match query(&record.with_extension("sock")) {
-            Ok((s, r)) => print_status(&s, r.as_ref()),
+            Ok((s, r, m)) => print_status(&s, r.as_ref(), m.as_ref()),
             Err(Query::Incompatible(e)) => outln!(
                 "{mountpoint:<28} supervisor answered in a form this fsva does not understand ({e}): it runs another fsva version"
             ),
@@ -60,19 +62,22 @@ enum Query {
     Incompatible(String),
 }
 
-/// Asks the supervisor at `socket` for its status (with the recovery counters, or
-/// without them from an older supervisor that does not know them).
-fn query(socket: &std::path::Path) -> Result<(MountStatus, Option<RecoveryStatus>), Query> {
-    match ask(socket, AdminRequest::StatusFull) {
-        Err(Query::Incompatible(_)) => ask(socket, AdminRequest::Status),
+/// What a supervisor says about its mount.
+type Answer = (MountStatus, Option<RecoveryStatus>, Option<MigrationStatus>);
+
+/// Asks the supervisor at `socket` for its status (with the recovery and migration
+/// counters, or without them from an older supervisor that does not know them).
+fn query(socket: &std::path::Path) -> Result<Answer, Query> {
+    match ask(socket, AdminRequest::StatusMigration) {
+        Err(Query::Incompatible(_)) => match ask(socket, AdminRequest::StatusFull) {
+            Err(Query::Incompatible(_)) => ask(socket, AdminRequest::Status),
+            other => other,
+        },
         other => other,
     }
 }
 
-fn ask(
-    socket: &std::path::Path,
-    request: AdminRequest,
-) -> Result<(MountStatus, Option<RecoveryStatus>), Query> {
+fn ask(socket: &std::path::Path, request: AdminRequest) -> Result<Answer, Query> {
     let link = Link::connect(socket).map_err(|_| Query::Gone)?;
     let _ = rustix::net::sockopt::set_socket_timeout(
         &link,
@@ -81,8 +86,9 @@ fn ask(
     );
     link.send(&request, &[]).map_err(|_| Query::Gone)?;
     match link.recv::<AdminReply>() {
-        Ok((AdminReply::Status(s), _)) => Ok((*s, None)),
-        Ok((AdminReply::StatusFull(s, r), _)) => Ok((*s, Some(r))),
+        Ok((AdminReply::Status(s), _)) => Ok((*s, None, None)),
+        Ok((AdminReply::StatusFull(s, r), _)) => Ok((*s, Some(r), None)),
+        Ok((AdminReply::StatusMigration(s, r, m), _)) => Ok((*s, Some(r), Some(m))),
         Ok((other, _)) => Err(Query::Incompatible(format!("{other:?}"))),
         Err(LinkError::Decode(e)) => Err(Query::Incompatible(e.to_string())),
         // An older supervisor drops a request it cannot read.
@@ -91,7 +97,7 @@ fn ask(
     }
 }
 
-fn print_status(s: &MountStatus, r: Option<&RecoveryStatus>) {
+fn print_status(s: &MountStatus, r: Option<&RecoveryStatus>, m: Option<&MigrationStatus>) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -154,12 +160,24 @@ fn print_status(s: &MountStatus, r: Option<&RecoveryStatus>) {
                 },
                 r.last_downtime_us.unwrap_or(0) as f64 / 1000.0
             );
-        } else if r.journaled {
+        } else if r.journaled && m.is_none_or(|m| m.host.is_none()) {
             outln!(
                 "{:<28} crash recovery: on (a successor takes over with the state)",
                 ""
             );
         }
+    }
+    if let Some(m) = m.filter(|m| m.migrations > 0) {
+        outln!(
+            "{:<28} migrated {} time(s), now served from {}{}; requests waited {:.1} ms the last time",
+            "",
+            m.migrations,
+            m.host.as_deref().unwrap_or("this host"),
+            m.remote_pid
+                .map(|p| format!(" (appliance pid {p} there)"))
+                .unwrap_or_default(),
+            m.last_downtime_us.unwrap_or(0) as f64 / 1000.0
+        );
     }
 }
 
