@@ -255,6 +255,7 @@ impl Qemu {
             cpus, memory_mib, ..
         } = *spec;
         let mut cmd = Command::new(&self.binary);
+        crate::dies_with_test(&mut cmd);
         for dir in &self.data_dirs {
             cmd.arg("-L").arg(dir);
         }
@@ -525,7 +526,7 @@ impl VhostServer {
     pub fn start(args: &[&str]) -> VhostServer {
         let dir = Scratch::new("vhost");
         let socket = dir.path.join("fs.sock");
-        let child = Command::new(crate::binary("fsva"))
+        let child = crate::dies_with_test(&mut Command::new(crate::binary("fsva")))
             .arg("serve-vhost")
             .arg("--socket")
             .arg(&socket)

@@ -38,6 +38,21 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
+/// Makes the child `cmd` starts die with the test thread that starts it: a test killed
+/// or timed out (no destructors run) must not leave QEMUs or servers running.
+pub fn dies_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Runs `fsva` with `args` and returns its output.
 pub fn fsva(args: &[&str]) -> Output {
     Command::new(binary("fsva"))
