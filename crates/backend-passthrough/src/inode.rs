@@ -5,6 +5,10 @@
 //! renamed under — so a restore without descriptors can find it again; and a restore
 //! may leave nodes *stale* (their object could not be found): those answer ESTALE.
 //!
+//! With a recovery journal, every change of the table (a node added or referenced, a
+//! hint changed, lookups forgotten) is recorded under the table lock as it happens, so
+//! that the journal's order is the order of changes (see [`crate::journal`]).
+//!
 //! The table lock is held only for map operations, never across a system call; nodes
 //! are handed out as `Arc`s so an fd stays valid while a request uses it even if a
 //! concurrent FORGET drops the node from the table. It must never hand out a stale
@@ -17,6 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use fsva_appliance::Errno;
 use fsva_protocol::abi::ROOT_ID;
+
+use crate::journal::{OpV1, Recorder};
 
 /// Host identity of a file system object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,6 +126,9 @@ struct Inner {
     stale: HashMap<u64, StaleNode>,
     by_key: HashMap<InodeKey, u64>,
     next_id: u64,
+    /// Ids below this that the table does not hold belonged to a state that was lost:
+    /// they answer ESTALE (0: none).
+    stale_below: u64,
 }
 
 /// A live node as a snapshot sees it.
@@ -139,6 +148,41 @@ pub struct TableParts {
 /// All nodes the kernel holds references to.
 pub struct NodeTable {
     inner: Mutex<Inner>,
+    /// Where changes are recorded, with a recovery journal.
+    recorder: Option<Arc<Recorder>>,
+}
+
+/// The table held still (for a checkpoint): nothing changes it until this is dropped.
+pub(crate) struct Frozen<'a>(std::sync::MutexGuard<'a, Inner>);
+
+impl Frozen<'_> {
+    pub fn parts(&self) -> TableParts {
+        parts_of(&self.0)
+    }
+
+    pub fn stale_below(&self) -> u64 {
+        self.0.stale_below
+    }
+}
+
+fn parts_of(g: &Inner) -> TableParts {
+    TableParts {
+        next_id: g.next_id,
+        live: g
+            .nodes
+            .values()
+            .map(|s| LiveNode {
+                node: s.node.clone(),
+                lookups: s.lookups,
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        stale: g.stale.iter().map(|(&id, s)| (id, s.clone())).collect(),
+    }
+}
+
+fn hint_v1(hint: &Option<Hint>) -> Option<(u64, Vec<u8>)> {
+    hint.as_ref().map(|h| (h.parent, h.name.to_vec()))
 }
 
 impl NodeTable {
@@ -179,26 +223,39 @@ impl NodeTable {
                 stale: parts.stale.into_iter().collect(),
                 by_key,
                 next_id: parts.next_id,
+                stale_below: 0,
             }),
+            recorder: None,
+        }
+    }
+
+    /// Records every change from now on with `recorder`.
+    pub(crate) fn record_to(&mut self, recorder: Arc<Recorder>) {
+        self.recorder = Some(recorder);
+    }
+
+    /// The state before was lost: ids below `base` the table does not hold answer
+    /// ESTALE, and new nodes are numbered from `base` on.
+    pub(crate) fn after_loss(&mut self, base: u64) {
+        let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        g.next_id = g.next_id.max(base);
+        g.stale_below = base;
+    }
+
+    fn record(&self, unique: u64, op: OpV1) {
+        if let Some(r) = &self.recorder {
+            r.record(unique, vec![op]);
         }
     }
 
     /// Every node with its lookups and hint, and the id counter.
     pub fn parts(&self) -> TableParts {
-        let g = self.lock();
-        TableParts {
-            next_id: g.next_id,
-            live: g
-                .nodes
-                .values()
-                .map(|s| LiveNode {
-                    node: s.node.clone(),
-                    lookups: s.lookups,
-                    hint: s.hint.clone(),
-                })
-                .collect(),
-            stale: g.stale.iter().map(|(&id, s)| (id, s.clone())).collect(),
-        }
+        parts_of(&self.lock())
+    }
+
+    /// Holds the table still until the result is dropped.
+    pub(crate) fn freeze(&self) -> Frozen<'_> {
+        Frozen(self.lock())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -212,7 +269,7 @@ impl NodeTable {
         let g = self.lock();
         match g.nodes.get(&id) {
             Some(s) => Ok(s.node.clone()),
-            None if g.stale.contains_key(&id) => Err(Errno(libc::ESTALE)),
+            None if g.stale.contains_key(&id) || id < g.stale_below => Err(Errno(libc::ESTALE)),
             None => Err(Errno::ENOENT),
         }
     }
@@ -223,39 +280,58 @@ impl NodeTable {
 
     /// Records one more lookup of the object `key`, reusing its node when it exists
     /// (then `fd` is returned to be closed by the caller, outside the lock) or adding a
-    /// new node holding `fd`. `hint` is the name it was found under, if any.
+    /// new node holding `fd`. `hint` is the name it was found under, if any; `unique`
+    /// the request that looked it up (for the journal).
     pub fn insert_or_ref(
         &self,
         fd: OwnedFd,
         key: InodeKey,
         kind: u32,
         hint: Option<(u64, &[u8])>,
+        unique: u64,
     ) -> (Arc<Node>, Option<OwnedFd>) {
         let mut g = self.lock();
         if let Some(&id) = g.by_key.get(&key) {
             if let Some(slot) = g.nodes.get_mut(&id) {
                 slot.lookups += 1;
-                match hint {
+                let changed = match hint {
                     Some((parent, name)) if id != ROOT_ID && parent != id => {
                         set_hint(&mut slot.hint, parent, name)
                     }
-                    _ => {}
+                    _ => false,
+                };
+                let node = slot.node.clone();
+                if self.recorder.is_some() {
+                    let hint = if changed { hint_v1(&slot.hint) } else { None };
+                    self.record(unique, OpV1::NodeRef { id, hint });
                 }
-                return (slot.node.clone(), Some(fd));
+                return (node, Some(fd));
             }
         }
         let id = g.next_id;
         g.next_id += 1;
         let node = Arc::new(Node::new(id, fd, key, kind, false));
+        let hint = hint.map(|(parent, name)| Hint {
+            parent,
+            name: name.into(),
+        });
+        if self.recorder.is_some() {
+            self.record(
+                unique,
+                OpV1::NodeNew {
+                    id,
+                    key: key.into(),
+                    kind,
+                    hint: hint_v1(&hint),
+                },
+            );
+        }
         g.nodes.insert(
             id,
             Slot {
                 node: node.clone(),
                 lookups: 1,
-                hint: hint.map(|(parent, name)| Hint {
-                    parent,
-                    name: name.into(),
-                }),
+                hint,
             },
         );
         g.by_key.insert(key, id);
@@ -264,23 +340,46 @@ impl NodeTable {
 
     /// Records that the object `key` (if a node holds it) is now `name` in `parent`
     /// (after a rename).
-    pub fn rehint(&self, key: &InodeKey, parent: u64, name: &[u8]) {
+    pub fn rehint(&self, key: &InodeKey, parent: u64, name: &[u8], unique: u64) {
         let mut g = self.lock();
         let Some(&id) = g.by_key.get(key) else {
             return;
         };
-        if id == ROOT_ID {
+        if id == ROOT_ID || id == parent {
             return;
         }
         if let Some(slot) = g.nodes.get_mut(&id) {
-            set_hint(&mut slot.hint, parent, name);
+            if set_hint(&mut slot.hint, parent, name) {
+                let hint = hint_v1(&slot.hint);
+                self.record(unique, OpV1::Rehint { id, hint });
+            }
         }
     }
 
-    /// Drops `n` lookups of node `id`; the node goes away when none remain. Returns the
-    /// removed node (whose fd closes when the last user drops it).
-    pub fn forget(&self, id: u64, n: u64) -> Option<Arc<Node>> {
-        if id == ROOT_ID {
+    /// The object `key` is no longer `name` in `parent` (it was unlinked there): its
+    /// node keeps no hint to that name.
+    pub fn unhint(&self, key: &InodeKey, parent: u64, name: &[u8], unique: u64) {
+        let mut g = self.lock();
+        let Some(&id) = g.by_key.get(key) else {
+            return;
+        };
+        if let Some(slot) = g.nodes.get_mut(&id) {
+            if slot
+                .hint
+                .as_ref()
+                .is_some_and(|h| h.parent == parent && &*h.name == name)
+            {
+                slot.hint = None;
+                self.record(unique, OpV1::Rehint { id, hint: None });
+            }
+        }
+    }
+
+    /// Drops `n` lookups of node `id` (on behalf of request `unique`); the node goes
+    /// away when none remain. Returns the removed node (whose fd closes when the last
+    /// user drops it).
+    pub fn forget(&self, id: u64, n: u64, unique: u64) -> Option<Arc<Node>> {
+        if id == ROOT_ID || n == 0 {
             return None;
         }
         let mut g = self.lock();
@@ -289,10 +388,12 @@ impl NodeTable {
             if stale.lookups == 0 {
                 g.stale.remove(&id);
             }
+            self.record(unique, OpV1::Forget { id, n });
             return None;
         }
         let slot = g.nodes.get_mut(&id)?;
         slot.lookups = slot.lookups.saturating_sub(n);
+        self.record(unique, OpV1::Forget { id, n });
         if slot.lookups > 0 {
             return None;
         }
@@ -301,6 +402,11 @@ impl NodeTable {
             g.by_key.remove(&slot.node.key);
         }
         Some(slot.node)
+    }
+
+    /// The node of the object `key`, if the table holds one.
+    pub fn by_key(&self, key: &InodeKey) -> Option<u64> {
+        self.lock().by_key.get(key).copied()
     }
 
     /// Number of nodes in the table (root and stale nodes included).
@@ -324,16 +430,18 @@ impl NodeTable {
     }
 }
 
-/// Replaces `hint` unless it already says this (a lookup must not allocate for nothing).
-fn set_hint(hint: &mut Option<Hint>, parent: u64, name: &[u8]) {
+/// Replaces `hint` unless it already says this (a lookup must not allocate for
+/// nothing); whether it changed.
+fn set_hint(hint: &mut Option<Hint>, parent: u64, name: &[u8]) -> bool {
     if hint
         .as_ref()
         .is_some_and(|h| h.parent == parent && &*h.name == name)
     {
-        return;
+        return false;
     }
     *hint = Some(Hint {
         parent,
         name: name.into(),
     });
+    true
 }

@@ -7,6 +7,9 @@
 //! - [`snapshot`]: the tables as a versioned snapshot for a live restart, and
 //!   `restore`: the tables rebuilt from one (lent descriptors taken over, objects
 //!   without one found again by their path hints, the rest stale);
+//! - [`journal`]: the tables' changes, intents and outcomes in the recovery journal,
+//!   and replaying them; `recovery`: a journaled backend, rebuilt after a crash, and
+//!   answering the requests the kernel resends exactly once;
 //! - [`creds`]: per-thread caller credentials and umask for creating operations;
 //! - [`dir`]: `getdents64` listing with the host's own cookies;
 //! - [`xattr`]: extended attributes on `O_PATH` descriptors;
@@ -24,7 +27,9 @@ pub mod creds;
 pub mod dir;
 pub mod handle;
 pub mod inode;
+pub mod journal;
 pub mod read_trail;
+mod recovery;
 mod restore;
 pub mod snapshot;
 pub mod sys;
@@ -48,6 +53,8 @@ pub use config::{open_dir_path, DeviceNodes, PassthroughConfig, PassthroughError
 use creds::{Caller, CredGuard};
 use handle::{Handle, HandleTable};
 use inode::{InodeKey, Node, NodeTable};
+use journal::{IntentV1, OutcomeV1, ProbeV1};
+pub use recovery::Recovery;
 use sys::{cname, cvt, fd_name, EMPTY};
 
 /// Flags never passed on when reopening a node for I/O: creation is done, the magic
@@ -94,6 +101,13 @@ pub struct PassthroughFs {
     device_nodes: Option<std::sync::Arc<dyn DeviceNodes>>,
     /// See [`PassthroughConfig::exclusive_local`].
     exclusive_local: bool,
+    /// With a recovery journal: what records changes and answers resent requests.
+    recovery: Option<recovery::Journaled>,
+}
+
+/// A request's unique as journal records name it (without the kernel's resend bit).
+fn base_unique(ctx: &Context) -> u64 {
+    ctx.unique & !abi::UNIQUE_RESEND
 }
 
 /// Local file systems whose files need nothing on close(2) (no `->flush`), so a FUSE
@@ -205,6 +219,7 @@ impl PassthroughFs {
                 root: setup.config.root,
                 root_key: setup.root_key,
                 reopen: &reopen,
+                verify_handles: false,
             },
         )?;
         tracing::info!(
@@ -244,6 +259,7 @@ impl PassthroughFs {
             base_groups: creds::current_groups(),
             device_nodes,
             exclusive_local,
+            recovery: None,
         }
     }
 
@@ -282,29 +298,32 @@ impl PassthroughFs {
     }
 
     /// Adds one lookup reference for the object `fd` (an `O_PATH` descriptor) refers to,
-    /// found as `hint` (a name in a parent node), if it has a plain name.
-    fn register(&self, fd: OwnedFd, hint: Option<(u64, &OsStr)>) -> io::Result<Entry> {
+    /// found as `hint` (a name in a parent node), if it has a plain name, on behalf of
+    /// request `u` (for the journal).
+    fn register(&self, fd: OwnedFd, hint: Option<(u64, &OsStr)>, u: u64) -> io::Result<Entry> {
         let stx = sys::statx_fd(fd.as_fd(), STATX_MASK, 0)?;
         let hint = hint
             .filter(|(_, name)| !Self::is_dot(name))
             .map(|(parent, name)| (parent, name.as_bytes()));
         let (node, spare) = self
             .nodes
-            .insert_or_ref(fd, key_of(&stx), kind_of(&stx), hint);
+            .insert_or_ref(fd, key_of(&stx), kind_of(&stx), hint, u);
         drop(spare);
         Ok(self.entry(&node, &stx))
     }
 
     /// After a rename: whatever `name` in `parent` now is, that is where its node lives.
-    fn rehint(&self, parent: &Node, name: &OsStr) {
+    fn rehint(&self, parent: &Node, name: &OsStr, u: u64) {
         let Ok(c) = cname(name) else { return };
         if let Ok(stx) = sys::statx_at(parent.fd(), &c, STATX_MASK) {
-            self.nodes.rehint(&key_of(&stx), parent.id, name.as_bytes());
+            self.nodes
+                .rehint(&key_of(&stx), parent.id, name.as_bytes(), u);
         }
     }
 
-    /// Looks `name` up in `parent` and takes a lookup reference on the result.
-    fn do_lookup(&self, parent: &Node, name: &OsStr) -> io::Result<Entry> {
+    /// Looks `name` up in `parent` and takes a lookup reference on the result (for
+    /// request `u`).
+    fn do_lookup(&self, parent: &Node, name: &OsStr, u: u64) -> io::Result<Entry> {
         // ".." of the export root is the root itself: never walk out of the export.
         let name: &OsStr = if parent.id == ROOT_ID && name.as_bytes() == b".." {
             OsStr::new(".")
@@ -313,7 +332,7 @@ impl PassthroughFs {
         };
         let c = cname(name)?;
         let fd = sys::openat(parent.fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        self.register(fd, Some((parent.id, name)))
+        self.register(fd, Some((parent.id, name)), u)
     }
 
     /// Runs `f` as the caller (fsuid/fsgid/supplementary group/umask of `ctx`).
@@ -357,18 +376,78 @@ impl PassthroughFs {
         Ok((attr::to_attr(&stx), self.attr_ttl))
     }
 
-    /// Registers a freshly created and opened file (CREATE, TMPFILE), named `hint`.
+    /// Registers a freshly created and opened file (CREATE, TMPFILE), named `hint`,
+    /// for request `u`.
     fn finish_create(
         &self,
         file: OwnedFd,
         flags: u32,
         hint: Option<(u64, &OsStr)>,
+        u: u64,
     ) -> Result<(Entry, Opened)> {
         let path_fd = self.reopen(file.as_fd(), libc::O_PATH)?;
-        let entry = self.register(path_fd, hint)?;
+        let entry = self.register(path_fd, hint, u)?;
         let node = self.node(entry.ino)?;
-        let fh = self.handles.insert(Handle::file(file, node, flags));
+        let ino = entry.ino;
+        let fh = self.add_handle(u, Handle::file(file, node, flags), |fh| {
+            OutcomeV1::Created { node: ino, fh }
+        });
         Ok((entry, self.opened(fh)))
+    }
+
+    /// Stores a handle opened for request `u`, which returns `outcome` with its `fh`;
+    /// with a journal, the open file of a regular file goes to the supervisor's keeping
+    /// first (so that it outlives this appliance, unlinked or not).
+    fn add_handle(&self, u: u64, h: Handle, outcome: impl FnOnce(u64) -> OutcomeV1) -> u64 {
+        let fh = self.handles.reserve();
+        if let (Some(j), Handle::File { fd, node, .. }) = (&self.recovery, &h) {
+            if node.kind == libc::S_IFREG {
+                j.keeper.keep(fh, fd.as_fd());
+            }
+        }
+        self.handles.insert_at(fh, h, u, |_| Some(outcome(fh)));
+        fh
+    }
+
+    /// Removes handle `fh` for request `u` (which then returns `outcome`), and gives
+    /// its open file back from the supervisor's keeping.
+    fn drop_handle(&self, u: u64, fh: u64, outcome: Option<OutcomeV1>) -> Option<Arc<Handle>> {
+        let (was, h) = self.handles.remove(fh, u, outcome);
+        if let (true, Some(j)) = (was, &self.recovery) {
+            j.keeper.release(fh);
+        }
+        h
+    }
+
+    /// What `name` in `dir` is now (for an intent's state before its system call).
+    fn probe(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> ProbeV1 {
+        match sys::statx_at(dir, name, STATX_MASK) {
+            Ok(stx) => ProbeV1::Present(key_of(&stx).into()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => ProbeV1::Absent,
+            Err(_) => ProbeV1::Unknown,
+        }
+    }
+
+    /// Records that request `u` is about to change the export (with a journal only:
+    /// `intent` is not even made without one).
+    fn intend(&self, u: u64, intent: impl FnOnce() -> IntentV1) {
+        if let Some(j) = &self.recovery {
+            j.recorder.record(u, vec![journal::OpV1::Intent(intent())]);
+        }
+    }
+
+    /// Records how request `u`, which recorded an intent, ended: its outcome if `r`
+    /// succeeded.
+    fn settle<T>(&self, u: u64, r: Result<T>, outcome: impl FnOnce(&T) -> OutcomeV1) -> Result<T> {
+        if let Some(j) = &self.recovery {
+            match &r {
+                Ok(v) => j
+                    .recorder
+                    .record(u, vec![journal::OpV1::Outcome(outcome(v))]),
+                Err(_) => j.recorder.abandon(u),
+            }
+        }
+        r
     }
 
     /// Runs a data change on `fd` (a descriptor of `node`) and puts back set-id bits
@@ -412,6 +491,28 @@ impl PassthroughFs {
             }
         }
         r
+    }
+
+    /// The OPENDIR reply for `fh`.
+    fn dir_opened(fh: u64) -> Opened {
+        Opened {
+            fh,
+            // The kernel may keep the listing: it drops it when an entry changes through
+            // the mount, and (AUTO_INVAL_DATA) when the directory's mtime has moved once
+            // its attributes time out — so a change made beside the mount shows as
+            // soon as a changed attribute would.
+            open_flags: abi::fopen::CACHE_DIR | abi::fopen::KEEP_CACHE,
+            backing: None,
+        }
+    }
+
+    /// Whether `node` has the extended attribute `name` now (None: cannot tell).
+    fn has_xattr_now(&self, node: &Node, name: &std::ffi::CStr) -> Option<bool> {
+        match xattr::get(self.xattr_target(node), name, 0) {
+            Ok(_) => Some(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Some(false),
+            Err(_) => None,
+        }
     }
 
     fn opened(&self, fh: u64) -> Opened {
@@ -576,6 +677,125 @@ impl PassthroughFs {
     fn is_dot(name: &OsStr) -> bool {
         matches!(name.as_bytes(), b"." | b"..")
     }
+
+    /// MKNOD's system call (or the supervisor's, for a device) and the lookup after it.
+    #[allow(clippy::too_many_arguments)]
+    fn mknod_inner(
+        &self,
+        ctx: &Context,
+        p: &Node,
+        name: &OsStr,
+        c: &std::ffi::CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> Result<Entry> {
+        let u = base_unique(ctx);
+        let kind = mode & libc::S_IFMT;
+        // A whiteout (character device 0:0) needs no privilege; other devices do.
+        let device = kind == libc::S_IFBLK || (kind == libc::S_IFCHR && rdev != 0);
+        if let (true, Some(maker)) = (device, &self.device_nodes) {
+            // Only a privileged caller may make devices; root stands for one, as for
+            // every FUSE file system (the request carries no capabilities).
+            if ctx.uid != 0 {
+                return Err(Errno(libc::EPERM));
+            }
+            maker
+                .make_device(
+                    p.fd(),
+                    name.as_bytes(),
+                    mode,
+                    umask,
+                    attr::decode_dev(rdev),
+                    ctx.gid,
+                )
+                .map_err(Errno::from)?;
+            return Ok(self.do_lookup(p, name, u)?);
+        }
+        self.as_caller(ctx, Some(umask), |g| {
+            // SAFETY: C string name relative to the parent's descriptor.
+            cvt(unsafe {
+                libc::mknodat(
+                    p.fd().as_raw_fd(),
+                    c.as_ptr(),
+                    g.mode(mode),
+                    attr::decode_dev(rdev),
+                )
+            })
+        })?;
+        Ok(self.do_lookup(p, name, u)?)
+    }
+
+    /// Keeps the path hints true after a rename (for a restore that must find nodes by
+    /// name): the object now at `newname` lives there, an object it replaced
+    /// (`dst`, if known) no longer does.
+    #[allow(clippy::too_many_arguments)]
+    fn renamed(
+        &self,
+        p: &Node,
+        name: &OsStr,
+        np: &Node,
+        newname: &OsStr,
+        flags: u32,
+        dst: Option<ProbeV1>,
+        u: u64,
+    ) {
+        if let (Some(ProbeV1::Present(d)), 0) = (dst, flags & libc::RENAME_EXCHANGE) {
+            self.nodes.unhint(&d.into(), np.id, newname.as_bytes(), u);
+        }
+        self.rehint(np, newname, u);
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            self.rehint(p, name, u);
+        }
+    }
+
+    /// LINK's system call and the lookup of the new name.
+    fn link_inner(
+        &self,
+        n: &Node,
+        np: &Node,
+        newname: &OsStr,
+        nc: &std::ffi::CStr,
+        u: u64,
+    ) -> Result<Entry> {
+        let src = fd_name(n.fd().as_raw_fd());
+        // Through the magic link (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH in the
+        // initial namespace).
+        // SAFETY: C strings relative to valid descriptors.
+        cvt(unsafe {
+            libc::linkat(
+                self.proc_self_fd.as_raw_fd(),
+                src.as_ptr(),
+                np.fd().as_raw_fd(),
+                nc.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        })?;
+        Ok(self.do_lookup(np, newname, u)?)
+    }
+
+    /// UNLINK (`flags` 0) and RMDIR (`AT_REMOVEDIR`): the name goes, and a node whose
+    /// path hint it was keeps none.
+    fn remove(&self, ctx: &Context, parent: u64, name: &OsStr, flags: i32) -> Result<()> {
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        let u = base_unique(ctx);
+        let before = self.recovery.as_ref().map(|_| self.probe(p.fd(), &c));
+        self.intend(u, || IntentV1::Remove {
+            parent,
+            name: name.as_bytes().to_vec(),
+            before: before.unwrap_or(ProbeV1::Unknown),
+        });
+        // SAFETY: C string name relative to the parent's descriptor.
+        let r = cvt(unsafe { libc::unlinkat(p.fd().as_raw_fd(), c.as_ptr(), flags) })
+            .map(drop)
+            .map_err(Errno::from);
+        if let (Ok(()), Some(ProbeV1::Present(victim))) = (&r, before) {
+            self.nodes
+                .unhint(&victim.into(), parent, name.as_bytes(), u);
+        }
+        self.settle(u, r, |_| OutcomeV1::Done)
+    }
 }
 
 impl Filesystem for PassthroughFs {
@@ -596,13 +816,27 @@ impl Filesystem for PassthroughFs {
         Ok(snapshot::take(self.nodes.parts(), self.handles.parts()))
     }
 
-    fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
+    /// The tables without descriptors, the intents still open and the last records,
+    /// taken with both tables and the recorder held still, so that they and the
+    /// journal boundary agree (see [`journal`]).
+    fn journal_checkpoint(
+        &self,
+        rotate: &mut dyn FnMut() -> u64,
+    ) -> std::result::Result<(Vec<u8>, u64), fsva_appliance::state::StateError> {
+        self.recovery_checkpoint(rotate)
+    }
+
+    fn completed(&self, unique: u64) -> Option<fsva_appliance::Completed> {
+        self.answer_resent(unique)
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<Entry> {
         let p = self.node(parent)?;
-        Ok(self.do_lookup(&p, name)?)
+        Ok(self.do_lookup(&p, name, base_unique(ctx))?)
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
-        drop(self.nodes.forget(ino, nlookup));
+        drop(self.nodes.forget(ino, nlookup, 0));
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64, fh: Option<u64>) -> Result<(abi::Attr, Duration)> {
@@ -700,39 +934,15 @@ impl Filesystem for PassthroughFs {
     ) -> Result<Entry> {
         let p = self.node(parent)?;
         let c = cname(name)?;
-        let kind = mode & libc::S_IFMT;
-        // A whiteout (character device 0:0) needs no privilege; other devices do.
-        let device = kind == libc::S_IFBLK || (kind == libc::S_IFCHR && rdev != 0);
-        if let (true, Some(maker)) = (device, &self.device_nodes) {
-            // Only a privileged caller may make devices; root stands for one, as for
-            // every FUSE file system (the request carries no capabilities).
-            if ctx.uid != 0 {
-                return Err(Errno(libc::EPERM));
-            }
-            maker
-                .make_device(
-                    p.fd(),
-                    name.as_bytes(),
-                    mode,
-                    umask,
-                    attr::decode_dev(rdev),
-                    ctx.gid,
-                )
-                .map_err(Errno::from)?;
-            return Ok(self.do_lookup(&p, name)?);
-        }
-        self.as_caller(ctx, Some(umask), |g| {
-            // SAFETY: C string name relative to the parent's descriptor.
-            cvt(unsafe {
-                libc::mknodat(
-                    p.fd().as_raw_fd(),
-                    c.as_ptr(),
-                    g.mode(mode),
-                    attr::decode_dev(rdev),
-                )
-            })
-        })?;
-        Ok(self.do_lookup(&p, name)?)
+        let u = base_unique(ctx);
+        self.intend(u, || IntentV1::Make {
+            parent,
+            name: name.as_bytes().to_vec(),
+            before: self.probe(p.fd(), &c),
+            open: None,
+        });
+        let r = self.mknod_inner(ctx, &p, name, &c, mode, rdev, umask);
+        self.settle(u, r, |e| OutcomeV1::Entry { node: e.ino })
     }
 
     fn mkdir(
@@ -745,43 +955,52 @@ impl Filesystem for PassthroughFs {
     ) -> Result<Entry> {
         let p = self.node(parent)?;
         let c = cname(name)?;
-        self.as_caller(ctx, Some(umask), |g| {
-            // SAFETY: C string name relative to the parent's descriptor.
-            cvt(unsafe { libc::mkdirat(p.fd().as_raw_fd(), c.as_ptr(), g.mode(mode)) })
-        })?;
-        Ok(self.do_lookup(&p, name)?)
+        let u = base_unique(ctx);
+        self.intend(u, || IntentV1::Make {
+            parent,
+            name: name.as_bytes().to_vec(),
+            before: self.probe(p.fd(), &c),
+            open: None,
+        });
+        let r = self
+            .as_caller(ctx, Some(umask), |g| {
+                // SAFETY: C string name relative to the parent's descriptor.
+                cvt(unsafe { libc::mkdirat(p.fd().as_raw_fd(), c.as_ptr(), g.mode(mode)) })
+            })
+            .and_then(|_| Ok(self.do_lookup(&p, name, u)?));
+        self.settle(u, r, |e| OutcomeV1::Entry { node: e.ino })
     }
 
     fn symlink(&self, ctx: &Context, parent: u64, name: &OsStr, target: &[u8]) -> Result<Entry> {
         let p = self.node(parent)?;
         let c = cname(name)?;
         let t = cname(OsStr::from_bytes(target))?;
-        self.as_caller(ctx, None, |_| {
-            // SAFETY: C strings; name relative to the parent's descriptor.
-            cvt(unsafe { libc::symlinkat(t.as_ptr(), p.fd().as_raw_fd(), c.as_ptr()) })
-        })?;
-        Ok(self.do_lookup(&p, name)?)
+        let u = base_unique(ctx);
+        self.intend(u, || IntentV1::Make {
+            parent,
+            name: name.as_bytes().to_vec(),
+            before: self.probe(p.fd(), &c),
+            open: None,
+        });
+        let r = self
+            .as_caller(ctx, None, |_| {
+                // SAFETY: C strings; name relative to the parent's descriptor.
+                cvt(unsafe { libc::symlinkat(t.as_ptr(), p.fd().as_raw_fd(), c.as_ptr()) })
+            })
+            .and_then(|_| Ok(self.do_lookup(&p, name, u)?));
+        self.settle(u, r, |e| OutcomeV1::Entry { node: e.ino })
     }
 
-    fn unlink(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
-        let p = self.node(parent)?;
-        let c = cname(name)?;
-        // SAFETY: C string name relative to the parent's descriptor.
-        cvt(unsafe { libc::unlinkat(p.fd().as_raw_fd(), c.as_ptr(), 0) })?;
-        Ok(())
+    fn unlink(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(ctx, parent, name, 0)
     }
 
-    fn rmdir(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
-        let p = self.node(parent)?;
-        let c = cname(name)?;
-        // SAFETY: C string name relative to the parent's descriptor.
-        cvt(unsafe { libc::unlinkat(p.fd().as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })?;
-        Ok(())
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(ctx, parent, name, libc::AT_REMOVEDIR)
     }
-
     fn rename(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         parent: u64,
         name: &OsStr,
         newparent: u64,
@@ -792,6 +1011,17 @@ impl Filesystem for PassthroughFs {
         let np = self.node(newparent)?;
         let c = cname(name)?;
         let nc = cname(newname)?;
+        let u = base_unique(ctx);
+        let dst = self.recovery.as_ref().map(|_| self.probe(np.fd(), &nc));
+        self.intend(u, || IntentV1::Rename {
+            parent,
+            name: name.as_bytes().to_vec(),
+            newparent,
+            newname: newname.as_bytes().to_vec(),
+            flags,
+            src: self.probe(p.fd(), &c),
+            dst: dst.unwrap_or(ProbeV1::Unknown),
+        });
         // SAFETY: raw renameat2 with C string names relative to the parents' descriptors.
         let r = unsafe {
             libc::syscall(
@@ -804,42 +1034,36 @@ impl Filesystem for PassthroughFs {
             )
         };
         if r < 0 {
-            return Err(Errno::last());
+            return self.settle(u, Err(Errno::last()), |_| OutcomeV1::Done);
         }
-        // Keep the path hints true (for a restore that must find nodes by name).
-        self.rehint(&np, newname);
-        if flags & libc::RENAME_EXCHANGE != 0 {
-            self.rehint(&p, name);
-        }
-        Ok(())
+        self.renamed(&p, name, &np, newname, flags, dst, u);
+        self.settle(u, Ok(()), |_| OutcomeV1::Done)
     }
 
-    fn link(&self, _ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
+    fn link(&self, ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
         let n = self.node(ino)?;
         let np = self.node(newparent)?;
         let nc = cname(newname)?;
-        let src = fd_name(n.fd().as_raw_fd());
-        // Through the magic link (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH in the initial namespace).
-        // SAFETY: C strings relative to valid descriptors.
-        cvt(unsafe {
-            libc::linkat(
-                self.proc_self_fd.as_raw_fd(),
-                src.as_ptr(),
-                np.fd().as_raw_fd(),
-                nc.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        })?;
-        Ok(self.do_lookup(&np, newname)?)
+        let u = base_unique(ctx);
+        self.intend(u, || IntentV1::Link {
+            node: ino,
+            key: n.key.into(),
+            newparent,
+            newname: newname.as_bytes().to_vec(),
+            before: self.probe(np.fd(), &nc),
+        });
+        let r = self.link_inner(&n, &np, newname, &nc, u);
+        self.settle(u, r, |e| OutcomeV1::Entry { node: e.ino })
     }
-
     fn open(&self, ctx: &Context, ino: u64, flags: u32, kill_suidgid: bool) -> Result<Opened> {
         let n = self.node(ino)?;
         if kill_suidgid {
             self.kill_setid(&n, ctx)?;
         }
         let fd = self.reopen(n.fd(), flags as i32)?;
-        let fh = self.handles.insert(Handle::file(fd, n, flags));
+        let fh = self.add_handle(base_unique(ctx), Handle::file(fd, n, flags), |fh| {
+            OutcomeV1::Opened { fh }
+        });
         Ok(self.opened(fh))
     }
 
@@ -878,14 +1102,33 @@ impl Filesystem for PassthroughFs {
         _flags: u32,
     ) -> Result<u32> {
         let h = self.handle(fh)?;
-        match h.node() {
-            Some(n) => self.keep_setid(
-                n,
-                h.fd(),
-                (write_flags & abi::flags::WRITE_KILL_SUIDGID != 0).then_some(ctx),
-                || Self::pwrite_all(h.fd(), offset, data),
-            ),
-            None => Err(Errno(libc::EISDIR)),
+        let Some(n) = h.node() else {
+            return Err(Errno(libc::EISDIR));
+        };
+        let u = base_unique(ctx);
+        // An append through the appliance is the one write that cannot simply run
+        // again after a crash: its intent records the size before it.
+        let append = self.recovery.is_some()
+            && matches!(&*h, Handle::File { flags, .. } if *flags as i32 & libc::O_APPEND != 0);
+        if append {
+            if ctx.unique & abi::UNIQUE_RESEND != 0 {
+                if let Some(n) = self.resent_append(u, &h, data)? {
+                    return self.settle(u, Ok(n), |n| OutcomeV1::Written(*n));
+                }
+            }
+            let size = sys::statx_fd(h.fd(), libc::STATX_SIZE, 0)?.stx_size;
+            self.intend(u, || IntentV1::Append { fh, size });
+        }
+        let r = self.keep_setid(
+            n,
+            h.fd(),
+            (write_flags & abi::flags::WRITE_KILL_SUIDGID != 0).then_some(ctx),
+            || Self::pwrite_all(h.fd(), offset, data),
+        );
+        if append {
+            self.settle(u, r, |n| OutcomeV1::Written(*n))
+        } else {
+            r
         }
     }
 
@@ -903,8 +1146,8 @@ impl Filesystem for PassthroughFs {
         Ok(())
     }
 
-    fn release(&self, _ctx: &Context, _ino: u64, fh: u64, _flags: u32) -> Result<()> {
-        if let Some(h) = self.handles.remove(fh) {
+    fn release(&self, ctx: &Context, _ino: u64, fh: u64, _flags: u32) -> Result<()> {
+        if let Some(h) = self.drop_handle(base_unique(ctx), fh, Some(OutcomeV1::Done)) {
             // The last reads' second drop (see read_trail).
             for range in h.read_trail().map(|t| t.pending()).unwrap_or_default() {
                 drop_cached(h.fd(), range);
@@ -927,24 +1170,18 @@ impl Filesystem for PassthroughFs {
         Ok(())
     }
 
-    fn opendir(&self, _ctx: &Context, ino: u64, _flags: u32) -> Result<Opened> {
+    fn opendir(&self, ctx: &Context, ino: u64, _flags: u32) -> Result<Opened> {
         let n = self.node(ino)?;
         let fd = self.reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let fh = self.handles.insert(Handle::dir(fd, n));
-        Ok(Opened {
-            fh,
-            // The kernel may keep the listing: it drops it when an entry changes through
-            // the mount, and (AUTO_INVAL_DATA) when the directory's mtime has moved once
-            // its attributes time out — so a change made beside the mount shows as
-            // soon as a changed attribute would.
-            open_flags: abi::fopen::CACHE_DIR | abi::fopen::KEEP_CACHE,
-            backing: None,
-        })
+        let fh = self.add_handle(base_unique(ctx), Handle::dir(fd, n), |fh| {
+            OutcomeV1::Opened { fh }
+        });
+        Ok(Self::dir_opened(fh))
     }
 
     fn readdir(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         fh: u64,
         offset: u64,
@@ -956,6 +1193,7 @@ impl Filesystem for PassthroughFs {
         };
         let plus = sink.is_plus();
         let parent = if plus { Some(self.node(ino)?) } else { None };
+        let u = base_unique(ctx);
         let mut failure: Option<io::Error> = None;
         d.read_from(offset, |e| {
             if !sink.fits(e.name) {
@@ -976,12 +1214,12 @@ impl Filesystem for PassthroughFs {
                 };
                 return sink.add_plus(&entry, e.next, typ, e.name);
             }
-            match self.do_lookup(parent, e.name) {
+            match self.do_lookup(parent, e.name, u) {
                 Ok(entry) => {
                     if sink.add_plus(&entry, e.next, typ, e.name) {
                         true
                     } else {
-                        self.forget(entry.ino, 1);
+                        drop(self.nodes.forget(entry.ino, 1, u));
                         false
                     }
                 }
@@ -1001,8 +1239,8 @@ impl Filesystem for PassthroughFs {
         }
     }
 
-    fn releasedir(&self, _ctx: &Context, _ino: u64, fh: u64) -> Result<()> {
-        drop(self.handles.remove(fh));
+    fn releasedir(&self, ctx: &Context, _ino: u64, fh: u64) -> Result<()> {
+        drop(self.drop_handle(base_unique(ctx), fh, Some(OutcomeV1::Done)));
         Ok(())
     }
 
@@ -1017,7 +1255,7 @@ impl Filesystem for PassthroughFs {
 
     fn setxattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         name: &OsStr,
         value: &[u8],
@@ -1026,7 +1264,25 @@ impl Filesystem for PassthroughFs {
     ) -> Result<()> {
         let n = self.node(ino)?;
         let c = cname(name)?;
-        xattr::set(self.xattr_target(&n), &c, value, flags)?;
+        // Only a create fails when run twice (EEXIST); a plain set or a replace
+        // repeats harmlessly.
+        let create = flags as i32 & libc::XATTR_CREATE != 0;
+        let u = base_unique(ctx);
+        if create {
+            self.intend(u, || IntentV1::Xattr {
+                node: ino,
+                name: name.as_bytes().to_vec(),
+                // Unknown counts as present: then a resend runs again.
+                present: self.has_xattr_now(&n, &c) != Some(false),
+                remove: false,
+            });
+        }
+        let r = xattr::set(self.xattr_target(&n), &c, value, flags).map_err(Errno::from);
+        if create {
+            self.settle(u, r, |_| OutcomeV1::Done)?;
+        } else {
+            r?;
+        }
         // The kernel asks to clear SGID when setting an access ACL by a caller outside
         // the file's group; we hold CAP_FSETID, so the real file system will not.
         if setxattr_flags & abi::flags::SETXATTR_ACL_KILL_SGID != 0
@@ -1052,10 +1308,19 @@ impl Filesystem for PassthroughFs {
         Ok(xattr::list(self.xattr_target(&n), size)?)
     }
 
-    fn removexattr(&self, _ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
+    fn removexattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
         let n = self.node(ino)?;
         let c = cname(name)?;
-        Ok(xattr::remove(self.xattr_target(&n), &c)?)
+        let u = base_unique(ctx);
+        self.intend(u, || IntentV1::Xattr {
+            node: ino,
+            name: name.as_bytes().to_vec(),
+            // Unknown counts as absent: then a resend runs again.
+            present: self.has_xattr_now(&n, &c) == Some(true),
+            remove: true,
+        });
+        let r = xattr::remove(self.xattr_target(&n), &c).map_err(Errno::from);
+        self.settle(u, r, |_| OutcomeV1::Done)
     }
 
     fn create(
@@ -1071,10 +1336,25 @@ impl Filesystem for PassthroughFs {
         let c = cname(name)?;
         let oflags =
             (flags as i32 & !(libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_CREAT | libc::O_NOFOLLOW;
-        let file = self.as_caller(ctx, Some(umask), |g| {
-            sys::openat(p.fd(), &c, oflags, g.mode(mode))
-        })?;
-        self.finish_create(file, flags, Some((parent, name)))
+        let u = base_unique(ctx);
+        self.intend(u, || IntentV1::Make {
+            parent,
+            name: name.as_bytes().to_vec(),
+            before: self.probe(p.fd(), &c),
+            open: Some(flags),
+        });
+        // The outcome is recorded with the handle; only a failure is settled here.
+        let r = self
+            .as_caller(ctx, Some(umask), |g| {
+                sys::openat(p.fd(), &c, oflags, g.mode(mode))
+            })
+            .and_then(|file| self.finish_create(file, flags, Some((parent, name)), u));
+        if r.is_err() {
+            if let Some(j) = &self.recovery {
+                j.recorder.abandon(u);
+            }
+        }
+        r
     }
 
     fn tmpfile(
@@ -1092,7 +1372,7 @@ impl Filesystem for PassthroughFs {
         let file = self.as_caller(ctx, Some(umask), |g| {
             sys::openat(p.fd(), c".", oflags, g.mode(mode))
         })?;
-        self.finish_create(file, flags, None)
+        self.finish_create(file, flags, None, base_unique(ctx))
     }
 
     fn fallocate(

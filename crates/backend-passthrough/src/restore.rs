@@ -9,8 +9,13 @@
 //! taken as their nodes' objects without a `statx` each (as mem takes its memfds):
 //! that cost 9 ms per 8,800 descriptors of downtime, and a predecessor can only lend
 //! what its own sandbox holds — a wrong one costs its own answers, which it could
-//! falsify anyway. Only the root is checked: it must be this export's root. This
-//! module never writes to the export.
+//! falsify anyway. Only the root is checked: it must be this export's root.
+//!
+//! A crash recovery has no node descriptors, only the open files the supervisor kept
+//! for their handles: those are checked against their nodes' recorded identity (one
+//! `statx` each; one that does not match is not used), and a node its hint no longer
+//! finds (an open file unlinked since) is found through one of its handles' files.
+//! This module never writes to the export.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -49,6 +54,9 @@ pub(crate) struct Export<'a> {
     pub root_key: InodeKey,
     /// To open a node again (its /proc/self/fd magic link).
     pub reopen: &'a dyn Fn(BorrowedFd<'_>, i32) -> std::io::Result<OwnedFd>,
+    /// Check every lent handle descriptor against its node before using it (crash
+    /// recovery: the descriptors were kept apart from the records naming them).
+    pub verify_handles: bool,
 }
 
 /// A node's fate.
@@ -132,6 +140,43 @@ pub(crate) fn rebuild(
             refind(n.id, &by_id, &mut found);
         }
     }
+    // The open files that came for handles, checked if asked.
+    let mut given: HashMap<u64, OwnedFd> = HashMap::new();
+    for h in &s.handles {
+        if let ObjectV1::Lent(i) = h.object {
+            let fd = take(i)?;
+            let fits = !export.verify_handles
+                || by_id
+                    .get(&h.node)
+                    .is_some_and(|n| matches(n, fd.as_fd()).is_some());
+            if fits {
+                given.insert(h.fh, fd);
+            } else {
+                tracing::warn!(
+                    handle = h.fh,
+                    node = h.node,
+                    "a kept open file is not its node's object; opening the node again"
+                );
+            }
+        }
+    }
+    // A node its hint did not find may still be open: found through its handle.
+    for h in &s.handles {
+        let (Some(Found::Stale), Some(fd), Some(n)) =
+            (found.get(&h.node), given.get(&h.fh), by_id.get(&h.node))
+        else {
+            continue;
+        };
+        if h.object == ObjectV1::Stale || n.object == ObjectV1::Stale {
+            continue;
+        }
+        if let Ok(path) = (export.reopen)(fd.as_fd(), libc::O_PATH | libc::O_NOFOLLOW) {
+            if let Found::Live(node) = verified(n, path) {
+                tracing::info!(node = n.id, "a node was found again through its open file");
+                found.insert(n.id, Found::Live(node));
+            }
+        }
+    }
 
     let mut live = Vec::new();
     let mut stale = Vec::new();
@@ -172,10 +217,7 @@ pub(crate) fn rebuild(
             ObjectV1::Stale => None,
             _ => held.get(&h.node),
         };
-        let given = match h.object {
-            ObjectV1::Lent(i) => Some(take(i)?),
-            _ => None,
-        };
+        let given = given.remove(&h.fh);
         match node.and_then(|node| reopened(h.kind, node, given, export.reopen)) {
             Some(handle) => hlive.push((h.fh, Arc::new(handle))),
             None => hstale.push(h.fh),

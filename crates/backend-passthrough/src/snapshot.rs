@@ -16,7 +16,7 @@ use fsva_appliance::state::{BackendState, StateError, StateFd};
 use fsva_protocol::abi::ROOT_ID;
 use serde::{Deserialize, Serialize};
 
-use crate::handle::{Handle, HandleParts};
+use crate::handle::HandleParts;
 use crate::inode::{Hint, InodeKey, TableParts};
 
 /// Every version this backend can restore from.
@@ -84,10 +84,10 @@ pub struct HandleV1 {
 }
 
 /// Counters near the end of their range would wrap (and reuse the root's number).
-const COUNTER_LIMIT: u64 = 1 << 62;
+pub(crate) const COUNTER_LIMIT: u64 = 1 << 62;
 
 /// File types a node may have.
-const KINDS: [u32; 7] = [
+pub(crate) const KINDS: [u32; 7] = [
     libc::S_IFREG,
     libc::S_IFDIR,
     libc::S_IFLNK,
@@ -171,14 +171,10 @@ pub(crate) fn take(nodes: TableParts, handles: HandleParts) -> BackendState {
                 object: lend(StateFd::Lent(node.clone())),
             });
         }
-        let kind = match &*h {
-            Handle::File { flags, .. } => HandleKindV1::File { flags: *flags },
-            Handle::Dir { .. } => HandleKindV1::Dir,
-        };
         hout.push(HandleV1 {
             fh,
             node: node.id,
-            kind,
+            kind: h.kind_v1(),
             object: lend(StateFd::Lent(h)),
         });
     }
@@ -199,6 +195,75 @@ pub(crate) fn take(nodes: TableParts, handles: HandleParts) -> BackendState {
     BackendState {
         bytes: postcard::to_allocvec(&snap).expect("in-memory snapshot always encodes"),
         fds,
+    }
+}
+
+/// The tables as a snapshot without descriptors (for a crash-recovery checkpoint,
+/// taken while serving with both tables held still): every live node is to be found
+/// again by its path hint, every live handle to be opened again on its node.
+pub(crate) fn take_portable(nodes: TableParts, handles: HandleParts) -> SnapshotV1 {
+    let mut out = Vec::with_capacity(nodes.live.len() + nodes.stale.len());
+    let mut seen: HashSet<u64> = HashSet::with_capacity(nodes.live.len());
+    for l in nodes.live {
+        seen.insert(l.node.id);
+        out.push(NodeV1 {
+            id: l.node.id,
+            key: l.node.key.into(),
+            kind: l.node.kind,
+            lookups: l.lookups,
+            setid: l.node.maybe_setid(),
+            hint: hint_v1(l.hint),
+            object: ObjectV1::Absent,
+        });
+    }
+    for (id, s) in nodes.stale {
+        seen.insert(id);
+        out.push(NodeV1 {
+            id,
+            key: s.key.into(),
+            kind: s.kind,
+            lookups: s.lookups,
+            setid: false,
+            hint: hint_v1(s.hint),
+            object: ObjectV1::Stale,
+        });
+    }
+    let mut hout = Vec::with_capacity(handles.live.len() + handles.stale.len());
+    for (fh, h) in handles.live {
+        let node = h.owner();
+        if seen.insert(node.id) {
+            out.push(NodeV1 {
+                id: node.id,
+                key: node.key.into(),
+                kind: node.kind,
+                lookups: 0,
+                setid: node.maybe_setid(),
+                hint: None,
+                object: ObjectV1::Absent,
+            });
+        }
+        hout.push(HandleV1 {
+            fh,
+            node: node.id,
+            kind: h.kind_v1(),
+            object: ObjectV1::Absent,
+        });
+    }
+    for fh in handles.stale {
+        hout.push(HandleV1 {
+            fh,
+            node: 0,
+            kind: HandleKindV1::Dir,
+            object: ObjectV1::Stale,
+        });
+    }
+    out.sort_unstable_by_key(|n| n.id);
+    hout.sort_unstable_by_key(|h| h.fh);
+    SnapshotV1 {
+        next_node: nodes.next_id,
+        next_fh: handles.next,
+        nodes: out,
+        handles: hout,
     }
 }
 
@@ -240,7 +305,7 @@ pub fn decode(bytes: &[u8]) -> Result<PassthroughSnapshot, StateError> {
 }
 
 /// Whether `name` is one plain directory entry name.
-fn plain_name(name: &[u8]) -> bool {
+pub(crate) fn plain_name(name: &[u8]) -> bool {
     !name.is_empty()
         && name.len() <= 255
         && name != b"."
