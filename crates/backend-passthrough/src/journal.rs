@@ -688,35 +688,42 @@ pub(crate) struct Replayed {
     pub traces: Traces,
 }
 
-/// Replays `records` (payloads without their tag byte) onto `checkpoint` (or, without
-/// one, onto a table holding only the root `root_key`). Every record is checked as it
-/// is applied; the result is checked whole by [`crate::snapshot::check`].
+/// Decodes a recovery checkpoint and checks it whole (its tables hold together and
+/// refer to no descriptor).
+pub(crate) fn load_checkpoint(bytes: &[u8]) -> Result<CheckpointV1, StateError> {
+    let PassthroughCheckpoint::V1(c) = decode_checkpoint(bytes)?;
+    crate::snapshot::check(&c.snapshot, 0)?;
+    if c.snapshot
+        .nodes
+        .iter()
+        .any(|n| matches!(n.object, ObjectV1::Lent(_)))
+        || c.snapshot
+            .handles
+            .iter()
+            .any(|h| matches!(h.object, ObjectV1::Lent(_)))
+    {
+        return Err(StateError::Backend(
+            "a recovery checkpoint refers to descriptors".into(),
+        ));
+    }
+    if c.stale_below >= COUNTER_LIMIT {
+        return Err(StateError::Backend("stale range out of bounds".into()));
+    }
+    Ok(c)
+}
+
+/// Replays `records` (payloads without their tag byte) onto `checkpoint` (loaded by
+/// [`load_checkpoint`]; without one, onto a table holding only the root `root_key`).
+/// Every record is checked as it is applied; the result is checked whole by
+/// [`crate::snapshot::check`].
 pub(crate) fn replay(
-    checkpoint: Option<&[u8]>,
+    checkpoint: Option<CheckpointV1>,
     records: &[Vec<u8>],
     root_key: KeyV1,
 ) -> Result<Replayed, StateError> {
     let mut traces = Traces::default();
     let (snapshot, stale_below) = match checkpoint {
-        Some(bytes) => {
-            let PassthroughCheckpoint::V1(c) = decode_checkpoint(bytes)?;
-            crate::snapshot::check(&c.snapshot, 0)?;
-            if c.snapshot
-                .nodes
-                .iter()
-                .any(|n| matches!(n.object, ObjectV1::Lent(_)))
-                || c.snapshot
-                    .handles
-                    .iter()
-                    .any(|h| matches!(h.object, ObjectV1::Lent(_)))
-            {
-                return Err(StateError::Backend(
-                    "a recovery checkpoint refers to descriptors".into(),
-                ));
-            }
-            if c.stale_below >= COUNTER_LIMIT {
-                return Err(StateError::Backend("stale range out of bounds".into()));
-            }
+        Some(c) => {
             for (unique, t) in c.carried {
                 traces.carry(unique, t);
             }

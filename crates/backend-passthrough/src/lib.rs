@@ -54,7 +54,7 @@ use creds::{Caller, CredGuard};
 use handle::{Handle, HandleTable};
 use inode::{InodeKey, Node, NodeTable};
 use journal::{IntentV1, OutcomeV1, ProbeV1};
-pub use recovery::Recovery;
+pub use recovery::{Preloaded, Recovery};
 use sys::{cname, cvt, fd_name, EMPTY};
 
 /// Flags never passed on when reopening a node for I/O: creation is done, the magic

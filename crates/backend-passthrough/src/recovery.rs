@@ -40,6 +40,40 @@ use crate::{
     STATX_MASK,
 };
 
+/// The first half of a recovery, done ahead of need by a spare successor while its
+/// predecessor still serves: the last checkpoint decoded and checked, and the open
+/// files kept so far. Nothing is opened in the export yet (it changes until the
+/// predecessor dies).
+pub struct Preloaded {
+    checkpoint: Option<CheckpointV1>,
+    fds: HashMap<u64, OwnedFd>,
+}
+
+impl Preloaded {
+    /// Open files kept after the preload.
+    pub fn add_fds(&mut self, fds: HashMap<u64, OwnedFd>) {
+        self.fds.extend(fds);
+    }
+
+    /// Takes `checkpoint` (a newer one than preloaded, or the first), and lets go of
+    /// the open files of handles closed before it: handle numbers only grow, so such
+    /// a file is never named again (and an unlinked one's space is freed). A handle
+    /// whose number was taken before the checkpoint but which was stored just after it
+    /// loses its kept file too; it is opened again on its node.
+    pub fn reload(&mut self, checkpoint: Option<&[u8]>) -> Result<(), StateError> {
+        let Some(bytes) = checkpoint else {
+            return Ok(());
+        };
+        let c = journal::load_checkpoint(bytes)?;
+        let open: std::collections::HashSet<u64> =
+            c.snapshot.handles.iter().map(|h| h.fh).collect();
+        let next = c.snapshot.next_fh;
+        self.fds.retain(|fh, _| *fh >= next || open.contains(fh));
+        self.checkpoint = Some(c);
+        Ok(())
+    }
+}
+
 /// What a dead predecessor left for its successor.
 pub struct Recovery {
     /// The backend's part of the last checkpoint, if one was stored.
@@ -104,15 +138,37 @@ impl PassthroughFs {
         keeper: Arc<dyn Keeper>,
         recovery: Recovery,
     ) -> Result<PassthroughFs, StateError> {
+        let p = PassthroughFs::preload(recovery.checkpoint.as_deref(), recovery.fds)?;
+        PassthroughFs::finish_recovery(config, p, journal, keeper, recovery.records)
+    }
+
+    /// The first half of [`PassthroughFs::recover`], ahead of need (see [`Preloaded`]).
+    pub fn preload(
+        checkpoint: Option<&[u8]>,
+        fds: HashMap<u64, OwnedFd>,
+    ) -> Result<Preloaded, StateError> {
+        let mut p = Preloaded {
+            checkpoint: None,
+            fds,
+        };
+        p.reload(checkpoint)?;
+        Ok(p)
+    }
+
+    /// The second half: the journal records after the preloaded checkpoint replayed,
+    /// the tables rebuilt in the export, the kept files nothing names given back.
+    pub fn finish_recovery(
+        config: PassthroughConfig,
+        p: Preloaded,
+        journal: Arc<Journal>,
+        keeper: Arc<dyn Keeper>,
+        records: Vec<Vec<u8>>,
+    ) -> Result<PassthroughFs, StateError> {
         let t0 = std::time::Instant::now();
         let setup = Setup::new(config).map_err(|e| StateError::Backend(e.to_string()))?;
-        let replayed = journal::replay(
-            recovery.checkpoint.as_deref(),
-            &recovery.records,
-            setup.root_key.into(),
-        )?;
+        let replayed = journal::replay(p.checkpoint, &records, setup.root_key.into())?;
         let mut snap = replayed.snapshot;
-        let mut kept = recovery.fds;
+        let mut kept = p.fds;
         let mut lent = Vec::new();
         for h in &mut snap.handles {
             if let (HandleKindV1::File { .. }, ObjectV1::Absent) = (h.kind, h.object) {
@@ -141,7 +197,7 @@ impl PassthroughFs {
             handles = restored.handles.count(),
             stale_nodes = restored.stale_nodes,
             stale_handles = restored.stale_handles,
-            records = recovery.records.len(),
+            records = records.len(),
             resendable = replayed.traces.len(),
             recover_us = t0.elapsed().as_micros() as u64,
             "passthrough state recovered"

@@ -77,8 +77,9 @@ pub enum Start {
     /// appliance that kept no journal).
     Snapshot(fsva_appliance::state::BackendState),
     /// Recording every change in a recovery journal the supervisor keeps, and giving
-    /// it the memfds: empty, rebuilt from what a dead predecessor left, or empty after
-    /// that state was lost.
+    /// it what must outlive the appliance (mem's memfds, passthrough's open files):
+    /// empty, rebuilt from what a dead predecessor left, or empty after that state was
+    /// lost.
     Journaled {
         journal: Arc<fsva_appliance::journal::Journal>,
         keeper: Arc<dyn fsva_appliance::Keeper>,
@@ -91,7 +92,7 @@ pub enum Journaled {
     Empty,
     /// A predecessor's checkpoint (preloaded) and the journal records after it.
     Recover {
-        preloaded: Box<fsva_backend_mem::Preloaded>,
+        preloaded: Box<Preloaded>,
         records: Vec<Vec<u8>>,
     },
     /// The predecessor's state is lost: empty, its nodes stale below this number.
@@ -112,18 +113,49 @@ fn mem_config(capacity: u64) -> fsva_backend_mem::MemConfig {
     config
 }
 
+/// A journaled backend's recovery, half done ahead of need.
+pub enum Preloaded {
+    Mem(fsva_backend_mem::Preloaded),
+    Passthrough(fsva_backend_passthrough::Preloaded),
+}
+
+impl Preloaded {
+    /// Descriptors kept after the preload.
+    pub fn add_fds(&mut self, fds: std::collections::HashMap<u64, OwnedFd>) {
+        match self {
+            Preloaded::Mem(p) => p.add_fds(fds),
+            Preloaded::Passthrough(p) => p.add_fds(fds),
+        }
+    }
+
+    /// Takes a newer checkpoint (the backend's part).
+    pub fn reload(&mut self, checkpoint: Option<&[u8]>) -> anyhow::Result<()> {
+        match self {
+            Preloaded::Mem(p) => p.reload(checkpoint).context("restoring mem's checkpoint"),
+            Preloaded::Passthrough(p) => p
+                .reload(checkpoint)
+                .context("reading passthrough's checkpoint"),
+        }
+    }
+}
+
 /// The first half of a journaled recovery, ahead of need: a checkpoint's backend part
-/// restored with the memfds kept so far (mem only).
+/// restored (mem) or checked (passthrough, whose export changes until the predecessor
+/// dies) with the descriptors kept so far.
 pub fn preload(
     spec: &BackendSpec,
     checkpoint: Option<&[u8]>,
     fds: std::collections::HashMap<u64, OwnedFd>,
-) -> anyhow::Result<fsva_backend_mem::Preloaded> {
+) -> anyhow::Result<Preloaded> {
     match spec {
-        BackendSpec::Mem { capacity } => {
+        BackendSpec::Mem { capacity } => Ok(Preloaded::Mem(
             fsva_backend_mem::MemFs::preload(mem_config(*capacity), checkpoint, fds)
-                .context("restoring mem's checkpoint")
-        }
+                .context("restoring mem's checkpoint")?,
+        )),
+        BackendSpec::Passthrough { .. } => Ok(Preloaded::Passthrough(
+            fsva_backend_passthrough::PassthroughFs::preload(checkpoint, fds)
+                .context("reading passthrough's checkpoint")?,
+        )),
         other => anyhow::bail!("{other} keeps no recovery journal"),
     }
 }
@@ -138,14 +170,10 @@ pub fn build(
     device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
     start: Start,
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
-    match (&start, spec) {
-        (Start::Journaled { .. }, BackendSpec::Passthrough { .. }) => {
-            anyhow::bail!("a passthrough appliance keeps no recovery journal")
-        }
-        (Start::Snapshot(_) | Start::Journaled { .. }, BackendSpec::Image { .. }) => {
-            anyhow::bail!("a disk image's VM appliance cannot be restored from a state yet")
-        }
-        _ => {}
+    if let (Start::Snapshot(_) | Start::Journaled { .. }, BackendSpec::Image { .. }) =
+        (&start, spec)
+    {
+        anyhow::bail!("a disk image's VM appliance cannot be restored from a state yet")
     }
     match spec {
         BackendSpec::Mem { capacity } => {
@@ -163,10 +191,15 @@ pub fn build(
                     from,
                 } => match from {
                     Journaled::Empty => Arc::new(MemFs::journaled(config, journal, keeper)),
-                    Journaled::Recover { preloaded, records } => Arc::new(
-                        MemFs::finish_recovery(*preloaded, journal, keeper, records)
-                            .context("rebuilding mem from its checkpoint and journal")?,
-                    ),
+                    Journaled::Recover { preloaded, records } => {
+                        let Preloaded::Mem(preloaded) = *preloaded else {
+                            anyhow::bail!("another backend's preloaded state came to mem");
+                        };
+                        Arc::new(
+                            MemFs::finish_recovery(preloaded, journal, keeper, records)
+                                .context("rebuilding mem from its checkpoint and journal")?,
+                        )
+                    }
                     Journaled::AfterLoss(base) => {
                         Arc::new(MemFs::after_loss(config, journal, keeper, base))
                     }
@@ -186,17 +219,45 @@ pub fn build(
                 config.entry_ttl = EXCLUSIVE_TTL;
                 config.attr_ttl = EXCLUSIVE_TTL;
             }
-            match start {
-                Start::Snapshot(state) => Ok(Arc::new(
-                    fsva_backend_passthrough::PassthroughFs::restore(config, state).with_context(
-                        || format!("restoring {} from its predecessor's state", path.display()),
-                    )?,
-                )),
-                _ => Ok(Arc::new(
-                    fsva_backend_passthrough::PassthroughFs::new(config)
-                        .with_context(|| format!("serving {}", path.display()))?,
-                )),
-            }
+            use fsva_backend_passthrough::PassthroughFs;
+            let serving = || format!("serving {}", path.display());
+            Ok(match start {
+                Start::Snapshot(state) => {
+                    Arc::new(PassthroughFs::restore(config, state).with_context(|| {
+                        format!("restoring {} from its predecessor's state", path.display())
+                    })?)
+                }
+                Start::Fresh => Arc::new(PassthroughFs::new(config).with_context(serving)?),
+                Start::Journaled {
+                    journal,
+                    keeper,
+                    from,
+                } => match from {
+                    Journaled::Empty => Arc::new(
+                        PassthroughFs::journaled(config, journal, keeper).with_context(serving)?,
+                    ),
+                    Journaled::Recover { preloaded, records } => {
+                        let Preloaded::Passthrough(preloaded) = *preloaded else {
+                            anyhow::bail!("another backend's preloaded state came to passthrough");
+                        };
+                        Arc::new(
+                            PassthroughFs::finish_recovery(
+                                config, preloaded, journal, keeper, records,
+                            )
+                            .with_context(|| {
+                                format!(
+                                    "rebuilding {} from its checkpoint and journal",
+                                    path.display()
+                                )
+                            })?,
+                        )
+                    }
+                    Journaled::AfterLoss(base) => Arc::new(
+                        PassthroughFs::after_loss(config, journal, keeper, base)
+                            .with_context(serving)?,
+                    ),
+                },
+            })
         }
         BackendSpec::Image { path, .. } => anyhow::bail!(
             "{} is a disk image: it is served by a VM appliance (fsva mount --vm), not here",

@@ -115,8 +115,8 @@ pub struct MountArgs {
     /// kernel reads and writes the backend's files directly, with one page cache).
     #[arg(long)]
     pub no_passthrough: bool,
-    /// mem: keep no recovery journal. Then an appliance that dies takes the file
-    /// system with it (the mount answers EIO) instead of a successor taking over.
+    /// Keep no recovery journal (mem, passthrough): an appliance that dies then leaves
+    /// the mount answering EIO instead of a successor taking over with its state.
     #[arg(long)]
     pub no_recovery: bool,
     /// Most file data the appliance may keep in memory, e.g. 256M or 2G (for mem: all it

@@ -187,8 +187,9 @@ impl fsva_appliance::BackingFiles for SupervisorBroker {
     }
 }
 
-/// The appliance's end of the keeper link (`fsva_supervisor::keeper`): memfds and
-/// checkpoints handed to the supervisor for a successor, one way.
+/// The appliance's end of the keeper link (`fsva_supervisor::keeper`): descriptors
+/// (mem's memfds, passthrough's open files) and checkpoints handed to the supervisor
+/// for a successor, one way.
 struct SupervisorKeeper {
     link: std::sync::Mutex<Link>,
     /// Set once a send failed (the supervisor is gone): said once, not per file.
@@ -552,12 +553,12 @@ struct RecoveryInput {
 /// A checkpoint's runtime part and its backend part restored ahead of need.
 struct Preloaded {
     state: Option<fsva_appliance::state::StateV2>,
-    backend: fsva_backend_mem::Preloaded,
+    backend: crate::backends::Preloaded,
 }
 
-/// Serves `Preload`s (a spare's head start: checkpoint and kept memfds restored while
-/// the predecessor still serves) until `Recover` comes, then reads the journal records
-/// after the checkpoint. Anything that does not hold together is an error: the
+/// Serves `Preload`s (a spare's head start: checkpoint and kept descriptors taken in
+/// while the predecessor still serves) until `Recover` comes, then reads the journal
+/// records after the checkpoint. Anything that does not hold together is an error: the
 /// supervisor then starts a fresh appliance instead.
 fn receive_recovery(
     link: &Link,
