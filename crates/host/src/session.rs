@@ -275,8 +275,11 @@ impl Migration {
         fds.extend(broker.as_ref().map(|l| l.as_fd()));
         let (kept, keeper) = match kind {
             StateKind::Mem => {
-                let kept = Kept::new(fsva_appliance::journal::DEFAULT_AREA)
-                    .map_err(|e| format!("creating the recovery journal: {e}"))?;
+                let kept = Kept::new(
+                    fsva_appliance::journal::DEFAULT_AREA,
+                    fsva_supervisor::keeper::Accept::Memfds,
+                )
+                .map_err(|e| format!("creating the recovery journal: {e}"))?;
                 let (link, end) = kept
                     .link()
                     .map_err(|e| format!("starting the keeper link: {e}"))?;

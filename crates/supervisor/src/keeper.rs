@@ -1,14 +1,16 @@
 //! The supervisor's safe-keeping for one mount's appliances: everything a successor
 //! needs to carry on after an appliance dies — the recovery journal (a memfd this
-//! module creates), the last checkpoint, and the memfds holding `mem`'s file contents.
+//! module creates), the last checkpoint, and descriptors: the memfds holding `mem`'s
+//! file contents, or a passthrough appliance's open files (so that an open file
+//! unlinked meanwhile survives its appliance).
 //!
-//! The appliance sends memfds and checkpoints over its keeper link, one way
+//! The appliance sends descriptors and checkpoints over its keeper link, one way
 //! ([`serve`]); a message it has sent is kept even if it dies at once, because the
 //! supervisor reads everything queued on the link before it starts a successor
 //! ([`LinkEnd::wait`]). What is kept is handed to a successor as it is; this module
 //! never reads a checkpoint or the journal, and never trusts the appliance beyond
-//! holding what it gave (a memfd it may not pass off as anything else: only memfds are
-//! kept, and no more than [`MAX_KEPT`]).
+//! holding what it gave (only what the mount's [`Accept`] allows — memfds, or regular
+//! files of the export's device — and no more than [`MAX_KEPT`]).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -21,9 +23,19 @@ use fsva_control::{KeeperMessage, Link, LinkError};
 /// supervisor's descriptor table).
 pub const MAX_KEPT: usize = 1 << 20;
 
+/// Which descriptors a mount's appliances may leave in keeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// Memfds (`mem`'s file contents).
+    Memfds,
+    /// Regular files on this device (a passthrough export's open files).
+    FilesOn(u64),
+}
+
 /// What is kept for one mount.
 pub struct Kept {
     journal: OwnedFd,
+    accept: Accept,
     inner: Mutex<Inner>,
     /// Signalled when a checkpoint is stored.
     stored: Condvar,
@@ -118,10 +130,12 @@ pub struct Handover<'a> {
 }
 
 impl Kept {
-    /// Keeping for a new mount: a fresh journal with two areas of `area` bytes.
-    pub fn new(area: u64) -> std::io::Result<Arc<Kept>> {
+    /// Keeping for a new mount: a fresh journal with two areas of `area` bytes, and
+    /// descriptors of the kind `accept` allows.
+    pub fn new(area: u64, accept: Accept) -> std::io::Result<Arc<Kept>> {
         Ok(Arc::new(Kept {
             journal: fsva_appliance::journal::create(area)?,
+            accept,
             inner: Mutex::default(),
             stored: Condvar::new(),
         }))
@@ -301,7 +315,10 @@ fn serve(link: Link, kept: &Kept, end: &Reading) {
         let mut g = kept.lock();
         match msg {
             KeeperMessage::Keep { id } => match fds.pop() {
-                Some(fd) if g.fds.len() < MAX_KEPT && is_memfd(fd.as_fd()) => {
+                Some(fd)
+                    if (g.fds.len() < MAX_KEPT || g.fds.contains_key(&id))
+                        && acceptable(fd.as_fd(), kept.accept) =>
+                {
                     g.received += 1;
                     let n = g.received;
                     g.fds.insert(id, (fd, n));
@@ -311,7 +328,8 @@ fn serve(link: Link, kept: &Kept, end: &Reading) {
                     if g.refused == 1 {
                         tracing::warn!(
                             id,
-                            "refused to keep a descriptor that is no memfd, or too many"
+                            accept = ?kept.accept,
+                            "refused to keep a descriptor of another kind than this mount's, or too many"
                         );
                     }
                 }
@@ -344,6 +362,15 @@ fn serve(link: Link, kept: &Kept, end: &Reading) {
     tracing::debug!(messages, "keeper link ended");
 }
 
+/// Whether `fd` is of the kind `accept` allows.
+fn acceptable(fd: BorrowedFd<'_>, accept: Accept) -> bool {
+    match accept {
+        Accept::Memfds => is_memfd(fd),
+        Accept::FilesOn(dev) => rustix::fs::fstat(fd)
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_dev == dev),
+    }
+}
+
 /// Whether `fd` is a memfd (its magic link says `/memfd:`).
 fn is_memfd(fd: BorrowedFd<'_>) -> bool {
     use std::os::fd::AsRawFd;
@@ -361,7 +388,7 @@ mod tests {
 
     #[test]
     fn what_a_dead_appliance_sent_is_kept_and_handed_over() {
-        let kept = Kept::new(1 << 20).unwrap();
+        let kept = Kept::new(1 << 20, Accept::Memfds).unwrap();
         let (link, end) = kept.link().unwrap();
         let (a, b) = (memfd(), memfd());
         link.send(&KeeperMessage::Keep { id: 1 }, &[a.as_fd()])

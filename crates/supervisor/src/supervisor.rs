@@ -188,10 +188,11 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     } else {
         None
     };
-    // What a successor needs if the appliance dies: its journal, checkpoints, memfds.
+    // What a successor needs if the appliance dies: its journal, checkpoints, memfds
+    // or open files.
     let kept = if journals(&req) {
         Some(
-            crate::keeper::Kept::new(fsva_appliance::journal::DEFAULT_AREA)
+            crate::keeper::Kept::new(fsva_appliance::journal::DEFAULT_AREA, kept_kind(&req)?)
                 .map_err(io_err("creating the recovery journal"))?,
         )
     } else {
@@ -787,14 +788,33 @@ impl CrashLoop {
 }
 
 /// Whether this mount's appliances keep a recovery journal, so that one that dies is
-/// replaced with its state: `mem` served by a process appliance on `/dev/fuse`
-/// (passthrough's state is the export itself; VM appliances and stream channels are
-/// not recovered yet).
+/// replaced with its state: `mem` or `passthrough` served by a process appliance on
+/// `/dev/fuse` (VM appliances and stream channels are not recovered yet), unless
+/// `--no-recovery` said otherwise.
 fn journals(req: &MountRequest) -> bool {
     req.recovery
-        && matches!(req.backend, BackendSpec::Mem { .. })
+        && matches!(
+            req.backend,
+            BackendSpec::Mem { .. } | BackendSpec::Passthrough { .. }
+        )
         && req.vm.is_none()
         && req.channel == ChannelKind::Fusedev
+}
+
+/// What a journaled mount's appliances leave in the supervisor's keeping: mem's
+/// memfds, or a passthrough appliance's open files (regular files of its export).
+fn kept_kind(req: &MountRequest) -> Result<crate::keeper::Accept, SupervisorError> {
+    Ok(match open_export(&req.backend)? {
+        Some(dir) => crate::keeper::Accept::FilesOn(
+            rustix::fs::fstat(&dir)
+                .map_err(|e| SupervisorError::Io {
+                    what: "inspecting the export".into(),
+                    source: e.into(),
+                })?
+                .st_dev,
+        ),
+        None => crate::keeper::Accept::Memfds,
+    })
 }
 
 /// A live restart holds every file of a mem appliance (one memfd each) between the two
