@@ -413,7 +413,13 @@ impl PassthroughFs {
     /// its open file back from the supervisor's keeping.
     fn drop_handle(&self, u: u64, fh: u64, outcome: Option<OutcomeV1>) -> Option<Arc<Handle>> {
         let (was, h) = self.handles.remove(fh, u, outcome);
-        if let (true, Some(j)) = (was, &self.recovery) {
+        // A directory's stream was never kept; a stale handle's file may have been.
+        let kept = match h.as_deref() {
+            Some(Handle::File { node, .. }) => node.kind == libc::S_IFREG,
+            Some(Handle::Dir { .. }) => false,
+            None => was,
+        };
+        if let (true, Some(j)) = (kept, &self.recovery) {
             j.keeper.release(fh);
         }
         h

@@ -88,6 +88,12 @@ pub struct Recovery {
 /// before the kernel's resends reached it leaves them to the next one).
 const CARRIED: usize = 1024;
 
+/// Checkpoints after a recovery that still carry its traces. The kernel resends what
+/// it held before the successor serves, and a successor checkpoints once when it
+/// begins serving, then whenever its journal fills: by its second checkpoint every
+/// resend has been read, and what was not asked never will be.
+const CARRY_CHECKPOINTS: u32 = 1;
+
 /// A journaled backend's recovery side.
 pub(crate) struct Journaled {
     pub recorder: Arc<Recorder>,
@@ -98,6 +104,8 @@ pub(crate) struct Journaled {
     /// Resent appends and the file size before their first execution (their write
     /// decides, with the bytes in hand).
     appends: Mutex<HashMap<u64, u64>>,
+    /// Checkpoints taken since this backend started.
+    checkpoints: std::sync::atomic::AtomicU32,
 }
 
 impl PassthroughFs {
@@ -233,6 +241,7 @@ impl PassthroughFs {
             has_traces: AtomicBool::new(!traces.is_empty()),
             traces: Mutex::new(traces),
             appends: Mutex::default(),
+            checkpoints: Default::default(),
         });
     }
 
@@ -258,9 +267,13 @@ impl PassthroughFs {
         let pending: Vec<_> = rec.pending.iter().map(|(&u, i)| (u, i.clone())).collect();
         let boundary = rotate();
         drop((rec, handles, nodes));
-        let carried = if j.has_traces.load(Ordering::Relaxed) {
+        let carried = if !j.has_traces.load(Ordering::Relaxed) {
+            Vec::new()
+        } else if j.checkpoints.fetch_add(1, Ordering::Relaxed) < CARRY_CHECKPOINTS {
             lock(&j.traces).latest(CARRIED)
         } else {
+            j.has_traces.store(false, Ordering::Relaxed);
+            *lock(&j.traces) = Traces::default();
             Vec::new()
         };
         let checkpoint = PassthroughCheckpoint::V1(CheckpointV1 {
@@ -525,7 +538,9 @@ impl PassthroughFs {
             return Ok(None);
         }
         let mut there = Vec::with_capacity(have);
-        fsva_appliance::fileio::read_at_into(h.fd(), size, have, &mut there)?;
+        // The handle may be write-only: read through a descriptor of its own.
+        let reader = self.reopen(h.fd(), libc::O_RDONLY)?;
+        fsva_appliance::fileio::read_at_into(reader.as_fd(), size, have, &mut there)?;
         if there != data[..have] {
             return Ok(None);
         }

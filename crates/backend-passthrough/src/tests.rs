@@ -716,4 +716,5 @@ fn concurrent_creates_keep_per_thread_credentials() {
 }
 
 /// Snapshots and restores (live restart, path hints).
+mod recovery;
 mod snapshot;

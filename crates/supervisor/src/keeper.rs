@@ -381,6 +381,7 @@ fn is_memfd(fd: BorrowedFd<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn memfd() -> OwnedFd {
         rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap()
@@ -424,5 +425,27 @@ mod tests {
         );
         kept.discard();
         assert_eq!(kept.counts(), (0, None));
+    }
+
+    #[test]
+    fn a_passthrough_mount_keeps_regular_files_of_its_export_only() {
+        let dir =
+            std::path::PathBuf::from(format!("/var/tmp/fsva-keeper-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = std::fs::metadata(&dir).unwrap().dev();
+        let kept = Kept::new(1 << 20, Accept::FilesOn(dev)).unwrap();
+        let (link, end) = kept.link().unwrap();
+        let file = std::fs::File::create(dir.join("f")).unwrap();
+        let sub = std::fs::File::open(&dir).unwrap();
+        link.send(&KeeperMessage::Keep { id: 1 }, &[file.as_fd()])
+            .unwrap();
+        link.send(&KeeperMessage::Keep { id: 2 }, &[memfd().as_fd()])
+            .unwrap();
+        link.send(&KeeperMessage::Keep { id: 3 }, &[sub.as_fd()])
+            .unwrap();
+        drop(link);
+        assert!(end.wait(Duration::from_secs(5)));
+        assert_eq!(kept.counts().0, 1, "the file; not a memfd, not a directory");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -35,7 +35,7 @@ fn estale<T: std::fmt::Debug>(r: fsva_appliance::Result<T>) {
 }
 
 /// One READDIR of at most `limit` bytes from `offset`: (name, next offset).
-fn read_some(
+pub(super) fn read_some(
     fs: &PassthroughFs,
     ino: u64,
     fh: u64,
