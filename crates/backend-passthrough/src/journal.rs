@@ -572,6 +572,11 @@ impl Traces {
         self.map.len()
     }
 
+    /// Traces whose request recorded no outcome.
+    pub fn unsettled(&self) -> impl Iterator<Item = &Trace> {
+        self.map.values().filter(|t| t.outcome.is_none())
+    }
+
     /// The trace of `unique`, which is then forgotten.
     pub fn take(&mut self, unique: u64) -> Option<Trace> {
         self.map.remove(&unique)

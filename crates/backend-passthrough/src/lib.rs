@@ -35,6 +35,7 @@ pub mod snapshot;
 pub mod sys;
 pub mod xattr;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -220,6 +221,7 @@ impl PassthroughFs {
                 root_key: setup.root_key,
                 reopen: &reopen,
                 verify_handles: false,
+                alt_hints: &HashMap::new(),
             },
         )?;
         tracing::info!(

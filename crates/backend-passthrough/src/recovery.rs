@@ -188,6 +188,7 @@ impl PassthroughFs {
         }
         snapshot::check(&snap, lent.len())?;
         let unused: Vec<u64> = kept.into_keys().collect();
+        let alt_hints = renamed_maybe(&snap, &replayed.traces);
         let proc_self_fd = setup.proc_self_fd;
         let reopen = |fd: BorrowedFd<'_>, flags: i32| reopen_via(proc_self_fd.as_fd(), fd, flags);
         let restored = restore::rebuild(
@@ -198,6 +199,7 @@ impl PassthroughFs {
                 root_key: setup.root_key,
                 reopen: &reopen,
                 verify_handles: true,
+                alt_hints: &alt_hints,
             },
         )?;
         tracing::info!(
@@ -571,6 +573,47 @@ impl Present for PassthroughFs {
         let c = std::ffi::CString::new(name).ok()?;
         self.has_xattr_now(&n, &c)
     }
+}
+
+/// The names nodes may have now because of a rename whose outcome (and new hint) was
+/// not recorded: the source's object may be at the target, and for an exchange the
+/// target's at the source.
+fn renamed_maybe(
+    snap: &snapshot::SnapshotV1,
+    traces: &Traces,
+) -> HashMap<u64, Vec<(u64, Vec<u8>)>> {
+    let mut moves: Vec<(crate::snapshot::KeyV1, (u64, Vec<u8>))> = Vec::new();
+    for t in traces.unsettled() {
+        if let Some(IntentV1::Rename {
+            parent,
+            name,
+            newparent,
+            newname,
+            flags,
+            src,
+            dst,
+        }) = &t.intent
+        {
+            if let ProbeV1::Present(k) = src {
+                moves.push((*k, (*newparent, newname.clone())));
+            }
+            if let (ProbeV1::Present(k), true) = (dst, flags & libc::RENAME_EXCHANGE != 0) {
+                moves.push((*k, (*parent, name.clone())));
+            }
+        }
+    }
+    let mut alt: HashMap<u64, Vec<(u64, Vec<u8>)>> = HashMap::new();
+    if moves.is_empty() {
+        return alt;
+    }
+    for n in &snap.nodes {
+        for (k, to) in &moves {
+            if (k.dev, k.ino) == (n.key.dev, n.key.ino) && n.id != to.0 {
+                alt.entry(n.id).or_default().push(to.clone());
+            }
+        }
+    }
+    alt
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

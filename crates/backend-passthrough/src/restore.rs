@@ -57,6 +57,9 @@ pub(crate) struct Export<'a> {
     /// Check every lent handle descriptor against its node before using it (crash
     /// recovery: the descriptors were kept apart from the records naming them).
     pub verify_handles: bool,
+    /// Other names a node may have now, tried when its hint does not find it (a
+    /// rename whose appliance died before recording the new hint).
+    pub alt_hints: &'a HashMap<u64, Vec<(u64, Vec<u8>)>>,
 }
 
 /// A node's fate.
@@ -139,6 +142,11 @@ pub(crate) fn rebuild(
         if !found.contains_key(&n.id) {
             refind(n.id, &by_id, &mut found);
         }
+    }
+    // Nodes their hint did not find, by the other names they may have now; a node
+    // found so may be the parent others were not found under: until nothing changes.
+    if !export.alt_hints.is_empty() {
+        retry_stale(&by_id, &mut found, export.alt_hints);
     }
     // The open files that came for handles, checked if asked.
     let mut given: HashMap<u64, OwnedFd> = HashMap::new();
@@ -296,6 +304,47 @@ fn refind(id: u64, by_id: &HashMap<u64, &NodeV1>, found: &mut HashMap<u64, Found
         }
         anchored = true;
         found.insert(nid, fate);
+    }
+}
+
+/// Tries again every stale node (that was not lost already before the snapshot) by
+/// its hint and its other names, as long as that finds any.
+fn retry_stale(
+    by_id: &HashMap<u64, &NodeV1>,
+    found: &mut HashMap<u64, Found>,
+    alt_hints: &HashMap<u64, Vec<(u64, Vec<u8>)>>,
+) {
+    loop {
+        let stale: Vec<u64> = found
+            .iter()
+            .filter(|(id, f)| {
+                matches!(f, Found::Stale)
+                    && by_id.get(id).is_some_and(|n| n.object != ObjectV1::Stale)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let mut changed = false;
+        for id in stale {
+            let n = by_id[&id];
+            let names = n
+                .hint
+                .iter()
+                .chain(alt_hints.get(&id).into_iter().flatten());
+            for (parent, name) in names {
+                let Some(Found::Live(p)) = found.get(parent) else {
+                    continue;
+                };
+                if let Some(Found::Live(node)) = lookup(p, name).map(|fd| verified(n, fd)) {
+                    tracing::info!(node = id, "a node was found again under another name");
+                    found.insert(id, Found::Live(node));
+                    changed = true;
+                    break;
+                }
+            }
+        }
+        if !changed {
+            return;
+        }
     }
 }
 

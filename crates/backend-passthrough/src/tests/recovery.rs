@@ -562,6 +562,40 @@ fn a_change_made_before_the_crash_is_answered_once_and_one_that_was_not_runs() {
 }
 
 #[test]
+fn a_rename_done_before_its_new_hint_was_recorded_loses_nothing() {
+    let (c, fs) = Crashable::new();
+    fs::create_dir_all(c.path("a/sub")).unwrap();
+    fs::write(c.path("a/sub/f"), b"deep").unwrap();
+    let a = fs.lookup(&at(1), ROOT_ID, os("a")).unwrap().ino;
+    let sub = fs.lookup(&at(2), a, os("sub")).unwrap().ino;
+    let f = fs.lookup(&at(3), sub, os("f")).unwrap().ino;
+    // Killed after renameat2, before the new hint and the outcome were recorded.
+    intent(
+        &fs,
+        4,
+        IntentV1::Rename {
+            parent: ROOT_ID,
+            name: b"a".to_vec(),
+            newparent: ROOT_ID,
+            newname: b"b".to_vec(),
+            flags: 0,
+            src: probe_of(&c, "a"),
+            dst: ProbeV1::Absent,
+        },
+    );
+    fs::rename(c.path("a"), c.path("b")).unwrap();
+    let s = c.successor(fs).unwrap();
+    for n in [a, sub, f] {
+        assert!(s.getattr(&root(), n, None).is_ok(), "node {n} found again");
+    }
+    assert!(matches!(s.completed(4), Some(Completed::Done)));
+    assert_eq!(s.nodes.hint(a).unwrap().name.as_ref(), b"b");
+    // And the next successor finds them by their hints alone.
+    let t = c.successor(s).unwrap();
+    assert!(t.getattr(&root(), f, None).is_ok());
+}
+
+#[test]
 fn a_resent_append_that_had_taken_effect_is_not_written_twice() {
     let (c, fs) = Crashable::new();
     let (e, o) = fs
