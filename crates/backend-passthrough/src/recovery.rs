@@ -89,9 +89,9 @@ pub struct Recovery {
 const CARRIED: usize = 1024;
 
 /// Checkpoints after a recovery that still carry its traces. The kernel resends what
-/// it held before the successor serves, and a successor checkpoints once when it
-/// begins serving, then whenever its journal fills: by its second checkpoint every
-/// resend has been read, and what was not asked never will be.
+/// it held before the successor serves, and a successor's first checkpoint comes
+/// thousands of records later: by its second every resend has long been read, and
+/// what was not asked never will be.
 const CARRY_CHECKPOINTS: u32 = 1;
 
 /// A journaled backend's recovery side.

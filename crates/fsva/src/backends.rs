@@ -115,7 +115,7 @@ fn mem_config(capacity: u64) -> fsva_backend_mem::MemConfig {
 
 /// A journaled backend's recovery, half done ahead of need.
 pub enum Preloaded {
-    Mem(fsva_backend_mem::Preloaded),
+    Mem(Box<fsva_backend_mem::Preloaded>),
     Passthrough(fsva_backend_passthrough::Preloaded),
 }
 
@@ -148,10 +148,10 @@ pub fn preload(
     fds: std::collections::HashMap<u64, OwnedFd>,
 ) -> anyhow::Result<Preloaded> {
     match spec {
-        BackendSpec::Mem { capacity } => Ok(Preloaded::Mem(
+        BackendSpec::Mem { capacity } => Ok(Preloaded::Mem(Box::new(
             fsva_backend_mem::MemFs::preload(mem_config(*capacity), checkpoint, fds)
                 .context("restoring mem's checkpoint")?,
-        )),
+        ))),
         BackendSpec::Passthrough { .. } => Ok(Preloaded::Passthrough(
             fsva_backend_passthrough::PassthroughFs::preload(checkpoint, fds)
                 .context("reading passthrough's checkpoint")?,
@@ -196,7 +196,7 @@ pub fn build(
                             anyhow::bail!("another backend's preloaded state came to mem");
                         };
                         Arc::new(
-                            MemFs::finish_recovery(preloaded, journal, keeper, records)
+                            MemFs::finish_recovery(*preloaded, journal, keeper, records)
                                 .context("rebuilding mem from its checkpoint and journal")?,
                         )
                     }

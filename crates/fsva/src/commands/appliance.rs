@@ -395,7 +395,19 @@ fn serve(
     }
     let control_fs = fs.clone();
     let journal = kept.as_ref().map(|k| k.journal.clone());
-    let server = Arc::new(match &runtime_state {
+    // A predecessor that died before its first checkpoint left no runtime state, but
+    // its runtime records (backing ids its open files hold) still count: without them
+    // a new open of such a file would register a second backing file for the inode,
+    // which the kernel refuses (EIO).
+    let empty_state = (runtime_state.is_none() && !runtime_records.is_empty()).then(|| {
+        fsva_appliance::state::StateV2 {
+            session: None,
+            backing: Vec::new(),
+            backend: Vec::new(),
+            journal_boundary: 0,
+        }
+    });
+    let server = Arc::new(match runtime_state.as_ref().or(empty_state.as_ref()) {
         Some(state) => Server::restored(
             fs,
             SessionConfig::default(),
