@@ -318,6 +318,35 @@ fn fstat(f: &std::fs::File) -> std::io::Result<()> {
     }
 }
 
+/// A file held open across a crash can be opened again (by name and through the held
+/// descriptor), also before the first checkpoint: with FUSE passthrough the new open
+/// must name the backing file the held one uses.
+#[test]
+fn a_file_held_open_across_a_crash_opens_again() {
+    for extra in [&[][..], &["--no-passthrough"][..]] {
+        let m = Mount::new("passthrough", extra);
+        let path = m.path().join("held");
+        let mut held = std::fs::OpenOptions::new()
+            .append(true)
+            .read(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        held.write_all(b"before\n").unwrap();
+        crash(&m);
+        held.write_all(b"after\n").unwrap();
+        let again = std::fs::read(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&held)
+        ))
+        .unwrap_or_else(|e| panic!("{extra:?}: reopening the held file: {e}"));
+        assert_eq!(again, b"before\nafter\n");
+        assert_eq!(std::fs::read(&path).unwrap(), b"before\nafter\n");
+        drop(held);
+        m.unmount();
+    }
+}
+
 /// A mount with `--no-recovery` keeps no journal: its appliance's death leaves EIO.
 #[test]
 fn without_recovery_a_dead_appliance_leaves_errors() {
