@@ -84,6 +84,9 @@ pub enum OpV1 {
     Intent(IntentV1),
     /// The request succeeded with this.
     Outcome(OutcomeV1),
+    /// A successor could not find the node's object again: it answers ESTALE from now
+    /// on, also for the successors after it (whatever its hint finds later).
+    Lost { id: u64 },
 }
 
 /// What a name held before a request changed it.
@@ -468,6 +471,14 @@ impl Model {
                     .ok_or_else(|| format!("handle {fh} is closed but was not open"))?;
                 self.collect(h.node);
             }
+            OpV1::Lost { id } => {
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .filter(|n| n.id != ROOT_ID)
+                    .ok_or_else(|| format!("node {id} is lost but was not held"))?;
+                node.object = ObjectV1::Stale;
+            }
             OpV1::Intent(_) | OpV1::Outcome(_) => {}
         }
         Ok(())
@@ -506,7 +517,7 @@ impl Trace {
                 self.outcome = None;
             }
             OpV1::Outcome(o) => self.outcome = Some(*o),
-            OpV1::Rehint { .. } => {}
+            OpV1::Rehint { .. } | OpV1::Lost { .. } => {}
         }
         self.lookups.retain(|_, d| *d != 0);
     }

@@ -189,6 +189,13 @@ impl PassthroughFs {
         snapshot::check(&snap, lent.len())?;
         let unused: Vec<u64> = kept.into_keys().collect();
         let alt_hints = renamed_maybe(&snap, &replayed.traces);
+        // Nodes that may be lost now (every node not lost before).
+        let findable: Vec<u64> = snap
+            .nodes
+            .iter()
+            .filter(|n| n.object != ObjectV1::Stale && n.id != fsva_protocol::abi::ROOT_ID)
+            .map(|n| n.id)
+            .collect();
         let proc_self_fd = setup.proc_self_fd;
         let reopen = |fd: BorrowedFd<'_>, flags: i32| reopen_via(proc_self_fd.as_fd(), fd, flags);
         let restored = restore::rebuild(
@@ -228,7 +235,33 @@ impl PassthroughFs {
             fs.nodes.after_loss(replayed.stale_below);
             fs.handles.after_loss(replayed.stale_below);
         }
+        // What this restore decided is recorded, so that a successor replaying the same
+        // records decides the same: a node lost now stays lost (its hint might find a
+        // new object with the old one's inode number later), a node found under another
+        // name keeps it.
+        let mut live: std::collections::HashSet<u64> =
+            fs.nodes.parts().live.iter().map(|l| l.node.id).collect();
+        // A node only open handles hold is not in the table, but found all the same.
+        live.extend(fs.handles.parts().live.iter().map(|(_, h)| h.owner().id));
+        let mut settled: Vec<OpV1> = findable
+            .into_iter()
+            .filter(|id| !live.contains(id))
+            .map(|id| OpV1::Lost { id })
+            .collect();
+        settled.extend(
+            restored
+                .renamed
+                .into_iter()
+                .filter(|(id, _)| live.contains(id))
+                .map(|(id, hint)| OpV1::Rehint {
+                    id,
+                    hint: Some(hint),
+                }),
+        );
         fs.attach(journal, keeper, replayed.traces);
+        if let (false, Some(j)) = (settled.is_empty(), &fs.recovery) {
+            j.recorder.record(0, settled);
+        }
         Ok(fs)
     }
 
@@ -422,7 +455,7 @@ impl PassthroughFs {
                 before,
             } => {
                 if let ProbeV1::Present(victim) = before {
-                    self.nodes.unhint(&(*victim).into(), *parent, name, u);
+                    self.nodes.unhint(&self.local_key(victim), *parent, name, u);
                 }
                 self.settle_again(u, OutcomeV1::Done);
                 Completed::Done
@@ -437,13 +470,17 @@ impl PassthroughFs {
                 ..
             } => {
                 if let (Ok(p), Ok(np)) = (self.nodes.get(*parent), self.nodes.get(*newparent)) {
+                    let dst = match dst {
+                        ProbeV1::Present(d) => ProbeV1::Present(self.local_key(d).into()),
+                        other => *other,
+                    };
                     self.renamed(
                         &p,
                         OsStr::from_bytes(name),
                         &np,
                         OsStr::from_bytes(newname),
                         *flags,
-                        Some(*dst),
+                        Some(dst),
                         u,
                     );
                 }
@@ -461,6 +498,17 @@ impl PassthroughFs {
             "a resent request had taken effect before its outcome was recorded"
         );
         Some(answer)
+    }
+
+    /// The key a predecessor recorded, as this appliance's nodes have it: the same
+    /// object, reached through this appliance's own mount of the export (a
+    /// predecessor's mount ids are not this one's).
+    fn local_key(&self, k: &crate::snapshot::KeyV1) -> crate::inode::InodeKey {
+        crate::inode::InodeKey {
+            dev: k.dev,
+            ino: k.ino,
+            mnt_id: self.nodes.root().key.mnt_id,
+        }
     }
 
     /// Records the outcome of a request answered from its trace.

@@ -45,6 +45,8 @@ pub(crate) struct Restored {
     pub handles: HandleTable,
     pub stale_nodes: usize,
     pub stale_handles: usize,
+    /// Nodes found under another name than their hint, with that name.
+    pub renamed: Vec<(u64, (u64, Vec<u8>))>,
 }
 
 /// The export as the successor sees it.
@@ -145,8 +147,9 @@ pub(crate) fn rebuild(
     }
     // Nodes their hint did not find, by the other names they may have now; a node
     // found so may be the parent others were not found under: until nothing changes.
+    let mut renamed: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
     if !export.alt_hints.is_empty() {
-        retry_stale(&by_id, &mut found, export.alt_hints);
+        retry_stale(&by_id, &mut found, export.alt_hints, &mut renamed);
     }
     // The open files that came for handles, checked if asked.
     let mut given: HashMap<u64, OwnedFd> = HashMap::new();
@@ -190,10 +193,13 @@ pub(crate) fn rebuild(
     let mut stale = Vec::new();
     let mut held: HashMap<u64, Arc<Node>> = HashMap::new();
     for n in &s.nodes {
-        let hint = n.hint.as_ref().map(|(parent, name)| Hint {
-            parent: *parent,
-            name: name.clone().into_boxed_slice(),
-        });
+        let hint = renamed
+            .get(&n.id)
+            .or(n.hint.as_ref())
+            .map(|(parent, name)| Hint {
+                parent: *parent,
+                name: name.clone().into_boxed_slice(),
+            });
         match found.remove(&n.id) {
             Some(Found::Live(node)) => {
                 held.insert(n.id, node.clone());
@@ -245,6 +251,7 @@ pub(crate) fn rebuild(
         }),
         stale_nodes,
         stale_handles,
+        renamed: renamed.into_iter().collect(),
     })
 }
 
@@ -313,6 +320,7 @@ fn retry_stale(
     by_id: &HashMap<u64, &NodeV1>,
     found: &mut HashMap<u64, Found>,
     alt_hints: &HashMap<u64, Vec<(u64, Vec<u8>)>>,
+    renamed: &mut HashMap<u64, (u64, Vec<u8>)>,
 ) {
     loop {
         let stale: Vec<u64> = found
@@ -336,6 +344,9 @@ fn retry_stale(
                 };
                 if let Some(Found::Live(node)) = lookup(p, name).map(|fd| verified(n, fd)) {
                     tracing::info!(node = id, "a node was found again under another name");
+                    if n.hint.as_ref() != Some(&(*parent, name.clone())) {
+                        renamed.insert(id, (*parent, name.clone()));
+                    }
                     found.insert(id, Found::Live(node));
                     changed = true;
                     break;

@@ -313,6 +313,28 @@ fn an_object_deleted_behind_the_backs_of_both_appliances_is_stale_and_the_rest_c
 }
 
 #[test]
+fn a_node_a_successor_lost_stays_lost_for_the_next_one() {
+    let (c, fs) = Crashable::new();
+    fs::write(c.path("f"), b"1").unwrap();
+    let f = fs.lookup(&at(1), ROOT_ID, os("f")).unwrap().ino;
+    // Gone from under its hint when the first successor looks...
+    fs::rename(c.path("f"), c.path("away")).unwrap();
+    let s = c.successor(fs).unwrap();
+    assert_eq!(s.getattr(&root(), f, None).unwrap_err().0, libc::ESTALE);
+    // ... and back (as a new object with a recycled inode number would be) before the
+    // next one: the node must not come back to life.
+    fs::rename(c.path("away"), c.path("f")).unwrap();
+    let t = c.successor(s).unwrap();
+    assert_eq!(t.getattr(&root(), f, None).unwrap_err().0, libc::ESTALE);
+    let again = t.lookup(&at(2), ROOT_ID, os("f")).unwrap().ino;
+    assert_ne!(again, f, "a new node for what the name holds now");
+    t.forget(f, 1);
+    let u = c.successor(t).unwrap();
+    assert!(u.getattr(&root(), again, None).is_ok());
+    assert_eq!(u.nodes.lookups(f), None, "forgotten for good");
+}
+
+#[test]
 fn intents_decide_whether_a_change_took_effect() {
     struct Now(HashMap<(u64, Vec<u8>), ProbeV1>, Option<bool>);
     impl Present for Now {
