@@ -267,6 +267,7 @@ fn worker(
     pause: &Pause,
 ) -> Result<(), fsva_channel::ChannelError> {
     let mut buf = vec![0u8; dispatcher.max_frame()];
+    prefault(&mut buf);
     let mut reply = ReplyBuf::with_capacity(dispatcher.max_frame());
     while let Some(n) = chan.receive(&mut buf)? {
         pause.active.fetch_add(1, Ordering::SeqCst);
@@ -284,6 +285,19 @@ fn worker(
         }
     }
     Ok(())
+}
+
+/// Backs every page of a request buffer with memory now. The kernel copies a request
+/// into the buffer of the thread that reads it; a page fault during that copy fails
+/// when the process has a fatal signal pending, and the kernel then ends the request
+/// with EIO instead of leaving it for a successor to be resent (seen as an mmap
+/// write-back lost to a `kill -9`). Resident pages take no fault.
+fn prefault(buf: &mut [u8]) {
+    for i in (0..buf.len()).step_by(4096) {
+        // SAFETY: `i` is within `buf`; a volatile write keeps the compiler from
+        // eliding a store of what a fresh zeroed allocation already reads as.
+        unsafe { std::ptr::write_volatile(buf.as_mut_ptr().add(i), 0) };
+    }
 }
 
 /// Serves one request; the reply frame, if the request has one.
