@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Downtime of a mem appliance replaced under load: a live restart (`fsva restart`) or
-# a crash (`kill -9` of the appliance; `--kill`), with many nodes and open files.
+# Downtime of a mem (or, with `--passthrough`, a passthrough) appliance replaced under
+# load: a live restart (`fsva restart`) or a crash (`kill -9` of the appliance;
+# `--kill`), with many nodes and open files.
 #
-#   bench/restart.sh [--kill] [NODES] [OPEN] [TIMES]     (defaults 10000 1000 5)
+#   bench/restart.sh [--kill] [--passthrough] [NODES] [OPEN] [TIMES]  (defaults 10000 1000 5)
 #
-# Mounts mem, creates NODES files (each looked up by the kernel), holds OPEN of them
+# Mounts mem (or a scratch directory in /var/tmp), creates NODES files (each looked up by the kernel), holds OPEN of them
 # open in another process, and replaces the appliance TIMES times while a prober
 # creates and removes files in a loop (every one of its requests reaches the
 # appliance). For each replacement it prints the downtime fsva measured (from the
@@ -14,6 +15,8 @@
 set -euo pipefail
 MODE=restart
 if [[ "${1:-}" == "--kill" ]]; then MODE=kill; shift; fi
+BACKEND=mem
+if [[ "${1:-}" == "--passthrough" ]]; then BACKEND=passthrough; shift; fi
 NODES=${1:-10000}
 OPEN=${2:-1000}
 TIMES=${3:-5}
@@ -21,15 +24,21 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 (cd "$REPO" && cargo build --release -q -p fsva)
 FSVA=$REPO/target/release/fsva
 MNT=$(mktemp -d /var/tmp/fsva-restart-bench.XXXXXX)
+SPEC=mem
+if [[ $BACKEND == passthrough ]]; then
+  EXPORT=$(mktemp -d /var/tmp/fsva-restart-export.XXXXXX)
+  SPEC=passthrough:$EXPORT
+fi
 cleanup() {
   [[ -n "${PROBER_PID:-}" ]] && kill "$PROBER_PID" 2>/dev/null
   [[ -n "${HOLDER_PID:-}" ]] && kill "$HOLDER_PID" 2>/dev/null
   sleep 0.2
   "$FSVA" umount "$MNT" >/dev/null 2>&1 || "$FSVA" umount --lazy "$MNT" >/dev/null 2>&1 || true
   rmdir "$MNT" 2>/dev/null || true
+  [[ -n "${EXPORT:-}" ]] && rm -rf "$EXPORT"
 }
 trap cleanup EXIT
-"$FSVA" mount "$MNT" >/dev/null
+"$FSVA" mount --backend "$SPEC" "$MNT" >/dev/null
 python3 - "$MNT" "$NODES" <<'PY'
 import os, sys
 d, n = sys.argv[1], int(sys.argv[2])
@@ -47,7 +56,7 @@ sys.stdin.readline()
 bad = sum(1 for i, f in enumerate(fs) if (f.seek(0) or f.read()) != f"node {i}\n")
 print("checked", len(fs), "bad", bad, flush=True)
 ' "$MNT" "$OPEN"; }
-read -r line <&"${HOLDER[0]}"; echo "bench/restart.sh ($MODE): $NODES nodes, $line $OPEN open files"
+read -r line <&"${HOLDER[0]}"; echo "bench/restart.sh ($MODE, $BACKEND): $NODES nodes, $line $OPEN open files"
 # The prober: creates and unlinks files in a loop; on a line on stdin, prints the
 # longest single operation since the last line (ms) and starts over.
 coproc PROBER { python3 -c '
