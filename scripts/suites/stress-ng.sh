@@ -56,9 +56,12 @@ for s in $STRESSORS; do
         P=$((P + 1)); printf '  %-14s pass\n' "$s"
     else
         F=$((F + 1)); echo "$s" >> "$IDS"
-        why=$(grep -E 'fail|error|not supported|skipping|aborted|No such|denied' "$LOGDIR/$s.out" \
-              | grep -v 'successful run\|^stress-ng: info: .*dispatching' | head -n 3 | tr '\n' ' ')
+        why=$({ grep -E 'fail|error|not supported|skipping|aborted|No such|denied' "$LOGDIR/$s.out" \
+              | grep -v 'successful run\|^stress-ng: info: .*dispatching' | head -n 3 | tr '\n' ' '; } || true)
+        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then why="timed out after $((T * 4 + 60)) s; $why"; fi
         printf '  %-14s FAIL (exit %s) %s\n' "$s" "$rc" "$why"
+        keep="$CACHE/stress-ng-failures/$(date +%Y%m%d-%H%M%S)-$s"
+        mkdir -p "$keep" && cp "$LOGDIR/$s.out" "$keep/" 2>/dev/null || true
     fi
 done
 finish "$P" "$F" "$S" "$IDS"
