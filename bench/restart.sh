@@ -30,12 +30,13 @@ if [[ $BACKEND == passthrough ]]; then
   SPEC=passthrough:$EXPORT
 fi
 cleanup() {
-  [[ -n "${PROBER_PID:-}" ]] && kill "$PROBER_PID" 2>/dev/null
-  [[ -n "${HOLDER_PID:-}" ]] && kill "$HOLDER_PID" 2>/dev/null
+  # (set -e is in force here: a process already gone must not end the clean-up.)
+  [[ -n "${PROBER_PID:-}" ]] && kill "$PROBER_PID" 2>/dev/null || true
+  [[ -n "${HOLDER_PID:-}" ]] && kill "$HOLDER_PID" 2>/dev/null || true
   sleep 0.2
   "$FSVA" umount "$MNT" >/dev/null 2>&1 || "$FSVA" umount --lazy "$MNT" >/dev/null 2>&1 || true
   rmdir "$MNT" 2>/dev/null || true
-  [[ -n "${EXPORT:-}" ]] && rm -rf "$EXPORT"
+  [[ -n "${EXPORT:-}" ]] && rm -rf "$EXPORT" || true
 }
 trap cleanup EXIT
 "$FSVA" mount --backend "$SPEC" "$MNT" >/dev/null
