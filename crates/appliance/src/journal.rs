@@ -476,36 +476,8 @@ impl Journal {
     /// positions the writer after the last one. Fails when a record after the boundary
     /// is missing or was lost, so that a successor never rebuilds a state with a hole.
     pub fn recover(&self, boundary: u64) -> Result<Vec<Record>, JournalError> {
-        if boundary >= COUNTER_LIMIT {
-            return Err(JournalError::Unusable(format!(
-                "a checkpoint claims to cover record {boundary}, beyond any journal"
-            )));
-        }
-        let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
-        if lost > boundary {
-            return Err(JournalError::Incomplete { lost, boundary });
-        }
-        let mut areas = Vec::new();
-        for a in 0..2 {
-            areas.push(self.scan(a, boundary));
-        }
-        let mut records: Vec<Record> = areas
-            .iter()
-            .flat_map(|s| s.records.iter().filter(|r| r.seq > boundary).cloned())
-            .collect();
-        records.sort_by_key(|r| r.seq);
-        for (i, r) in records.iter().enumerate() {
-            let want = boundary + 1 + i as u64;
-            if r.seq != want {
-                return Err(JournalError::Gap(want));
-            }
-        }
+        let (records, areas) = self.records_after(boundary, true)?;
         let last = records.last().map_or(boundary, |r| r.seq);
-        let written = self.map.word(H_WRITTEN).load(Ordering::Acquire);
-        if written > last {
-            // Records that were written whole are unreadable: the journal is damaged.
-            return Err(JournalError::Gap(last + 1));
-        }
         // Every record of an area must be contiguous with the rest; continue writing
         // where the newest area ends.
         let newest = if areas[1].epoch > areas[0].epoch {
@@ -556,14 +528,32 @@ impl Journal {
     }
 
     fn read(&self, boundary: u64, stopped: bool) -> Result<Vec<Record>, JournalError> {
+        self.records_after(boundary, stopped)
+            .map(|(records, _)| records)
+    }
+
+    /// Every record after `boundary`, in order, checked to have no hole (and, when the
+    /// writer is `stopped`, to end where it wrote its last whole record), with what the
+    /// scan of each area found.
+    fn records_after(
+        &self,
+        boundary: u64,
+        stopped: bool,
+    ) -> Result<(Vec<Record>, [AreaScan; 2]), JournalError> {
+        if boundary >= COUNTER_LIMIT {
+            return Err(JournalError::Unusable(format!(
+                "a checkpoint claims to cover record {boundary}, beyond any journal"
+            )));
+        }
         let lost = self.map.word(H_LOST).load(Ordering::SeqCst);
         if lost > boundary {
             return Err(JournalError::Incomplete { lost, boundary });
         }
         // Records the boundary covers are walked over, not read (see `scan`).
-        let mut records: Vec<Record> = [self.scan(0, boundary), self.scan(1, boundary)]
-            .into_iter()
-            .flat_map(|s| s.records)
+        let mut areas = [self.scan(0, boundary), self.scan(1, boundary)];
+        let mut records: Vec<Record> = areas
+            .iter_mut()
+            .flat_map(|s| std::mem::take(&mut s.records))
             .filter(|r| r.seq > boundary)
             .collect();
         records.sort_by_key(|r| r.seq);
@@ -578,7 +568,7 @@ impl Journal {
             // Records that were written whole are unreadable: the journal is damaged.
             return Err(JournalError::Gap(last + 1));
         }
-        Ok(records)
+        Ok((records, areas))
     }
 
     /// Writes `records` — numbered `after + 1` on, in order — into a journal nothing

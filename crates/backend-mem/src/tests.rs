@@ -908,6 +908,20 @@ fn journaled() -> (MemFs, Arc<TestKeeper>, OwnedFd) {
     (fs, keeper, fd)
 }
 
+/// What the checkpointer thread does: a checkpoint of `fs`, stored with `keeper`.
+fn store_checkpoint(fs: &MemFs, keeper: &TestKeeper) {
+    let journal = fs.journal.clone().unwrap();
+    let (bytes, boundary) = fs.journal_checkpoint(&mut || journal.rotate()).unwrap();
+    let state = fsva_appliance::state::ApplianceState::V2(fsva_appliance::state::StateV2 {
+        session: None,
+        backing: Vec::new(),
+        backend: bytes,
+        journal_boundary: boundary,
+    });
+    keeper.store_checkpoint(&state.encode(), boundary).unwrap();
+    journal.covered(boundary);
+}
+
 /// What a successor rebuilds from what `keeper` and the journal in `fd` hold.
 fn recovered(
     keeper: &Arc<TestKeeper>,
@@ -1111,19 +1125,9 @@ fn a_successor_rebuilds_exactly_the_file_system_from_the_journal() {
         assert_eq!(everything(&b), want, "seed {seed}: replay from the start");
         // Again with checkpoints taken on the way: the checkpoint plus the records after it.
         let (a, keeper, fd) = journaled();
-        let journal = a.journal.clone().unwrap();
         churn(&a, seed, 600, |fs, op| {
             if op % 150 == 75 {
-                let (bytes, boundary) = fs.journal_checkpoint(&mut || journal.rotate()).unwrap();
-                let state =
-                    fsva_appliance::state::ApplianceState::V2(fsva_appliance::state::StateV2 {
-                        session: None,
-                        backing: Vec::new(),
-                        backend: bytes,
-                        journal_boundary: boundary,
-                    });
-                keeper.store_checkpoint(&state.encode(), boundary).unwrap();
-                journal.covered(boundary);
+                store_checkpoint(fs, &keeper);
             }
         });
         let want = everything(&a);
@@ -1508,16 +1512,7 @@ fn a_checkpoint_soon_after_a_recovery_keeps_the_answers_for_resends() {
     std::mem::forget(a);
     let b = recovered(&keeper, &fd).unwrap();
     // b's checkpointer runs before the kernel's resend of request 10 reaches a worker.
-    let journal = b.journal.clone().unwrap();
-    let (bytes, boundary) = b.journal_checkpoint(&mut || journal.rotate()).unwrap();
-    let state = fsva_appliance::state::ApplianceState::V2(fsva_appliance::state::StateV2 {
-        session: None,
-        backing: Vec::new(),
-        backend: bytes,
-        journal_boundary: boundary,
-    });
-    keeper.store_checkpoint(&state.encode(), boundary).unwrap();
-    journal.covered(boundary);
+    store_checkpoint(&b, &keeper);
     std::mem::forget(b); // b dies too
     let c = recovered(&keeper, &fd).unwrap();
     let answer = c.completed(10);

@@ -212,30 +212,12 @@ fn connection(mut stream: TcpStream, shared: &Arc<Shared>) {
 }
 
 /// A daemon keeps every memfd of the mem appliances it runs (and they hold as many):
-/// raise the descriptor limit as far as allowed (root: up to the kernel's `nr_open`,
-/// at most 2^20), as a supervisor does; appliances inherit it.
+/// raise the descriptor limit as a supervisor does; appliances inherit it.
 fn raise_open_file_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    if rustix::process::geteuid().is_root() {
-        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(1 << 20)
-            .min(1 << 20);
-        if limit.maximum.is_some_and(|m| m < nr_open) {
-            limit.maximum = Some(nr_open);
-        }
-    }
-    let before = getrlimit(Resource::Nofile);
-    limit.current = limit.maximum;
-    if setrlimit(Resource::Nofile, limit).is_err() {
-        // Raising the hard limit was refused (no CAP_SYS_RESOURCE): up to it, then.
-        limit = before;
-        limit.current = limit.maximum;
-        let _ = setrlimit(Resource::Nofile, limit);
-    }
-    let now = getrlimit(Resource::Nofile).current.unwrap_or(0);
+    fsva_supervisor::supervisor::raise_open_file_limit();
+    let now = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(0);
     tracing::info!(
         open_files = now,
         "descriptor limit (a mem appliance received here holds one per file)"

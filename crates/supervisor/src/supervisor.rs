@@ -825,7 +825,7 @@ fn kept_kind(req: &MountRequest) -> Result<crate::keeper::Accept, SupervisorErro
 /// A root supervisor raises the hard limit too (up to the kernel's `nr_open`, at most
 /// 2^20): it keeps a copy of every memfd of a journaled mem, and its appliances inherit
 /// the limit, which bounds how many files mem can hold.
-fn raise_open_file_limit() {
+pub fn raise_open_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     if rustix::process::geteuid().is_root() {
