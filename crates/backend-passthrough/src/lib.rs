@@ -444,6 +444,26 @@ impl PassthroughFs {
         }
     }
 
+    /// Records that request `u` is about to make `name` in `parent` (`p`, its node;
+    /// `c`, the name as a C string), with what stood there before; `open` holds the
+    /// flags when the request also opens what it makes.
+    fn intend_make(
+        &self,
+        u: u64,
+        parent: u64,
+        p: &Node,
+        name: &OsStr,
+        c: &std::ffi::CStr,
+        open: Option<u32>,
+    ) {
+        self.intend(u, || IntentV1::Make {
+            parent,
+            name: name.as_bytes().to_vec(),
+            before: self.probe(p.fd(), c),
+            open,
+        });
+    }
+
     /// Records how request `u`, which recorded an intent, ended: its outcome if `r`
     /// succeeded.
     fn settle<T>(&self, u: u64, r: Result<T>, outcome: impl FnOnce(&T) -> OutcomeV1) -> Result<T> {
@@ -943,12 +963,7 @@ impl Filesystem for PassthroughFs {
         let p = self.node(parent)?;
         let c = cname(name)?;
         let u = base_unique(ctx);
-        self.intend(u, || IntentV1::Make {
-            parent,
-            name: name.as_bytes().to_vec(),
-            before: self.probe(p.fd(), &c),
-            open: None,
-        });
+        self.intend_make(u, parent, &p, name, &c, None);
         let r = self.mknod_inner(ctx, &p, name, &c, mode, rdev, umask);
         self.settle(u, r, |e| OutcomeV1::Entry { node: e.ino })
     }
@@ -964,12 +979,7 @@ impl Filesystem for PassthroughFs {
         let p = self.node(parent)?;
         let c = cname(name)?;
         let u = base_unique(ctx);
-        self.intend(u, || IntentV1::Make {
-            parent,
-            name: name.as_bytes().to_vec(),
-            before: self.probe(p.fd(), &c),
-            open: None,
-        });
+        self.intend_make(u, parent, &p, name, &c, None);
         let r = self
             .as_caller(ctx, Some(umask), |g| {
                 // SAFETY: C string name relative to the parent's descriptor.
@@ -984,12 +994,7 @@ impl Filesystem for PassthroughFs {
         let c = cname(name)?;
         let t = cname(OsStr::from_bytes(target))?;
         let u = base_unique(ctx);
-        self.intend(u, || IntentV1::Make {
-            parent,
-            name: name.as_bytes().to_vec(),
-            before: self.probe(p.fd(), &c),
-            open: None,
-        });
+        self.intend_make(u, parent, &p, name, &c, None);
         let r = self
             .as_caller(ctx, None, |_| {
                 // SAFETY: C strings; name relative to the parent's descriptor.
@@ -1345,12 +1350,7 @@ impl Filesystem for PassthroughFs {
         let oflags =
             (flags as i32 & !(libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_CREAT | libc::O_NOFOLLOW;
         let u = base_unique(ctx);
-        self.intend(u, || IntentV1::Make {
-            parent,
-            name: name.as_bytes().to_vec(),
-            before: self.probe(p.fd(), &c),
-            open: Some(flags),
-        });
+        self.intend_make(u, parent, &p, name, &c, Some(flags));
         // The outcome is recorded with the handle; only a failure is settled here.
         let r = self
             .as_caller(ctx, Some(umask), |g| {

@@ -125,10 +125,33 @@ fn hint_v1(h: Option<Hint>) -> Option<(u64, Vec<u8>)> {
 /// every worker paused, so the two tables agree.
 pub(crate) fn take(nodes: TableParts, handles: HandleParts) -> BackendState {
     let mut fds: Vec<StateFd> = Vec::with_capacity(nodes.live.len() + handles.live.len());
-    let mut lend = |fd: StateFd| {
+    let snap = build(nodes, handles, |fd| {
         fds.push(fd);
         ObjectV1::Lent((fds.len() - 1) as u32)
-    };
+    });
+    BackendState {
+        bytes: encode(&PassthroughSnapshot::V1(snap)),
+        fds,
+    }
+}
+
+/// The tables as a snapshot without descriptors (for a crash-recovery checkpoint,
+/// taken while serving with both tables held still): every live node is to be found
+/// again by its path hint, every live handle to be opened again on its node.
+pub(crate) fn take_portable(nodes: TableParts, handles: HandleParts) -> SnapshotV1 {
+    let mut snap = build(nodes, handles, |_| ObjectV1::Absent);
+    snap.nodes.sort_unstable_by_key(|n| n.id);
+    snap.handles.sort_unstable_by_key(|h| h.fh);
+    snap
+}
+
+/// The one walk over both tables that `take` and `take_portable` share; `object`
+/// says what stands for each live node's or handle's descriptor.
+fn build(
+    nodes: TableParts,
+    handles: HandleParts,
+    mut object: impl FnMut(StateFd) -> ObjectV1,
+) -> SnapshotV1 {
     let mut out = Vec::with_capacity(nodes.live.len() + nodes.stale.len());
     let mut seen: HashSet<u64> = HashSet::with_capacity(nodes.live.len());
     for l in nodes.live {
@@ -140,7 +163,7 @@ pub(crate) fn take(nodes: TableParts, handles: HandleParts) -> BackendState {
             lookups: l.lookups,
             setid: l.node.maybe_setid(),
             hint: hint_v1(l.hint),
-            object: lend(StateFd::Lent(l.node.clone())),
+            object: object(StateFd::Lent(l.node.clone())),
         });
     }
     for (id, s) in nodes.stale {
@@ -168,14 +191,14 @@ pub(crate) fn take(nodes: TableParts, handles: HandleParts) -> BackendState {
                 lookups: 0,
                 setid: node.maybe_setid(),
                 hint: None,
-                object: lend(StateFd::Lent(node.clone())),
+                object: object(StateFd::Lent(node.clone())),
             });
         }
         hout.push(HandleV1 {
             fh,
             node: node.id,
             kind: h.kind_v1(),
-            object: lend(StateFd::Lent(h)),
+            object: object(StateFd::Lent(h)),
         });
     }
     for fh in handles.stale {
@@ -186,79 +209,6 @@ pub(crate) fn take(nodes: TableParts, handles: HandleParts) -> BackendState {
             object: ObjectV1::Stale,
         });
     }
-    let snap = PassthroughSnapshot::V1(SnapshotV1 {
-        next_node: nodes.next_id,
-        next_fh: handles.next,
-        nodes: out,
-        handles: hout,
-    });
-    BackendState {
-        bytes: postcard::to_allocvec(&snap).expect("in-memory snapshot always encodes"),
-        fds,
-    }
-}
-
-/// The tables as a snapshot without descriptors (for a crash-recovery checkpoint,
-/// taken while serving with both tables held still): every live node is to be found
-/// again by its path hint, every live handle to be opened again on its node.
-pub(crate) fn take_portable(nodes: TableParts, handles: HandleParts) -> SnapshotV1 {
-    let mut out = Vec::with_capacity(nodes.live.len() + nodes.stale.len());
-    let mut seen: HashSet<u64> = HashSet::with_capacity(nodes.live.len());
-    for l in nodes.live {
-        seen.insert(l.node.id);
-        out.push(NodeV1 {
-            id: l.node.id,
-            key: l.node.key.into(),
-            kind: l.node.kind,
-            lookups: l.lookups,
-            setid: l.node.maybe_setid(),
-            hint: hint_v1(l.hint),
-            object: ObjectV1::Absent,
-        });
-    }
-    for (id, s) in nodes.stale {
-        seen.insert(id);
-        out.push(NodeV1 {
-            id,
-            key: s.key.into(),
-            kind: s.kind,
-            lookups: s.lookups,
-            setid: false,
-            hint: hint_v1(s.hint),
-            object: ObjectV1::Stale,
-        });
-    }
-    let mut hout = Vec::with_capacity(handles.live.len() + handles.stale.len());
-    for (fh, h) in handles.live {
-        let node = h.owner();
-        if seen.insert(node.id) {
-            out.push(NodeV1 {
-                id: node.id,
-                key: node.key.into(),
-                kind: node.kind,
-                lookups: 0,
-                setid: node.maybe_setid(),
-                hint: None,
-                object: ObjectV1::Absent,
-            });
-        }
-        hout.push(HandleV1 {
-            fh,
-            node: node.id,
-            kind: h.kind_v1(),
-            object: ObjectV1::Absent,
-        });
-    }
-    for fh in handles.stale {
-        hout.push(HandleV1 {
-            fh,
-            node: 0,
-            kind: HandleKindV1::Dir,
-            object: ObjectV1::Stale,
-        });
-    }
-    out.sort_unstable_by_key(|n| n.id);
-    hout.sort_unstable_by_key(|h| h.fh);
     SnapshotV1 {
         next_node: nodes.next_id,
         next_fh: handles.next,
