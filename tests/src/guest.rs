@@ -372,15 +372,20 @@ impl LiveGuest {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", qemu.binary.display()));
+        // QEMU binds the QMP socket before it listens on it: wait for a connection,
+        // not for the file, or a connect in between is refused.
+        let mut stream = None;
         let up = crate::wait_for(Duration::from_secs(30), || {
-            qmp.exists() || child.try_wait().unwrap().is_some()
+            stream = std::os::unix::net::UnixStream::connect(&qmp).ok();
+            stream.is_some() || child.try_wait().unwrap().is_some()
         });
-        assert!(
-            up && child.try_wait().unwrap().is_none(),
-            "QEMU did not start; console:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default()
-        );
-        let stream = std::os::unix::net::UnixStream::connect(&qmp).expect("connecting to QMP");
+        let stream = match stream {
+            Some(s) if up && child.try_wait().unwrap().is_none() => s,
+            _ => panic!(
+                "QEMU did not start; console:\n{}",
+                std::fs::read_to_string(&console).unwrap_or_default()
+            ),
+        };
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
