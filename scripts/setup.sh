@@ -65,6 +65,7 @@ if [[ " $* " == *" --test-tools "* && $(id -u) -eq 0 && ! -x $qemu_migration/usr
   if ((${#missing_libs[@]})); then
     apt-get install -y -qq "${missing_libs[@]}" >/dev/null
   fi
+  mkdir -p "$(dirname "$qemu_migration")"
   rm -rf "$qemu_migration.new"
   for d in "$debs"/*.deb; do dpkg -x "$d" "$qemu_migration.new"; done
   rm -rf "$debs" "$qemu_migration"
@@ -74,6 +75,33 @@ if [[ " $* " == *" --test-tools "* && $(id -u) -eq 0 && ! -x $qemu_migration/usr
     ldd "$qemu_migration/usr/bin/qemu-system-x86_64" | grep "not found" >&2
     exit 1
   fi
+fi
+
+# The multi-queue guest tests and benchmark need a guest kernel that spreads virtiofs
+# requests over several queues (Linux 6.11 and later); Debian 12's is 6.1.
+# bookworm-backports' 6.12 kernel is unpacked (not installed: /boot and the VM
+# appliance keep the system kernel), with a modules.dep of its own made by depmod.
+guest_kernel=/var/cache/fsva/guest-kernel-mq
+if [[ " $* " == *" --test-tools "* && $(id -u) -eq 0 ]] && ! compgen -G "$guest_kernel/boot/vmlinuz-*" >/dev/null; then
+  echo "fsva setup: unpacking bookworm-backports' Linux 6.12 into $guest_kernel (multi-queue guests)"
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/backports.list
+    apt-get update -qq
+  fi
+  image=$(apt-cache -t bookworm-backports depends linux-image-amd64 \
+    | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\)$/\1/p' | head -n1)
+  [[ -n $image ]] || { echo "fsva setup: bookworm-backports offers no linux-image-amd64" >&2; exit 1; }
+  debs=$(mktemp -d)
+  chown _apt "$debs" 2>/dev/null || true
+  (cd "$debs" && apt-get download -qq -t bookworm-backports "$image")
+  mkdir -p "$(dirname "$guest_kernel")"
+  rm -rf "$guest_kernel.new"
+  dpkg -x "$debs"/*.deb "$guest_kernel.new"
+  rm -rf "$debs"
+  release=$(basename "$(ls -d "$guest_kernel.new"/lib/modules/*)")
+  depmod -b "$guest_kernel.new" "$release"
+  rm -rf "$guest_kernel"
+  mv "$guest_kernel.new" "$guest_kernel"
 fi
 
 # fsx (crates.io), the File System eXerciser: the external suites and the crash

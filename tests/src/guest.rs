@@ -2,7 +2,9 @@
 //! linux-image-amd64) booted under QEMU with a busybox initramfs whose `/init` loads the
 //! stock virtio and virtiofs modules, mounts the virtio-fs device with
 //! `mount -t virtiofs TAG /mnt`, runs a script and powers off. Nothing of fsva runs in
-//! the guest; the script's output comes back on the second serial port.
+//! the guest; the script's output comes back on the second serial port. A second
+//! kernel, bookworm-backports' 6.12 ([`GuestKernel::multi_queue`]), spreads virtiofs
+//! requests over several request queues, which Debian 12's 6.1 does not.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,18 +33,57 @@ sync
 poweroff -f
 "#;
 
-/// The newest stock kernel in /boot and its release.
-pub fn stock_kernel() -> (PathBuf, String) {
-    let mut kernels: Vec<String> = std::fs::read_dir("/boot")
-        .expect("reading /boot")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
-        .collect();
-    kernels.sort();
-    let release = kernels
-        .pop()
-        .expect("no /boot/vmlinuz-*: scripts/setup.sh installs linux-image-amd64");
-    (PathBuf::from(format!("/boot/vmlinuz-{release}")), release)
+/// Where `scripts/setup.sh --test-tools` unpacks a guest kernel whose virtiofs driver
+/// spreads requests over several request queues (Linux 6.11 and later; Debian 12's own
+/// is 6.1): bookworm-backports' linux-image, unpacked, not installed.
+pub const MULTI_QUEUE_KERNEL_DIR: &str = "/var/cache/fsva/guest-kernel-mq";
+
+/// A kernel to boot user VMs with, and where its modules are.
+#[derive(Debug, Clone)]
+pub struct GuestKernel {
+    pub image: PathBuf,
+    pub release: String,
+    /// The root its `boot/` and `lib/modules/` are under: `/` for the system's.
+    pub root: PathBuf,
+}
+
+impl GuestKernel {
+    /// The newest stock kernel in /boot.
+    pub fn stock() -> GuestKernel {
+        GuestKernel::newest_under(Path::new("/"))
+            .expect("no /boot/vmlinuz-*: scripts/setup.sh installs linux-image-amd64")
+    }
+
+    /// The multi-queue guest kernel: `FSVA_MQ_GUEST_KERNEL` (a directory as `dpkg -x`
+    /// unpacks a linux-image package, with a modules.dep) or [`MULTI_QUEUE_KERNEL_DIR`].
+    pub fn multi_queue() -> GuestKernel {
+        let root = std::env::var_os("FSVA_MQ_GUEST_KERNEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(MULTI_QUEUE_KERNEL_DIR));
+        GuestKernel::newest_under(&root).unwrap_or_else(|| {
+            panic!(
+                "no kernel under {}: the multi-queue guests need Linux 6.11 or later \
+                 (Debian 12's is 6.1); `scripts/setup.sh --test-tools` unpacks \
+                 bookworm-backports' there",
+                root.display()
+            )
+        })
+    }
+
+    fn newest_under(root: &Path) -> Option<GuestKernel> {
+        let mut releases: Vec<String> = std::fs::read_dir(root.join("boot"))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
+            .collect();
+        releases.sort();
+        let release = releases.pop()?;
+        Some(GuestKernel {
+            image: root.join(format!("boot/vmlinuz-{release}")),
+            release,
+            root: root.to_path_buf(),
+        })
+    }
 }
 
 /// A guest initramfs holding busybox, the stock modules virtiofs needs, `binaries`
@@ -54,23 +95,32 @@ pub struct GuestImage {
 }
 
 impl GuestImage {
+    /// An image around the stock kernel.
     pub fn build(binaries: &[&Path], script: &str) -> GuestImage {
+        GuestImage::build_on(&GuestKernel::stock(), binaries, script)
+    }
+
+    /// An image around `kernel`, with the modules it needs for virtiofs (none where
+    /// they are built in).
+    pub fn build_on(kernel: &GuestKernel, binaries: &[&Path], script: &str) -> GuestImage {
         let dir = Scratch::new("guest");
         let root = dir.path.join("root");
         for d in ["bin", "proc", "sys", "dev", "mnt", "tmp", "etc", "usr/bin"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         copy_to(&root, Path::new("/bin/busybox"), "bin/busybox");
-        let (kernel, release) = stock_kernel();
         let mut order = String::new();
         for module in ["virtio_pci", "virtiofs"] {
             let out = Command::new("modprobe")
-                .args(["-S", &release, "--show-depends", module])
+                .arg("-d")
+                .arg(&kernel.root)
+                .args(["-S", &kernel.release, "--show-depends", module])
                 .output()
                 .expect("running modprobe (kmod)");
             assert!(
                 out.status.success(),
-                "modprobe cannot resolve {module} for {release}"
+                "modprobe cannot resolve {module} for {}",
+                kernel.release
             );
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let Some(path) = line.strip_prefix("insmod ").map(str::trim) else {
@@ -107,7 +157,7 @@ impl GuestImage {
         GuestImage {
             _dir: dir,
             initrd,
-            kernel,
+            kernel: kernel.image.clone(),
         }
     }
 }
@@ -178,6 +228,8 @@ impl GuestRun {
 pub struct GuestSpec {
     pub cpus: u32,
     pub memory_mib: u32,
+    /// Request queues of the virtio-fs device (the device must offer as many).
+    pub request_queues: u32,
     /// How long the guest may run before it is killed (and the run fails).
     pub limit: Duration,
 }
@@ -187,6 +239,7 @@ impl GuestSpec {
         GuestSpec {
             cpus,
             memory_mib: 512,
+            request_queues: 1,
             limit,
         }
     }
@@ -252,7 +305,10 @@ impl Qemu {
         output: &Path,
     ) -> Command {
         let GuestSpec {
-            cpus, memory_mib, ..
+            cpus,
+            memory_mib,
+            request_queues,
+            ..
         } = *spec;
         let mut cmd = Command::new(&self.binary);
         crate::dies_with_test(&mut cmd);
@@ -278,7 +334,7 @@ impl Qemu {
         .arg(format!("socket,id=fs,path={}", socket.display()))
         .arg("-device")
         .arg(format!(
-            "vhost-user-fs-pci,chardev=fs,tag={tag},queue-size=1024"
+            "vhost-user-fs-pci,chardev=fs,tag={tag},queue-size=1024,num-request-queues={request_queues}"
         ))
         .arg("-kernel")
         .arg(&image.kernel)
@@ -523,25 +579,42 @@ impl Drop for LiveGuest {
 pub struct VhostServer {
     child: std::process::Child,
     pub socket: PathBuf,
+    /// Where its log goes, if not to the test's stderr.
+    log: Option<PathBuf>,
     _dir: Scratch,
 }
 
 impl VhostServer {
-    /// Starts `fsva serve-vhost --socket S` with `args` and waits for its socket.
+    /// Starts `fsva serve-vhost --socket S` with `args` and waits for its socket; its
+    /// log goes to the test's stderr.
     pub fn start(args: &[&str]) -> VhostServer {
+        VhostServer::spawn(args, false)
+    }
+
+    /// As [`VhostServer::start`], with the log kept for [`VhostServer::log`].
+    pub fn start_logged(args: &[&str]) -> VhostServer {
+        VhostServer::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], logged: bool) -> VhostServer {
         let dir = Scratch::new("vhost");
         let socket = dir.path.join("fs.sock");
-        let child = crate::dies_with_test(&mut Command::new(crate::binary("fsva")))
+        let log = logged.then(|| dir.path.join("serve-vhost.log"));
+        let mut cmd = Command::new(crate::binary("fsva"));
+        crate::dies_with_test(&mut cmd)
             .arg("serve-vhost")
             .arg("--socket")
             .arg(&socket)
             .args(args)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("starting fsva serve-vhost");
+            .stdout(std::process::Stdio::null());
+        if let Some(path) = &log {
+            cmd.stderr(std::fs::File::create(path).expect("creating the server's log"));
+        }
+        let child = cmd.spawn().expect("starting fsva serve-vhost");
         let mut server = VhostServer {
             child,
             socket,
+            log,
             _dir: dir,
         };
         let up = crate::wait_for(Duration::from_secs(240), || {
@@ -553,6 +626,15 @@ impl VhostServer {
             "fsva serve-vhost {args:?} did not start"
         );
         server
+    }
+
+    /// What the server (and the appliance, whose stderr is the server's) logged so far;
+    /// empty unless started with [`VhostServer::start_logged`].
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     /// The appliance process (the server's child).

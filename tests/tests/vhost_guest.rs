@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use fsva_tests::guest::{boot, GuestImage, GuestRun, GuestSpec, VhostServer};
+use fsva_tests::guest::{boot, GuestImage, GuestKernel, GuestRun, GuestSpec, VhostServer};
 use fsva_tests::{assert_ext4_clean, binary, conformance, debugfs_cat, transcript_diff, Scratch};
 
 const NOBODY: u32 = 65534;
@@ -99,6 +99,72 @@ fn stock_guest_over_virtiofs_behaves_as_native_ext4() {
     let run = run_ok(&image, &server, 2, 300);
     assert_matches_native("mem-root", &root, &run.section("root"));
     assert_matches_native("mem-user", &user, &run.section("user"));
+}
+
+/// One worker per vCPU, pinned to it: it writes its own 300 files, then reads each back.
+const WORKER_PER_CPU: &str = r#"
+cat > /tmp/work <<'WORK'
+mkdir /mnt/w$1
+i=0
+while [ $i -lt 300 ]; do echo cpu$1-file-$i > /mnt/w$1/f$i; i=$((i+1)); done
+i=0
+while [ $i -lt 300 ]; do
+  read -r line < /mnt/w$1/f$i
+  [ "$line" = "cpu$1-file-$i" ] || { echo "w$1/f$i reads back wrong: $line"; exit 1; }
+  i=$((i+1))
+done
+WORK
+taskset 1 sh /tmp/work 1 & one=$!
+taskset 2 sh /tmp/work 2 & two=$!
+wait $one && wait $two
+echo @@cpus $(nproc)
+"#;
+
+/// A guest kernel that spreads virtiofs requests over queues by CPU (6.12, from
+/// bookworm-backports) and a device with two request queues: with a writer busy on
+/// each vCPU, both request queues carry a share of the requests (each queue has its
+/// own worker), and every file reads back as written.
+#[test]
+fn multi_queue_guest_spreads_requests_over_the_request_queues() {
+    let mut server = VhostServer::start_logged(&["--backend", "mem", "--queues", "2"]);
+    let image = GuestImage::build_on(&GuestKernel::multi_queue(), &[], WORKER_PER_CPU);
+    let spec = GuestSpec {
+        request_queues: 2,
+        ..GuestSpec::new(2, Duration::from_secs(300))
+    };
+    let run = boot(&image, &server.socket, "fsva", spec);
+    assert_eq!(
+        run.exit(),
+        Some(0),
+        "guest output:\n{}\nconsole:\n{}",
+        run.output,
+        run.console
+    );
+    assert!(run.output.contains("@@cpus 2"), "{}", run.output);
+    // The device logs what it took from each queue when the VMM goes away.
+    assert!(
+        server.wait_exit(Duration::from_secs(30)).is_some(),
+        "serve-vhost did not exit after its guest"
+    );
+    let log = server.log();
+    let per_queue: Vec<u64> = log
+        .split_once("per_queue=[")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| list.split(',').map(|n| n.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|| panic!("no per-queue counts in the server's log:\n{log}"));
+    assert_eq!(
+        per_queue.len(),
+        3,
+        "high-priority + 2 request queues: {per_queue:?}"
+    );
+    eprintln!("requests taken per queue (high priority first): {per_queue:?}");
+    // Each vCPU made, wrote and read back 300 files (several requests each) through
+    // its own queue: each request queue took at least a third of the requests.
+    let (a, b) = (per_queue[1], per_queue[2]);
+    assert!(
+        a.min(b) >= 600 && a.min(b) * 3 >= a + b,
+        "the request queues took {a} and {b} requests: not spread over both"
+    );
 }
 
 /// A host directory served by root's passthrough appliance (device in the appliance,
@@ -280,9 +346,8 @@ fn migrate_guest(mut source: VhostServer, mut dest: VhostServer) -> GuestRun {
     let qemu = Qemu::for_migration();
     let image = GuestImage::build(&[], MIGRATING);
     let spec = GuestSpec {
-        cpus: 1,
         memory_mib: 256,
-        limit: Duration::from_secs(120),
+        ..GuestSpec::new(1, Duration::from_secs(120))
     };
     let t0 = std::time::Instant::now();
     let mut from = LiveGuest::start(&qemu, &image, &source.socket, "fsva", spec, None);
@@ -404,9 +469,8 @@ fn a_refused_state_fails_the_migration_and_the_guest_stays() {
     let qemu = Qemu::for_migration();
     let image = GuestImage::build(&[], MIGRATING);
     let spec = GuestSpec {
-        cpus: 1,
         memory_mib: 256,
-        limit: Duration::from_secs(120),
+        ..GuestSpec::new(1, Duration::from_secs(120))
     };
     let mut from = LiveGuest::start(&qemu, &image, &source.socket, "fsva", spec, None);
     assert!(

@@ -72,6 +72,8 @@ struct Queues {
     event_idx: AtomicBool,
     /// Chains refused as malformed (the first is logged as a warning).
     refused: AtomicU64,
+    /// Per queue, the chains taken from it: shows whether a guest spreads its requests.
+    taken: Vec<AtomicU64>,
     /// Per queue, the heads handed out and not yet returned: a head the guest posts
     /// again while it is in flight is ignored (answering it would answer twice), and
     /// `stop_vring` waits for the set to empty.
@@ -85,6 +87,9 @@ impl Queues {
             vrings: Mutex::new(vec![None; config.num_queues()]),
             event_idx: AtomicBool::new(false),
             refused: AtomicU64::new(0),
+            taken: (0..config.num_queues())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             in_flight: (0..config.num_queues())
                 .map(|_| Mutex::new(HashSet::new()))
                 .collect(),
@@ -246,6 +251,15 @@ impl FsDevice {
         }
     }
 
+    /// The chains taken from each queue so far (index 0: the high-priority queue).
+    pub fn requests_per_queue(&self) -> Vec<u64> {
+        self.queues
+            .taken
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// The link to the appliance, for a relayed device (to fail it when the appliance
     /// exits).
     pub fn relay(&self) -> Option<Arc<Relay<Token>>> {
@@ -274,6 +288,7 @@ impl FsDevice {
                 .take(most)
                 .collect()
         };
+        self.queues.taken[queue].fetch_add(chains.len() as u64, Ordering::Relaxed);
         if !chains.is_empty() {
             self.transfers
                 .served

@@ -4,20 +4,25 @@
 //! virtiofsd alike; docs/VHOST.md shows it as the recipe for a quick try.
 //!
 //! Usage: `fsva-guest --socket PATH [--tag TAG] [--cpus N] [--memory MiB]
-//!         [--timeout SECS] [--bin PROGRAM]... SCRIPT`
+//!         [--queues N] [--kernel stock|multi-queue] [--timeout SECS]
+//!         [--bin PROGRAM]... SCRIPT`
+//!
+//! `--queues` sets the device's request queues; `--kernel multi-queue` boots the
+//! guest kernel that uses several (see `GuestKernel::multi_queue`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use fsva_tests::guest::{boot, GuestImage, GuestSpec};
+use fsva_tests::guest::{boot, GuestImage, GuestKernel, GuestSpec};
 
-const USAGE: &str = "usage: fsva-guest --socket PATH [--tag TAG] [--cpus N] [--memory MiB] [--timeout SECS] [--bin PROGRAM]... SCRIPT";
+const USAGE: &str = "usage: fsva-guest --socket PATH [--tag TAG] [--cpus N] [--memory MiB] [--queues N] [--kernel stock|multi-queue] [--timeout SECS] [--bin PROGRAM]... SCRIPT";
 
 fn main() -> ExitCode {
     let mut socket = None;
     let mut tag = "fsva".to_string();
     let mut spec = GuestSpec::new(1, Duration::from_secs(600));
+    let mut kernel = None;
     let mut bins: Vec<PathBuf> = Vec::new();
     let mut script = None;
     let mut it = std::env::args().skip(1);
@@ -35,6 +40,14 @@ fn main() -> ExitCode {
             "--tag" => tag = value(),
             "--cpus" => spec.cpus = number(value()) as u32,
             "--memory" => spec.memory_mib = number(value()) as u32,
+            "--queues" => spec.request_queues = number(value()) as u32,
+            "--kernel" => {
+                kernel = Some(match value().as_str() {
+                    "stock" => GuestKernel::stock(),
+                    "multi-queue" => GuestKernel::multi_queue(),
+                    k => panic!("--kernel {k}: stock or multi-queue\n{USAGE}"),
+                })
+            }
             "--timeout" => spec.limit = Duration::from_secs(number(value())),
             "--bin" => bins.push(PathBuf::from(value())),
             s if !s.starts_with('-') && script.is_none() => script = Some(PathBuf::from(s)),
@@ -48,7 +61,8 @@ fn main() -> ExitCode {
     let text = std::fs::read_to_string(&script)
         .unwrap_or_else(|e| panic!("reading {}: {e}", script.display()));
     let bins: Vec<&std::path::Path> = bins.iter().map(PathBuf::as_path).collect();
-    let image = GuestImage::build(&bins, &text);
+    let kernel = kernel.unwrap_or_else(GuestKernel::stock);
+    let image = GuestImage::build_on(&kernel, &bins, &text);
     let run = boot(&image, &socket, &tag, spec);
     print!("{}", run.output);
     eprintln!("fsva-guest: guest ran {:.1} s", run.elapsed.as_secs_f64());
