@@ -5,6 +5,9 @@
 //! Ops (N files, default 2000; M mkdir/rmdir pairs, default 500):
 //! - `create_write`: open(O_CREAT) + write 4 KiB + close, per file
 //! - `stat_warm`: stat of each file, after one untimed warming pass
+//! - `xattr_miss`: getxattr of an attribute no file has, once per file. FUSE caches
+//!   no extended attributes, so on a FUSE target each call is exactly one request to
+//!   the server and back: this row is the per-request round-trip cost
 //! - `readdir`: one full listing of the N-entry directory (median of 5), per listing
 //! - `rename`: rename each file to a new name in the same directory
 //! - `unlink`: unlink each file
@@ -55,6 +58,25 @@ fn main() {
     };
     stat_all();
     res.push(("stat_warm", timed(n, stat_all)));
+    res.push((
+        "xattr_miss",
+        timed(n, || {
+            let mut buf = [0u8; 64];
+            for p in &names {
+                let r = rustix::fs::getxattr(p, "user.fsva-meta-absent", &mut buf[..]);
+                // ENODATA is the answer; a file system without user xattrs says ENOTSUP,
+                // which is still one request answered.
+                assert!(
+                    matches!(
+                        r,
+                        Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP)
+                    ),
+                    "getxattr of an absent attribute on {}: {r:?}",
+                    p.display()
+                );
+            }
+        }),
+    ));
     let mut listings: Vec<f64> = (0..5)
         .map(|_| {
             timed(1, || {
