@@ -2,9 +2,15 @@
 # Benchmark fsva serve-vhost against virtiofsd: the same host directory served to the
 # same stock Debian guest (QEMU, TCG here) by each, in the same run.
 #
-#   bench/vhost.sh [--quick] [--reps N] [--fsva-flags "FLAGS"]
+#   bench/vhost.sh [--quick] [--reps N] [--fsva-flags "FLAGS"] [--multi-queue]
 #
 # --fsva-flags adds serve-vhost flags to both fsva servers (e.g. --exclusive).
+# --multi-queue boots a guest kernel that spreads requests over queues by CPU (Linux
+# 6.12 from bookworm-backports, unpacked by `scripts/setup.sh --test-tools`), gives both
+# fsva servers two request queues (virtiofsd serves one: it has no more), and runs every
+# workload twice at once, one per guest vCPU (fio numjobs=2, two fsva-meta pinned to
+# one vCPU each): figures are the two workers together (MB/s, IOPS) or each worker's
+# time per op (µs).
 #
 # Servers: fsva serve-vhost --backend passthrough:DIR (the sandboxed appliance is the
 # device), the same with --relay (the supervisor is the device and relays to the
@@ -17,7 +23,8 @@
 #   randread     fio 4 KiB random read, buffered, cold as above (IOPS)
 #   drandread1   fio 4 KiB random read, O_DIRECT, QD1, cold as above (IOPS)
 #   drandread16  fio 4 KiB random read, O_DIRECT, QD16 libaio, cold as above (IOPS)
-#   meta         fsva-meta: create+write 4 KiB, warm stat, readdir, rename, unlink,
+#   meta         fsva-meta: create+write 4 KiB, warm stat, getxattr miss (one round
+#                trip), readdir, rename, unlink,
 #                mkdir+rmdir (µs per op)
 # and prints the median of each figure with the ratio fsva/virtiofsd (>1 = fsva better).
 # Needs root. Installs fio, busybox-static, libseccomp-dev, libcap-ng-dev with apt-get
@@ -27,12 +34,14 @@ set -euo pipefail
 QUICK=0
 REPS=3
 FSVA_FLAGS=""
+MQ=0
 while (($#)); do
   case "$1" in
     --quick) QUICK=1; REPS=1 ;;
     --reps) REPS=$2; shift ;;
     --fsva-flags) FSVA_FLAGS=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--reps N] [--fsva-flags FLAGS]" >&2; exit 2 ;;
+    --multi-queue) MQ=1 ;;
+    *) echo "usage: $0 [--quick] [--reps N] [--fsva-flags FLAGS] [--multi-queue]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -68,20 +77,42 @@ GUEST=$REPO/target/release/fsva-guest
 rm -rf "$WORK"; mkdir -p "$WORK/export" "$RAW" "$REPO/bench/out"
 SOCK=$WORK/fs.sock
 
+# One request queue, one worker per workload; or (--multi-queue) two of each. Guest
+# shell text: $ that the guest expands is written \$ inside double quotes.
+GUEST_ARGS=()
+FSVA_QUEUES=1
+PAR=""
+META="echo @@begin meta; fsva-meta /mnt $META_N $META_M; echo @@end meta"
+if [ $MQ = 1 ]; then
+  GUEST_ARGS=(--kernel multi-queue)
+  FSVA_QUEUES=2
+  FSVA_FLAGS="$FSVA_FLAGS --queues 2"
+  PAR="--numjobs=2 --group_reporting"
+  META="mkdir -p /mnt/m1 /mnt/m2
+taskset 1 fsva-meta /mnt/m1 $META_N $META_M > /tmp/meta1 & m1=\$!
+taskset 2 fsva-meta /mnt/m2 $META_N $META_M > /tmp/meta2 & m2=\$!
+wait \$m1 && wait \$m2
+echo @@begin meta; cat /tmp/meta1; echo @@end meta
+echo @@begin meta2; cat /tmp/meta2; echo @@end meta2
+rm -rf /mnt/m1 /mnt/m2"
+fi
+
 # Two guest boots per server and rep. Phase "write" makes one file per read job and
 # runs the write and metadata workloads; then the host drops its page cache, so that
 # phase "read" starts cold on both sides (virtiofsd keeps a host copy of what it reads;
-# fsva's appliance drops its copy: the guest's cache is the one copy).
-JOB='job() { name=$1; file=$2; shift 2; echo "@@begin $name"; fio --name=$name --filename=/mnt/bench/$file --output-format=json "$@"; echo "@@end $name"; }'
+# fsva's appliance drops its copy: the guest's cache is the one copy). Each workload
+# has a directory; its files are f.0 (and f.1 with two workers), the same names for
+# every job run in it.
+JOB="job() { name=\$1; dir=/mnt/bench/\$2; shift 2; mkdir -p \$dir; echo @@begin \$name; fio --name=\$name --directory=\$dir --filename_format='f.\$jobnum' --output-format=json $PAR \"\$@\"; echo @@end \$name; }"
 cat > "$WORK/write" <<EOF
 set -e
 mkdir -p /mnt/bench
 $JOB
 job seq_write seq --rw=write --bs=1M --size=$SIZE --end_fsync=1
 job seq_reread seq --rw=read --bs=1M --size=$SIZE
-for f in rand drand1 drand16; do fio --name=lay --filename=/mnt/bench/\$f --rw=write --bs=1M --size=$SIZE --end_fsync=1 --output-format=terse >/dev/null; done
+for f in rand drand1 drand16; do mkdir -p /mnt/bench/\$f; fio --name=lay --directory=/mnt/bench/\$f --filename_format='f.\$jobnum' --rw=write --bs=1M --size=$SIZE --end_fsync=1 --output-format=terse $PAR >/dev/null; done
 job randwrite wrand --rw=randwrite --bs=4k --size=$SIZE --time_based --runtime=$RUNTIME
-echo "@@begin meta"; fsva-meta /mnt $META_N $META_M; echo "@@end meta"
+$META
 EOF
 cat > "$WORK/read" <<EOF
 set -e
@@ -120,23 +151,25 @@ for rep in $(seq "$REPS"); do
       sync
       if [ $phase = read ]; then echo 3 > /proc/sys/vm/drop_caches; fi
       start_server "$s"
-      "$GUEST" --socket "$SOCK" --cpus 2 --memory 1024 --timeout 900 \
+      # virtiofsd serves one request queue (QEMU fails to start its device with more).
+      case $s in fsva*) queues=$FSVA_QUEUES ;; *) queues=1 ;; esac
+      "$GUEST" --socket "$SOCK" --cpus 2 --memory 1024 --timeout 900 "${GUEST_ARGS[@]}" --queues $queues \
         --bin /usr/bin/fio --bin "$REPO/target/release/fsva-meta" "$WORK/$phase" >> "$RAW/$s-$rep.out"
       wait "$SERVER_PID" 2>/dev/null || true
     done
   done
 done
 
-python3 - "$RAW" "$REPS" > "$OUT" <<'PY'
+python3 - "$RAW" "$REPS" "$MQ" > "$OUT" <<'PY'
 import json, statistics, sys, re, os, platform, subprocess
-raw, reps = sys.argv[1], int(sys.argv[2])
+raw, reps, mq = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 servers = ["fsva", "fsva-relay", "virtiofsd", "virtiofsd-always"]
 def sections(text):
     return dict(re.findall(r"@@begin (\S+)\n(.*?)@@end \1", text, re.S))
 fio = [("seq_write", "write", "bw"), ("seq_reread", "read", "bw"), ("randwrite", "write", "iops"),
        ("seq_read", "read", "bw"), ("randread", "read", "iops"),
        ("drandread1", "read", "iops"), ("drandread16", "read", "iops")]
-meta = ["create_write", "stat_warm", "readdir", "rename", "unlink", "mkdir_rmdir"]
+meta = ["create_write", "stat_warm", "xattr_miss", "readdir", "rename", "unlink", "mkdir_rmdir"]
 vals = {s: {} for s in servers}
 for s in servers:
     for r in range(1, reps + 1):
@@ -145,12 +178,17 @@ for s in servers:
             j = json.loads(sec[name][sec[name].index("{"):])["jobs"][0][d]
             v = j["bw_bytes"] / 1e6 if kind == "bw" else j["iops"]
             vals[s].setdefault(name, []).append(v)
-        m = json.loads(sec["meta"])
+        # Two metadata workers at once (--multi-queue): each one's time per op, averaged.
+        runs = [json.loads(sec[k]) for k in ("meta", "meta2") if k in sec]
         for op in meta:
-            vals[s].setdefault(op, []).append(m[op])
+            vals[s].setdefault(op, []).append(statistics.mean(m[op] for m in runs))
 med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in vals.items()}
 print(f"# fsva serve-vhost vs virtiofsd, {reps} rep(s), median\n")
-print(f"Guest: stock Debian kernel {subprocess.getoutput('ls /boot | sed -n s/vmlinuz-//p | tail -1')}, QEMU TCG, 2 vCPUs, 1 GiB, one request queue.")
+if mq:
+    kernel = subprocess.getoutput("ls /var/cache/fsva/guest-kernel-mq/boot | sed -n s/vmlinuz-//p | tail -1")
+    print(f"Guest: Debian kernel {kernel} (bookworm-backports), QEMU TCG, 2 vCPUs, 1 GiB; fsva with two request queues, virtiofsd with its one; every workload run by two workers at once (one per vCPU).")
+else:
+    print(f"Guest: stock Debian kernel {subprocess.getoutput('ls /boot | sed -n s/vmlinuz-//p | tail -1')}, QEMU TCG, 2 vCPUs, 1 GiB, one request queue.")
 print("Host:", platform.node(), "|", os.cpu_count(), "CPUs |", platform.release(), "\n")
 print("| workload | unit | fsva | fsva --relay | virtiofsd (auto) | virtiofsd (always) | fsva / best virtiofsd | relay / best virtiofsd |")
 print("|---|---|---|---|---|---|---|---|")
@@ -162,6 +200,6 @@ for op in meta:
     f, r, a, b = (med[s][op] for s in servers)
     print(f"| {op} | µs/op | {f:.1f} | {r:.1f} | {a:.1f} | {b:.1f} | {min(a, b) / f:.2f}x | {min(a, b) / r:.2f}x |")
 PY
-echo "Run: bench/vhost.sh $([ $QUICK = 1 ] && echo --quick) --reps $REPS${FSVA_FLAGS:+ --fsva-flags \"$FSVA_FLAGS\"}; took $(( $(date +%s) - T0 )) s." >> "$OUT"
+echo "Run: bench/vhost.sh $([ $QUICK = 1 ] && echo --quick) --reps $REPS$([ $MQ = 1 ] && echo " --multi-queue")${FSVA_FLAGS:+ (fsva flags: $FSVA_FLAGS)}; took $(( $(date +%s) - T0 )) s." >> "$OUT"
 cat "$OUT"
 echo "bench/vhost.sh: results in $OUT" >&2

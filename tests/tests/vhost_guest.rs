@@ -75,12 +75,16 @@ fn probe() -> PathBuf {
 
 /// Boots `image` against `server` and requires its script to succeed.
 fn run_ok(image: &GuestImage, server: &VhostServer, cpus: u32, secs: u64) -> GuestRun {
-    let run = boot(
+    run_spec_ok(
         image,
-        &server.socket,
-        "fsva",
+        server,
         GuestSpec::new(cpus, Duration::from_secs(secs)),
-    );
+    )
+}
+
+/// As [`run_ok`], for a guest of any shape.
+fn run_spec_ok(image: &GuestImage, server: &VhostServer, spec: GuestSpec) -> GuestRun {
+    let run = boot(image, &server.socket, "fsva", spec);
     assert_eq!(
         run.exit(),
         Some(0),
@@ -132,14 +136,7 @@ fn multi_queue_guest_spreads_requests_over_the_request_queues() {
         request_queues: 2,
         ..GuestSpec::new(2, Duration::from_secs(300))
     };
-    let run = boot(&image, &server.socket, "fsva", spec);
-    assert_eq!(
-        run.exit(),
-        Some(0),
-        "guest output:\n{}\nconsole:\n{}",
-        run.output,
-        run.console
-    );
+    let run = run_spec_ok(&image, &server, spec);
     assert!(run.output.contains("@@cpus 2"), "{}", run.output);
     // The device logs what it took from each queue when the VMM goes away.
     assert!(
