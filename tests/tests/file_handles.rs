@@ -84,11 +84,29 @@ fn mem_file_handles_survive_the_kernel_forgetting_the_inode() {
         .read_to_string(&mut s)
         .unwrap();
     assert_eq!(s, "found again");
-    // A deleted file's handle is stale, as on any file system.
+    // A deleted file's handle is stale, as on any file system, once nothing holds the
+    // inode any more. The kernel releases a FUSE file asynchronously and keeps the inode
+    // until the appliance has answered that RELEASE, so under load the inode may still
+    // be cached, and found by its handle, just after the unlink: wait for that to end.
     std::fs::remove_file(&f).unwrap();
-    forget_everything();
-    let e = open_by_handle(m.path(), &mut h).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        forget_everything();
+        match open_by_handle(m.path(), &mut h) {
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
+                break;
+            }
+            Ok(file) => {
+                drop(file);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the handle of a deleted file still opens it 10 s after the unlink"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
     m.unmount();
 }
 
