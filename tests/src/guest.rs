@@ -41,7 +41,9 @@ pub const MULTI_QUEUE_KERNEL_DIR: &str = "/var/cache/fsva/guest-kernel-mq";
 /// A kernel to boot user VMs with, and where its modules are.
 #[derive(Debug, Clone)]
 pub struct GuestKernel {
+    /// The kernel image QEMU boots (`boot/vmlinuz-RELEASE` under `root`).
     pub image: PathBuf,
+    /// Its release string, as `uname -r` prints it and `lib/modules/` names it.
     pub release: String,
     /// The root its `boot/` and `lib/modules/` are under: `/` for the system's.
     pub root: PathBuf,
@@ -70,20 +72,28 @@ impl GuestKernel {
         })
     }
 
+    /// The kernel under `root/boot` with the highest version (6.10 is newer than 6.9).
     fn newest_under(root: &Path) -> Option<GuestKernel> {
-        let mut releases: Vec<String> = std::fs::read_dir(root.join("boot"))
+        let release = std::fs::read_dir(root.join("boot"))
             .ok()?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
-            .collect();
-        releases.sort();
-        let release = releases.pop()?;
+            .max_by_key(|r| version_key(r))?;
         Some(GuestKernel {
             image: root.join(format!("boot/vmlinuz-{release}")),
             release,
             root: root.to_path_buf(),
         })
     }
+}
+
+/// The numbers in a kernel release, in order, to compare releases as versions:
+/// "6.12.9+bpo-amd64" gives [6, 12, 9].
+fn version_key(release: &str) -> Vec<u64> {
+    release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 /// A guest initramfs holding busybox, the stock modules virtiofs needs, `binaries`
@@ -608,7 +618,9 @@ impl VhostServer {
             .args(args)
             .stdout(std::process::Stdio::null());
         if let Some(path) = &log {
-            cmd.stderr(std::fs::File::create(path).expect("creating the server's log"));
+            // Info level whatever FSVA_LOG says: callers read the per-queue counts.
+            cmd.args(["--log", "info"])
+                .stderr(std::fs::File::create(path).expect("creating the server's log"));
         }
         let child = cmd.spawn().expect("starting fsva serve-vhost");
         let mut server = VhostServer {
@@ -623,7 +635,8 @@ impl VhostServer {
         });
         assert!(
             up && server.child.try_wait().unwrap().is_none(),
-            "fsva serve-vhost {args:?} did not start"
+            "fsva serve-vhost {args:?} did not start; its log:\n{}",
+            server.log()
         );
         server
     }

@@ -88,9 +88,10 @@ fn run_spec_ok(image: &GuestImage, server: &VhostServer, spec: GuestSpec) -> Gue
     assert_eq!(
         run.exit(),
         Some(0),
-        "guest output:\n{}\nconsole:\n{}",
+        "guest output:\n{}\nconsole:\n{}\nserver log:\n{}",
         run.output,
-        run.console
+        run.console,
+        server.log()
     );
     run
 }
@@ -120,7 +121,9 @@ done
 WORK
 taskset 1 sh /tmp/work 1 & one=$!
 taskset 2 sh /tmp/work 2 & two=$!
-wait $one && wait $two
+wait $one; a=$?
+wait $two; b=$?
+[ $a = 0 ] && [ $b = 0 ] || { echo "workers exited $a and $b"; exit 1; }
 echo @@cpus $(nproc)
 "#;
 
@@ -137,7 +140,11 @@ fn multi_queue_guest_spreads_requests_over_the_request_queues() {
         ..GuestSpec::new(2, Duration::from_secs(300))
     };
     let run = run_spec_ok(&image, &server, spec);
-    assert!(run.output.contains("@@cpus 2"), "{}", run.output);
+    assert!(
+        run.output.contains("@@cpus 2") && !run.output.contains("reads back wrong"),
+        "{}",
+        run.output
+    );
     // The device logs what it took from each queue when the VMM goes away.
     assert!(
         server.wait_exit(Duration::from_secs(30)).is_some(),
@@ -147,7 +154,15 @@ fn multi_queue_guest_spreads_requests_over_the_request_queues() {
     let per_queue: Vec<u64> = log
         .split_once("per_queue=[")
         .and_then(|(_, rest)| rest.split_once(']'))
-        .map(|(list, _)| list.split(',').map(|n| n.trim().parse().unwrap()).collect())
+        .map(|(list, _)| {
+            list.split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .unwrap_or_else(|e| panic!("per-queue count {n:?}: {e}; log:\n{log}"))
+                })
+                .collect()
+        })
         .unwrap_or_else(|| panic!("no per-queue counts in the server's log:\n{log}"));
     assert_eq!(
         per_queue.len(),

@@ -99,11 +99,14 @@ impl Server {
             self.memory,
         )
         .map_err(|e| VhostError::Daemon(e.to_string()))?;
-        let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
-        tracing::info!(
-            per_queue = ?self.device.requests_per_queue(),
-            "the VMM went away; requests taken from each queue (the first is the high-priority queue)"
-        );
+        let served = daemon.start(&mut listener).and_then(|()| {
+            let waited = daemon.wait();
+            tracing::info!(
+                per_queue = ?self.device.requests_per_queue(),
+                "the VMM went away; requests taken from each queue (the first is the high-priority queue)"
+            );
+            waited
+        });
         match self.device.relay() {
             // Closing the link ends requests in flight, so the queue workers the daemon
             // joins when dropped are free to end.
