@@ -86,8 +86,10 @@ if [[ " $* " == *" --test-tools "* && $(id -u) -eq 0 ]] && ! compgen -G "$guest_
   echo "fsva setup: unpacking bookworm-backports' Linux 6.12 into $guest_kernel (multi-queue guests)"
   if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
     echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/backports.list
-    apt-get update -qq
   fi
+  # Always refreshed: a package list older than the archive names a kernel it no longer
+  # holds, and the download below would fail with 404.
+  apt-get update -qq
   image=$(apt-cache -t bookworm-backports depends linux-image-amd64 \
     | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\)$/\1/p' | head -n1)
   [[ -n $image ]] || { echo "fsva setup: bookworm-backports offers no linux-image-amd64" >&2; exit 1; }
