@@ -13,7 +13,7 @@
 # bench/out/results-<date>.md. Needs root (drop_caches, FUSE mounts), fio,
 # bindfs, python3; gcc/g++/libfuse3-dev for the libfuse peers (installed with
 # apt-get if missing). Full run: 256 MiB files, 1 s per timed job, three
-# repetitions, whole Go tree; --quick (a smoke run, ~50 s, figures indicative
+# repetitions, whole Go tree; --quick (a smoke run, ~60 s, figures indicative
 # only): 32 MiB, 0.5 s per timed job, 200 files, one repetition, only the tree's
 # src/net directory (358 files).
 set -euo pipefail
@@ -145,7 +145,8 @@ backing_of() {  # backing_of TARGET
 # the caches dropped: only the two reads through the target are measured.
 footprint() {  # footprint TARGET DIR
   local t=$1 dir=$2 before after
-  local src=$(backing_of "$t"); src=${src:-$dir}
+  local src
+  src=$(backing_of "$t"); src=${src:-$dir}
   # zeros, not /dev/urandom: the content does not matter to the page cache, and
   # generating 1 GiB of random bytes cost seconds per target
   dd if=/dev/zero of="$src/foot.dat" bs=1M count="$FOOT_MIB" conv=fsync status=none

@@ -84,14 +84,21 @@ FSVA_QUEUES=1
 PAR=""
 META="echo @@begin meta; fsva-meta /mnt $META_N $META_M; echo @@end meta"
 if [ $MQ = 1 ]; then
+  if [[ " $FSVA_FLAGS " == *" --queues"* ]]; then
+    echo "bench/vhost.sh: --multi-queue sets --queues 2 itself; drop it from --fsva-flags" >&2
+    exit 2
+  fi
   GUEST_ARGS=(--kernel multi-queue)
   FSVA_QUEUES=2
   FSVA_FLAGS="$FSVA_FLAGS --queues 2"
-  PAR="--numjobs=2 --group_reporting"
+  # One fio job pinned to each vCPU, as the two metadata workers are.
+  PAR="--numjobs=2 --group_reporting --cpus_allowed=0-1 --cpus_allowed_policy=split"
   META="mkdir -p /mnt/m1 /mnt/m2
 taskset 1 fsva-meta /mnt/m1 $META_N $META_M > /tmp/meta1 & m1=\$!
 taskset 2 fsva-meta /mnt/m2 $META_N $META_M > /tmp/meta2 & m2=\$!
-wait \$m1 && wait \$m2
+wait \$m1; a=\$?
+wait \$m2; b=\$?
+[ \$a = 0 ] && [ \$b = 0 ] || { echo \"fsva-meta workers exited \$a and \$b\"; exit 1; }
 echo @@begin meta; cat /tmp/meta1; echo @@end meta
 echo @@begin meta2; cat /tmp/meta2; echo @@end meta2
 rm -rf /mnt/m1 /mnt/m2"
@@ -160,9 +167,9 @@ for rep in $(seq "$REPS"); do
   done
 done
 
-python3 - "$RAW" "$REPS" "$MQ" > "$OUT" <<'PY'
+python3 - "$RAW" "$REPS" "$MQ" "${FSVA_MQ_GUEST_KERNEL:-/var/cache/fsva/guest-kernel-mq}" > "$OUT" <<'PY'
 import json, statistics, sys, re, os, platform, subprocess
-raw, reps, mq = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+raw, reps, mq, mq_root = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 servers = ["fsva", "fsva-relay", "virtiofsd", "virtiofsd-always"]
 def sections(text):
     return dict(re.findall(r"@@begin (\S+)\n(.*?)@@end \1", text, re.S))
@@ -185,7 +192,7 @@ for s in servers:
 med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in vals.items()}
 print(f"# fsva serve-vhost vs virtiofsd, {reps} rep(s), median\n")
 if mq:
-    kernel = subprocess.getoutput("ls /var/cache/fsva/guest-kernel-mq/boot | sed -n s/vmlinuz-//p | tail -1")
+    kernel = subprocess.getoutput(f"ls '{mq_root}/boot' | sed -n s/vmlinuz-//p | sort -V | tail -1")
     print(f"Guest: Debian kernel {kernel} (bookworm-backports), QEMU TCG, 2 vCPUs, 1 GiB; fsva with two request queues, virtiofsd with its one; every workload run by two workers at once (one per vCPU).")
 else:
     print(f"Guest: stock Debian kernel {subprocess.getoutput('ls /boot | sed -n s/vmlinuz-//p | tail -1')}, QEMU TCG, 2 vCPUs, 1 GiB, one request queue.")
@@ -200,6 +207,6 @@ for op in meta:
     f, r, a, b = (med[s][op] for s in servers)
     print(f"| {op} | µs/op | {f:.1f} | {r:.1f} | {a:.1f} | {b:.1f} | {min(a, b) / f:.2f}x | {min(a, b) / r:.2f}x |")
 PY
-echo "Run: bench/vhost.sh $([ $QUICK = 1 ] && echo --quick) --reps $REPS$([ $MQ = 1 ] && echo " --multi-queue")${FSVA_FLAGS:+ (fsva flags: $FSVA_FLAGS)}; took $(( $(date +%s) - T0 )) s." >> "$OUT"
+echo "Run: bench/vhost.sh$([ $QUICK = 1 ] && echo " --quick") --reps $REPS$([ $MQ = 1 ] && echo " --multi-queue")${FSVA_FLAGS:+ (fsva flags: $FSVA_FLAGS)}; took $(( $(date +%s) - T0 )) s." >> "$OUT"
 cat "$OUT"
 echo "bench/vhost.sh: results in $OUT" >&2
