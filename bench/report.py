@@ -91,7 +91,7 @@ TABLES = [
     ("Sequential write, 1 MiB, buffered, end_fsync=1", "MB/s", "seqwrite", TPUT),
     ("Random read, 4 KiB, buffered (cache warm from the sequential read)", "MB/s", "randread", TPUT),
     ("Random read, 4 KiB, buffered — IOPS", "kIOPS", "randread_kiops", TPUT),
-    ("Random write, 4 KiB, buffered — IOPS", "kIOPS", "randwrite_kiops", TPUT),
+    ("Random write, 4 KiB, buffered, warm — IOPS", "kIOPS", "randwrite_kiops", TPUT),
     ("Sequential read, 1 MiB, O_DIRECT", "MB/s", "dseqread", TPUT),
     ("Sequential write, 1 MiB, O_DIRECT", "MB/s", "dseqwrite", TPUT),
     ("Random read, 4 KiB, O_DIRECT, queue depth 1 — IOPS", "kIOPS", "drandread-qd1_kiops", TPUT),
