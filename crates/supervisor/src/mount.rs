@@ -325,21 +325,69 @@ pub fn abort_connection(path: &Path) -> io::Result<()> {
     std::fs::write(ctl.join(minor.to_string()).join("abort"), b"1")
 }
 
+/// How long the disconnection watcher sleeps between checks when the mount table does
+/// not change: the longest it takes to notice an aborted connection, or the end of one
+/// lazily unmounted.
+const DISCONNECT_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// After a change of the mount table, the watcher looks this often, this many times,
+/// before it waits for the next change again.
+const DISCONNECT_SOON: std::time::Duration = std::time::Duration::from_millis(2);
+const DISCONNECT_SOON_CHECKS: u32 = 50;
+
 /// Waits until the FUSE connection behind `session` is gone (unmounted, or aborted):
 /// `/dev/fuse` then polls as an error. Never reads a request.
+///
+/// It must never sleep in poll(2) on `/dev/fuse` itself: the kernel wakes everything
+/// waiting on a connection's input queue for every request it queues, so a watcher
+/// there is woken, scheduled and put back to sleep once per request, which took a core
+/// from the appliance's worker and doubled a request's round trip (35 against 14-20 µs,
+/// measured on a 2-vCPU machine). It checks the descriptor without waiting instead,
+/// each time this mount namespace's mount table changes (an unmount, seen at once) and
+/// at least every [`DISCONNECT_RECHECK`].
 pub fn wait_until_disconnected(session: std::os::fd::BorrowedFd<'_>) {
-    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mount_table = std::fs::File::open("/proc/self/mountinfo").ok();
+    let recheck = Timespec {
+        tv_sec: 0,
+        tv_nsec: DISCONNECT_RECHECK.as_nanos() as _,
+    };
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let mut soon = 0;
     loop {
+        // A zero timeout only looks: it never joins the connection's wait queue.
         let mut fds = [PollFd::new(&session, PollFlags::empty())];
-        match poll(&mut fds, None) {
+        match poll(&mut fds, Some(&now)) {
             Ok(_) => {
                 let r = fds[0].revents();
                 if r.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
                     return;
                 }
             }
-            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::INTR) => {}
             Err(_) => return,
+        }
+        if soon > 0 {
+            // The mount table changed a moment ago: an unmount detaches the mount first
+            // and ends the connection a little later, so look again shortly.
+            soon -= 1;
+            std::thread::sleep(DISCONNECT_SOON);
+            continue;
+        }
+        match &mount_table {
+            // mountinfo polls as PRI|ERR once for each change of the mount table.
+            Some(table) => {
+                let mut fds = [PollFd::new(table, PollFlags::PRI)];
+                if let Ok(n) = poll(&mut fds, Some(&recheck)) {
+                    if n > 0 {
+                        soon = DISCONNECT_SOON_CHECKS;
+                    }
+                }
+            }
+            None => std::thread::sleep(DISCONNECT_RECHECK),
         }
     }
 }
