@@ -119,6 +119,7 @@ impl Starting {
         Ok((
             Appliance {
                 pid: self.pid,
+                sandboxed: sandboxed_child(self.pid),
                 pidfd: self.pidfd,
                 control: Control::Local(self.link),
             },
@@ -249,7 +250,24 @@ pub struct Appliance {
     pub pid: u32,
     /// A pidfd of the appliance: signals through it never reach a recycled pid.
     pidfd: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// A pidfd of the process that serves inside the sandbox, where `pid` only waits for
+    /// it (the first process of a new PID namespace, whose death takes the namespace
+    /// with it). The appliance is gone only when this one is: `pid` may die first, and
+    /// the sandboxed process then lives on until its parent-death signal arrives, still
+    /// reading requests.
+    sandboxed: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     control: Control,
+}
+
+/// A pidfd of the child `pid` made for its sandbox, if it has one (read while that
+/// child is alive: it has just reported ready, so the pid is not a recycled one).
+fn sandboxed_child(pid: u32) -> Option<std::sync::Arc<std::os::fd::OwnedFd>> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let child: i32 = children.split_whitespace().next()?.parse().ok()?;
+    let child = rustix::process::Pid::from_raw(child)?;
+    rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty())
+        .ok()
+        .map(std::sync::Arc::new)
 }
 
 /// What a VM appliance reported when it came up.
@@ -458,6 +476,7 @@ impl Appliance {
             Appliance {
                 pid,
                 pidfd,
+                sandboxed: None,
                 control: Control::Vm {
                     link,
                     broken: std::sync::atomic::AtomicBool::new(false),
@@ -593,28 +612,44 @@ impl Appliance {
         }
     }
 
-    /// Sends SIGKILL to the appliance (never to a later process with its pid).
+    /// Sends SIGKILL to the appliance, the sandboxed process first (never to a later
+    /// process with either pid).
     pub fn kill(&self) {
-        let _ = rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL);
+        self.killer()();
     }
 
-    /// Waits (at most `limit`) until every thread of the appliance has exited (its
-    /// pidfd turns readable); whether it did.
+    /// The pidfds of every process of the appliance, the sandboxed one first.
+    fn pidfds(&self) -> Vec<std::sync::Arc<std::os::fd::OwnedFd>> {
+        self.sandboxed
+            .iter()
+            .chain(std::iter::once(&self.pidfd))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits (at most `limit`) until every thread of every process of the appliance
+    /// has exited (their pidfds turn readable); whether they did.
     pub fn wait_exit(&self, limit: Duration) -> bool {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let timeout = Timespec {
-            tv_sec: limit.as_secs() as i64,
-            tv_nsec: limit.subsec_nanos() as i64,
-        };
-        let mut fds = [PollFd::new(&*self.pidfd, PollFlags::IN)];
-        matches!(poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+        let deadline = std::time::Instant::now() + limit;
+        self.pidfds().iter().all(|pidfd| {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let timeout = Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos() as i64,
+            };
+            let mut fds = [PollFd::new(&**pidfd, PollFlags::IN)];
+            matches!(poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+        })
     }
 
     /// A function that kills the appliance, for threads that outlive this borrow.
     pub fn killer(&self) -> impl Fn() + Send + Sync + 'static {
-        let pidfd = self.pidfd.clone();
+        let pidfds = self.pidfds();
         move || {
-            let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
+            for pidfd in &pidfds {
+                let _ = rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::KILL);
+            }
         }
     }
 }

@@ -436,6 +436,10 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                     }
                 }
                 alive = false;
+                // All of it: a sandboxed process that outlived the one we started would
+                // still take requests that the readers below should answer.
+                current.appliance.kill();
+                current.appliance.wait_exit(Duration::from_secs(5));
                 state = format!("appliance gone ({status}); answering EIO");
                 tracing::error!(status = %status, "appliance exited; the mount now answers EIO");
                 if let Some(s) = spare.take() {

@@ -175,6 +175,15 @@ impl Successors<'_> {
     ) -> Result<TakenOver, String> {
         let t0 = since;
         let kept = self.kept.ok_or("this mount keeps no recovery journal")?;
+        // Dead means every process of it: the one the supervisor started may have died
+        // while the sandboxed one still reads requests, which a resend would then
+        // leave unanswered or have run twice.
+        dead.appliance.kill();
+        if !dead.appliance.wait_exit(Duration::from_secs(5)) {
+            return Err(
+                "the dead appliance's sandboxed process did not exit within 5 s of SIGKILL".into(),
+            );
+        }
         if let Some(end) = &dead.keeper {
             if !end.wait(DRAIN_LIMIT) {
                 return Err("the dead appliance's keeper link did not end".into());
