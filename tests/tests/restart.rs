@@ -195,7 +195,17 @@ fn a_restart_keeps_the_budget_set_at_run_time() {
     let err = std::fs::write(m.path().join("big"), &big).expect_err("12 MiB fit an 8 MiB budget");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     std::fs::remove_file(m.path().join("big")).unwrap();
-    std::fs::write(m.path().join("small"), vec![1u8; 1 << 20]).unwrap();
+    // The kernel releases the closed file asynchronously: its space comes back once the
+    // appliance has that RELEASE (and the FORGET), a moment after the unlink.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = std::fs::write(m.path().join("small"), vec![1u8; 1 << 20]) {
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the space of a deleted 12 MiB file is still in use 10 s later"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     m.unmount();
 }
 
