@@ -447,9 +447,27 @@ fn a_remote_appliance_that_dies_costs_eio_at_once() {
     let held = std::fs::File::open(m.path().join("f")).unwrap();
     let (ok, said) = migrate(&m, &host, "key");
     assert!(ok, "fsva migrate failed: {said}\ndaemon: {}", host.log());
+    // The appliance dies as in a crash: the sandboxed process that serves (the child
+    // of the one the daemon started), and nothing serves any more once it is gone.
     let pid = remote_pid(&m);
+    let serving = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(pid);
     // SAFETY: kill(2) on a pid this test started (through the daemon) and checked.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert_eq!(unsafe { libc::kill(serving as i32, libc::SIGKILL) }, 0);
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{serving}/stat")).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        }),
+        "the remote appliance did not die within 5 s of SIGKILL"
+    );
     let path = m.path().to_path_buf();
     let answered = within(Duration::from_secs(10), move || {
         let t = std::time::Instant::now();

@@ -619,11 +619,17 @@ impl Migration {
         };
         let control = control.try_clone().map_err(|e| e.to_string())?;
         let pid = child.id();
+        // The process we started may die before the sandboxed one it waits for: that
+        // one must not serve on after the supervisor was told the appliance is gone.
+        let kill_all = self.appliance.as_ref().map(|a| a.killer());
         std::thread::Builder::new()
             .name("fsva-host-waiter".into())
             .spawn(move || {
                 let status = child.wait();
                 tracing::info!(pid, ?status, "migrated appliance exited");
+                if let Some(kill_all) = &kill_all {
+                    kill_all();
+                }
                 let _ = control.shutdown(std::net::Shutdown::Both);
             })
             .map(|_| ())
