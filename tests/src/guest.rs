@@ -652,13 +652,7 @@ impl VhostServer {
 
     /// The appliance process (the server's child).
     pub fn appliance_pid(&self) -> Option<u32> {
-        let pid = self.child.id();
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        crate::first_child(self.child.id())
     }
 
     /// Waits (at most `limit`) for the server to exit on its own, as it does when its

@@ -294,6 +294,17 @@ pub fn transcript_diff(native: &[String], fsva: &[String]) -> Vec<String> {
     diff
 }
 
+/// The first child of process `pid` (an appliance's sandboxed process is the child of
+/// the one its supervisor or daemon started; a vhost server's appliance is its child).
+pub fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Runs `f` in a thread and fails if it takes longer than `limit` (a hung mount).
 pub fn within<T: Send + 'static>(
     limit: Duration,

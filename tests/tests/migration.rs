@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fsva_tests::{binary, fsva, mount_record, wait_for, within, Mount, Scratch};
+use fsva_tests::{binary, first_child, fsva, mount_record, wait_for, within, Mount, Scratch};
 
 const PORT: u16 = 7420;
 
@@ -450,10 +450,7 @@ fn a_remote_appliance_that_dies_costs_eio_at_once() {
     // The appliance dies as in a crash: the sandboxed process that serves (the child
     // of the one the daemon started), and nothing serves any more once it is gone.
     let pid = remote_pid(&m);
-    let serving = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .ok()
-        .and_then(|c| c.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(pid);
+    let serving = first_child(pid).unwrap_or(pid);
     // SAFETY: kill(2) on a pid this test started (through the daemon) and checked.
     assert_eq!(unsafe { libc::kill(serving as i32, libc::SIGKILL) }, 0);
     assert!(

@@ -634,10 +634,7 @@ impl Appliance {
         let deadline = std::time::Instant::now() + limit;
         self.pidfds().iter().all(|pidfd| {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let timeout = Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: left.subsec_nanos() as i64,
-            };
+            let timeout = Timespec::try_from(left).unwrap_or_default();
             let mut fds = [PollFd::new(&**pidfd, PollFlags::IN)];
             matches!(poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
         })

@@ -331,7 +331,8 @@ pub fn abort_connection(path: &Path) -> io::Result<()> {
 const DISCONNECT_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// After a change of the mount table, the watcher looks this often, this many times,
-/// before it waits for the next change again.
+/// before it waits for the next change again: an unmount detaches the mount first and
+/// ends the connection a little later.
 const DISCONNECT_SOON: std::time::Duration = std::time::Duration::from_millis(2);
 const DISCONNECT_SOON_CHECKS: u32 = 50;
 
@@ -348,19 +349,12 @@ const DISCONNECT_SOON_CHECKS: u32 = 50;
 pub fn wait_until_disconnected(session: std::os::fd::BorrowedFd<'_>) {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mount_table = std::fs::File::open("/proc/self/mountinfo").ok();
-    let recheck = Timespec {
-        tv_sec: 0,
-        tv_nsec: DISCONNECT_RECHECK.as_nanos() as _,
-    };
-    let now = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let timespec = |d: std::time::Duration| Timespec::try_from(d).unwrap_or_default();
     let mut soon = 0;
     loop {
         // A zero timeout only looks: it never joins the connection's wait queue.
         let mut fds = [PollFd::new(&session, PollFlags::empty())];
-        match poll(&mut fds, Some(&now)) {
+        match poll(&mut fds, Some(&Timespec::default())) {
             Ok(_) => {
                 let r = fds[0].revents();
                 if r.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
@@ -370,24 +364,21 @@ pub fn wait_until_disconnected(session: std::os::fd::BorrowedFd<'_>) {
             Err(rustix::io::Errno::INTR) => {}
             Err(_) => return,
         }
-        if soon > 0 {
-            // The mount table changed a moment ago: an unmount detaches the mount first
-            // and ends the connection a little later, so look again shortly.
+        let wait = if soon > 0 {
             soon -= 1;
-            std::thread::sleep(DISCONNECT_SOON);
-            continue;
-        }
+            DISCONNECT_SOON
+        } else {
+            DISCONNECT_RECHECK
+        };
         match &mount_table {
             // mountinfo polls as PRI|ERR once for each change of the mount table.
             Some(table) => {
                 let mut fds = [PollFd::new(table, PollFlags::PRI)];
-                if let Ok(n) = poll(&mut fds, Some(&recheck)) {
-                    if n > 0 {
-                        soon = DISCONNECT_SOON_CHECKS;
-                    }
+                if matches!(poll(&mut fds, Some(&timespec(wait))), Ok(n) if n > 0) {
+                    soon = DISCONNECT_SOON_CHECKS;
                 }
             }
-            None => std::thread::sleep(DISCONNECT_RECHECK),
+            None => std::thread::sleep(wait),
         }
     }
 }
