@@ -181,6 +181,28 @@ impl Mount {
         assert!(!is_mounted(self.path()), "still mounted after fsva umount");
     }
 
+    /// The lines `fsva status` shows for this mount (its row and the notes under it).
+    pub fn status(&self) -> String {
+        let out = fsva(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let me = self.path().to_str().unwrap();
+        let mut lines = text.lines().skip_while(|l| !l.starts_with(me));
+        let Some(row) = lines.next() else {
+            panic!("status does not list {me}:\n{text}");
+        };
+        let notes = lines.take_while(|l| l.starts_with(' '));
+        std::iter::once(row)
+            .chain(notes)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The REQUESTS column of `fsva status` for this mount: requests the appliance served.
+    pub fn requests(&self) -> u64 {
+        let status = self.status();
+        status.split_whitespace().nth(6).unwrap().parse().unwrap()
+    }
+
     /// The pids `fsva status` reports for this mount: (supervisor, appliance).
     pub fn pids(&self) -> (u32, Option<u32>) {
         let record = mount_record(self.path()).expect("mount record");

@@ -6,17 +6,6 @@ use std::io::{Read, Write};
 
 use fsva_tests::{fsva, Mount};
 
-/// The REQUESTS column of `fsva status` for the mount at `m`.
-fn requests(m: &Mount) -> u64 {
-    let out = fsva(&["status"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(m.path().to_str().unwrap()))
-        .unwrap_or_else(|| panic!("status does not list {}:\n{text}", m.path().display()));
-    line.split_whitespace().nth(6).unwrap().parse().unwrap()
-}
-
 /// Writes 32 MiB through the mount, drops the page cache, reads it back and returns
 /// how many requests the appliance served for the read.
 fn requests_for_a_32mib_read(m: &Mount) -> u64 {
@@ -29,13 +18,13 @@ fn requests_for_a_32mib_read(m: &Mount) -> u64 {
     f.sync_all().unwrap();
     drop(f);
     std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
-    let before = requests(m);
+    let before = m.requests();
     let mut back = Vec::new();
     std::fs::File::open(&path)
         .unwrap()
         .read_to_end(&mut back)
         .unwrap();
-    let served = requests(m) - before;
+    let served = m.requests() - before;
     assert!(back == data, "data read back differs from what was written");
     // A passthrough export holds the same bytes.
     if let Some(export) = &m.export {

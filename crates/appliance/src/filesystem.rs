@@ -238,6 +238,14 @@ pub trait Filesystem: Send + Sync {
         let _ = bytes;
     }
 
+    /// The node id the kernel knows the host object `(dev, ino)` by, if it knows it:
+    /// how the supervisor's watch of a shared export turns a change made beside the
+    /// mount into an invalidation. Only a backend that serves host objects has one.
+    fn node_of_host_object(&self, dev: u64, ino: u64) -> Option<u64> {
+        let _ = (dev, ino);
+        None
+    }
+
     /// A snapshot of everything the backend holds, for a successor appliance to
     /// restore (live restart). Called with every worker paused.
     fn checkpoint(

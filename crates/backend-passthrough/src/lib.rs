@@ -835,6 +835,17 @@ impl Filesystem for PassthroughFs {
         }
     }
 
+    /// Looked up as reached through the export's own mount (the watch sees only the
+    /// export's file system, and objects of mounts below it are not its concern).
+    fn node_of_host_object(&self, dev: u64, ino: u64) -> Option<u64> {
+        let root = self.nodes.root().key;
+        self.nodes.by_key(&inode::InodeKey {
+            dev,
+            ino,
+            mnt_id: root.mnt_id,
+        })
+    }
+
     /// The node and handle tables with every descriptor lent (see [`snapshot`]).
     /// Called with every worker paused.
     fn checkpoint(

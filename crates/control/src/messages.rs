@@ -116,6 +116,10 @@ pub struct StartConfig {
     pub vhost_tag: Option<String>,
     /// A live restart: a `Restore` with the predecessor's state follows `Start`.
     pub restore: bool,
+    /// The supervisor watches a shared passthrough export for changes made beside the
+    /// mount and has them invalidated ([`ToAppliance::HostChanged`]), so the kernel may
+    /// trust entries and attributes longer than an unwatched export allows.
+    pub host_watched: bool,
 }
 
 /// Appliance → supervisor, on the broker link: the few operations that need a
@@ -225,6 +229,10 @@ pub enum ToAppliance {
     /// passthrough state names none (its nodes are found again by path). `Resume`
     /// ends the pause.
     CheckpointForTransfer,
+    /// Objects of the export changed by someone other than the appliance (seen by the
+    /// supervisor's watch): answered [`ToSupervisor::Invalidations`] with the nodes the
+    /// kernel knows them by.
+    HostChanged(HostChanges),
 }
 
 /// Most descriptors one message carries.
@@ -275,6 +283,28 @@ pub enum ToSupervisor {
     StateRefused {
         message: String,
     },
+    /// What the kernel must forget after [`ToAppliance::HostChanged`].
+    Invalidations(Invalidations),
+}
+
+/// Changes made to a shared export beside the mount, by host identity (device and
+/// inode number as `stat` gives them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostChanges {
+    /// A name in a directory appeared, went or was renamed: `(dev, ino, name)` of the
+    /// directory.
+    pub entries: Vec<(u64, u64, Vec<u8>)>,
+    /// An object's attributes or contents changed (the directories of `entries` too).
+    pub objects: Vec<(u64, u64)>,
+}
+
+/// Node ids the kernel must drop what it cached for (FUSE_NOTIFY_INVAL_*).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invalidations {
+    /// `(parent node, name)`: the name's entry.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// Nodes whose attributes and cached contents are stale.
+    pub nodes: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

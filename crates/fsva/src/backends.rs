@@ -38,6 +38,12 @@ pub fn parse_spec(s: &str) -> anyhow::Result<BackendSpec> {
 /// Entry and attribute timeout for an export only its appliance changes (`--exclusive`).
 const EXCLUSIVE_TTL: std::time::Duration = std::time::Duration::from_secs(86400);
 
+/// Entry and attribute timeout for a shared export whose changes the supervisor
+/// watches and invalidates. Not a day: a change can slip past the watch (a lookup
+/// answered just before the change lands after its invalidation, or a truncate by path,
+/// which reports no event the watch asks for), and this bounds how long it stays unseen.
+const WATCHED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The backend `mount` and `serve-vhost` were asked for: the image of `--vm --image`,
 /// else `--backend`, marked exclusive if `--exclusive` was given.
 pub fn from_args(
@@ -162,12 +168,14 @@ pub fn preload(
 
 /// Instantiates the backend inside the appliance. `root` is the export opened before
 /// (or after) entering the sandbox; `proc_self_fd` the appliance's /proc/self/fd;
-/// `device_nodes` who makes device nodes for a passthrough backend that cannot.
+/// `device_nodes` who makes device nodes for a passthrough backend that cannot;
+/// `host_watched`: the supervisor invalidates what changes beside a shared export.
 pub fn build(
     spec: &BackendSpec,
     root: Option<OwnedFd>,
     proc_self_fd: Option<OwnedFd>,
     device_nodes: Option<Arc<dyn fsva_backend_passthrough::DeviceNodes>>,
+    host_watched: bool,
     start: Start,
 ) -> anyhow::Result<Arc<dyn Filesystem>> {
     if let (Start::Snapshot(_) | Start::Journaled { .. }, BackendSpec::Image { .. }) =
@@ -218,6 +226,9 @@ pub fn build(
                 // true until the appliance itself changes it (and the kernel knows).
                 config.entry_ttl = EXCLUSIVE_TTL;
                 config.attr_ttl = EXCLUSIVE_TTL;
+            } else if host_watched {
+                config.entry_ttl = WATCHED_TTL;
+                config.attr_ttl = WATCHED_TTL;
             }
             use fsva_backend_passthrough::PassthroughFs;
             let serving = || format!("serving {}", path.display());

@@ -735,6 +735,7 @@ mod tests {
             cache_budget: None,
             vhost_tag: Some("x".into()),
             restore: false,
+            host_watched: false,
         }
     }
 

@@ -120,6 +120,7 @@ impl Starting {
             Appliance {
                 pid: self.pid,
                 sandboxed: sandboxed_child(self.pid),
+                sandboxed_pid: first_child(self.pid),
                 pidfd: self.pidfd,
                 control: Control::Local(self.link),
             },
@@ -256,15 +257,22 @@ pub struct Appliance {
     /// the sandboxed process then lives on until its parent-death signal arrives, still
     /// reading requests.
     sandboxed: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// The sandboxed process's pid, as this supervisor sees it (what file system events
+    /// name as the process that caused them).
+    sandboxed_pid: Option<u32>,
     control: Control,
+}
+
+/// The first child of `pid` (the process an appliance made for its sandbox).
+fn first_child(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
 }
 
 /// A pidfd of the child `pid` made for its sandbox, if it has one (read while that
 /// child is alive: it has just reported ready, so the pid is not a recycled one).
 fn sandboxed_child(pid: u32) -> Option<std::sync::Arc<std::os::fd::OwnedFd>> {
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    let child: i32 = children.split_whitespace().next()?.parse().ok()?;
-    let child = rustix::process::Pid::from_raw(child)?;
+    let child = rustix::process::Pid::from_raw(first_child(pid)? as i32)?;
     rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty())
         .ok()
         .map(std::sync::Arc::new)
@@ -477,6 +485,7 @@ impl Appliance {
                 pid,
                 pidfd,
                 sandboxed: None,
+                sandboxed_pid: None,
                 control: Control::Vm {
                     link,
                     broken: std::sync::atomic::AtomicBool::new(false),
@@ -616,6 +625,25 @@ impl Appliance {
     /// process with either pid).
     pub fn kill(&self) {
         self.killer()();
+    }
+
+    /// The pids of the appliance's processes (QEMU's alone for a VM appliance): who
+    /// file system events caused by the appliance itself name.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.pid)
+            .chain(self.sandboxed_pid)
+            .collect()
+    }
+
+    /// The objects known to the kernel among `changes`, made beside the mount.
+    pub fn host_changed(
+        &self,
+        changes: fsva_control::HostChanges,
+    ) -> Result<fsva_control::Invalidations, ApplianceError> {
+        match self.control.request(&ToAppliance::HostChanged(changes))? {
+            ToSupervisor::Invalidations(i) => Ok(i),
+            other => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// The pidfds of every process of the appliance, the sandboxed one first.

@@ -7,7 +7,8 @@
 //! relay for stream channels ([`bridge`]), the appliance's memory cgroup that enforces
 //! its cache budget ([`cgroup`]), what it keeps so that a successor can take over after
 //! an appliance dies ([`keeper`]), replacing an appliance by a successor ([`takeover`]),
-//! moving it to another host's daemon ([`migrate`]),
+//! moving it to another host's daemon ([`migrate`]), watching a shared export for
+//! changes made beside the mount so the kernel forgets them ([`host_watch`]),
 //! the fallback that answers
 //! requests with errors once an appliance is gone ([`fallback`]), the per-mount runtime
 //! files ([`registry`]) and the loop that ties them together ([`supervisor`]).
@@ -21,6 +22,7 @@ pub mod bridge;
 pub mod broker;
 pub mod cgroup;
 pub mod fallback;
+pub mod host_watch;
 pub mod keeper;
 pub mod launch;
 pub mod migrate;

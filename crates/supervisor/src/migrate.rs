@@ -228,6 +228,8 @@ pub(crate) fn migrate(
         device_nodes: false,
         vhost_tag: None,
         restore: true,
+        // The export over there changes beside nobody's watch.
+        host_watched: false,
         ..src.config.clone()
     };
     let session = match daemon

@@ -102,6 +102,12 @@ pub(crate) enum Event {
     Disconnected,
     /// The appliance stored a new checkpoint (the spare may preload it).
     CheckpointStored,
+    /// Changes made beside a watched export ([`crate::host_watch`]); the answer goes
+    /// back on the sender.
+    HostChanged(
+        fsva_control::HostChanges,
+        mpsc::Sender<crate::host_watch::Answer>,
+    ),
 }
 
 /// Mounts, serves until unmounted, and cleans up.
@@ -146,6 +152,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     }
 
     let (events_tx, events) = mpsc::channel::<Event>();
+    let host_watch = watch_export(&req);
     let config = StartConfig {
         backend: req.backend.clone(),
         channel: req.channel,
@@ -162,6 +169,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         cache_budget: req.cache_budget,
         vhost_tag: None,
         restore: false,
+        host_watched: host_watch.is_some(),
     };
     // The budget is enforced by the kernel on the appliance's memory cgroup, with room
     // for the appliance's own code, heap and request buffers on top.
@@ -181,7 +189,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     };
     let cgroup_procs = cgroup.as_ref().map(|c| c.procs_file());
     let backing_files = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let data_path = data_path(&req);
+    let data_path = data_path(&req, host_watch.is_some());
     let broker_link = if needs_broker(&req) {
         let scope = broker_scope(&req, session.as_fd(), backing_files.clone())?;
         Some(crate::broker::start(scope).map_err(io_err("starting the broker"))?)
@@ -362,6 +370,16 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             }
         }
     };
+    if let Some(watch) = host_watch {
+        let tx = events_tx.clone();
+        let ask = move |changes| {
+            let (answer_tx, answer) = mpsc::channel();
+            tx.send(Event::HostChanged(changes, answer_tx)).ok()?;
+            answer.recv().ok()
+        };
+        crate::host_watch::spawn(watch, devs[0].clone(), current.appliance.pids(), ask)
+            .map_err(io_err("spawning the export watcher"))?;
+    }
     let mut spare = new_spare(cache_budget);
     let mut crashes = CrashLoop::default();
     let mut alive = true;
@@ -456,6 +474,20 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                         });
                     }
                 }
+            }
+            Event::HostChanged(changes, answer) => {
+                // An appliance elsewhere (migrated) serves another host's export.
+                let invalidations = match (&remote, alive) {
+                    (None, true) => current.appliance.host_changed(changes).unwrap_or_else(|e| {
+                        tracing::debug!(error = %e, "the appliance did not map changes made beside the mount");
+                        Default::default()
+                    }),
+                    _ => Default::default(),
+                };
+                let _ = answer.send(crate::host_watch::Answer {
+                    invalidations,
+                    own_pids: current.appliance.pids(),
+                });
             }
             Event::CheckpointStored => {
                 if let (Some(s), Some(k), true) = (spare.take(), &kept, alive) {
@@ -1087,8 +1119,47 @@ fn offers_backing_files(req: &MountRequest) -> bool {
         && !(matches!(req.backend, BackendSpec::Mem { .. }) && req.cache_budget.is_some())
 }
 
-/// How file data moves, as `fsva status` says it.
-fn data_path(req: &MountRequest) -> String {
+/// The watch of a shared passthrough export, where one can be set up (`None` for
+/// any other backend, an `--exclusive` export, a VM appliance, or where fanotify
+/// refuses: the appliance then keeps the kernel's timeouts short).
+fn watch_export(req: &MountRequest) -> Option<crate::host_watch::HostWatch> {
+    let BackendSpec::Passthrough {
+        path,
+        exclusive: false,
+    } = &req.backend
+    else {
+        return None;
+    };
+    if req.vm.is_some() {
+        return None;
+    }
+    match crate::host_watch::HostWatch::start(path) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::info!(export = %path.display(), error = %e, "changes made beside the mount are not watched; the kernel trusts what it caches for 1 s");
+            None
+        }
+    }
+}
+
+/// How file data moves, and how long the kernel trusts what it caches, as `fsva
+/// status` says it.
+fn data_path(req: &MountRequest, watched: bool) -> String {
+    let path = data_path_alone(req);
+    match &req.backend {
+        BackendSpec::Passthrough {
+            exclusive: false, ..
+        } if watched => format!(
+            "{path}; changes beside the mount are watched, so entries and attributes are cached 60 s"
+        ),
+        BackendSpec::Passthrough {
+            exclusive: false, ..
+        } => format!("{path}; changes beside the mount are not watched: entries and attributes are cached 1 s"),
+        _ => path,
+    }
+}
+
+fn data_path_alone(req: &MountRequest) -> String {
     if offers_backing_files(req) {
         match req.backend {
             BackendSpec::Passthrough { .. } => {

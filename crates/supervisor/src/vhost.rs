@@ -122,6 +122,8 @@ fn start_config(
         cache_budget: req.cache_budget,
         vhost_tag: req.device.tag().map(str::to_string),
         restore: false,
+        // A guest's virtiofs driver takes no invalidations: nothing to watch for.
+        host_watched: false,
     };
     Ok((config, broker))
 }

@@ -193,6 +193,8 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                     | ToAppliance::Resume => ToSupervisor::Failed {
                         message: "a VM appliance cannot be restarted live yet".into(),
                     },
+                    // Only this appliance changes its disk: nothing changes beside it.
+                    ToAppliance::HostChanged(_) => ToSupervisor::Invalidations(Default::default()),
                 };
                 if control.send(&reply).is_err() {
                     break;

@@ -358,8 +358,14 @@ fn serve(
         }
         _ => None,
     };
-    let fs = match crate::backends::build(&config.backend, root, proc_self_fd, device_nodes, start)
-    {
+    let fs = match crate::backends::build(
+        &config.backend,
+        root,
+        proc_self_fd,
+        device_nodes,
+        config.host_watched,
+        start,
+    ) {
         Ok(fs) => fs,
         Err(e) if rebuilding => return refuse_state(link, format!("{e:#}")),
         Err(e) => return fail(link, format!("{e:#}")),
@@ -472,6 +478,9 @@ fn serve(
                         control_fs.set_cache_budget(bytes);
                         ToSupervisor::CacheBudgetSet
                     }
+                    ToAppliance::HostChanged(changes) => {
+                        ToSupervisor::Invalidations(invalidations(&*control_fs, &changes))
+                    }
                     ToAppliance::Checkpoint => match server.checkpoint() {
                         Ok((bytes, fds)) => {
                             // The reply and the descriptors are sent here; nothing more.
@@ -552,6 +561,25 @@ fn serve(
         // control thread, which may be blocked on the supervisor.
         std::process::exit(if ok { 0 } else { 1 });
     })
+}
+
+/// The nodes the kernel knows among `changes`; objects it does not know are nobody's
+/// concern here.
+fn invalidations(
+    fs: &dyn fsva_appliance::Filesystem,
+    changes: &fsva_control::HostChanges,
+) -> fsva_control::Invalidations {
+    let entries = changes
+        .entries
+        .iter()
+        .filter_map(|(dev, ino, name)| Some((fs.node_of_host_object(*dev, *ino)?, name.clone())))
+        .collect();
+    let nodes = changes
+        .objects
+        .iter()
+        .filter_map(|(dev, ino)| fs.node_of_host_object(*dev, *ino))
+        .collect();
+    fsva_control::Invalidations { entries, nodes }
 }
 
 /// What a successor rebuilds from after a journaled predecessor: the runtime's part of
@@ -802,6 +830,7 @@ impl Rebuild {
             dup(&self.root)?,
             dup(&self.proc_self_fd)?,
             self.device_nodes.clone(),
+            false,
             crate::backends::Start::Snapshot(backend),
         )?;
         if let Some(bytes) = self.cache_budget {
