@@ -47,6 +47,16 @@ const EVENTS: u64 = libc::FAN_CREATE
 const ENTRY_EVENTS: u64 =
     libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO;
 
+/// How long events gather after the first before they are handled together: one
+/// file written beside the mount reports several (attributes, close), and the mount's
+/// own writes report theirs too (a passthrough file's close is the backing file's);
+/// handled one by one they cost a wakeup, a round trip to the appliance and a
+/// notification each. Changes beside the mount show through it this much later.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Most events handled as one batch (the rest wait for the next).
+const BATCH_EVENTS: usize = 20_000;
+
 /// `FANOTIFY_METADATA_VERSION` of the event format parsed here.
 const METADATA_VERSION: u8 = 3;
 
@@ -107,6 +117,49 @@ impl HostWatch {
             return Err(io::Error::last_os_error());
         }
         Ok(HostWatch { fan, export })
+    }
+
+    /// Stops reporting closes after writing through the mount the sandboxed process
+    /// `pid` serves from (its root is the export): a FUSE passthrough file's close is
+    /// its backing file's, opened through that mount, and the kernel already knows
+    /// what a write through the FUSE mount changed. Writers beside the mount use the
+    /// host's mounts and are still seen.
+    pub fn ignore_closes_through(&self, pid: u32) -> io::Result<()> {
+        let root = std::ffi::CString::new(format!("/proc/{pid}/root"))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `fan` is live and `root` a NUL-terminated path that outlives the call;
+        // the ignore mark goes on the mount that path resolves to (the appliance's).
+        let rc = unsafe {
+            libc::fanotify_mark(
+                self.fan.as_raw_fd(),
+                libc::FAN_MARK_ADD | libc::FAN_MARK_MOUNT | libc::FAN_MARK_IGNORE_SURV,
+                libc::FAN_CLOSE_WRITE,
+                libc::AT_FDCWD,
+                root.as_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Blocks until events come, lets more gather for [`GATHER`], and returns them
+    /// all parsed (at most [`BATCH_EVENTS`] or so).
+    fn read_batch(&self, buf: &mut [u8]) -> io::Result<Vec<RawEvent>> {
+        let mut events = self.read(buf)?;
+        std::thread::sleep(GATHER);
+        while events.len() < BATCH_EVENTS && self.ready()? {
+            events.extend(self.read(buf)?);
+        }
+        Ok(events)
+    }
+
+    /// Whether a read would return events now.
+    fn ready(&self) -> io::Result<bool> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(&self.fan, PollFlags::IN)];
+        Ok(poll(&mut fds, Some(&Timespec::default()))? > 0)
     }
 
     /// Blocks until events come, and returns them parsed.
@@ -284,6 +337,7 @@ fn changes(
         if own.contains(&(e.pid as u32)) {
             continue;
         }
+        tracing::trace!(pid = e.pid, mask = e.mask, "a change beside the mount");
         if let Some((dir, name)) = &e.dir {
             if let Some(d) = watch.resolve(dir) {
                 if e.mask & ENTRY_EVENTS != 0 && name.as_slice() != b"." {
@@ -305,11 +359,20 @@ fn changes(
 }
 
 /// What the supervisor loop answers for a batch of changes: what the kernel must
-/// forget, and the appliance's pids as of now (whose events the next batches drop).
+/// forget, and the appliance as of now.
 #[derive(Debug, Default)]
 pub struct Answer {
     pub invalidations: Invalidations,
-    pub own_pids: Vec<u32>,
+    pub appliance: AppliancePids,
+}
+
+/// The appliance's processes, as the watch needs them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AppliancePids {
+    /// Every process of the appliance: the events they cause are dropped.
+    pub all: Vec<u32>,
+    /// The sandboxed process whose root is the export, if there is one.
+    pub serving: Option<u32>,
 }
 
 /// Starts the thread that turns `watch`'s events into invalidations written on `dev`
@@ -318,7 +381,7 @@ pub struct Answer {
 pub fn spawn(
     watch: HostWatch,
     dev: std::sync::Arc<fsva_channel::fusedev::FuseDev>,
-    own_pids: Vec<u32>,
+    appliance: AppliancePids,
     mut ask: impl FnMut(HostChanges) -> Option<Answer> + Send + 'static,
 ) -> io::Result<()> {
     std::thread::Builder::new()
@@ -326,9 +389,20 @@ pub fn spawn(
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             let mut out = ReplyBuf::with_capacity(4096);
-            let mut own = own_pids;
+            let mut own = AppliancePids::default();
+            let adopt = |own: &mut AppliancePids, now: AppliancePids| {
+                if now.serving != own.serving {
+                    if let Some(pid) = now.serving {
+                        if let Err(e) = watch.ignore_closes_through(pid) {
+                            tracing::debug!(pid, error = %e, "closes through the appliance's mount stay reported");
+                        }
+                    }
+                }
+                *own = now;
+            };
+            adopt(&mut own, appliance);
             loop {
-                let events = match watch.read(&mut buf) {
+                let events = match watch.read_batch(&mut buf) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::error!(error = %e, "reading changes beside the mount failed; they are seen only once the kernel's timeouts pass");
@@ -336,7 +410,7 @@ pub fn spawn(
                     }
                 };
                 let mut overflowed = false;
-                let batch = changes(&watch, &events, &own, &mut overflowed);
+                let batch = changes(&watch, &events, &own.all, &mut overflowed);
                 if overflowed {
                     tracing::warn!("the change queue overflowed: changes beside the mount may go unseen for up to the kernel's timeouts");
                 }
@@ -344,7 +418,7 @@ pub fn spawn(
                     continue;
                 }
                 let Some(answer) = ask(batch) else { return };
-                own = answer.own_pids;
+                adopt(&mut own, answer.appliance);
                 invalidate(&*dev, &mut out, &answer.invalidations);
             }
         })?;

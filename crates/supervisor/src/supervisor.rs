@@ -377,8 +377,13 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             tx.send(Event::HostChanged(changes, answer_tx)).ok()?;
             answer.recv().ok()
         };
-        crate::host_watch::spawn(watch, devs[0].clone(), current.appliance.pids(), ask)
-            .map_err(io_err("spawning the export watcher"))?;
+        crate::host_watch::spawn(
+            watch,
+            devs[0].clone(),
+            current.appliance.watched_pids(),
+            ask,
+        )
+        .map_err(io_err("spawning the export watcher"))?;
     }
     let mut spare = new_spare(cache_budget);
     let mut crashes = CrashLoop::default();
@@ -486,7 +491,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 };
                 let _ = answer.send(crate::host_watch::Answer {
                     invalidations,
-                    own_pids: current.appliance.pids(),
+                    appliance: current.appliance.watched_pids(),
                 });
             }
             Event::CheckpointStored => {
