@@ -125,7 +125,16 @@ impl HostWatch {
     /// what a write through the FUSE mount changed. Writers beside the mount use the
     /// host's mounts and are still seen.
     pub fn ignore_closes_through(&self, pid: u32) -> io::Result<()> {
-        let root = std::ffi::CString::new(format!("/proc/{pid}/root"))
+        let path = format!("/proc/{pid}/root");
+        // Only a process whose root is the export itself: the root mount of one that
+        // is not sandboxed is the host's, where writers beside the mount work.
+        let (theirs, ours) = (rustix::fs::stat(&*path)?, rustix::fs::fstat(&self.export)?);
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino) {
+            return Err(io::Error::other(format!(
+                "the root of process {pid} is not the export"
+            )));
+        }
+        let root = std::ffi::CString::new(path)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `fan` is live and `root` a NUL-terminated path that outlives the call;
         // the ignore mark goes on the mount that path resolves to (the appliance's).
