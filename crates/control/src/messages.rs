@@ -129,7 +129,9 @@ pub enum BrokerRequest {
     /// Register the file attached to this message as a FUSE passthrough backing file
     /// (`FUSE_DEV_IOC_BACKING_OPEN` needs CAP_SYS_ADMIN).
     OpenBacking,
-    /// Drop a backing-file registration.
+    /// Drop a backing-file registration. Never answered: the appliance does not wait
+    /// for it (a release's round trip would hold a worker), and the link's order keeps
+    /// it before any later request.
     CloseBacking { id: i32 },
     /// Create a character or block device node `name` in the directory attached to
     /// this message (`mknod` of a device needs CAP_MKNOD), for a caller with group
@@ -167,6 +169,8 @@ pub enum BrokerReply {
     BackingOpened {
         id: i32,
     },
+    /// Not sent any more (`CloseBacking` is one way); kept so the variants after it
+    /// keep their numbers.
     BackingClosed,
     DeviceMade,
     /// Not done: the request failed a check or the kernel refused.

@@ -67,7 +67,10 @@ pub fn serve(link: Link, scope: BrokerScope) {
         let attached = fds.first().map(|f| f.as_fd());
         let reply = match request {
             BrokerRequest::OpenBacking => open_backing(&scope, attached),
-            BrokerRequest::CloseBacking { id } => close_backing(&scope, id),
+            BrokerRequest::CloseBacking { id } => {
+                close_backing(&scope, id);
+                continue;
+            }
             BrokerRequest::MakeDevice {
                 name,
                 mode,
@@ -123,7 +126,8 @@ fn open_backing(scope: &BrokerScope, file: Option<BorrowedFd<'_>>) -> BrokerRepl
     }
 }
 
-fn close_backing(scope: &BrokerScope, id: i32) -> BrokerReply {
+/// Drops a registration; nothing is answered.
+fn close_backing(scope: &BrokerScope, id: i32) {
     if let Some((session, _)) = &scope.backing {
         match fsva_channel::fusedev::backing_close(session.as_fd(), id) {
             Ok(()) => {
@@ -132,7 +136,6 @@ fn close_backing(scope: &BrokerScope, id: i32) -> BrokerReply {
             Err(e) => tracing::warn!(id, error = %e, "closing a backing id failed"),
         }
     }
-    BrokerReply::BackingClosed
 }
 
 /// Gives this thread its own umask, so that each device node is made under its

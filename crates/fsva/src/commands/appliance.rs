@@ -182,8 +182,12 @@ impl fsva_appliance::BackingFiles for SupervisorBroker {
         }
     }
 
+    /// One way: the broker answers nothing, and a release need not wait for it.
     fn close(&self, id: i32) {
-        let _ = self.call(&BrokerRequest::CloseBacking { id }, &[]);
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = link.send(&BrokerRequest::CloseBacking { id }, &[]) {
+            tracing::debug!(id, error = %e, "the supervisor did not take a backing id back");
+        }
     }
 }
 
