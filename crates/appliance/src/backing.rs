@@ -16,6 +16,18 @@ pub trait BackingFiles: Send + Sync {
     fn open(&self, file: BorrowedFd<'_>) -> std::io::Result<i32>;
     /// Drops a backing id.
     fn close(&self, id: i32);
+
+    /// Registers `files` as spares for new files' first opens: for each, its id or the
+    /// error it was refused with. Unsupported unless overridden.
+    fn open_spares(&self, files: &[BorrowedFd<'_>]) -> std::io::Result<Vec<std::io::Result<i32>>> {
+        let _ = files;
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    /// A spare from [`BackingFiles::open_spares`] now backs a file.
+    fn spare_claimed(&self, id: i32) {
+        let _ = id;
+    }
 }
 
 /// Backing ids held by open file handles. The kernel allows one backing file per

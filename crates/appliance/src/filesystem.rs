@@ -246,6 +246,12 @@ pub trait Filesystem: Send + Sync {
         None
     }
 
+    /// Memfds registered as backing files ahead, for new files' contents (see
+    /// [`crate::spares`]); only a backend whose files are memfds takes them.
+    fn take_memfds_from(&self, source: std::sync::Arc<dyn crate::MemfdSource>) {
+        let _ = source;
+    }
+
     /// A snapshot of everything the backend holds, for a successor appliance to
     /// restore (live restart). Called with every worker paused.
     fn checkpoint(

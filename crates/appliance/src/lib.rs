@@ -23,6 +23,7 @@ pub mod journal;
 pub mod keeper;
 pub mod server;
 pub mod session;
+pub mod spares;
 pub mod state;
 
 pub use backing::BackingFiles;
@@ -32,3 +33,4 @@ pub use filesystem::{
 pub use keeper::Keeper;
 pub use server::{Server, ServerStats};
 pub use session::SessionConfig;
+pub use spares::{MemfdSource, SpareBackings};

@@ -48,6 +48,9 @@ pub struct Space {
     keeper: std::sync::OnceLock<Arc<dyn Keeper>>,
     /// Id of the next memfd (unique in the mount, across successors).
     next_id: AtomicU64,
+    /// Where new files' memfds come from when not made here: memfds the runtime
+    /// registered as backing files ahead (see `fsva_appliance::spares`).
+    memfds: std::sync::OnceLock<Arc<dyn fsva_appliance::MemfdSource>>,
 }
 
 impl std::fmt::Debug for Space {
@@ -76,12 +79,18 @@ impl Space {
             used: AtomicU64::new(0),
             keeper: cell,
             next_id: AtomicU64::new(first_id.max(1)),
+            memfds: std::sync::OnceLock::new(),
         })
     }
 
     /// From now on memfds go to `keeper` (after a state was rebuilt).
     pub(crate) fn attach_keeper(&self, keeper: Arc<dyn Keeper>) {
         let _ = self.keeper.set(keeper);
+    }
+
+    /// New files' memfds come from `source` when it has one.
+    pub(crate) fn take_memfds_from(&self, source: Arc<dyn fsva_appliance::MemfdSource>) {
+        let _ = self.memfds.set(source);
     }
 
     /// Whether memfds are kept by the supervisor.
@@ -155,6 +164,24 @@ impl AsFd for FileData {
 
 impl FileData {
     pub fn new(space: Arc<Space>) -> Result<FileData> {
+        let fd = match space.memfds.get().and_then(|s| s.fresh_memfd()) {
+            Some(fd) => fd,
+            None => Self::make_memfd()?,
+        };
+        let id = space.new_id();
+        if let Some(k) = space.keeper.get() {
+            k.keep(id, fd.as_fd());
+        }
+        Ok(FileData {
+            id,
+            fd,
+            io: RwLock::new(()),
+            charged: Mutex::new(0),
+            space,
+        })
+    }
+
+    fn make_memfd() -> Result<OwnedFd> {
         // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor or -1.
         let fd = unsafe { libc::memfd_create(c"fsva-mem".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -171,18 +198,7 @@ impl FileData {
             return Err(e);
         }
         // SAFETY: `fd` was just created and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let id = space.new_id();
-        if let Some(k) = space.keeper.get() {
-            k.keep(id, fd.as_fd());
-        }
-        Ok(FileData {
-            id,
-            fd,
-            io: RwLock::new(()),
-            charged: Mutex::new(0),
-            space,
-        })
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// File data restored from a snapshot: the predecessor's memfd `id` (kept by the

@@ -1019,6 +1019,10 @@ impl Filesystem for MemFs {
         self.space.set_capacity(bytes);
     }
 
+    fn take_memfds_from(&self, source: Arc<dyn fsva_appliance::MemfdSource>) {
+        self.space.take_memfds_from(source);
+    }
+
     fn checkpoint(
         &self,
     ) -> std::result::Result<fsva_appliance::state::BackendState, fsva_appliance::state::StateError>

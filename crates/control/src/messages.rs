@@ -143,6 +143,12 @@ pub enum BrokerRequest {
         rdev: u64,
         gid: u32,
     },
+    /// Register the attached memfds as spare backing files, for new files' first
+    /// opens (answered `SparesOpened`). Spares are not open files: they count as open
+    /// only once `SpareClaimed`, and those still spare are dropped when the link closes.
+    OpenSpares,
+    /// A spare now backs a file (one way, never answered).
+    SpareClaimed { id: i32 },
 }
 
 /// Appliance → supervisor, on the keeper link: what a successor needs if this
@@ -177,6 +183,11 @@ pub enum BrokerReply {
     Refused {
         errno: i32,
         reason: String,
+    },
+    /// For each memfd attached to `OpenSpares`, in order: its backing id, or the
+    /// negated errno the check or the kernel refused it with.
+    SparesOpened {
+        ids: Vec<i32>,
     },
 }
 

@@ -48,6 +48,28 @@ pub fn start(scope: BrokerScope) -> std::io::Result<Link> {
 
 /// Serves one appliance's broker link until it closes.
 pub fn serve(link: Link, scope: BrokerScope) {
+    let mut spares = Spares::default();
+    serve_link(&link, &scope, &mut spares);
+    // The appliance is gone: what it never claimed backs no file.
+    spares.drop_all(&scope);
+}
+
+/// Spare backing ids an appliance holds for new files (`OpenSpares`), not counted as
+/// open files until claimed.
+#[derive(Default)]
+struct Spares(std::collections::HashSet<i32>);
+
+impl Spares {
+    fn drop_all(&mut self, scope: &BrokerScope) {
+        if let Some((session, _)) = &scope.backing {
+            for id in self.0.drain() {
+                let _ = fsva_channel::fusedev::backing_close(session.as_fd(), id);
+            }
+        }
+    }
+}
+
+fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut Spares) {
     let private_umask = scope.devices_in.is_some() && private_fs();
     loop {
         let (request, fds) = match link.recv::<BrokerRequest>() {
@@ -66,9 +88,34 @@ pub fn serve(link: Link, scope: BrokerScope) {
         };
         let attached = fds.first().map(|f| f.as_fd());
         let reply = match request {
-            BrokerRequest::OpenBacking => open_backing(&scope, attached),
+            BrokerRequest::OpenBacking => open_backing(scope, attached),
+            BrokerRequest::OpenSpares => {
+                let ids: Vec<i32> = fds
+                    .iter()
+                    .map(
+                        |f| match open_backing_file(scope, f.as_fd(), Some(Allowed::Memfd)) {
+                            Ok(id) => {
+                                spares.0.insert(id);
+                                id
+                            }
+                            Err((errno, reason)) => {
+                                tracing::debug!(reason, "a spare backing file was refused");
+                                -errno
+                            }
+                        },
+                    )
+                    .collect();
+                BrokerReply::SparesOpened { ids }
+            }
+            BrokerRequest::SpareClaimed { id } => {
+                if spares.0.remove(&id) {
+                    scope.live_backing.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
             BrokerRequest::CloseBacking { id } => {
-                close_backing(&scope, id);
+                let spare = spares.0.remove(&id);
+                close_backing(scope, id, !spare);
                 continue;
             }
             BrokerRequest::MakeDevice {
@@ -102,37 +149,51 @@ fn refused(errno: i32, reason: String) -> BrokerReply {
 }
 
 fn open_backing(scope: &BrokerScope, file: Option<BorrowedFd<'_>>) -> BrokerReply {
-    let Some((session, allowed)) = &scope.backing else {
-        return refused(
-            libc::EPERM,
-            "this mount does not offer backing files".into(),
-        );
-    };
     let Some(file) = file else {
         return refused(libc::EINVAL, "no file attached".into());
     };
-    if let Err(reason) = backing::check(file, *allowed) {
-        return refused(libc::EPERM, reason);
-    }
-    match fsva_channel::fusedev::backing_open(session.as_fd(), file) {
+    match open_backing_file(scope, file, None) {
         Ok(id) => {
             scope.live_backing.fetch_add(1, Ordering::Relaxed);
             BrokerReply::BackingOpened { id }
         }
-        Err(e) => refused(
-            e.raw_os_error().unwrap_or(libc::EIO),
-            format!("the kernel refused the backing file: {e}"),
-        ),
+        Err((errno, reason)) => refused(errno, reason),
     }
 }
 
-/// Drops a registration; nothing is answered.
-fn close_backing(scope: &BrokerScope, id: i32) {
+/// Registers `file` if this appliance may register it, and if `only` is given, only a
+/// file it allows too (a spare must be a memfd whatever the mount allows).
+fn open_backing_file(
+    scope: &BrokerScope,
+    file: BorrowedFd<'_>,
+    only: Option<Allowed>,
+) -> Result<i32, (i32, String)> {
+    let Some((session, allowed)) = &scope.backing else {
+        return Err((
+            libc::EPERM,
+            "this mount does not offer backing files".into(),
+        ));
+    };
+    backing::check(file, *allowed).map_err(|reason| (libc::EPERM, reason))?;
+    if let Some(only) = only.filter(|o| !matches!((o, allowed), (Allowed::Memfd, Allowed::Memfd))) {
+        backing::check(file, only).map_err(|reason| (libc::EPERM, reason))?;
+    }
+    fsva_channel::fusedev::backing_open(session.as_fd(), file).map_err(|e| {
+        (
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("the kernel refused the backing file: {e}"),
+        )
+    })
+}
+
+/// Drops a registration (`counted`: one that backs a file); nothing is answered.
+fn close_backing(scope: &BrokerScope, id: i32, counted: bool) {
     if let Some((session, _)) = &scope.backing {
         match fsva_channel::fusedev::backing_close(session.as_fd(), id) {
-            Ok(()) => {
+            Ok(()) if counted => {
                 scope.live_backing.fetch_sub(1, Ordering::Relaxed);
             }
+            Ok(()) => {}
             Err(e) => tracing::warn!(id, error = %e, "closing a backing id failed"),
         }
     }

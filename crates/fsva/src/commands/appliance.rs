@@ -174,6 +174,16 @@ impl SupervisorBroker {
     }
 }
 
+impl SupervisorBroker {
+    /// Sends a request the broker does not answer.
+    fn tell(&self, request: &BrokerRequest) {
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = link.send(request, &[]) {
+            tracing::debug!(?request, error = %e, "the supervisor did not take a message");
+        }
+    }
+}
+
 impl fsva_appliance::BackingFiles for SupervisorBroker {
     fn open(&self, file: std::os::fd::BorrowedFd<'_>) -> std::io::Result<i32> {
         match self.call(&BrokerRequest::OpenBacking, &[file])? {
@@ -184,10 +194,27 @@ impl fsva_appliance::BackingFiles for SupervisorBroker {
 
     /// One way: the broker answers nothing, and a release need not wait for it.
     fn close(&self, id: i32) {
-        let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = link.send(&BrokerRequest::CloseBacking { id }, &[]) {
-            tracing::debug!(id, error = %e, "the supervisor did not take a backing id back");
+        self.tell(&BrokerRequest::CloseBacking { id });
+    }
+
+    fn open_spares(
+        &self,
+        files: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::io::Result<Vec<std::io::Result<i32>>> {
+        match self.call(&BrokerRequest::OpenSpares, files)? {
+            BrokerReply::SparesOpened { ids } => Ok(ids
+                .into_iter()
+                .map(|id| match id {
+                    id if id >= 0 => Ok(id),
+                    errno => Err(std::io::Error::from_raw_os_error(-errno)),
+                })
+                .collect()),
+            other => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    fn spare_claimed(&self, id: i32) {
+        self.tell(&BrokerRequest::SpareClaimed { id });
     }
 }
 
@@ -373,6 +400,22 @@ fn serve(
         Ok(fs) => fs,
         Err(e) if rebuilding => return refuse_state(link, format!("{e:#}")),
         Err(e) => return fail(link, format!("{e:#}")),
+    };
+    // mem's new files take memfds registered as backing files ahead, so creating one
+    // costs no round trip to the supervisor (see fsva_appliance::spares).
+    let backing = match (backing, &config.backend) {
+        (Some(b), BackendSpec::Mem { .. }) => match fsva_appliance::SpareBackings::start(b.clone())
+        {
+            Ok(spares) => {
+                fs.take_memfds_from(spares.clone());
+                Some(spares as Arc<dyn fsva_appliance::BackingFiles>)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no spare backing files; new files register on first open");
+                Some(b)
+            }
+        },
+        (b, _) => b,
     };
     let mut vhost_listener = None;
     let channels: Vec<Arc<dyn Channel>> = match config.channel {
