@@ -17,16 +17,16 @@ pub trait BackingFiles: Send + Sync {
     /// Drops a backing id.
     fn close(&self, id: i32);
 
-    /// Registers `files` as spares for new files' first opens: for each, its id or the
-    /// error it was refused with. Unsupported unless overridden.
-    fn open_spares(&self, files: &[BorrowedFd<'_>]) -> std::io::Result<Vec<std::io::Result<i32>>> {
-        let _ = files;
+    /// Registers `files` as spares for new files' first opens, and reports earlier
+    /// spares that now back files (`claimed`): for each file, its id or the error it was
+    /// refused with. Unsupported unless overridden.
+    fn open_spares(
+        &self,
+        files: &[BorrowedFd<'_>],
+        claimed: &[i32],
+    ) -> std::io::Result<Vec<std::io::Result<i32>>> {
+        let _ = (files, claimed);
         Err(std::io::ErrorKind::Unsupported.into())
-    }
-
-    /// A spare from [`BackingFiles::open_spares`] now backs a file.
-    fn spare_claimed(&self, id: i32) {
-        let _ = id;
     }
 }
 

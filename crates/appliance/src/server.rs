@@ -202,6 +202,12 @@ impl Server {
         self.stats.clone()
     }
 
+    /// Inodes open through FUSE passthrough right now (the kernel reads and writes
+    /// their files directly).
+    pub fn passthrough_files(&self) -> usize {
+        self.dispatcher.passthrough_files()
+    }
+
     /// Serves one request frame in the calling thread (for transports that bring their
     /// own threads, such as the vhost-user device's queue workers); the reply frame,
     /// if the request has one.

@@ -57,6 +57,9 @@ struct Pool {
     wanted: bool,
     /// Registration is unsupported: hand out nothing more.
     off: bool,
+    /// Spares claimed since the supervisor was last told (with the next batch, or
+    /// within a second: it counts them as open files only then).
+    claims: Vec<i32>,
 }
 
 /// The backing-file registrar with spares in front of it (see the module docs).
@@ -111,14 +114,17 @@ impl SpareBackings {
                     if (pool.wanted && pool.ready.len() < LOW) || stale {
                         break;
                     }
-                    // Woken early when spares run low; unclaimed ones are looked at
-                    // every half limit (a wakeup per second, not per file).
-                    let wait = self.unclaimed_limit / 2;
-                    pool = self
+                    // Woken early when spares run low; unclaimed spares and claims not
+                    // yet reported are looked at every half limit (a wakeup per second,
+                    // not per file).
+                    let (p, waited) = self
                         .low
-                        .wait_timeout(pool, wait)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                        .wait_timeout(pool, self.unclaimed_limit / 2)
+                        .unwrap_or_else(|p| p.into_inner());
+                    pool = p;
+                    if waited.timed_out() && !pool.claims.is_empty() {
+                        break;
+                    }
                 }
             }
             self.give_back_unclaimed();
@@ -126,10 +132,22 @@ impl SpareBackings {
                 let pool = self.lock();
                 pool.wanted && pool.ready.len() < LOW
             };
-            if wanted && !self.refill() {
+            if !wanted {
+                self.report_claims();
+            } else if !self.refill() {
                 // Refused this time (the session going away, descriptors short):
                 // files register on first open meanwhile; try again later.
                 std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// Tells the supervisor which spares back files now, with no new batch.
+    fn report_claims(&self) {
+        let claims = std::mem::take(&mut self.lock().claims);
+        if !claims.is_empty() {
+            if let Err(e) = self.inner.open_spares(&[], &claims) {
+                tracing::debug!(error = %e, "the supervisor was not told of claimed spares");
             }
         }
     }
@@ -152,7 +170,8 @@ impl SpareBackings {
         if fds.is_empty() {
             return false;
         }
-        match self.inner.open_spares(&fds) {
+        let claims = std::mem::take(&mut self.lock().claims);
+        match self.inner.open_spares(&fds, &claims) {
             Ok(ids) => {
                 let mut pool = self.lock();
                 let before = pool.ready.len();
@@ -229,7 +248,7 @@ impl BackingFiles for SpareBackings {
         if let Some(key) = key_of(file) {
             let claimed = self.lock().handed.remove(&key);
             if let Some((id, _ours, _)) = claimed {
-                self.inner.spare_claimed(id);
+                self.lock().claims.push(id);
                 return Ok(id);
             }
         }
@@ -268,14 +287,13 @@ mod tests {
         fn open_spares(
             &self,
             files: &[BorrowedFd<'_>],
+            claimed: &[i32],
         ) -> std::io::Result<Vec<std::io::Result<i32>>> {
+            self.claimed.lock().unwrap().extend_from_slice(claimed);
             Ok(files
                 .iter()
                 .map(|_| Ok(self.next.fetch_add(1, Ordering::SeqCst)))
                 .collect())
-        }
-        fn spare_claimed(&self, id: i32) {
-            self.claimed.lock().unwrap().push(id);
         }
     }
 
@@ -310,8 +328,9 @@ mod tests {
             id < 1000,
             "registered again instead of using the spare: {id}"
         );
-        assert_eq!(*rec.claimed.lock().unwrap(), vec![id]);
         assert!(rec.opened.lock().unwrap().is_empty());
+        // The claim reaches the supervisor within the half limit, batch or not.
+        assert!(wait_until(|| *rec.claimed.lock().unwrap() == vec![id]));
         // Its next registration (the spare is used) and any other file's are real.
         let again = spares.open(memfd.as_fd()).unwrap();
         assert!(again >= 1000);

@@ -143,12 +143,11 @@ pub enum BrokerRequest {
         rdev: u64,
         gid: u32,
     },
-    /// Register the attached memfds as spare backing files, for new files' first
-    /// opens (answered `SparesOpened`). Spares are not open files: they count as open
-    /// only once `SpareClaimed`, and those still spare are dropped when the link closes.
-    OpenSpares,
-    /// A spare now backs a file (one way, never answered).
-    SpareClaimed { id: i32 },
+    /// Register the attached memfds (none is fine) as spare backing files, for new
+    /// files' first opens (answered `SparesOpened`); `claimed` are earlier spares that
+    /// now back files. Spares are not open files: they count as open only once claimed
+    /// (so `fsva status` may show a file created in the last second as not open yet).
+    OpenSpares { claimed: Vec<i32> },
 }
 
 /// Appliance → supervisor, on the keeper link: what a successor needs if this

@@ -47,29 +47,18 @@ pub fn start(scope: BrokerScope) -> std::io::Result<Link> {
 }
 
 /// Serves one appliance's broker link until it closes.
+///
+/// Spare backing ids (`OpenSpares`) are not counted as open files until claimed. Those
+/// an appliance leaves behind when it dies stay registered until the unmount: some may
+/// back files whose claim never came (claims are reported late), and dropping the id
+/// of a file a successor serves would break its next open. They are empty memfds, at
+/// most a batch or two per appliance.
 pub fn serve(link: Link, scope: BrokerScope) {
-    let mut spares = Spares::default();
+    let mut spares = std::collections::HashSet::new();
     serve_link(&link, &scope, &mut spares);
-    // The appliance is gone: what it never claimed backs no file.
-    spares.drop_all(&scope);
 }
 
-/// Spare backing ids an appliance holds for new files (`OpenSpares`), not counted as
-/// open files until claimed.
-#[derive(Default)]
-struct Spares(std::collections::HashSet<i32>);
-
-impl Spares {
-    fn drop_all(&mut self, scope: &BrokerScope) {
-        if let Some((session, _)) = &scope.backing {
-            for id in self.0.drain() {
-                let _ = fsva_channel::fusedev::backing_close(session.as_fd(), id);
-            }
-        }
-    }
-}
-
-fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut Spares) {
+fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut std::collections::HashSet<i32>) {
     let private_umask = scope.devices_in.is_some() && private_fs();
     loop {
         let (request, fds) = match link.recv::<BrokerRequest>() {
@@ -89,13 +78,18 @@ fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut Spares) {
         let attached = fds.first().map(|f| f.as_fd());
         let reply = match request {
             BrokerRequest::OpenBacking => open_backing(scope, attached),
-            BrokerRequest::OpenSpares => {
+            BrokerRequest::OpenSpares { claimed } => {
+                for id in claimed {
+                    if spares.remove(&id) {
+                        scope.live_backing.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 let ids: Vec<i32> = fds
                     .iter()
                     .map(
                         |f| match open_backing_file(scope, f.as_fd(), Some(Allowed::Memfd)) {
                             Ok(id) => {
-                                spares.0.insert(id);
+                                spares.insert(id);
                                 id
                             }
                             Err((errno, reason)) => {
@@ -107,14 +101,8 @@ fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut Spares) {
                     .collect();
                 BrokerReply::SparesOpened { ids }
             }
-            BrokerRequest::SpareClaimed { id } => {
-                if spares.0.remove(&id) {
-                    scope.live_backing.fetch_add(1, Ordering::Relaxed);
-                }
-                continue;
-            }
             BrokerRequest::CloseBacking { id } => {
-                let spare = spares.0.remove(&id);
+                let spare = spares.remove(&id);
                 close_backing(scope, id, !spare);
                 continue;
             }

@@ -200,8 +200,12 @@ impl fsva_appliance::BackingFiles for SupervisorBroker {
     fn open_spares(
         &self,
         files: &[std::os::fd::BorrowedFd<'_>],
+        claimed: &[i32],
     ) -> std::io::Result<Vec<std::io::Result<i32>>> {
-        match self.call(&BrokerRequest::OpenSpares, files)? {
+        let request = BrokerRequest::OpenSpares {
+            claimed: claimed.to_vec(),
+        };
+        match self.call(&request, files)? {
             BrokerReply::SparesOpened { ids } => Ok(ids
                 .into_iter()
                 .map(|id| match id {
@@ -211,10 +215,6 @@ impl fsva_appliance::BackingFiles for SupervisorBroker {
                 .collect()),
             other => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
         }
-    }
-
-    fn spare_claimed(&self, id: i32) {
-        self.tell(&BrokerRequest::SpareClaimed { id });
     }
 }
 
@@ -825,6 +825,14 @@ fn transfer_checkpoint(
     server: &Server,
     spec: &BackendSpec,
 ) -> anyhow::Result<(Vec<u8>, Vec<fsva_appliance::state::StateFd>)> {
+    // The supervisor refuses this too, but counts a new file's spare backing id only
+    // once told of its claim (within a second): the appliance knows at once.
+    let open = server.passthrough_files();
+    if matches!(spec, BackendSpec::Mem { .. }) && open > 0 {
+        anyhow::bail!(
+            "{open} file(s) are open through FUSE passthrough, whose data the kernel writes on this host directly: close them, or mount with --no-passthrough to migrate mem"
+        );
+    }
     let (bytes, fds) = server.checkpoint()?;
     crate::backends::transferable(spec, bytes, fds).inspect_err(|_| server.resume())
 }
