@@ -393,23 +393,15 @@ pub fn spawn(
     appliance: AppliancePids,
     mut ask: impl FnMut(HostChanges) -> Option<Answer> + Send + 'static,
 ) -> io::Result<()> {
+    // The mount's first writes must not be reported as changes beside it: the ignore
+    // mark is in place before this returns (and the mount is announced).
+    ignore_closes_of(&watch, None, &appliance);
     std::thread::Builder::new()
         .name("fsva-host-watch".into())
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             let mut out = ReplyBuf::with_capacity(4096);
-            let mut own = AppliancePids::default();
-            let adopt = |own: &mut AppliancePids, now: AppliancePids| {
-                if now.serving != own.serving {
-                    if let Some(pid) = now.serving {
-                        if let Err(e) = watch.ignore_closes_through(pid) {
-                            tracing::debug!(pid, error = %e, "closes through the appliance's mount stay reported");
-                        }
-                    }
-                }
-                *own = now;
-            };
-            adopt(&mut own, appliance);
+            let mut own = appliance;
             loop {
                 let events = match watch.read_batch(&mut buf) {
                     Ok(e) => e,
@@ -427,11 +419,25 @@ pub fn spawn(
                     continue;
                 }
                 let Some(answer) = ask(batch) else { return };
-                adopt(&mut own, answer.appliance);
+                ignore_closes_of(&watch, Some(&own), &answer.appliance);
+                own = answer.appliance;
                 invalidate(&*dev, &mut out, &answer.invalidations);
             }
         })?;
     Ok(())
+}
+
+/// Marks closes through the mount of `now`'s serving process ignored, if it is not the
+/// one marked `before`.
+fn ignore_closes_of(watch: &HostWatch, before: Option<&AppliancePids>, now: &AppliancePids) {
+    if now.serving == before.and_then(|b| b.serving) {
+        return;
+    }
+    if let Some(pid) = now.serving {
+        if let Err(e) = watch.ignore_closes_through(pid) {
+            tracing::debug!(pid, error = %e, "closes through the appliance's mount stay reported");
+        }
+    }
 }
 
 /// Writes the invalidations. The kernel answers ENOENT for what it no longer caches:

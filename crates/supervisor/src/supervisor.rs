@@ -306,6 +306,17 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             .map_err(io_err("spawning the signal thread"))?;
     }
 
+    if let Some(watch) = host_watch {
+        let tx = events_tx.clone();
+        let ask = move |changes| {
+            let (answer_tx, answer) = mpsc::channel();
+            tx.send(Event::HostChanged(changes, answer_tx)).ok()?;
+            answer.recv().ok()
+        };
+        crate::host_watch::spawn(watch, devs[0].clone(), appliance.watched_pids(), ask)
+            .map_err(io_err("spawning the export watcher"))?;
+    }
+
     wait_until_answering(&mountpoint, Duration::from_secs(30), &exited)?;
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -370,21 +381,6 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             }
         }
     };
-    if let Some(watch) = host_watch {
-        let tx = events_tx.clone();
-        let ask = move |changes| {
-            let (answer_tx, answer) = mpsc::channel();
-            tx.send(Event::HostChanged(changes, answer_tx)).ok()?;
-            answer.recv().ok()
-        };
-        crate::host_watch::spawn(
-            watch,
-            devs[0].clone(),
-            current.appliance.watched_pids(),
-            ask,
-        )
-        .map_err(io_err("spawning the export watcher"))?;
-    }
     let mut spare = new_spare(cache_budget);
     let mut crashes = CrashLoop::default();
     let mut alive = true;
