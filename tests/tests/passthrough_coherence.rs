@@ -79,7 +79,7 @@ fn a_watched_export_keeps_its_cache_and_still_sees_changes_beside_it() {
     );
 
     // Beside the mount: a mode, new contents, a new name, a removed one, a rename,
-    // and a new name in a subdirectory.
+    // a new name in a subdirectory, and a write to a file kept open.
     let f0 = m.path().join("f0");
     let meta = |p: &std::path::Path| std::fs::metadata(p).ok();
     assert_eq!(meta(&f0).unwrap().permissions().mode() & 0o777, 0o644);
@@ -89,6 +89,12 @@ fn a_watched_export_keeps_its_cache_and_still_sees_changes_beside_it() {
     std::fs::remove_file(export.join("f2")).unwrap();
     std::fs::rename(export.join("f3"), export.join("f3-renamed")).unwrap();
     std::fs::write(export.join("d/inner"), b"y").unwrap();
+    // A writer that keeps its file open (a log): its writes count, not only its close.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(export.join("f4"))
+        .unwrap();
+    std::io::Write::write_all(&mut log, b" and more").unwrap();
     let seen = wait_for(Duration::from_secs(5), || {
         meta(&f0).map(|s| s.permissions().mode() & 0o777) == Some(0o600)
             && meta(&m.path().join("f1")).map(|s| s.len()) == Some(15)
@@ -97,17 +103,20 @@ fn a_watched_export_keeps_its_cache_and_still_sees_changes_beside_it() {
             && meta(&m.path().join("f3")).is_none()
             && meta(&m.path().join("f3-renamed")).is_some()
             && meta(&m.path().join("d/inner")).is_some()
+            && meta(&m.path().join("f4")).map(|s| s.len()) == Some(12)
     });
     assert!(
         seen,
-        "changes beside a watched mount not seen within 5 s: f0 {:?}, f1 {:?}, outside {}, f2 {}, f3 {}, d/inner {}",
+        "changes beside a watched mount not seen within 5 s: f0 {:?}, f1 {:?}, outside {}, f2 {}, f3 {}, d/inner {}, f4 {:?}",
         meta(&f0).map(|s| s.permissions().mode() & 0o777),
         meta(&m.path().join("f1")).map(|s| s.len()),
         meta(&m.path().join("outside")).is_some(),
         meta(&m.path().join("f2")).is_some(),
         meta(&m.path().join("f3")).is_some(),
         meta(&m.path().join("d/inner")).is_some(),
+        meta(&m.path().join("f4")).map(|s| s.len()),
     );
+    drop(log);
     assert_eq!(
         std::fs::read(m.path().join("f1")).unwrap(),
         b"longer contents"

@@ -33,6 +33,9 @@ const BATCH: usize = 32;
 /// A new batch is made when fewer spares than this are left.
 const LOW: usize = 8;
 
+/// Whole batches refused in a row after which no more spares are made.
+const GIVE_UP_AFTER: u32 = 3;
+
 /// How long a handed-out spare may stay unclaimed before its id is given back.
 pub const UNCLAIMED_LIMIT: Duration = Duration::from_secs(2);
 
@@ -99,6 +102,7 @@ impl SpareBackings {
     }
 
     fn refill_forever(&self) {
+        let mut refused = 0;
         loop {
             {
                 let mut pool = self.lock();
@@ -134,9 +138,18 @@ impl SpareBackings {
             };
             if !wanted {
                 self.report_claims();
-            } else if !self.refill() {
-                // Refused this time (the session going away, descriptors short):
-                // files register on first open meanwhile; try again later.
+            } else if self.refill() {
+                refused = 0;
+            } else {
+                // Refused (the kernel takes no backing files, descriptors short): files
+                // register on first open meanwhile. Try again later, and stop after a
+                // few whole batches refused in a row.
+                refused += 1;
+                if refused >= GIVE_UP_AFTER {
+                    tracing::info!("spare backing files refused {refused} times in a row: new files register on first open");
+                    self.lock().off = true;
+                    return;
+                }
                 std::thread::sleep(Duration::from_secs(1));
             }
         }

@@ -325,6 +325,9 @@ pub struct Invalidations {
 pub struct ApplianceStats {
     pub requests: u64,
     pub errors: u64,
+    /// Inodes open through FUSE passthrough, as the appliance knows them (the broker
+    /// learns of a new mem file's spare backing file only within a second).
+    pub passthrough_files: u64,
 }
 
 /// CLI → supervisor.

@@ -627,15 +627,12 @@ impl Appliance {
         self.killer()();
     }
 
-    /// The appliance's processes as the export watch needs them: who file system
-    /// events caused by the appliance itself name, and the one serving from the export.
-    pub fn watched_pids(&self) -> crate::host_watch::AppliancePids {
-        crate::host_watch::AppliancePids {
-            all: std::iter::once(self.pid)
-                .chain(self.sandboxed_pid)
-                .collect(),
-            serving: self.sandboxed_pid,
-        }
+    /// The pids of the appliance's processes (QEMU's alone for a VM appliance): who
+    /// file system events caused by the appliance itself name.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.pid)
+            .chain(self.sandboxed_pid)
+            .collect()
     }
 
     /// The objects known to the kernel among `changes`, made beside the mount.

@@ -179,7 +179,14 @@ fn close_backing(scope: &BrokerScope, id: i32, counted: bool) {
     if let Some((session, _)) = &scope.backing {
         match fsva_channel::fusedev::backing_close(session.as_fd(), id) {
             Ok(()) if counted => {
-                scope.live_backing.fetch_sub(1, Ordering::Relaxed);
+                // Saturating: a successor's broker closes ids a predecessor's counted,
+                // and a spare whose claim died with its appliance was never counted.
+                let _ =
+                    scope
+                        .live_backing
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some(n.saturating_sub(1))
+                        });
             }
             Ok(()) => {}
             Err(e) => tracing::warn!(id, error = %e, "closing a backing id failed"),

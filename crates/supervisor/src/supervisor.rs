@@ -106,7 +106,7 @@ pub(crate) enum Event {
     /// back on the sender.
     HostChanged(
         fsva_control::HostChanges,
-        mpsc::Sender<crate::host_watch::Answer>,
+        mpsc::Sender<fsva_control::Invalidations>,
     ),
 }
 
@@ -152,7 +152,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     }
 
     let (events_tx, events) = mpsc::channel::<Event>();
-    let host_watch = watch_export(&req);
+    let host_watch = watch_export(&req).map(Arc::new);
     let config = StartConfig {
         backend: req.backend.clone(),
         channel: req.channel,
@@ -306,14 +306,14 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             .map_err(io_err("spawning the signal thread"))?;
     }
 
-    if let Some(watch) = host_watch {
+    if let Some(watch) = &host_watch {
         let tx = events_tx.clone();
         let ask = move |changes| {
             let (answer_tx, answer) = mpsc::channel();
             tx.send(Event::HostChanged(changes, answer_tx)).ok()?;
             answer.recv().ok()
         };
-        crate::host_watch::spawn(watch, devs[0].clone(), appliance.watched_pids(), ask)
+        crate::host_watch::spawn(watch.clone(), devs[0].clone(), appliance.pids(), ask)
             .map_err(io_err("spawning the export watcher"))?;
     }
 
@@ -446,6 +446,9 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             );
                             crashes.took_over();
                             record(current.appliance.pid);
+                            if let Some(w) = &host_watch {
+                                w.adopt(current.appliance.pids());
+                            }
                             spare = new_spare(cache_budget);
                             continue;
                         }
@@ -485,10 +488,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                     }),
                     _ => Default::default(),
                 };
-                let _ = answer.send(crate::host_watch::Answer {
-                    invalidations,
-                    appliance: current.appliance.watched_pids(),
-                });
+                let _ = answer.send(invalidations);
             }
             Event::CheckpointStored => {
                 if let (Some(s), Some(k), true) = (spare.take(), &kept, alive) {
@@ -545,8 +545,16 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                             requests: stats.map(|s| s.requests).unwrap_or(0),
                             errors: stats.map(|s| s.errors).unwrap_or(0),
                             state: remote.as_ref().map_or_else(|| state.clone(), |r| r.state()),
-                            data_path: data_path.clone(),
-                            backing_files: backing_files.load(std::sync::atomic::Ordering::Relaxed),
+                            data_path: match &host_watch {
+                                Some(w) if w.stopped() => format!(
+                                    "{data_path} (but the watch stopped, see the log: changes beside the mount show within 60 s)"
+                                ),
+                                _ => data_path.clone(),
+                            },
+                            // The appliance knows at once; the broker within a second.
+                            backing_files: stats.map(|s| s.passthrough_files).unwrap_or_else(
+                                || backing_files.load(std::sync::atomic::Ordering::Relaxed),
+                            ),
                             cache_budget,
                             memory_used: cgroup.as_ref().and_then(|c| c.usage().ok()),
                             restarts,
@@ -603,6 +611,9 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                                     );
                                     crashes.took_over();
                                     record(current.appliance.pid);
+                                    if let Some(w) = &host_watch {
+                                        w.adopt(current.appliance.pids());
+                                    }
                                     if kept.is_some() && spare.is_none() {
                                         spare = new_spare(cache_budget);
                                     }

@@ -164,7 +164,11 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                 let reply = match request {
                     ToAppliance::Stats => {
                         let (requests, errors) = stats.snapshot();
-                        ToSupervisor::Stats(ApplianceStats { requests, errors })
+                        ToSupervisor::Stats(ApplianceStats {
+                            requests,
+                            errors,
+                            passthrough_files: 0,
+                        })
                     }
                     ToAppliance::SetCacheBudget { bytes } => {
                         guest::set_cache_budget(bytes);

@@ -519,7 +519,11 @@ fn serve(
                 let reply = match request {
                     ToAppliance::Stats => {
                         let (requests, errors) = stats.snapshot();
-                        ToSupervisor::Stats(ApplianceStats { requests, errors })
+                        ToSupervisor::Stats(ApplianceStats {
+                            requests,
+                            errors,
+                            passthrough_files: server.passthrough_files() as u64,
+                        })
                     }
                     ToAppliance::SetCacheBudget { bytes } => {
                         control_fs.set_cache_budget(bytes);
