@@ -117,6 +117,36 @@ impl Link {
         Ok(())
     }
 
+    /// Drops every message already waiting (with its descriptors), without blocking;
+    /// returns how many. For a requester whose earlier request timed out: its late
+    /// answer must not be taken for the next request's.
+    pub fn discard_pending(&self) -> usize {
+        let mut buf = [0u8; 64];
+        let mut discarded = 0;
+        loop {
+            let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            match rustix::net::recvmsg(
+                &self.fd,
+                &mut [IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(got) if got.bytes > 0 || got.flags.contains(ReturnFlags::TRUNC) => {
+                    // Descriptors the message carried close here.
+                    for msg in control.drain() {
+                        if let RecvAncillaryMessage::ScmRights(rights) = msg {
+                            rights.for_each(drop);
+                        }
+                    }
+                    discarded += 1;
+                }
+                _ => return discarded,
+            }
+        }
+    }
+
     /// Receives one message and the descriptors attached to it.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), LinkError> {
         let mut buf = vec![0u8; MAX_MESSAGE];
@@ -185,6 +215,23 @@ mod tests {
     use super::*;
     use crate::messages::*;
     use std::io::{Read, Seek, Write};
+
+    #[test]
+    fn late_answers_are_discarded_before_the_next_request() {
+        let (a, b) = Link::pair().unwrap();
+        assert_eq!(b.discard_pending(), 0, "nothing waits on a new link");
+        let file = tempfile_in_tmp();
+        a.send(&ToSupervisor::CacheBudgetSet, &[file.as_fd()])
+            .unwrap();
+        a.send(&ToSupervisor::Stats(ApplianceStats::default()), &[])
+            .unwrap();
+        assert_eq!(b.discard_pending(), 2);
+        a.send(&ToSupervisor::ClockSet, &[]).unwrap();
+        let (got, _): (ToSupervisor, _) = b.recv().unwrap();
+        assert!(matches!(got, ToSupervisor::ClockSet), "{got:?}");
+        drop(a);
+        assert_eq!(b.discard_pending(), 0, "a closed peer is not a message");
+    }
 
     #[test]
     fn messages_and_descriptors_cross_a_link() {

@@ -57,6 +57,14 @@ impl Control {
     fn request(&self, msg: &ToAppliance) -> Result<ToSupervisor, ApplianceError> {
         match self {
             Control::Local(link) => {
+                // An answer that came after its request timed out is not this one's.
+                let stale = link.discard_pending();
+                if stale > 0 {
+                    tracing::warn!(
+                        stale,
+                        "dropped late answers of the appliance's control link"
+                    );
+                }
                 link.send(msg, &[])?;
                 Ok(link.recv::<ToSupervisor>()?.0)
             }
