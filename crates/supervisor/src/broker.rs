@@ -54,11 +54,8 @@ pub fn start(scope: BrokerScope) -> std::io::Result<Link> {
 /// of a file a successor serves would break its next open. They are empty memfds, at
 /// most a batch or two per appliance.
 pub fn serve(link: Link, scope: BrokerScope) {
+    let scope = &scope;
     let mut spares = std::collections::HashSet::new();
-    serve_link(&link, &scope, &mut spares);
-}
-
-fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut std::collections::HashSet<i32>) {
     let private_umask = scope.devices_in.is_some() && private_fs();
     loop {
         let (request, fds) = match link.recv::<BrokerRequest>() {
@@ -78,6 +75,12 @@ fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut std::collections::H
         let attached = fds.first().map(|f| f.as_fd());
         let reply = match request {
             BrokerRequest::OpenBacking => open_backing(scope, attached),
+            // Spares are memfds: only a mount that registers memfds takes them.
+            BrokerRequest::OpenSpares { .. }
+                if !matches!(scope.backing, Some((_, Allowed::Memfd))) =>
+            {
+                refused(libc::EPERM, "this mount takes no spare memfds".into())
+            }
             BrokerRequest::OpenSpares { claimed } => {
                 for id in claimed {
                     if spares.remove(&id) {
@@ -86,18 +89,16 @@ fn serve_link(link: &Link, scope: &BrokerScope, spares: &mut std::collections::H
                 }
                 let ids: Vec<i32> = fds
                     .iter()
-                    .map(
-                        |f| match open_backing_file(scope, f.as_fd(), Some(Allowed::Memfd)) {
-                            Ok(id) => {
-                                spares.insert(id);
-                                id
-                            }
-                            Err((errno, reason)) => {
-                                tracing::debug!(reason, "a spare backing file was refused");
-                                -errno
-                            }
-                        },
-                    )
+                    .map(|f| match open_backing_file(scope, f.as_fd()) {
+                        Ok(id) => {
+                            spares.insert(id);
+                            id
+                        }
+                        Err((errno, reason)) => {
+                            tracing::debug!(reason, "a spare backing file was refused");
+                            -errno
+                        }
+                    })
                     .collect();
                 BrokerReply::SparesOpened { ids }
             }
@@ -140,7 +141,7 @@ fn open_backing(scope: &BrokerScope, file: Option<BorrowedFd<'_>>) -> BrokerRepl
     let Some(file) = file else {
         return refused(libc::EINVAL, "no file attached".into());
     };
-    match open_backing_file(scope, file, None) {
+    match open_backing_file(scope, file) {
         Ok(id) => {
             scope.live_backing.fetch_add(1, Ordering::Relaxed);
             BrokerReply::BackingOpened { id }
@@ -149,13 +150,8 @@ fn open_backing(scope: &BrokerScope, file: Option<BorrowedFd<'_>>) -> BrokerRepl
     }
 }
 
-/// Registers `file` if this appliance may register it, and if `only` is given, only a
-/// file it allows too (a spare must be a memfd whatever the mount allows).
-fn open_backing_file(
-    scope: &BrokerScope,
-    file: BorrowedFd<'_>,
-    only: Option<Allowed>,
-) -> Result<i32, (i32, String)> {
+/// Registers `file` if this appliance may register it.
+fn open_backing_file(scope: &BrokerScope, file: BorrowedFd<'_>) -> Result<i32, (i32, String)> {
     let Some((session, allowed)) = &scope.backing else {
         return Err((
             libc::EPERM,
@@ -163,9 +159,6 @@ fn open_backing_file(
         ));
     };
     backing::check(file, *allowed).map_err(|reason| (libc::EPERM, reason))?;
-    if let Some(only) = only.filter(|o| !matches!((o, allowed), (Allowed::Memfd, Allowed::Memfd))) {
-        backing::check(file, only).map_err(|reason| (libc::EPERM, reason))?;
-    }
     fsva_channel::fusedev::backing_open(session.as_fd(), file).map_err(|e| {
         (
             e.raw_os_error().unwrap_or(libc::EIO),
