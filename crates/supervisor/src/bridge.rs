@@ -6,7 +6,13 @@
 //! Replies are validated before they reach the kernel: the frame length, a known
 //! `unique`, an error code in range. Anything else means the appliance is broken or
 //! hostile: the bridge drops it, answers every pending request with EIO, and from then
-//! on answers every new request with EIO itself. The bridge never reads a payload.
+//! on answers every new request with EIO itself.
+//!
+//! The bridge reads no payload but two, and only where the mount's [`Tuning`] allows:
+//! the requests and replies that say whether a node has a `security.capability`
+//! attribute ([`crate::absent_caps`]), for an appliance that is the only writer of its
+//! file system; and INIT's reply, after which it raises the mount's read-ahead window
+//! to the negotiated request size, since each read is a round trip here.
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -23,6 +29,7 @@ use fsva_protocol::reply::ReplyBuf;
 use fsva_protocol::request::decode_header;
 use zerocopy::FromBytes;
 
+use crate::absent_caps::{AbsentCaps, Lesson, Verdict};
 use crate::fallback::error_reply;
 
 /// Largest frame either way: a 1 MiB payload plus headers.
@@ -36,6 +43,27 @@ const MAX_PENDING: usize = 1 << 16;
 /// Why the bridge gave up on an appliance.
 pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
+/// What the relay may do beyond relaying, decided by the supervisor from the mount.
+#[derive(Debug, Default, Clone)]
+pub struct Tuning {
+    /// The appliance is the only writer of its file system (a VM's image, `mem`, an
+    /// `--exclusive` export): the relay answers the kernel's `security.capability`
+    /// queries where it has seen the attribute is absent.
+    pub sole_writer: bool,
+    /// The mount's device (`major:minor`): the relay raises its read-ahead window once
+    /// INIT is answered. `None` where INIT was answered before (a successor's relay).
+    pub readahead_device: Option<String>,
+}
+
+/// A request waiting for its reply.
+struct Pending {
+    /// The clone that read it: the kernel only takes the reply there.
+    dev: usize,
+    opcode: u32,
+    /// What its reply can teach the capability cache.
+    lesson: Option<Lesson>,
+}
+
 struct Shared {
     devs: Vec<Arc<FuseDev>>,
     /// The shared-memory data path, for a VM appliance that maps the same region.
@@ -44,8 +72,10 @@ struct Shared {
     /// A handle to the same socket for shutting it down without taking the writer's
     /// lock (a writer blocked on a full socket must not keep the bridge from failing).
     shutdown: UnixStream,
-    /// unique → (index of the clone that read the request, its opcode).
-    pending: Mutex<HashMap<u64, (usize, u32)>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Nodes known to have no `security.capability` (a sole writer only).
+    absent_caps: Option<AbsentCaps>,
+    readahead_device: Option<String>,
     dead: AtomicBool,
     notifications_dropped: AtomicBool,
     on_failure: FailureHook,
@@ -64,6 +94,7 @@ impl Bridge {
         devs: Vec<Arc<FuseDev>>,
         stream: UnixStream,
         shm: Option<Arc<ShmRegion>>,
+        tuning: Tuning,
         on_failure: FailureHook,
     ) -> std::io::Result<Bridge> {
         let reader = stream.try_clone()?;
@@ -74,6 +105,8 @@ impl Bridge {
             to_appliance: Mutex::new(stream),
             shutdown,
             pending: Mutex::new(HashMap::new()),
+            absent_caps: tuning.sole_writer.then(AbsentCaps::new),
+            readahead_device: tuning.readahead_device,
             dead: AtomicBool::new(false),
             notifications_dropped: AtomicBool::new(false),
             on_failure,
@@ -124,7 +157,7 @@ impl Bridge {
 fn fail(s: &Shared, why: &str) {
     // `dead` is set under the table's lock, where forward_requests checks it before it
     // records a request: every request is either drained here or answered there.
-    let pending: Vec<(u64, (usize, u32))> = {
+    let pending: Vec<(u64, Pending)> = {
         let mut table = s.pending.lock().unwrap_or_else(|p| p.into_inner());
         if s.dead.swap(true, Ordering::SeqCst) {
             return;
@@ -137,8 +170,8 @@ fn fail(s: &Shared, why: &str) {
     );
     let _ = s.shutdown.shutdown(std::net::Shutdown::Both);
     let mut reply = ReplyBuf::default();
-    for (unique, (dev, _)) in pending {
-        let _ = s.devs[dev].send(reply.error(unique, libc::EIO));
+    for (unique, p) in pending {
+        let _ = s.devs[p.dev].send(reply.error(unique, libc::EIO));
     }
     (s.on_failure)(why);
 }
@@ -167,6 +200,14 @@ fn forward_requests(s: &Shared, index: usize) {
         let Ok(h) = decode_header(frame) else {
             continue;
         };
+        let lesson = match s.absent_caps.as_ref().map(|c| c.on_request(&h, frame)) {
+            Some(Verdict::Absent) => {
+                let _ = dev.send(reply.error(h.unique, libc::ENODATA));
+                continue;
+            }
+            Some(Verdict::Forward(lesson)) => lesson,
+            None => None,
+        };
         let one_way = one_way(h.opcode);
         if !one_way {
             let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,7 +222,14 @@ fn forward_requests(s: &Shared, index: usize) {
                 fail(s, "too many or duplicate outstanding requests");
                 continue;
             }
-            pending.insert(h.unique, (index, h.opcode));
+            pending.insert(
+                h.unique,
+                Pending {
+                    dev: index,
+                    opcode: h.opcode,
+                    lesson,
+                },
+            );
         }
         let sent = {
             let mut stream = s.to_appliance.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,7 +289,11 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
                 &format!("reply to {} carries invalid error {}", h.unique, h.error),
             );
         }
-        let Some((dev, op)) = s
+        let Some(Pending {
+            dev,
+            opcode: op,
+            lesson,
+        }) = s
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -249,6 +301,9 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
         else {
             return fail(s, &format!("reply to unknown request {}", h.unique));
         };
+        if let (Some(caps), Some(lesson)) = (&s.absent_caps, lesson) {
+            caps.learn(lesson, frame);
+        }
         if op == opcode::INIT && h.error == 0 {
             let max_write = fsva_protocol::reply::init_reply_max_write(frame);
             if max_write > MAX_WRITE {
@@ -266,6 +321,24 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             let mut reply = ReplyBuf::default();
             let _ = s.devs[dev].send(reply.error(h.unique, libc::EIO));
             return fail(s, &format!("the kernel rejected reply {}: {e}", h.unique));
+        }
+        if op == opcode::INIT && h.error == 0 {
+            raise_readahead(s, frame);
+        }
+    }
+}
+
+/// Raises the mount's read-ahead window to two of the requests INIT's reply allows (one
+/// in flight while the other is served), now that the kernel has applied that reply.
+fn raise_readahead(s: &Shared, init_reply: &[u8]) {
+    let Some(device) = &s.readahead_device else {
+        return;
+    };
+    let bytes = fsva_protocol::reply::init_reply_max_write(init_reply).saturating_mul(2);
+    match crate::mount::raise_readahead(device, bytes) {
+        Ok(()) => tracing::debug!(device, bytes, "read-ahead raised"),
+        Err(e) => {
+            tracing::info!(device, error = %e, "could not raise the mount's read-ahead; sequential reads go in smaller requests")
         }
     }
 }

@@ -4,7 +4,8 @@
 //! ([`mount`]), the `/dev/fuse` session and every clone of it, the appliance process
 //! ([`appliance`]), the privileged operations it does on the appliance's behalf
 //! ([`broker`]: FUSE passthrough registrations checked by [`backing`], device nodes), the
-//! relay for stream channels ([`bridge`]), the appliance's memory cgroup that enforces
+//! relay for stream channels ([`bridge`], which answers the kernel's capability checks
+//! it already knows the answer to: [`absent_caps`]), the appliance's memory cgroup that enforces
 //! its cache budget ([`cgroup`]), what it keeps so that a successor can take over after
 //! an appliance dies ([`keeper`]), replacing an appliance by a successor ([`takeover`]),
 //! moving it to another host's daemon ([`migrate`]), watching a shared export for
@@ -14,8 +15,11 @@
 //! files ([`registry`]) and the loop that ties them together ([`supervisor`]).
 //!
 //! It never interprets file system semantics beyond FUSE framing: it reads headers to
-//! route and validate frames, and answers with errors when no appliance can.
+//! route and validate frames, and answers with errors when no appliance can. The one
+//! exception is a VFS fact, not a file system's: a node nobody but the appliance writes
+//! keeps having no `security.capability` until a SETXATTR passes ([`absent_caps`]).
 
+pub mod absent_caps;
 pub mod appliance;
 pub mod backing;
 pub mod bridge;

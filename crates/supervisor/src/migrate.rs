@@ -57,7 +57,7 @@ use fsva_control::host::{
 use fsva_control::{ApplianceStats, BackendSpec, ChannelKind, FramedLink, LinkError, StartConfig};
 use thiserror::Error;
 
-use crate::bridge::Bridge;
+use crate::bridge::{Bridge, Tuning};
 use crate::keeper::Kept;
 use crate::takeover::Current;
 
@@ -278,10 +278,16 @@ pub(crate) fn migrate(
     let hook_host = to.to_string();
     // The relay reads and writes any connected stream socket through this type.
     let stream = UnixStream::from(OwnedFd::from(data));
+    // INIT was answered long ago: the read-ahead is already raised, or not ours to raise.
+    let tuning = Tuning {
+        sole_writer: crate::supervisor::sole_writer(src.backend),
+        readahead_device: None,
+    };
     let bridge = Bridge::start(
         src.devs.to_vec(),
         stream,
         None,
+        tuning,
         Box::new(move |why| {
             tracing::error!(host = %hook_host, reason = why, "the remote appliance is gone; the mount answers EIO");
             *hook_gone.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());

@@ -95,21 +95,41 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
 
 /// Whether /proc/self/mountinfo lists an fsva FUSE mount at `path`.
 pub fn is_fsva_mount(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+    fsva_mount_device(path).is_some()
+}
+
+/// The device (`major:minor`, as mountinfo and `/sys/class/bdi` name it) of the fsva
+/// FUSE mount at `path`, read from /proc/self/mountinfo: unlike a stat of the
+/// mountpoint, this never sends the mount a request.
+pub fn fsva_mount_device(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
-    info.lines().any(|l| {
+    info.lines().find_map(|l| {
         let fields: Vec<&str> = l.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-");
-        match sep {
-            Some(s) if fields.len() > s + 1 => {
-                fields.get(4).is_some_and(|m| unescape(m) == want)
-                    && fields[s + 1].starts_with("fuse.fsva")
-            }
-            _ => false,
-        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let ours = fields.len() > sep + 1
+            && fields.get(4).is_some_and(|m| unescape(m) == want)
+            && fields[sep + 1].starts_with("fuse.fsva");
+        ours.then(|| fields.get(2).map(|d| d.to_string())).flatten()
     })
+}
+
+/// Raises the read-ahead window of the FUSE mount on `device` to at least `bytes`.
+///
+/// The kernel starts a FUSE mount at the block layer's default (128 KiB) and INIT can
+/// only lower it, so where every read is a round trip to the appliance, sequential
+/// reads would go in 128 KiB requests however large `max_write` lets them be. Must be
+/// called after INIT's reply is in: the kernel applies INIT's `max_readahead` then.
+pub fn raise_readahead(device: &str, bytes: u32) -> io::Result<()> {
+    let knob = Path::new("/sys/class/bdi")
+        .join(device)
+        .join("read_ahead_kb");
+    let current: u32 = std::fs::read_to_string(&knob)?.trim().parse().unwrap_or(0);
+    let wanted = bytes / 1024;
+    if wanted > current {
+        std::fs::write(&knob, wanted.to_string())?;
+    }
+    Ok(())
 }
 
 fn unescape(s: &str) -> String {

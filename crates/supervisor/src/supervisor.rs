@@ -23,7 +23,7 @@ use fsva_control::{
 use thiserror::Error;
 
 use crate::appliance::{Appliance, ApplianceError};
-use crate::bridge::Bridge;
+use crate::bridge::{Bridge, Tuning};
 use crate::launch;
 use crate::mount::{self, MountError, MountOptions};
 use crate::registry;
@@ -251,10 +251,15 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             if let Some(path) = started.data_path {
                 data_path = path;
             }
+            let tuning = Tuning {
+                sole_writer: sole_writer(&req.backend),
+                readahead_device: mount::fsva_mount_device(&mountpoint),
+            };
             bridge = Some(relay(
                 &devs,
                 started.stream,
                 started.shm,
+                tuning,
                 &started.appliance,
                 &events_tx,
             )?);
@@ -944,6 +949,7 @@ fn relay(
     devs: &[Arc<FuseDev>],
     stream: UnixStream,
     shm: Option<Arc<ShmRegion>>,
+    tuning: Tuning,
     appliance: &Appliance,
     events: &mpsc::Sender<Event>,
 ) -> Result<Bridge, SupervisorError> {
@@ -954,6 +960,7 @@ fn relay(
         devs.to_vec(),
         stream,
         shm,
+        tuning,
         Box::new(move |why| {
             kill();
             tracing::error!(reason = why, "appliance dropped by the stream relay");
@@ -1129,6 +1136,18 @@ fn offers_backing_files(req: &MountRequest) -> bool {
     ) && req.passthrough
         && rustix::process::geteuid().is_root()
         && !(matches!(req.backend, BackendSpec::Mem { .. }) && req.cache_budget.is_some())
+}
+
+/// Whether the appliance is the only writer of what it serves: a VM's image, `mem`, an
+/// `--exclusive` export. Not a shared export, which can change beside the mount.
+pub(crate) fn sole_writer(backend: &BackendSpec) -> bool {
+    !matches!(
+        backend,
+        BackendSpec::Passthrough {
+            exclusive: false,
+            ..
+        }
+    )
 }
 
 /// The watch of a shared passthrough export, where one can be set up (`None` for

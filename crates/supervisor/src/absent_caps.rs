@@ -1,0 +1,324 @@
+//! The nodes a stream relay knows carry no `security.capability`, so it can answer the
+//! kernel's question about that attribute without a round trip to the appliance.
+//!
+//! The kernel asks for `security.capability` before a write that may have to drop
+//! privileges and before every chown of a non-directory
+//! (`security_inode_need_killpriv`), and FUSE never caches the answer: that is two
+//! round trips for every file `tar` extracts, and a round trip to a VM appliance costs
+//! hundreds of microseconds under emulation. Where the appliance is the only writer of
+//! its file system, nothing can give a node that attribute except a SETXATTR passing
+//! through the relay. So the relay remembers absence it has seen (an ENODATA answer,
+//! or a node it saw created: CREATE with `O_EXCL`, MKNOD, SYMLINK), forgets a node
+//! when the kernel forgets it (its id may be reused), and forgets everything it was
+//! about to learn whenever any SETXATTR passes.
+//!
+//! Owns that set and its rules. It never caches a value, only absence; it must never
+//! be used for a file system others change (a shared `passthrough` export), where a
+//! capability can appear beside the mount.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use fsva_protocol::abi::{opcode, EntryOut, InHeader, OutHeader};
+use fsva_protocol::request::{decode, Negotiated, Operation};
+use zerocopy::FromBytes;
+
+/// The one attribute answered here.
+const CAPABILITY: &[u8] = b"security.capability";
+/// More nodes than this and the set starts over (an 8-byte id each, plus the table).
+const MAX_NODES: usize = 1 << 20;
+
+/// What the relay should do with a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Answer ENODATA now; do not forward.
+    Absent,
+    /// Forward it; hand the reply to [`AbsentCaps::learn`] with this.
+    Forward(Option<Lesson>),
+}
+
+/// What a reply can teach, recorded when its request was forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lesson {
+    kind: LessonKind,
+    /// The SETXATTR count when the request left: a reply from before a SETXATTR that
+    /// arrives after it teaches nothing.
+    epoch: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LessonKind {
+    /// A `security.capability` query on this node: ENODATA means absent.
+    Query(u64),
+    /// A request creating a new node: its entry reply names a node with no attributes.
+    Created,
+}
+
+#[derive(Default)]
+struct Known {
+    absent: HashSet<u64>,
+    setxattrs: u64,
+}
+
+/// The set, shared by a relay's request threads and its reply thread.
+#[derive(Default)]
+pub struct AbsentCaps {
+    known: Mutex<Known>,
+}
+
+impl AbsentCaps {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Looks at a request on its way to the appliance (`frame` is the whole request,
+    /// `header` its decoded header).
+    pub fn on_request(&self, header: &InHeader, frame: &[u8]) -> Verdict {
+        let relevant = matches!(
+            header.opcode,
+            opcode::GETXATTR
+                | opcode::SETXATTR
+                | opcode::CREATE
+                | opcode::MKNOD
+                | opcode::SYMLINK
+                | opcode::FORGET
+                | opcode::BATCH_FORGET
+        );
+        if !relevant {
+            return Verdict::Forward(None);
+        }
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let epoch = known.setxattrs;
+        let lesson = |kind| Verdict::Forward(Some(Lesson { kind, epoch }));
+        match header.opcode {
+            opcode::SETXATTR => {
+                // Whatever the name: the layout of its arguments depends on INIT, and
+                // forgetting too much only costs a round trip.
+                known.setxattrs += 1;
+                known.absent.remove(&header.nodeid);
+                return Verdict::Forward(None);
+            }
+            opcode::FORGET => {
+                known.absent.remove(&header.nodeid);
+                return Verdict::Forward(None);
+            }
+            _ => {}
+        }
+        // The codec's layouts for the rest do not depend on what INIT negotiated.
+        let Ok(request) = decode(frame, &Negotiated::default()) else {
+            return Verdict::Forward(None);
+        };
+        match request.op {
+            Operation::Getxattr { name, .. } if name.as_encoded_bytes() == CAPABILITY => {
+                if known.absent.contains(&header.nodeid) {
+                    Verdict::Absent
+                } else {
+                    lesson(LessonKind::Query(header.nodeid))
+                }
+            }
+            Operation::Create { arg, .. } if arg.flags & libc::O_EXCL as u32 != 0 => {
+                lesson(LessonKind::Created)
+            }
+            Operation::Mknod { .. } | Operation::Symlink { .. } => lesson(LessonKind::Created),
+            Operation::BatchForget(nodes) => {
+                for node in nodes {
+                    known.absent.remove(&node.nodeid);
+                }
+                Verdict::Forward(None)
+            }
+            _ => Verdict::Forward(None),
+        }
+    }
+
+    /// Learns from the reply (`frame`, header included) to a request that was
+    /// forwarded with `lesson`.
+    pub fn learn(&self, lesson: Lesson, frame: &[u8]) {
+        let Ok((header, body)) = OutHeader::read_from_prefix(frame) else {
+            return;
+        };
+        let node = match lesson.kind {
+            LessonKind::Query(node) if header.error == -libc::ENODATA => node,
+            LessonKind::Created if header.error == 0 => match EntryOut::read_from_prefix(body) {
+                Ok((entry, _)) if entry.nodeid != 0 => entry.nodeid,
+                _ => return,
+            },
+            _ => return,
+        };
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.setxattrs != lesson.epoch {
+            return;
+        }
+        if known.absent.len() >= MAX_NODES {
+            known.absent.clear();
+        }
+        known.absent.insert(node);
+    }
+
+    /// How many nodes are known to have no capability (for tests and logs).
+    pub fn len(&self) -> usize {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .absent
+            .len()
+    }
+
+    /// Whether no node is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fsva_protocol::abi::{CreateIn, GetxattrIn};
+    use zerocopy::IntoBytes;
+
+    fn request(op: u32, node: u64, unique: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
+        let len = core::mem::size_of::<InHeader>() + body.len();
+        let header = InHeader {
+            len: len as u32,
+            opcode: op,
+            unique,
+            nodeid: node,
+            ..Default::default()
+        };
+        let mut frame = header.as_bytes().to_vec();
+        frame.extend_from_slice(body);
+        (header, frame)
+    }
+
+    fn getxattr(node: u64, name: &[u8]) -> (InHeader, Vec<u8>) {
+        let mut body = GetxattrIn {
+            size: 0,
+            padding: 0,
+        }
+        .as_bytes()
+        .to_vec();
+        body.extend_from_slice(name);
+        body.push(0);
+        request(opcode::GETXATTR, node, 7, &body)
+    }
+
+    fn create(parent: u64, flags: i32) -> (InHeader, Vec<u8>) {
+        let arg = CreateIn {
+            flags: flags as u32,
+            mode: 0o100644,
+            umask: 0o022,
+            open_flags: 0,
+        };
+        let mut body = arg.as_bytes().to_vec();
+        body.extend_from_slice(b"new\0");
+        request(opcode::CREATE, parent, 8, &body)
+    }
+
+    fn reply(unique: u64, error: i32, body: &[u8]) -> Vec<u8> {
+        let header = OutHeader {
+            len: (core::mem::size_of::<OutHeader>() + body.len()) as u32,
+            error,
+            unique,
+        };
+        let mut frame = header.as_bytes().to_vec();
+        frame.extend_from_slice(body);
+        frame
+    }
+
+    fn entry(node: u64) -> Vec<u8> {
+        EntryOut {
+            nodeid: node,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    fn ask(caps: &AbsentCaps, node: u64) -> Verdict {
+        let (h, f) = getxattr(node, CAPABILITY);
+        caps.on_request(&h, &f)
+    }
+
+    fn forwarded(v: Verdict) -> Lesson {
+        match v {
+            Verdict::Forward(Some(l)) => l,
+            other => panic!("expected a forwarded request with a lesson, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_miss_once_seen_is_answered_here_until_a_setxattr() {
+        let caps = AbsentCaps::new();
+        let lesson = forwarded(ask(&caps, 5));
+        caps.learn(lesson, &reply(7, -libc::ENODATA, &[]));
+        assert_eq!(ask(&caps, 5), Verdict::Absent);
+        assert!(matches!(ask(&caps, 6), Verdict::Forward(Some(_))));
+
+        let (h, f) = request(opcode::SETXATTR, 5, 9, b"");
+        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+        assert!(matches!(ask(&caps, 5), Verdict::Forward(Some(_))));
+    }
+
+    #[test]
+    fn a_value_or_another_error_teaches_nothing() {
+        let caps = AbsentCaps::new();
+        let lesson = forwarded(ask(&caps, 5));
+        caps.learn(lesson, &reply(7, 0, &20u32.to_ne_bytes()));
+        caps.learn(lesson, &reply(7, -libc::EIO, &[]));
+        caps.learn(lesson, &reply(7, -libc::ENOSYS, &[]));
+        assert!(caps.is_empty());
+    }
+
+    #[test]
+    fn other_attributes_are_always_forwarded_untouched() {
+        let caps = AbsentCaps::new();
+        let (h, f) = getxattr(5, b"user.note");
+        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+        let (h, f) = getxattr(5, b"security.capabilityx");
+        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+    }
+
+    #[test]
+    fn a_miss_answered_before_a_setxattr_that_overtook_it_is_not_learned() {
+        let caps = AbsentCaps::new();
+        let lesson = forwarded(ask(&caps, 5));
+        let (h, f) = request(opcode::SETXATTR, 5, 9, b"");
+        caps.on_request(&h, &f);
+        caps.learn(lesson, &reply(7, -libc::ENODATA, &[]));
+        assert!(caps.is_empty());
+    }
+
+    #[test]
+    fn only_exclusive_creates_teach_their_new_node() {
+        let caps = AbsentCaps::new();
+        let (h, f) = create(1, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY);
+        let lesson = forwarded(caps.on_request(&h, &f));
+        caps.learn(lesson, &reply(8, 0, &entry(42)));
+        assert_eq!(ask(&caps, 42), Verdict::Absent);
+
+        // Without O_EXCL the name may have existed: the node may be an old one.
+        let (h, f) = create(1, libc::O_CREAT | libc::O_WRONLY);
+        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+    }
+
+    #[test]
+    fn a_forgotten_node_is_asked_again() {
+        let caps = AbsentCaps::new();
+        for node in [5, 6, 7] {
+            let lesson = forwarded(ask(&caps, node));
+            caps.learn(lesson, &reply(7, -libc::ENODATA, &[]));
+        }
+        let (h, f) = request(opcode::FORGET, 5, 0, &1u64.to_ne_bytes());
+        caps.on_request(&h, &f);
+        assert!(matches!(ask(&caps, 5), Verdict::Forward(Some(_))));
+
+        let mut body = Vec::new();
+        body.extend_from_slice(&1u32.to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        body.extend_from_slice(&6u64.to_ne_bytes());
+        body.extend_from_slice(&1u64.to_ne_bytes());
+        let (h, f) = request(opcode::BATCH_FORGET, 0, 0, &body);
+        caps.on_request(&h, &f);
+        assert!(matches!(ask(&caps, 6), Verdict::Forward(Some(_))));
+        assert_eq!(ask(&caps, 7), Verdict::Absent);
+    }
+}

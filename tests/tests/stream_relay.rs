@@ -1,0 +1,156 @@
+//! What the supervisor's stream relay does beyond relaying, checked through real mounts
+//! over `--channel stream` (the relay a VM appliance uses too): it answers the kernel's
+//! `security.capability` checks it knows the answer to, never hides a capability that
+//! exists, and raises the mount's read-ahead window once INIT is answered.
+
+use std::path::Path;
+
+use fsva_tests::{Mount, Scratch};
+
+const CAPABILITY: &str = "security.capability";
+
+/// A version-2 file capability granting cap_net_bind_service (bit 10), effective.
+fn capability_blob() -> Vec<u8> {
+    let words: [u32; 5] = [0x0200_0001, 1 << 10, 0, 0, 0];
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import os,sys\ntry: sys.stdout.write(os.getxattr(sys.argv[1], sys.argv[2]).hex())\nexcept OSError as e: sys.exit(e.errno)")
+        .arg(path)
+        .arg(name)
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => {
+            let hex = String::from_utf8(out.stdout).unwrap();
+            Ok((0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect())
+        }
+        Some(errno) => Err(errno),
+        None => panic!("python3 was killed"),
+    }
+}
+
+/// `count` getxattr calls of `name` on `path` in one process, all expected to fail.
+fn misses(path: &Path, name: &str, count: u32) {
+    let st = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import os,sys\nfor _ in range(int(sys.argv[3])):\n  try: os.getxattr(sys.argv[1], sys.argv[2]); sys.exit(3)\n  except OSError as e:\n    if e.errno != 61: sys.exit(4)")
+        .arg(path)
+        .arg(name)
+        .arg(count.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "getxattr {name} on {}: {st}", path.display());
+}
+
+fn setxattr(path: &Path, name: &str, value: &[u8]) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let c_name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: both strings are NUL-terminated and outlive the call; value is a live slice.
+    let r = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn capability_checks_are_answered_by_the_relay_and_a_capability_is_never_hidden() {
+    let m = Mount::new("mem", &["--channel", "stream"]);
+    let file = m.path().join("tool");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+        .unwrap();
+
+    // The exclusive create taught the relay: 50 checks barely reach the appliance
+    // (the status request itself and stray ones may), where 50 of another name all do.
+    let before = m.requests();
+    misses(&file, CAPABILITY, 50);
+    let after_caps = m.requests();
+    misses(&file, "user.absent", 50);
+    let after_user = m.requests();
+    assert!(
+        after_caps - before < 10,
+        "50 capability checks reached the appliance {} times",
+        after_caps - before
+    );
+    assert!(
+        after_user - after_caps >= 50,
+        "50 user.absent lookups reached the appliance only {} times",
+        after_user - after_caps
+    );
+
+    // A capability set through the mount is seen at once, and a write drops it, as
+    // the kernel must for a file that grants privileges.
+    setxattr(&file, CAPABILITY, &capability_blob());
+    assert_eq!(getxattr(&file, CAPABILITY), Ok(capability_blob()));
+    std::fs::write(&file, b"new contents").unwrap();
+    assert_eq!(getxattr(&file, CAPABILITY), Err(libc::ENODATA));
+    m.unmount();
+}
+
+#[test]
+fn a_shared_export_over_a_relay_shows_a_capability_set_beside_the_mount() {
+    let export = Scratch::new("relay-export");
+    let backend = format!("passthrough:{}", export.path.display());
+    let m = Mount::new(&backend, &["--channel", "stream"]);
+    let file = m.path().join("tool");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+        .unwrap();
+    assert_eq!(getxattr(&file, CAPABILITY), Err(libc::ENODATA));
+
+    // Not the appliance's alone: what is set beside the mount must show through it.
+    setxattr(&export.path.join("tool"), CAPABILITY, &capability_blob());
+    assert_eq!(getxattr(&file, CAPABILITY), Ok(capability_blob()));
+    m.unmount();
+}
+
+#[test]
+fn a_relayed_mount_reads_ahead_in_requests_as_large_as_init_allows() {
+    let m = Mount::new("mem", &["--channel", "stream"]);
+    std::fs::write(m.path().join("warm"), b"INIT is long answered by now").unwrap();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = m.path().to_string_lossy();
+    let device = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*want))
+        .and_then(|l| l.split(' ').nth(2))
+        .expect("the mount is in mountinfo")
+        .to_string();
+    let knob = Path::new("/sys/class/bdi")
+        .join(&device)
+        .join("read_ahead_kb");
+    let kb: u32 = std::fs::read_to_string(&knob)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        kb >= 1024,
+        "read_ahead_kb of {} is {kb}: sequential reads go in small requests",
+        knob.display()
+    );
+    m.unmount();
+}
