@@ -102,6 +102,9 @@ fn run() -> Result<(), String> {
     }
 }
 
+/// The disk's read-ahead: twice the largest READ the host sends (1 MiB).
+const DISK_READAHEAD_KB: u32 = 2048;
+
 /// Entry and attribute timeout for a disk only this appliance changes.
 const EXCLUSIVE_TTL: std::time::Duration = std::time::Duration::from_secs(86400);
 
@@ -114,6 +117,7 @@ mod fsva_vm_ports {
 fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
     let disk = guest::wait_for_disk()?;
     let fstype = guest::mount_disk(&disk, s.fstype.as_deref(), s.read_only)?;
+    guest::raise_disk_readahead(&disk, DISK_READAHEAD_KB);
     let fuse = ports::open(fsva_vm_ports::FUSE)?;
     let root = fsva_backend_passthrough::open_dir_path(std::path::Path::new(guest::EXPORT))
         .map_err(|e| format!("opening {}: {e}", guest::EXPORT))?;
