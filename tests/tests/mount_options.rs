@@ -1,6 +1,6 @@
 //! Mount options as users set them: `-o ro`, a read-only remount, `suid`/`dev` honoured
 //! (off by default, as for every FUSE mount), and `mount -t fuse.fsva` through the
-//! installed `mount.fuse.fsva` helper.
+//! installed `mount.fuse.fsva` helper; the read-ahead window fsva gives its mounts.
 
 use std::path::Path;
 use std::process::Command;
@@ -116,6 +116,38 @@ fn exclusive_exports_keep_attributes_cached_and_only_passthrough_takes_it() {
                 "a default mount kept a stale size past its timeout"
             );
         }
+        m.unmount();
+    }
+}
+
+/// The kernel starts a FUSE mount at 128 KiB of read-ahead; fsva raises it to 2 MiB
+/// once INIT is answered, for mounts whose reads reach the appliance (here: through
+/// the stream relay, and through fusedev without FUSE passthrough).
+#[test]
+fn mounts_read_ahead_in_requests_as_large_as_fuse_allows() {
+    for extra in [&["--channel", "stream"][..], &["--cache-budget", "64M"][..]] {
+        let m = Mount::new("mem", extra);
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let want = m.path().to_string_lossy();
+        let device = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(&*want))
+            .and_then(|l| l.split(' ').nth(2))
+            .expect("the mount is in mountinfo")
+            .to_string();
+        let knob = Path::new("/sys/class/bdi")
+            .join(&device)
+            .join("read_ahead_kb");
+        let kb: u32 = std::fs::read_to_string(&knob)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            kb >= 2048,
+            "{extra:?}: read_ahead_kb of {} is {kb}: sequential reads go in small requests",
+            knob.display()
+        );
         m.unmount();
     }
 }

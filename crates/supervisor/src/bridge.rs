@@ -8,11 +8,9 @@
 //! hostile: the bridge drops it, answers every pending request with EIO, and from then
 //! on answers every new request with EIO itself.
 //!
-//! The bridge reads no payload but two, and only where the mount's [`Tuning`] allows:
-//! the requests and replies that say whether a node has a `security.capability`
-//! attribute ([`crate::absent_caps`]), for an appliance that is the only writer of its
-//! file system; and INIT's reply, after which it raises the mount's read-ahead window
-//! to the negotiated request size, since each read is a round trip here.
+//! The bridge reads no payload but those that say whether a node has a
+//! `security.capability` attribute ([`crate::absent_caps`]), and only where the
+//! mount's [`Tuning`] says the appliance is the only writer of its file system.
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -50,9 +48,6 @@ pub struct Tuning {
     /// `--exclusive` export): the relay answers the kernel's `security.capability`
     /// queries where it has seen the attribute is absent.
     pub sole_writer: bool,
-    /// The mount's device (`major:minor`): the relay raises its read-ahead window once
-    /// INIT is answered. `None` where INIT was answered before (a successor's relay).
-    pub readahead_device: Option<String>,
 }
 
 /// A request waiting for its reply.
@@ -75,7 +70,6 @@ struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     /// Nodes known to have no `security.capability` (a sole writer only).
     absent_caps: Option<AbsentCaps>,
-    readahead_device: Option<String>,
     dead: AtomicBool,
     notifications_dropped: AtomicBool,
     on_failure: FailureHook,
@@ -106,7 +100,6 @@ impl Bridge {
             shutdown,
             pending: Mutex::new(HashMap::new()),
             absent_caps: tuning.sole_writer.then(AbsentCaps::new),
-            readahead_device: tuning.readahead_device,
             dead: AtomicBool::new(false),
             notifications_dropped: AtomicBool::new(false),
             on_failure,
@@ -321,24 +314,6 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             let mut reply = ReplyBuf::default();
             let _ = s.devs[dev].send(reply.error(h.unique, libc::EIO));
             return fail(s, &format!("the kernel rejected reply {}: {e}", h.unique));
-        }
-        if op == opcode::INIT && h.error == 0 {
-            raise_readahead(s, frame);
-        }
-    }
-}
-
-/// Raises the mount's read-ahead window to two of the requests INIT's reply allows (one
-/// in flight while the other is served), now that the kernel has applied that reply.
-fn raise_readahead(s: &Shared, init_reply: &[u8]) {
-    let Some(device) = &s.readahead_device else {
-        return;
-    };
-    let bytes = fsva_protocol::reply::init_reply_max_write(init_reply).saturating_mul(2);
-    match crate::mount::raise_readahead(device, bytes) {
-        Ok(()) => tracing::debug!(device, bytes, "read-ahead raised"),
-        Err(e) => {
-            tracing::info!(device, error = %e, "could not raise the mount's read-ahead; sequential reads go in smaller requests")
         }
     }
 }

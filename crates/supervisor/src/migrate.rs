@@ -278,10 +278,8 @@ pub(crate) fn migrate(
     let hook_host = to.to_string();
     // The relay reads and writes any connected stream socket through this type.
     let stream = UnixStream::from(OwnedFd::from(data));
-    // INIT was answered long ago: the read-ahead is already raised, or not ours to raise.
     let tuning = Tuning {
         sole_writer: crate::supervisor::sole_writer(src.backend),
-        readahead_device: None,
     };
     let bridge = Bridge::start(
         src.devs.to_vec(),

@@ -114,12 +114,17 @@ pub fn fsva_mount_device(path: &Path) -> Option<String> {
     })
 }
 
+/// The read-ahead window fsva gives its mounts: two of the largest READ requests FUSE
+/// sends (256 pages), so one can be in flight while the appliance serves the other.
+pub const READ_AHEAD: u32 = 2 << 20;
+
 /// Raises the read-ahead window of the FUSE mount on `device` to at least `bytes`.
 ///
 /// The kernel starts a FUSE mount at the block layer's default (128 KiB) and INIT can
-/// only lower it, so where every read is a round trip to the appliance, sequential
-/// reads would go in 128 KiB requests however large `max_write` lets them be. Must be
-/// called after INIT's reply is in: the kernel applies INIT's `max_readahead` then.
+/// only lower it, so where reads reach the appliance (a VM appliance, a stream channel,
+/// a mount without FUSE passthrough), sequential reads would go in 128 KiB requests
+/// however large `max_write` lets them be. Must be called after INIT's reply is in:
+/// the kernel applies INIT's `max_readahead` then.
 pub fn raise_readahead(device: &str, bytes: u32) -> io::Result<()> {
     let knob = Path::new("/sys/class/bdi")
         .join(device)

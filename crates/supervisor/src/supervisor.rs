@@ -253,7 +253,6 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
             }
             let tuning = Tuning {
                 sole_writer: sole_writer(&req.backend),
-                readahead_device: mount::fsva_mount_device(&mountpoint),
             };
             bridge = Some(relay(
                 &devs,
@@ -323,6 +322,16 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
     }
 
     wait_until_answering(&mountpoint, Duration::from_secs(30), &exited)?;
+    // INIT has been answered (the stat above waited for it), so the kernel will not
+    // lower the window again.
+    match mount::fsva_mount_device(&mountpoint) {
+        Some(device) => {
+            if let Err(e) = mount::raise_readahead(&device, mount::READ_AHEAD) {
+                tracing::info!(%device, error = %e, "could not raise the mount's read-ahead; sequential reads that reach the appliance go in 128 KiB requests");
+            }
+        }
+        None => tracing::info!("the new mount is not in mountinfo; read-ahead left as it is"),
+    }
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
