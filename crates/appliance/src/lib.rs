@@ -16,6 +16,7 @@
 //! never touches mounts, namespaces or the supervisor's state.
 
 pub mod backing;
+pub mod dir_hints;
 pub mod dispatch;
 pub mod fileio;
 pub mod filesystem;

@@ -39,6 +39,8 @@ pub struct Server {
     dispatcher: Arc<Dispatcher>,
     stats: Arc<ServerStats>,
     pause: Arc<Pause>,
+    /// Send directory-attribute hints before replies ([`crate::dir_hints`]).
+    dir_hints: bool,
 }
 
 /// Workers stop taking on requests while a checkpoint is taken. A request a worker
@@ -75,7 +77,16 @@ impl Server {
             dispatcher: Arc::new(Dispatcher::new(fs, config, backing, journal)),
             stats: Arc::new(ServerStats::default()),
             pause: Arc::default(),
+            dir_hints: false,
         }
+    }
+
+    /// Sends directory-attribute hints ([`crate::dir_hints`]) on the channels
+    /// [`Server::serve`] serves: only for stream channels to a relay that knows this
+    /// appliance is the only writer of its file system.
+    pub fn with_dir_hints(mut self, on: bool) -> Self {
+        self.dir_hints = on;
+        self
     }
 
     /// A server taking over from a predecessor: `state` is what the predecessor's
@@ -240,9 +251,10 @@ impl Server {
                 let dispatcher = self.dispatcher.clone();
                 let stats = self.stats.clone();
                 let pause = self.pause.clone();
+                let hints = self.dir_hints;
                 let handle = thread::Builder::new()
                     .name(format!("fsva-worker-{ci}.{ti}"))
-                    .spawn(move || worker(&*chan, &dispatcher, &stats, &pause))
+                    .spawn(move || worker(&*chan, &dispatcher, &stats, &pause, hints))
                     .expect("spawning a worker thread");
                 handles.push(handle);
             }
@@ -271,10 +283,12 @@ fn worker(
     dispatcher: &Dispatcher,
     stats: &ServerStats,
     pause: &Pause,
+    dir_hints: bool,
 ) -> Result<(), fsva_channel::ChannelError> {
     let mut buf = vec![0u8; dispatcher.max_frame()];
     prefault(&mut buf);
     let mut reply = ReplyBuf::with_capacity(dispatcher.max_frame());
+    let mut hint = ReplyBuf::default();
     while let Some(n) = chan.receive(&mut buf)? {
         pause.active.fetch_add(1, Ordering::SeqCst);
         while pause.paused.load(Ordering::SeqCst) {
@@ -284,7 +298,14 @@ fn worker(
             std::thread::sleep(std::time::Duration::from_millis(1));
             pause.active.fetch_add(1, Ordering::SeqCst);
         }
-        let answered = answer(dispatcher, stats, &buf[..n], &mut reply).map(|f| chan.send(f));
+        let request = &buf[..n];
+        let answered = answer(dispatcher, stats, request, &mut reply).map(|f| {
+            if dir_hints {
+                let fs = &**dispatcher.filesystem();
+                crate::dir_hints::send(chan, fs, request, f, &mut hint)?;
+            }
+            chan.send(f)
+        });
         pause.active.fetch_sub(1, Ordering::SeqCst);
         if let Some(sent) = answered {
             sent?;

@@ -32,6 +32,20 @@ pub enum BackendSpec {
     },
 }
 
+impl BackendSpec {
+    /// Whether the appliance is the only writer of what it serves: a VM's image, `mem`,
+    /// an `--exclusive` export. Not a shared export, which can change beside the mount.
+    pub fn is_only_writer(&self) -> bool {
+        !matches!(
+            self,
+            BackendSpec::Passthrough {
+                exclusive: false,
+                ..
+            }
+        )
+    }
+}
+
 impl std::fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -120,6 +134,10 @@ pub struct StartConfig {
     /// mount and has them invalidated ([`ToAppliance::HostChanged`]), so the kernel may
     /// trust entries and attributes longer than an unwatched export allows.
     pub host_watched: bool,
+    /// The supervisor's stream relay takes directory-attribute hints
+    /// (`fsva_protocol::hint`): a `Stream` channel to a host mount, for a backend
+    /// nothing else writes.
+    pub dir_hints: bool,
 }
 
 /// Appliance → supervisor, on the broker link: the few operations that need a

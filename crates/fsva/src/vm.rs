@@ -226,6 +226,8 @@ pub fn plan(
                 accel,
                 workers: workers.unwrap_or_else(crate::commands::mount::default_workers),
                 log_filter: log.to_string(),
+                // The mount's supervisor turns them on; a vhost relay has no use for them.
+                dir_hints: false,
             },
             accel_note,
         }))

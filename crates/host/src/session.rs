@@ -736,6 +736,7 @@ mod tests {
             vhost_tag: Some("x".into()),
             restore: false,
             host_watched: false,
+            dir_hints: false,
         }
     }
 

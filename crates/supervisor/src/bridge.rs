@@ -8,9 +8,13 @@
 //! hostile: the bridge drops it, answers every pending request with EIO, and from then
 //! on answers every new request with EIO itself.
 //!
-//! The bridge reads no payload but those that say whether a node has a
-//! `security.capability` attribute ([`crate::absent_caps`]), and only where the
-//! mount's [`Tuning`] says the appliance is the only writer of its file system.
+//! Where the mount's [`Tuning`] says the appliance is the only writer of its file
+//! system, the bridge also answers two kinds of request itself, from what it has seen
+//! pass: the kernel's `security.capability` checks ([`crate::absent_caps`]), and the
+//! GETATTR of a directory the appliance just changed, from the hint the appliance sent
+//! with its reply ([`crate::dir_attrs`]). For those it reads the payloads it needs
+//! (attribute names, rename targets, forgotten nodes, entry replies); otherwise it
+//! reads none.
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -28,6 +32,7 @@ use fsva_protocol::request::decode_header;
 use zerocopy::FromBytes;
 
 use crate::absent_caps::{AbsentCaps, Lesson, Verdict};
+use crate::dir_attrs::{self, DirAttrs};
 use crate::fallback::error_reply;
 
 /// Largest frame either way: a 1 MiB payload plus headers.
@@ -46,7 +51,8 @@ pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 pub struct Tuning {
     /// The appliance is the only writer of its file system (a VM's image, `mem`, an
     /// `--exclusive` export): the relay answers the kernel's `security.capability`
-    /// queries where it has seen the attribute is absent.
+    /// queries where it has seen the attribute is absent, and a directory's GETATTR
+    /// from the appliance's hint where nothing changed the directory since.
     pub sole_writer: bool,
 }
 
@@ -57,6 +63,8 @@ struct Pending {
     opcode: u32,
     /// What its reply can teach the capability cache.
     lesson: Option<Lesson>,
+    /// Its number among changing requests, for the hints that come with its reply.
+    number: Option<u64>,
 }
 
 struct Shared {
@@ -70,6 +78,8 @@ struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     /// Nodes known to have no `security.capability` (a sole writer only).
     absent_caps: Option<AbsentCaps>,
+    /// Directory attributes from the appliance's hints (a sole writer only).
+    dir_attrs: Option<DirAttrs>,
     dead: AtomicBool,
     notifications_dropped: AtomicBool,
     on_failure: FailureHook,
@@ -100,6 +110,7 @@ impl Bridge {
             shutdown,
             pending: Mutex::new(HashMap::new()),
             absent_caps: tuning.sole_writer.then(AbsentCaps::new),
+            dir_attrs: tuning.sole_writer.then(DirAttrs::new),
             dead: AtomicBool::new(false),
             notifications_dropped: AtomicBool::new(false),
             on_failure,
@@ -201,6 +212,14 @@ fn forward_requests(s: &Shared, index: usize) {
             Some(Verdict::Forward(lesson)) => lesson,
             None => None,
         };
+        let number = match s.dir_attrs.as_ref().map(|d| d.on_request(&h, frame)) {
+            Some(dir_attrs::Verdict::Answer(attr)) => {
+                let _ = dev.send(reply.value(h.unique, &attr));
+                continue;
+            }
+            Some(dir_attrs::Verdict::Forward(number)) => number,
+            None => None,
+        };
         let one_way = one_way(h.opcode);
         if !one_way {
             let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -221,6 +240,7 @@ fn forward_requests(s: &Shared, index: usize) {
                     dev: index,
                     opcode: h.opcode,
                     lesson,
+                    number,
                 },
             );
         }
@@ -261,6 +281,10 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
         let Ok((h, _)) = OutHeader::read_from_prefix(frame) else {
             return fail(s, "reply shorter than its header");
         };
+        if fsva_protocol::hint::is_hint(&h) {
+            take_hint(s, frame);
+            continue;
+        }
         if h.unique == 0 {
             // A notification. Writing one can block in the kernel on locks a request
             // waiting for its reply holds, and this thread delivers all replies, so
@@ -286,6 +310,7 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             dev,
             opcode: op,
             lesson,
+            ..
         }) = s
             .pending
             .lock()
@@ -315,6 +340,27 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             let _ = s.devs[dev].send(reply.error(h.unique, libc::EIO));
             return fail(s, &format!("the kernel rejected reply {}: {e}", h.unique));
         }
+    }
+}
+
+/// Takes a directory-attributes hint for the table, if it is well formed, this relay
+/// keeps one, and its request still waits for its reply (the hint comes just before).
+fn take_hint(s: &Shared, frame: &[u8]) {
+    let Some(dir_attrs) = &s.dir_attrs else {
+        return;
+    };
+    let Some(hint) = fsva_protocol::hint::decode_dir_attr(frame) else {
+        tracing::debug!("dropping a malformed directory hint");
+        return;
+    };
+    let number = s
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&hint.unique)
+        .and_then(|p| p.number);
+    if let Some(number) = number {
+        dir_attrs.on_hint(&hint, number);
     }
 }
 

@@ -230,6 +230,7 @@ pub(crate) fn migrate(
         restore: true,
         // The export over there changes beside nobody's watch.
         host_watched: false,
+        dir_hints: false,
         ..src.config.clone()
     };
     let session = match daemon
@@ -279,7 +280,7 @@ pub(crate) fn migrate(
     // The relay reads and writes any connected stream socket through this type.
     let stream = UnixStream::from(OwnedFd::from(data));
     let tuning = Tuning {
-        sole_writer: crate::supervisor::sole_writer(src.backend),
+        sole_writer: src.backend.is_only_writer(),
     };
     let bridge = Bridge::start(
         src.devs.to_vec(),

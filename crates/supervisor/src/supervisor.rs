@@ -120,7 +120,11 @@ pub fn run(mut req: MountRequest) -> Result<(), SupervisorError> {
     result
 }
 
-fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), SupervisorError> {
+fn run_inner(mut req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), SupervisorError> {
+    // This mount's relay takes the guest's directory-attribute hints.
+    if let Some(plan) = req.vm.as_mut() {
+        plan.spec.dir_hints = true;
+    }
     block_termination_signals();
     raise_open_file_limit();
     let mountpoint = mount::check_mountpoint(&req.mountpoint)?;
@@ -170,6 +174,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
         vhost_tag: None,
         restore: false,
         host_watched: host_watch.is_some(),
+        dir_hints: req.channel == ChannelKind::Stream && req.backend.is_only_writer(),
     };
     // The budget is enforced by the kernel on the appliance's memory cgroup, with room
     // for the appliance's own code, heap and request buffers on top.
@@ -252,7 +257,7 @@ fn run_inner(req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), Super
                 data_path = path;
             }
             let tuning = Tuning {
-                sole_writer: sole_writer(&req.backend),
+                sole_writer: req.backend.is_only_writer(),
             };
             bridge = Some(relay(
                 &devs,
@@ -1145,18 +1150,6 @@ fn offers_backing_files(req: &MountRequest) -> bool {
     ) && req.passthrough
         && rustix::process::geteuid().is_root()
         && !(matches!(req.backend, BackendSpec::Mem { .. }) && req.cache_budget.is_some())
-}
-
-/// Whether the appliance is the only writer of what it serves: a VM's image, `mem`, an
-/// `--exclusive` export. Not a shared export, which can change beside the mount.
-pub(crate) fn sole_writer(backend: &BackendSpec) -> bool {
-    !matches!(
-        backend,
-        BackendSpec::Passthrough {
-            exclusive: false,
-            ..
-        }
-    )
 }
 
 /// The watch of a shared passthrough export, where one can be set up (`None` for

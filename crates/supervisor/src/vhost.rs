@@ -124,6 +124,8 @@ fn start_config(
         restore: false,
         // A guest's virtiofs driver takes no invalidations: nothing to watch for.
         host_watched: false,
+        // The device's relay has no use for them.
+        dir_hints: false,
     };
     Ok((config, broker))
 }

@@ -33,6 +33,8 @@ struct Settings {
     probe: bool,
     /// The host offers a shared-memory region for file data.
     shm: bool,
+    /// The host's relay takes directory-attribute hints.
+    dir_hints: bool,
 }
 
 fn settings(cmdline: &str) -> Settings {
@@ -52,6 +54,7 @@ fn settings(cmdline: &str) -> Settings {
             "fsva.log" => s.log = value.into(),
             "fsva.probe" => s.probe = value == "1",
             "fsva.shm" => s.shm = value == "1",
+            "fsva.dirhints" => s.dir_hints = value == "1",
             _ => {}
         }
     }
@@ -147,7 +150,10 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
     let shared_memory = shm.is_some();
     let channel: Arc<dyn Channel> =
         Arc::new(StreamChannel::with_shm(fuse, shm).map_err(|e| format!("FUSE port: {e}"))?);
-    let server = Server::new(Arc::new(fs), SessionConfig::default(), None, None);
+    // The image is this VM's alone: the relay may trust what it is told about
+    // directories until a request it forwards changes them.
+    let server =
+        Server::new(Arc::new(fs), SessionConfig::default(), None, None).with_dir_hints(s.dir_hints);
     let stats = server.stats();
     let kernel = rustix::system::uname()
         .release()
@@ -229,12 +235,13 @@ mod tests {
     #[test]
     fn settings_come_from_the_kernel_command_line() {
         let s = settings(
-            "console=ttyS0 quiet fsva.fstype=vfat fsva.ro=1 fsva.workers=3 fsva.log=debug",
+            "console=ttyS0 quiet fsva.fstype=vfat fsva.ro=1 fsva.workers=3 fsva.log=debug fsva.dirhints=1",
         );
         assert_eq!(s.fstype.as_deref(), Some("vfat"));
-        assert!(s.read_only && !s.probe);
+        assert!(s.read_only && !s.probe && s.dir_hints);
         assert_eq!((s.workers, s.log.as_str()), (3, "debug"));
         let s = settings("fsva.workers=0 fsva.probe=1");
         assert_eq!((s.workers, s.probe, s.fstype), (1, true, None));
+        assert!(!s.dir_hints);
     }
 }

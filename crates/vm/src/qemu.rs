@@ -59,6 +59,9 @@ pub struct VmSpec {
     pub workers: u32,
     /// The guest runtime's `tracing` filter.
     pub log_filter: String,
+    /// The guest sends directory-attribute hints (`fsva_protocol::hint`): only to a
+    /// host mount's relay, which can use them.
+    pub dir_hints: bool,
 }
 
 /// The kernel command line for `spec`; `probe` asks the runtime to report and power off.
@@ -76,6 +79,9 @@ fn append(spec: &VmSpec, probe: bool) -> String {
     }
     if probe {
         a.push_str(" fsva.probe=1");
+    }
+    if spec.dir_hints {
+        a.push_str(" fsva.dirhints=1");
     }
     a
 }
@@ -243,6 +249,7 @@ pub fn probe_kvm(appliance: &Appliance, deadline: Duration) -> KvmProbe {
         accel: Accel::Kvm,
         workers: 1,
         log_filter: "warn".into(),
+        dir_hints: false,
     };
     use std::os::fd::AsRawFd;
     let ports = Ports {

@@ -460,17 +460,21 @@ fn serve(
             journal_boundary: 0,
         }
     });
-    let server = Arc::new(match runtime_state.as_ref().or(empty_state.as_ref()) {
-        Some(state) => Server::restored(
-            fs,
-            SessionConfig::default(),
-            backing,
-            journal,
-            state,
-            &runtime_records,
-        ),
-        None => Server::new(fs, SessionConfig::default(), backing, journal),
-    });
+    let server = Arc::new(
+        match runtime_state.as_ref().or(empty_state.as_ref()) {
+            Some(state) => Server::restored(
+                fs,
+                SessionConfig::default(),
+                backing,
+                journal,
+                state,
+                &runtime_records,
+            ),
+            None => Server::new(fs, SessionConfig::default(), backing, journal),
+        }
+        // The supervisor's relay answers the GETATTR after a directory change itself.
+        .with_dir_hints(config.dir_hints),
+    );
     if let (Some(k), true) = (&kept, restarted) {
         // No checkpoint held the session (the predecessor died before its first one
         // after INIT): the journal's header does.
