@@ -71,15 +71,20 @@ fn setxattr(path: &Path, name: &str, value: &[u8]) {
     );
 }
 
-#[test]
-fn capability_checks_are_answered_by_the_relay_and_a_capability_is_never_hidden() {
-    let m = Mount::new("mem", &["--channel", "stream"]);
-    let file = m.path().join("tool");
+/// Creates `path` with O_EXCL (as `tar` does), the create the relay learns from.
+fn create_new(path: &Path) -> std::path::PathBuf {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(&file)
+        .open(path)
         .unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn capability_checks_are_answered_by_the_relay_and_a_capability_is_never_hidden() {
+    let m = Mount::new("mem", &["--channel", "stream"]);
+    let file = create_new(&m.path().join("tool"));
 
     // The exclusive create taught the relay: 50 checks barely reach the appliance
     // (the status request itself and stray ones may), where 50 of another name all do.
@@ -113,12 +118,7 @@ fn a_shared_export_over_a_relay_shows_a_capability_set_beside_the_mount() {
     let export = Scratch::new("relay-export");
     let backend = format!("passthrough:{}", export.path.display());
     let m = Mount::new(&backend, &["--channel", "stream"]);
-    let file = m.path().join("tool");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&file)
-        .unwrap();
+    let file = create_new(&m.path().join("tool"));
     assert_eq!(getxattr(&file, CAPABILITY), Err(libc::ENODATA));
 
     // Not the appliance's alone: what is set beside the mount must show through it.
