@@ -10,7 +10,11 @@
 //! through the relay. So the relay remembers absence it has seen (an ENODATA answer,
 //! or a node it saw created: CREATE with `O_EXCL`, MKNOD, SYMLINK), forgets a node
 //! when the kernel forgets it (its id may be reused), and forgets everything it was
-//! about to learn whenever any SETXATTR passes.
+//! about to learn whenever a SETXATTR passes, both when it is forwarded and when its
+//! reply comes back: the appliance's workers run requests in parallel, so a query sent
+//! after a SETXATTR may still be answered before the SETXATTR takes effect. It answers
+//! nothing until the appliance has shown it serves extended attributes at all (a file
+//! system without them says EOPNOTSUPP, not ENODATA).
 //!
 //! Owns that set and its rules. It never caches a value, only absence; it must never
 //! be used for a file system others change (a shared `passthrough` export), where a
@@ -52,12 +56,26 @@ enum LessonKind {
     Query(u64),
     /// A request creating a new node: its entry reply names a node with no attributes.
     Created,
+    /// A SETXATTR on this node: whatever its reply, forget the node and what was about
+    /// to be learned, again.
+    Set(u64),
 }
 
 #[derive(Default)]
 struct Known {
     absent: HashSet<u64>,
+    /// Bumped when a SETXATTR is forwarded and when its reply comes back.
     setxattrs: u64,
+    /// Whether the appliance serves extended attributes: unknown until a GETXATTR is
+    /// answered with something other than EOPNOTSUPP (or with it).
+    xattrs_served: Option<bool>,
+}
+
+impl Known {
+    fn forget(&mut self, node: u64) {
+        self.setxattrs += 1;
+        self.absent.remove(&node);
+    }
 }
 
 /// The set, shared by a relay's request threads and its reply thread.
@@ -94,9 +112,8 @@ impl AbsentCaps {
             opcode::SETXATTR => {
                 // Whatever the name: the layout of its arguments depends on INIT, and
                 // forgetting too much only costs a round trip.
-                known.setxattrs += 1;
-                known.absent.remove(&header.nodeid);
-                return Verdict::Forward(None);
+                known.forget(header.nodeid);
+                return lesson(LessonKind::Set(header.nodeid));
             }
             opcode::FORGET => {
                 known.absent.remove(&header.nodeid);
@@ -110,7 +127,7 @@ impl AbsentCaps {
         };
         match request.op {
             Operation::Getxattr { name, .. } if name.as_encoded_bytes() == CAPABILITY => {
-                if known.absent.contains(&header.nodeid) {
+                if known.xattrs_served == Some(true) && known.absent.contains(&header.nodeid) {
                     Verdict::Absent
                 } else {
                     lesson(LessonKind::Query(header.nodeid))
@@ -136,15 +153,27 @@ impl AbsentCaps {
         let Ok((header, body)) = OutHeader::read_from_prefix(frame) else {
             return;
         };
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let node = match lesson.kind {
-            LessonKind::Query(node) if header.error == -libc::ENODATA => node,
+            LessonKind::Set(node) => return known.forget(node),
+            LessonKind::Query(node) => {
+                if header.error == -libc::EOPNOTSUPP {
+                    // Once is enough never to answer for this file system.
+                    known.xattrs_served = Some(false);
+                    return;
+                }
+                known.xattrs_served.get_or_insert(true);
+                if header.error != -libc::ENODATA {
+                    return;
+                }
+                node
+            }
             LessonKind::Created if header.error == 0 => match EntryOut::read_from_prefix(body) {
                 Ok((entry, _)) if entry.nodeid != 0 => entry.nodeid,
                 _ => return,
             },
             _ => return,
         };
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.setxattrs != lesson.epoch {
             return;
         }
@@ -245,6 +274,11 @@ mod tests {
         }
     }
 
+    fn setxattr(caps: &AbsentCaps, node: u64) -> Lesson {
+        let (h, f) = request(opcode::SETXATTR, node, 9, b"");
+        forwarded(caps.on_request(&h, &f))
+    }
+
     #[test]
     fn a_miss_once_seen_is_answered_here_until_a_setxattr() {
         let caps = AbsentCaps::new();
@@ -253,9 +287,44 @@ mod tests {
         assert_eq!(ask(&caps, 5), Verdict::Absent);
         assert!(matches!(ask(&caps, 6), Verdict::Forward(Some(_))));
 
-        let (h, f) = request(opcode::SETXATTR, 5, 9, b"");
-        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+        setxattr(&caps, 5);
         assert!(matches!(ask(&caps, 5), Verdict::Forward(Some(_))));
+    }
+
+    #[test]
+    fn a_miss_answered_while_a_setxattr_was_in_flight_is_undone_by_its_reply() {
+        let caps = AbsentCaps::new();
+        let teach = forwarded(ask(&caps, 6));
+        caps.learn(teach, &reply(7, -libc::ENODATA, &[]));
+        // The SETXATTR leaves first; a query leaves after it, and another worker
+        // answers it before the attribute is set.
+        let set = setxattr(&caps, 5);
+        let query = forwarded(ask(&caps, 5));
+        caps.learn(query, &reply(7, -libc::ENODATA, &[]));
+        caps.learn(set, &reply(9, 0, &[]));
+        assert!(matches!(ask(&caps, 5), Verdict::Forward(Some(_))));
+        // The other way round the late miss teaches nothing either.
+        let set = setxattr(&caps, 5);
+        let query = forwarded(ask(&caps, 5));
+        caps.learn(set, &reply(9, 0, &[]));
+        caps.learn(query, &reply(7, -libc::ENODATA, &[]));
+        assert!(matches!(ask(&caps, 5), Verdict::Forward(Some(_))));
+        assert_eq!(ask(&caps, 6), Verdict::Absent);
+    }
+
+    #[test]
+    fn nothing_is_answered_for_a_file_system_without_extended_attributes() {
+        let caps = AbsentCaps::new();
+        let (h, f) = create(1, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY);
+        let lesson = forwarded(caps.on_request(&h, &f));
+        caps.learn(lesson, &reply(8, 0, &entry(42)));
+        // Not known yet whether it serves them: asked.
+        let query = forwarded(ask(&caps, 42));
+        caps.learn(query, &reply(7, -libc::EOPNOTSUPP, &[]));
+        assert!(matches!(ask(&caps, 42), Verdict::Forward(Some(_))));
+        let query = forwarded(ask(&caps, 43));
+        caps.learn(query, &reply(7, -libc::ENODATA, &[]));
+        assert!(matches!(ask(&caps, 43), Verdict::Forward(Some(_))));
     }
 
     #[test]
@@ -281,8 +350,7 @@ mod tests {
     fn a_miss_answered_before_a_setxattr_that_overtook_it_is_not_learned() {
         let caps = AbsentCaps::new();
         let lesson = forwarded(ask(&caps, 5));
-        let (h, f) = request(opcode::SETXATTR, 5, 9, b"");
-        caps.on_request(&h, &f);
+        setxattr(&caps, 5);
         caps.learn(lesson, &reply(7, -libc::ENODATA, &[]));
         assert!(caps.is_empty());
     }
@@ -293,6 +361,9 @@ mod tests {
         let (h, f) = create(1, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY);
         let lesson = forwarded(caps.on_request(&h, &f));
         caps.learn(lesson, &reply(8, 0, &entry(42)));
+        // Asked once: the appliance serves extended attributes.
+        let query = forwarded(ask(&caps, 42));
+        caps.learn(query, &reply(7, -libc::ENODATA, &[]));
         assert_eq!(ask(&caps, 42), Verdict::Absent);
 
         // Without O_EXCL the name may have existed: the node may be an old one.

@@ -63,8 +63,8 @@ struct Pending {
     opcode: u32,
     /// What its reply can teach the capability cache.
     lesson: Option<Lesson>,
-    /// Its number among changing requests, for the hints that come with its reply.
-    number: Option<u64>,
+    /// Its ticket with the directory table, for the hints that come with its reply.
+    ticket: Option<dir_attrs::Ticket>,
 }
 
 struct Shared {
@@ -212,12 +212,12 @@ fn forward_requests(s: &Shared, index: usize) {
             Some(Verdict::Forward(lesson)) => lesson,
             None => None,
         };
-        let number = match s.dir_attrs.as_ref().map(|d| d.on_request(&h, frame)) {
+        let ticket = match s.dir_attrs.as_ref().map(|d| d.on_request(&h, frame)) {
             Some(dir_attrs::Verdict::Answer(attr)) => {
                 let _ = dev.send(reply.value(h.unique, &attr));
                 continue;
             }
-            Some(dir_attrs::Verdict::Forward(number)) => number,
+            Some(dir_attrs::Verdict::Forward(ticket)) => ticket,
             None => None,
         };
         let one_way = one_way(h.opcode);
@@ -240,7 +240,7 @@ fn forward_requests(s: &Shared, index: usize) {
                     dev: index,
                     opcode: h.opcode,
                     lesson,
-                    number,
+                    ticket,
                 },
             );
         }
@@ -310,7 +310,7 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
             dev,
             opcode: op,
             lesson,
-            ..
+            ticket,
         }) = s
             .pending
             .lock()
@@ -321,6 +321,9 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
         };
         if let (Some(caps), Some(lesson)) = (&s.absent_caps, lesson) {
             caps.learn(lesson, frame);
+        }
+        if let (Some(dirs), Some(ticket)) = (&s.dir_attrs, ticket) {
+            dirs.on_reply(ticket);
         }
         if op == opcode::INIT && h.error == 0 {
             let max_write = fsva_protocol::reply::init_reply_max_write(frame);
@@ -358,7 +361,8 @@ fn take_hint(s: &Shared, frame: &[u8]) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&hint.unique)
-        .and_then(|p| p.number);
+        .and_then(|p| p.ticket)
+        .map(|t| t.number);
     if let Some(number) = number {
         dir_attrs.on_hint(&hint, number);
     }

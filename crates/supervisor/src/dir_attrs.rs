@@ -11,7 +11,13 @@
 //! Some changes do not name the directory they change: a rename or rmdir changes the
 //! moved or removed directory (its ctime, its link count), which appears in no header,
 //! so both drop everything held, and hints from requests forwarded before them. An
-//! opcode the relay does not know is treated the same way.
+//! opcode the relay does not know is treated the same way. The kernel does not lock a
+//! directory moved by a rename, so a change inside it, forwarded after the rename, may
+//! run before it and send a hint with the old ctime: while a rename (or an unknown
+//! request) is in flight no other request's hint is taken, and when its reply comes
+//! back everything held is dropped but what its own hints said of its two parents
+//! (their locks keep every other change of them out), with every hint of a request
+//! forwarded until then.
 //!
 //! Owns that table and those rules, for an appliance that is the only writer of its
 //! file system (nothing else can change a directory behind the relay's back). It
@@ -35,9 +41,19 @@ pub const MAX_HELD: usize = 1 << 16;
 pub enum Verdict {
     /// Answer with these attributes; do not forward.
     Answer(AttrOut),
-    /// Forward it, recording this number with it: a hint that comes with its reply is
-    /// checked against it. `None`: the request changes nothing.
-    Forward(Option<u64>),
+    /// Forward it, keeping this ticket with it for its hints and its reply. `None`:
+    /// the request changes nothing.
+    Forward(Option<Ticket>),
+}
+
+/// A forwarded changing request, as the table knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// Its number among changing requests.
+    pub number: u64,
+    /// It may change a directory no header names (rename, or an opcode not known):
+    /// its reply must be handed to [`DirAttrs::on_reply`].
+    pub wide: bool,
 }
 
 #[derive(Default)]
@@ -50,6 +66,8 @@ struct Table {
     last: u64,
     /// Hints from requests numbered below this are not taken.
     floor: u64,
+    /// Wide requests forwarded and not answered yet, by number.
+    wide: std::collections::BTreeSet<u64>,
 }
 
 impl Table {
@@ -149,6 +167,7 @@ impl DirAttrs {
             op => {
                 t.last += 1;
                 let number = t.last;
+                let mut wide = false;
                 match op {
                     opcode::CREATE
                     | opcode::MKNOD
@@ -164,6 +183,7 @@ impl DirAttrs {
                     | opcode::COPY_FILE_RANGE_64
                     | opcode::TMPFILE => t.name(header.nodeid, number),
                     opcode::RENAME | opcode::RENAME2 => {
+                        wide = true;
                         t.drop_everything(number);
                         t.name(header.nodeid, number);
                         if let Ok(Operation::Rename { newdir, .. }) =
@@ -177,9 +197,15 @@ impl DirAttrs {
                         t.name(header.nodeid, number);
                     }
                     // Not known to change only what it names.
-                    _ => t.drop_everything(number + 1),
+                    _ => {
+                        wide = true;
+                        t.drop_everything(number + 1);
+                    }
                 }
-                Verdict::Forward(Some(number))
+                if wide {
+                    t.wide.insert(number);
+                }
+                Verdict::Forward(Some(Ticket { number, wide }))
             }
         }
     }
@@ -187,10 +213,26 @@ impl DirAttrs {
     /// Takes a hint that came with the reply to the request forwarded as `number`.
     pub fn on_hint(&self, hint: &DirAttrHint, number: u64) {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let current = number >= t.floor && t.named.get(&hint.nodeid) == Some(&number);
+        let no_wide_besides = t.wide.iter().all(|w| *w == number);
+        let current =
+            number >= t.floor && no_wide_besides && t.named.get(&hint.nodeid) == Some(&number);
         if current && (t.held.len() < MAX_HELD || t.held.contains_key(&hint.nodeid)) {
             t.held.insert(hint.nodeid, hint.attr);
         }
+    }
+
+    /// Hands over the reply to a request forwarded with `ticket` (before the kernel
+    /// gets it). After a wide request, everything held is dropped but what its own
+    /// hints said, and every hint of a request forwarded so far is refused.
+    pub fn on_reply(&self, ticket: Ticket) {
+        if !ticket.wide {
+            return;
+        }
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.wide.remove(&ticket.number);
+        let Table { held, named, .. } = &mut *t;
+        held.retain(|node, _| named.get(node) == Some(&ticket.number));
+        t.floor = t.last + 1;
     }
 
     /// How many directories are held (for tests and logs).
@@ -249,11 +291,10 @@ mod tests {
 
     /// Forwards a changing request on `node` and takes its hint.
     fn change(d: &DirAttrs, op: u32, node: u64, size: u64) -> u64 {
-        let Verdict::Forward(Some(n)) = ask(d, op, node, b"x\0") else {
-            panic!("a changing request must be numbered");
-        };
-        d.on_hint(&hint(node, size), n);
-        n
+        let t = forward(d, op, node, b"x\0");
+        d.on_hint(&hint(node, size), t.number);
+        d.on_reply(t);
+        t.number
     }
 
     #[test]
@@ -280,20 +321,14 @@ mod tests {
     #[test]
     fn a_hint_overtaken_by_another_change_of_its_directory_is_not_taken() {
         let d = DirAttrs::new();
-        let Verdict::Forward(Some(first)) = ask(&d, opcode::CREATE, 2, b"a\0") else {
-            panic!()
-        };
-        let Verdict::Forward(Some(second)) = ask(&d, opcode::UNLINK, 2, b"b\0") else {
-            panic!()
-        };
+        let first = forward(&d, opcode::CREATE, 2, b"a\0").number;
+        let second = forward(&d, opcode::UNLINK, 2, b"b\0").number;
         d.on_hint(&hint(2, 1), first);
         assert_eq!(getattr(&d, 2), Verdict::Forward(None));
         d.on_hint(&hint(2, 2), second);
         assert_eq!(getattr(&d, 2), Verdict::Answer(hint(2, 2).attr));
         // A change of another directory in between does not matter.
-        let Verdict::Forward(Some(third)) = ask(&d, opcode::MKDIR, 2, b"c\0") else {
-            panic!()
-        };
+        let third = forward(&d, opcode::MKDIR, 2, b"c\0").number;
         change(&d, opcode::MKDIR, 3, 7);
         d.on_hint(&hint(2, 3), third);
         assert_eq!(getattr(&d, 2), Verdict::Answer(hint(2, 3).attr));
@@ -313,49 +348,77 @@ mod tests {
         assert_eq!(getattr(&d, 2), Verdict::Forward(None));
     }
 
+    fn forward(d: &DirAttrs, op: u32, node: u64, body: &[u8]) -> Ticket {
+        match ask(d, op, node, body) {
+            Verdict::Forward(Some(t)) => t,
+            other => panic!("opcode {op} must be forwarded with a ticket, got {other:?}"),
+        }
+    }
+
+    fn rename(d: &DirAttrs, from: u64, to: u64) -> Ticket {
+        let mut body = RenameIn { newdir: to }.as_bytes().to_vec();
+        body.extend_from_slice(b"a\0b\0");
+        forward(d, opcode::RENAME, from, &body)
+    }
+
     #[test]
     fn rename_and_rmdir_drop_everything_held_and_older_hints() {
-        let d = DirAttrs::new();
         for op in [opcode::RENAME, opcode::RMDIR] {
+            let d = DirAttrs::new();
             change(&d, opcode::MKDIR, 5, 1);
-            let Verdict::Forward(Some(pending)) = ask(&d, opcode::CREATE, 6, b"f\0") else {
-                panic!()
-            };
+            let pending = forward(&d, opcode::CREATE, 6, b"f\0").number;
             let mut body = RenameIn { newdir: 8 }.as_bytes().to_vec();
             body.extend_from_slice(b"a\0b\0");
-            let Verdict::Forward(Some(n)) = ask(&d, op, 7, &body) else {
-                panic!()
-            };
+            let t = forward(&d, op, 7, &body);
+            assert_eq!(t.wide, op == opcode::RENAME);
             assert_eq!(getattr(&d, 5), Verdict::Forward(None), "opcode {op}");
             d.on_hint(&hint(6, 1), pending);
             assert_eq!(getattr(&d, 6), Verdict::Forward(None), "opcode {op}");
-            // Its own hints are taken.
-            d.on_hint(&hint(7, 1), n);
+            // Its own hints are taken, and kept past its reply.
+            d.on_hint(&hint(7, 1), t.number);
+            d.on_reply(t);
             assert!(matches!(getattr(&d, 7), Verdict::Answer(_)), "opcode {op}");
         }
         let d = DirAttrs::new();
-        let mut body = RenameIn { newdir: 8 }.as_bytes().to_vec();
-        body.extend_from_slice(b"a\0b\0");
-        let Verdict::Forward(Some(n)) = ask(&d, opcode::RENAME, 7, &body) else {
-            panic!()
-        };
-        d.on_hint(&hint(8, 1), n);
+        let t = rename(&d, 7, 8);
+        d.on_hint(&hint(8, 1), t.number);
+        d.on_reply(t);
         assert!(matches!(getattr(&d, 8), Verdict::Answer(_)));
+    }
+
+    /// The kernel does not lock the directory a rename moves: a create inside it,
+    /// forwarded after the rename, may run before it and report the old ctime.
+    #[test]
+    fn no_other_hint_is_taken_while_a_rename_is_in_flight_nor_after_from_before_its_reply() {
+        let d = DirAttrs::new();
+        let r = rename(&d, 7, 8);
+        let inside = forward(&d, opcode::CREATE, 9, b"f\0");
+        d.on_hint(&hint(9, 1), inside.number);
+        assert_eq!(getattr(&d, 9), Verdict::Forward(None));
+
+        let late = forward(&d, opcode::CREATE, 10, b"f\0");
+        d.on_hint(&hint(7, 1), r.number);
+        d.on_reply(r);
+        // Forwarded before the rename's reply: its hint may predate the rename.
+        d.on_hint(&hint(10, 1), late.number);
+        assert_eq!(getattr(&d, 10), Verdict::Forward(None));
+        assert!(matches!(getattr(&d, 7), Verdict::Answer(_)));
+        // After the reply, hints are taken again.
+        change(&d, opcode::CREATE, 10, 2);
+        assert_eq!(getattr(&d, 10), Verdict::Answer(hint(10, 2).attr));
     }
 
     #[test]
     fn an_unknown_opcode_drops_everything_and_every_hint_in_flight() {
         let d = DirAttrs::new();
         change(&d, opcode::CREATE, 2, 1);
-        let Verdict::Forward(Some(pending)) = ask(&d, opcode::CREATE, 3, b"f\0") else {
-            panic!()
-        };
-        let Verdict::Forward(Some(n)) = ask(&d, 9999, 4, &[]) else {
-            panic!()
-        };
+        let pending = forward(&d, opcode::CREATE, 3, b"f\0");
+        let unknown = forward(&d, 9999, 4, &[]);
+        assert!(unknown.wide);
         assert_eq!(getattr(&d, 2), Verdict::Forward(None));
-        d.on_hint(&hint(3, 1), pending);
-        d.on_hint(&hint(4, 1), n);
+        d.on_hint(&hint(3, 1), pending.number);
+        d.on_hint(&hint(4, 1), unknown.number);
+        d.on_reply(unknown);
         assert!(d.is_empty());
     }
 }
