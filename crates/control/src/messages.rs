@@ -134,9 +134,9 @@ pub struct StartConfig {
     /// mount and has them invalidated ([`ToAppliance::HostChanged`]), so the kernel may
     /// trust entries and attributes longer than an unwatched export allows.
     pub host_watched: bool,
-    /// The supervisor's stream relay takes directory-attribute hints
-    /// (`fsva_protocol::hint`): a `Stream` channel to a host mount, for a backend
-    /// nothing else writes.
+    /// The relay at the other end of a `Stream` channel (a host mount's, or a vhost
+    /// device's link) answers from directory-attribute hints (`fsva_protocol::hint`):
+    /// for a backend nothing else writes.
     pub dir_hints: bool,
 }
 

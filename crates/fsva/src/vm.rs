@@ -226,7 +226,7 @@ pub fn plan(
                 accel,
                 workers: workers.unwrap_or_else(crate::commands::mount::default_workers),
                 log_filter: log.to_string(),
-                // The mount's supervisor turns them on; a vhost relay has no use for them.
+                // The supervisor turns them on where its relay answers from them.
                 dir_hints: false,
             },
             accel_note,

@@ -10,11 +10,10 @@
 //!
 //! Where the mount's [`Tuning`] says the appliance is the only writer of its file
 //! system, the bridge also answers two kinds of request itself, from what it has seen
-//! pass: the kernel's `security.capability` checks ([`crate::absent_caps`]), and the
-//! GETATTR of a directory the appliance just changed, from the hint the appliance sent
-//! with its reply ([`crate::dir_attrs`]). For those it reads the payloads it needs
-//! (attribute names, rename targets, forgotten nodes, entry replies); otherwise it
-//! reads none.
+//! pass: the kernel's `security.capability` checks, and the GETATTR of a directory
+//! the appliance just changed, from the hint the appliance sent with its reply
+//! ([`fsva_relay`]). For those it reads the payloads it needs (attribute names, rename
+//! targets, forgotten nodes, entry replies); otherwise it reads none.
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -31,9 +30,8 @@ use fsva_protocol::reply::ReplyBuf;
 use fsva_protocol::request::decode_header;
 use zerocopy::FromBytes;
 
-use crate::absent_caps::{AbsentCaps, Lesson, Verdict};
-use crate::dir_attrs::{self, DirAttrs};
 use crate::fallback::error_reply;
+use fsva_relay::{Answers, Decision, Note};
 
 /// Largest frame either way: a 1 MiB payload plus headers.
 const MAX_FRAME: usize = (1 << 20) + 8192;
@@ -61,10 +59,8 @@ struct Pending {
     /// The clone that read it: the kernel only takes the reply there.
     dev: usize,
     opcode: u32,
-    /// What its reply can teach the capability cache.
-    lesson: Option<Lesson>,
-    /// Its ticket with the directory table, for the hints that come with its reply.
-    ticket: Option<dir_attrs::Ticket>,
+    /// What the relay's own answers need of its hints and reply.
+    note: Note,
 }
 
 struct Shared {
@@ -76,10 +72,8 @@ struct Shared {
     /// lock (a writer blocked on a full socket must not keep the bridge from failing).
     shutdown: UnixStream,
     pending: Mutex<HashMap<u64, Pending>>,
-    /// Nodes known to have no `security.capability` (a sole writer only).
-    absent_caps: Option<AbsentCaps>,
-    /// Directory attributes from the appliance's hints (a sole writer only).
-    dir_attrs: Option<DirAttrs>,
+    /// What the relay answers itself (a sole writer only).
+    answers: Option<Answers>,
     dead: AtomicBool,
     notifications_dropped: AtomicBool,
     on_failure: FailureHook,
@@ -109,8 +103,7 @@ impl Bridge {
             to_appliance: Mutex::new(stream),
             shutdown,
             pending: Mutex::new(HashMap::new()),
-            absent_caps: tuning.sole_writer.then(AbsentCaps::new),
-            dir_attrs: tuning.sole_writer.then(DirAttrs::new),
+            answers: tuning.sole_writer.then(Answers::new),
             dead: AtomicBool::new(false),
             notifications_dropped: AtomicBool::new(false),
             on_failure,
@@ -204,21 +197,13 @@ fn forward_requests(s: &Shared, index: usize) {
         let Ok(h) = decode_header(frame) else {
             continue;
         };
-        let lesson = match s.absent_caps.as_ref().map(|c| c.on_request(&h, frame)) {
-            Some(Verdict::Absent) => {
-                let _ = dev.send(reply.error(h.unique, libc::ENODATA));
+        let note = match s.answers.as_ref().map(|a| a.on_request(&h, frame)) {
+            Some(Decision::Answer(local)) => {
+                let _ = dev.send(local.encode(&mut reply, h.unique));
                 continue;
             }
-            Some(Verdict::Forward(lesson)) => lesson,
-            None => None,
-        };
-        let ticket = match s.dir_attrs.as_ref().map(|d| d.on_request(&h, frame)) {
-            Some(dir_attrs::Verdict::Answer(attr)) => {
-                let _ = dev.send(reply.value(h.unique, &attr));
-                continue;
-            }
-            Some(dir_attrs::Verdict::Forward(ticket)) => ticket,
-            None => None,
+            Some(Decision::Forward(note)) => note,
+            None => Note::default(),
         };
         let one_way = one_way(h.opcode);
         if !one_way {
@@ -239,8 +224,7 @@ fn forward_requests(s: &Shared, index: usize) {
                 Pending {
                     dev: index,
                     opcode: h.opcode,
-                    lesson,
-                    ticket,
+                    note,
                 },
             );
         }
@@ -309,8 +293,7 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
         let Some(Pending {
             dev,
             opcode: op,
-            lesson,
-            ticket,
+            note,
         }) = s
             .pending
             .lock()
@@ -319,11 +302,8 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
         else {
             return fail(s, &format!("reply to unknown request {}", h.unique));
         };
-        if let (Some(caps), Some(lesson)) = (&s.absent_caps, lesson) {
-            caps.learn(lesson, frame);
-        }
-        if let (Some(dirs), Some(ticket)) = (&s.dir_attrs, ticket) {
-            dirs.on_reply(ticket);
+        if let Some(answers) = &s.answers {
+            answers.on_reply(note, frame);
         }
         if op == opcode::INIT && h.error == 0 {
             let max_write = fsva_protocol::reply::init_reply_max_write(frame);
@@ -346,25 +326,14 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
     }
 }
 
-/// Takes a directory-attributes hint for the table, if it is well formed, this relay
-/// keeps one, and its request still waits for its reply (the hint comes just before).
+/// Hands a hint to the relay's answers (if it keeps them), with the note of the
+/// request it names while that request still waits for its reply.
 fn take_hint(s: &Shared, frame: &[u8]) {
-    let Some(dir_attrs) = &s.dir_attrs else {
-        return;
-    };
-    let Some(hint) = fsva_protocol::hint::decode_dir_attr(frame) else {
-        tracing::debug!("dropping a malformed directory hint");
-        return;
-    };
-    let number = s
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&hint.unique)
-        .and_then(|p| p.ticket)
-        .map(|t| t.number);
-    if let Some(number) = number {
-        dir_attrs.on_hint(&hint, number);
+    if let Some(answers) = &s.answers {
+        answers.on_hint(frame, |unique| {
+            let pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.get(&unique).map(|p| p.note)
+        });
     }
 }
 

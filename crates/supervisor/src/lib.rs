@@ -5,8 +5,8 @@
 //! ([`appliance`]), the privileged operations it does on the appliance's behalf
 //! ([`broker`]: FUSE passthrough registrations checked by [`backing`], device nodes), the
 //! relay for stream channels ([`bridge`], which answers the kernel's capability checks
-//! and directory GETATTRs it already knows the answer to: [`absent_caps`],
-//! [`dir_attrs`]), the appliance's memory cgroup that enforces
+//! and directory GETATTRs it already knows the answer to, with [`fsva_relay`]), the
+//! appliance's memory cgroup that enforces
 //! its cache budget ([`cgroup`]), what it keeps so that a successor can take over after
 //! an appliance dies ([`keeper`]), replacing an appliance by a successor ([`takeover`]),
 //! moving it to another host's daemon ([`migrate`]), watching a shared export for
@@ -19,17 +19,15 @@
 //! route and validate frames, and answers with errors when no appliance can. The
 //! exceptions hold only where the appliance is the only writer, and are about what
 //! passed through the relay, not about any file system: a node keeps having no
-//! `security.capability` until a SETXATTR passes ([`absent_caps`]), and a directory
-//! keeps the attributes the appliance reported after changing it until a request that
-//! may change it passes ([`dir_attrs`]).
+//! `security.capability` until a SETXATTR passes, and a directory keeps the attributes
+//! the appliance reported after changing it until a request that may change it passes
+//! ([`fsva_relay`]).
 
-pub mod absent_caps;
 pub mod appliance;
 pub mod backing;
 pub mod bridge;
 pub mod broker;
 pub mod cgroup;
-pub mod dir_attrs;
 pub mod fallback;
 pub mod host_watch;
 pub mod keeper;

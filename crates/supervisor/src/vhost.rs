@@ -59,7 +59,11 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> SupervisorError {
 }
 
 /// Serves until the VMM disconnects or a termination signal arrives.
-pub fn serve(req: VhostRequest) -> Result<(), SupervisorError> {
+pub fn serve(mut req: VhostRequest) -> Result<(), SupervisorError> {
+    // A VM appliance is always relayed, and the link answers from its hints.
+    if let Some(plan) = req.vm.as_mut() {
+        plan.spec.dir_hints = true;
+    }
     block_termination_signals();
     if let BackendSpec::Passthrough { path, .. } = &req.backend {
         if !path.is_dir() {
@@ -124,8 +128,8 @@ fn start_config(
         restore: false,
         // A guest's virtiofs driver takes no invalidations: nothing to watch for.
         host_watched: false,
-        // The device's relay has no use for them.
-        dir_hints: false,
+        // The device's link to a relayed appliance answers from them.
+        dir_hints: channel == ChannelKind::Stream && req.backend.is_only_writer(),
     };
     Ok((config, broker))
 }
@@ -442,6 +446,7 @@ fn relayed(
             req.device.clone(),
             started.stream,
             started.shm,
+            req.backend.is_only_writer().then(fsva_relay::Answers::new),
             Box::new(move |why| {
                 tracing::error!(reason = why, "appliance dropped; the guest gets EIO");
                 shared.kill();

@@ -192,6 +192,7 @@ impl FsDevice {
         memory: Memory,
         stream: std::os::unix::net::UnixStream,
         shm: Option<Arc<fsva_channel::shm::ShmRegion>>,
+        answers: Option<fsva_relay::Answers>,
         on_failure: OnFailure,
     ) -> std::io::Result<Arc<FsDevice>> {
         let queues = Queues::new(&config, memory);
@@ -199,6 +200,7 @@ impl FsDevice {
         let (relay, reader) = Relay::new(
             stream,
             shm,
+            answers,
             Box::new(move |token, reply: &[u8]| q.complete(token, reply)),
             on_failure,
         )?;
@@ -322,6 +324,7 @@ impl FsDevice {
                     Route::Relay(relay) => match relay.forward(frame, token(space)) {
                         Forwarded::Sent => {}
                         Forwarded::NoReply(token) => self.queues.complete(token, &[]),
+                        Forwarded::Answered(token, reply) => self.queues.complete(token, &reply),
                         Forwarded::Refused(token, errno) => {
                             let unique = guest_unique(frame);
                             self.queues.complete(token, reply.error(unique, errno));

@@ -62,10 +62,11 @@ impl Server {
         config: DeviceConfig,
         stream: UnixStream,
         shm: Option<Arc<fsva_channel::shm::ShmRegion>>,
+        answers: Option<fsva_relay::Answers>,
         on_failure: relay::OnFailure,
     ) -> Result<Server, VhostError> {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let device = FsDevice::relayed(config, memory.clone(), stream, shm, on_failure)
+        let device = FsDevice::relayed(config, memory.clone(), stream, shm, answers, on_failure)
             .map_err(VhostError::Start)?;
         Ok(Server { device, memory })
     }

@@ -13,7 +13,10 @@
 //! migration's destination replaces the fresh appliance it started by one restored
 //! from the source's state); the old stream's end is then no failure.
 //!
-//! This module never reads a payload and never touches guest memory: completing a
+//! For an appliance that is the only writer of its file system, the link answers the
+//! guest's `security.capability` checks and the GETATTR of a directory the appliance
+//! just changed itself ([`fsva_relay::Answers`]), reading only the payloads those
+//! need. Otherwise it reads no payload. It never touches guest memory: completing a
 //! request (writing the reply into the chain) is the caller's `complete` callback.
 
 use std::collections::HashMap;
@@ -52,12 +55,16 @@ pub enum Forwarded<T> {
     NoReply(T),
     /// Not sent: answer the guest with this errno.
     Refused(T, i32),
+    /// Answered here, without the appliance: complete the chain with this reply.
+    Answered(T, Vec<u8>),
 }
 
 struct Waiting<T> {
     token: T,
     guest_unique: u64,
     opcode: u32,
+    /// What the link's own answers need of the hints and the reply.
+    note: fsva_relay::Note,
 }
 
 /// The link to one appliance.
@@ -70,6 +77,8 @@ pub struct Relay<T> {
     generation: AtomicU64,
     shm: Option<Arc<ShmRegion>>,
     waiting: Mutex<HashMap<u64, Waiting<T>>>,
+    /// What the link answers itself (an appliance that is the only writer).
+    answers: Option<fsva_relay::Answers>,
     next_unique: AtomicU64,
     dead: AtomicBool,
     complete: Complete<T>,
@@ -78,10 +87,12 @@ pub struct Relay<T> {
 
 impl<T: Send + 'static> Relay<T> {
     /// A relay over `stream` (and `shm`, when the appliance is a VM mapping the same
-    /// region). Returns the relay and the reading end for [`Relay::run_replies`].
+    /// region), answering what `answers` can where the appliance is the only writer.
+    /// Returns the relay and the reading end for [`Relay::run_replies`].
     pub fn new(
         stream: UnixStream,
         shm: Option<Arc<ShmRegion>>,
+        answers: Option<fsva_relay::Answers>,
         complete: Complete<T>,
         on_failure: OnFailure,
     ) -> std::io::Result<(Arc<Self>, UnixStream)> {
@@ -93,6 +104,7 @@ impl<T: Send + 'static> Relay<T> {
             generation: AtomicU64::new(0),
             shm,
             waiting: Mutex::new(HashMap::new()),
+            answers,
             next_unique: AtomicU64::new(1),
             dead: AtomicBool::new(false),
             complete,
@@ -118,6 +130,15 @@ impl<T: Send + 'static> Relay<T> {
             opcode::INTERRUPT | opcode::NOTIFY_REPLY => return Forwarded::NoReply(token),
             _ => {}
         }
+        let note = match self.answers.as_ref().map(|a| a.on_request(&header, frame)) {
+            Some(fsva_relay::Decision::Answer(local)) => {
+                let mut reply = ReplyBuf::default();
+                let reply = local.encode(&mut reply, header.unique).to_vec();
+                return Forwarded::Answered(token, reply);
+            }
+            Some(fsva_relay::Decision::Forward(note)) => note,
+            None => fsva_relay::Note::default(),
+        };
         let one_way = matches!(header.opcode, opcode::FORGET | opcode::BATCH_FORGET);
         let ours = self.next_unique.fetch_add(1, Ordering::Relaxed);
         let mut token = Some(token);
@@ -140,6 +161,7 @@ impl<T: Send + 'static> Relay<T> {
                         token: token.take().expect("token unused"),
                         guest_unique: header.unique,
                         opcode: header.opcode,
+                        note,
                     },
                 );
             }
@@ -242,6 +264,15 @@ impl<T: Send + 'static> Relay<T> {
     fn deliver(&self, frame: &mut [u8]) -> Result<(), String> {
         let (h, _) = OutHeader::read_from_prefix(frame)
             .map_err(|_| "reply shorter than its header".to_string())?;
+        if fsva_protocol::hint::is_hint(&h) {
+            if let Some(answers) = &self.answers {
+                answers.on_hint(frame, |unique| {
+                    let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                    waiting.get(&unique).map(|w| w.note)
+                });
+            }
+            return Ok(());
+        }
         if h.unique == 0 {
             // A notification: Linux's virtiofs has no notification queue. Dropped.
             if h.error <= 0 {
@@ -274,6 +305,9 @@ impl<T: Send + 'static> Relay<T> {
                     "INIT asks for max_write {max_write}, above {MAX_WRITE}"
                 ));
             }
+        }
+        if let Some(answers) = &self.answers {
+            answers.on_reply(w.note, frame);
         }
         frame[UNIQUE].copy_from_slice(&w.guest_unique.to_ne_bytes());
         (self.complete)(w.token, frame);
@@ -342,12 +376,19 @@ mod tests {
     type Done = mpsc::Receiver<(u32, Vec<u8>)>;
 
     fn relay() -> (Arc<Relay<u32>>, UnixStream, UnixStream, Done) {
+        relay_answering(None)
+    }
+
+    fn relay_answering(
+        answers: Option<fsva_relay::Answers>,
+    ) -> (Arc<Relay<u32>>, UnixStream, UnixStream, Done) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let (relay, reader) = Relay::new(
             ours,
             None,
+            answers,
             Box::new(move |token, frame: &[u8]| {
                 let _ = tx.lock().unwrap().send((token, frame.to_vec()));
             }),
@@ -448,5 +489,64 @@ mod tests {
             Forwarded::NoReply(3)
         ));
         assert!(!relay.is_dead());
+    }
+
+    /// A request frame with a 16-byte body of zeros (GETATTR's arguments, or enough
+    /// for the opcodes the link only reads headers of).
+    fn request_with_body(op: u32, unique: u64, node: u64) -> Vec<u8> {
+        let h = InHeader {
+            len: 56,
+            opcode: op,
+            unique,
+            nodeid: node,
+            ..Default::default()
+        };
+        let mut f = h.as_bytes().to_vec();
+        f.extend_from_slice(&[0; 16]);
+        f
+    }
+
+    #[test]
+    fn a_sole_writers_directory_getattr_is_answered_from_the_hint_under_the_guests_id() {
+        let (relay, reader, mut appliance, done) =
+            relay_answering(Some(fsva_relay::Answers::new()));
+        let r = relay.clone();
+        let t = std::thread::spawn(move || r.run_replies(reader));
+        let mut unlink = request_with_body(opcode::UNLINK, 7, 2);
+        assert!(matches!(relay.forward(&mut unlink, 1), Forwarded::Sent));
+        let mut got = [0u8; 56];
+        std::io::Read::read_exact(&mut appliance, &mut got).unwrap();
+        let ours = u64::from_ne_bytes(got[8..16].try_into().unwrap());
+        let mut hint = fsva_protocol::hint::DirAttrHint {
+            unique: ours,
+            nodeid: 2,
+            ..Default::default()
+        };
+        hint.attr.attr.mode = 0o040755;
+        hint.attr.attr.nlink = 5;
+        let mut buf = ReplyBuf::default();
+        appliance
+            .write_all(fsva_protocol::hint::dir_attr(&mut buf, &hint))
+            .unwrap();
+        appliance.write_all(buf.empty(ours)).unwrap();
+        let (token, frame) = done.recv().unwrap();
+        assert_eq!(token, 1);
+        assert_eq!(OutHeader::read_from_prefix(&frame[..]).unwrap().0.unique, 7);
+
+        let mut getattr = request_with_body(opcode::GETATTR, 9, 2);
+        let Forwarded::Answered(token, reply) = relay.forward(&mut getattr, 2) else {
+            panic!("the directory's GETATTR is answered by the link");
+        };
+        assert_eq!(token, 2);
+        let (h, body) = OutHeader::read_from_prefix(&reply[..]).unwrap();
+        assert_eq!((h.unique, h.error), (9, 0));
+        let attr = fsva_protocol::abi::AttrOut::read_from_bytes(body).unwrap();
+        assert_eq!(attr.attr.nlink, 5);
+        // Another directory goes to the appliance.
+        let mut other = request_with_body(opcode::GETATTR, 10, 3);
+        assert!(matches!(relay.forward(&mut other, 3), Forwarded::Sent));
+        relay.close();
+        drop(appliance);
+        t.join().unwrap();
     }
 }

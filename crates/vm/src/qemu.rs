@@ -59,8 +59,8 @@ pub struct VmSpec {
     pub workers: u32,
     /// The guest runtime's `tracing` filter.
     pub log_filter: String,
-    /// The guest sends directory-attribute hints (`fsva_protocol::hint`): only to a
-    /// host mount's relay, which can use them.
+    /// The guest sends directory-attribute hints (`fsva_protocol::hint`) to the relay
+    /// that answers from them (a host mount's, or a vhost device's link).
     pub dir_hints: bool,
 }
 

@@ -1,0 +1,176 @@
+//! What a relay between a FUSE client (the host kernel, or a VM guest's virtiofs
+//! driver) and an appliance may answer itself, from what it saw pass.
+//!
+//! Two relays use it: the supervisor's stream bridge (host mounts over a stream
+//! channel, VM appliances) and the vhost-user device's link to a relayed appliance.
+//! Both answer the same two kinds of request without a round trip, and only for an
+//! appliance that is the only writer of its file system:
+//! - a `security.capability` check on a node known to have none ([`absent_caps`]);
+//! - the GETATTR of a directory the appliance just changed, from the hint it sent with
+//!   its reply ([`dir_attrs`], [`fsva_protocol::hint`]).
+//!
+//! [`Answers`] is the front both relays call: one look at each request on its way
+//! out, one at each reply and hint on its way back. It owns no I/O and no FUSE
+//! session; it never answers anything else, and never for a file system that can
+//! change beside the relay.
+
+pub mod absent_caps;
+pub mod dir_attrs;
+
+use fsva_protocol::abi::{AttrOut, InHeader};
+use fsva_protocol::reply::ReplyBuf;
+
+/// A reply the relay gives itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// ENODATA to a `security.capability` check.
+    NoCapability,
+    /// A directory's attributes.
+    Attributes(AttrOut),
+}
+
+impl Local {
+    /// The reply frame for the request `unique`.
+    pub fn encode<'a>(&self, reply: &'a mut ReplyBuf, unique: u64) -> &'a [u8] {
+        match self {
+            Local::NoCapability => reply.error(unique, libc::ENODATA),
+            Local::Attributes(attr) => reply.value(unique, attr),
+        }
+    }
+}
+
+/// What a relay keeps with a forwarded request until its reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Note {
+    lesson: Option<absent_caps::Lesson>,
+    ticket: Option<dir_attrs::Ticket>,
+}
+
+/// What to do with a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Reply with this; do not forward.
+    Answer(Local),
+    /// Forward it and keep this note with it.
+    Forward(Note),
+}
+
+/// Both tables of one relay.
+#[derive(Default)]
+pub struct Answers {
+    caps: absent_caps::AbsentCaps,
+    dirs: dir_attrs::DirAttrs,
+}
+
+impl Answers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Looks at a request on its way to the appliance (`frame` is the whole request,
+    /// `header` its decoded header).
+    pub fn on_request(&self, header: &InHeader, frame: &[u8]) -> Decision {
+        let lesson = match self.caps.on_request(header, frame) {
+            absent_caps::Verdict::Absent => return Decision::Answer(Local::NoCapability),
+            absent_caps::Verdict::Forward(lesson) => lesson,
+        };
+        let ticket = match self.dirs.on_request(header, frame) {
+            dir_attrs::Verdict::Answer(attr) => return Decision::Answer(Local::Attributes(attr)),
+            dir_attrs::Verdict::Forward(ticket) => ticket,
+        };
+        Decision::Forward(Note { lesson, ticket })
+    }
+
+    /// Looks at the reply (`frame`, header included) to a request forwarded with
+    /// `note`, before the client gets it.
+    pub fn on_reply(&self, note: Note, frame: &[u8]) {
+        if let Some(lesson) = note.lesson {
+            self.caps.learn(lesson, frame);
+        }
+        if let Some(ticket) = note.ticket {
+            self.dirs.on_reply(ticket);
+        }
+    }
+
+    /// Takes a hint frame from the appliance. `note_of` finds the note of the request
+    /// it names, if that request still waits for its reply (a hint comes just before).
+    pub fn on_hint(&self, frame: &[u8], note_of: impl FnOnce(u64) -> Option<Note>) {
+        let Some(hint) = fsva_protocol::hint::decode_dir_attr(frame) else {
+            return;
+        };
+        if let Some(ticket) = note_of(hint.unique).and_then(|n| n.ticket) {
+            self.dirs.on_hint(&hint, ticket.number);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fsva_protocol::abi::{opcode, GetattrIn, OutHeader};
+    use fsva_protocol::hint::DirAttrHint;
+    use zerocopy::{FromBytes, IntoBytes};
+
+    fn request(op: u32, node: u64, unique: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
+        let header = InHeader {
+            len: (core::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode: op,
+            unique,
+            nodeid: node,
+            ..Default::default()
+        };
+        let mut f = header.as_bytes().to_vec();
+        f.extend_from_slice(body);
+        (header, f)
+    }
+
+    #[test]
+    fn a_hint_then_its_reply_let_the_next_getattr_be_answered_here() {
+        let answers = Answers::new();
+        let (h, f) = request(opcode::UNLINK, 2, 40, b"x\0");
+        let Decision::Forward(note) = answers.on_request(&h, &f) else {
+            panic!("an unlink is forwarded");
+        };
+        let mut hint = DirAttrHint {
+            unique: 40,
+            nodeid: 2,
+            ..Default::default()
+        };
+        hint.attr.attr.mode = 0o040755;
+        hint.attr.attr.nlink = 3;
+        let mut buf = ReplyBuf::default();
+        let frame = fsva_protocol::hint::dir_attr(&mut buf, &hint).to_vec();
+        answers.on_hint(&frame, |unique| (unique == 40).then_some(note));
+        answers.on_reply(note, ReplyBuf::default().empty(40));
+
+        let (h, f) = request(opcode::GETATTR, 2, 41, GetattrIn::default().as_bytes());
+        let Decision::Answer(local) = answers.on_request(&h, &f) else {
+            panic!("the GETATTR is answered here");
+        };
+        let mut reply = ReplyBuf::default();
+        let out = local.encode(&mut reply, 41);
+        let (header, body) = OutHeader::read_from_prefix(out).unwrap();
+        assert_eq!((header.unique, header.error), (41, 0));
+        assert_eq!(AttrOut::read_from_bytes(body).unwrap().attr.nlink, 3);
+    }
+
+    #[test]
+    fn a_hint_for_a_request_no_longer_waiting_is_ignored() {
+        let answers = Answers::new();
+        let (h, f) = request(opcode::MKDIR, 2, 50, &[0; 12]);
+        let Decision::Forward(note) = answers.on_request(&h, &f) else {
+            panic!()
+        };
+        answers.on_reply(note, ReplyBuf::default().empty(50));
+        let mut hint = DirAttrHint {
+            unique: 50,
+            nodeid: 2,
+            ..Default::default()
+        };
+        hint.attr.attr.mode = 0o040755;
+        let frame = fsva_protocol::hint::dir_attr(&mut ReplyBuf::default(), &hint).to_vec();
+        answers.on_hint(&frame, |_| None);
+        let (h, f) = request(opcode::GETATTR, 2, 51, GetattrIn::default().as_bytes());
+        assert!(matches!(answers.on_request(&h, &f), Decision::Forward(_)));
+    }
+}
