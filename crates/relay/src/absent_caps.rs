@@ -1,5 +1,5 @@
-//! The nodes a stream relay knows carry no `security.capability`, so it can answer the
-//! kernel's question about that attribute without a round trip to the appliance.
+//! The nodes a relay knows carry no `security.capability`, so it can answer the FUSE
+//! client's question about that attribute without a round trip to the appliance.
 //!
 //! The kernel asks for `security.capability` before a write that may have to drop
 //! privileges and before every chown of a non-directory

@@ -1,5 +1,6 @@
-//! Directory attributes a stream relay holds from the appliance's hints, so it can
-//! answer the GETATTR the kernel sends after every change of a directory's entries.
+//! Directory attributes a relay holds from the appliance's hints, so it can answer the
+//! GETATTR the FUSE client (the host kernel, or a guest's virtiofs driver) sends after
+//! every change of a directory's entries.
 //!
 //! The appliance sends a directory's attributes just before the reply to a request
 //! that changed it ([`fsva_protocol::hint`], `fsva_appliance::dir_hints`). A hint is
