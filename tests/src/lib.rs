@@ -203,6 +203,14 @@ impl Mount {
         status.split_whitespace().nth(6).unwrap().parse().unwrap()
     }
 
+    /// How many requests the supervisor's stream relay answered itself, as `fsva
+    /// status` says (`None` where it answers none: not a relayed sole writer).
+    pub fn relay_answered(&self) -> Option<u64> {
+        let status = self.status();
+        let (_, after) = status.split_once("the relay answered ")?;
+        after.split_whitespace().next()?.parse().ok()
+    }
+
     /// The pids `fsva status` reports for this mount: (supervisor, appliance).
     pub fn pids(&self) -> (u32, Option<u32>) {
         let record = mount_record(self.path()).expect("mount record");

@@ -103,6 +103,10 @@ fn capability_checks_are_answered_by_the_relay_and_a_capability_is_never_hidden(
         "50 user.absent lookups reached the appliance only {} times",
         after_user - after_caps
     );
+    let answered = m
+        .relay_answered()
+        .expect("status counts the relay's answers");
+    assert!(answered >= 45, "status says the relay answered {answered}");
 
     // A capability set through the mount is seen at once, and a write drops it, as
     // the kernel must for a file that grants privileges.
@@ -121,6 +125,11 @@ fn a_shared_export_over_a_relay_shows_a_capability_set_beside_the_mount() {
     let file = create_new(&m.path().join("tool"));
     assert_eq!(getxattr(&file, CAPABILITY), Err(libc::ENODATA));
 
+    assert_eq!(
+        m.relay_answered(),
+        None,
+        "a shared export gets no relay answers"
+    );
     // Not the appliance's alone: what is set beside the mount must show through it.
     setxattr(&export.path.join("tool"), CAPABILITY, &capability_blob());
     assert_eq!(getxattr(&file, CAPABILITY), Ok(capability_blob()));

@@ -60,6 +60,8 @@ pub enum Decision {
 pub struct Answers {
     caps: absent_caps::AbsentCaps,
     dirs: dir_attrs::DirAttrs,
+    /// Requests answered here so far (for `fsva status`).
+    answered: std::sync::atomic::AtomicU64,
 }
 
 impl Answers {
@@ -70,15 +72,23 @@ impl Answers {
     /// Looks at a request on its way to the appliance (`frame` is the whole request,
     /// `header` its decoded header).
     pub fn on_request(&self, header: &InHeader, frame: &[u8]) -> Decision {
-        let lesson = match self.caps.on_request(header, frame) {
-            absent_caps::Verdict::Absent => return Decision::Answer(Local::NoCapability),
-            absent_caps::Verdict::Forward(lesson) => lesson,
+        let local = match self.caps.on_request(header, frame) {
+            absent_caps::Verdict::Absent => Local::NoCapability,
+            absent_caps::Verdict::Forward(lesson) => match self.dirs.on_request(header, frame) {
+                dir_attrs::Verdict::Answer(attr) => Local::Attributes(attr),
+                dir_attrs::Verdict::Forward(ticket) => {
+                    return Decision::Forward(Note { lesson, ticket })
+                }
+            },
         };
-        let ticket = match self.dirs.on_request(header, frame) {
-            dir_attrs::Verdict::Answer(attr) => return Decision::Answer(Local::Attributes(attr)),
-            dir_attrs::Verdict::Forward(ticket) => ticket,
-        };
-        Decision::Forward(Note { lesson, ticket })
+        self.answered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Decision::Answer(local)
+    }
+
+    /// How many requests were answered here so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Looks at the reply (`frame`, header included) to a request forwarded with
@@ -147,6 +157,7 @@ mod tests {
         let Decision::Answer(local) = answers.on_request(&h, &f) else {
             panic!("the GETATTR is answered here");
         };
+        assert_eq!(answers.answered(), 1);
         let mut reply = ReplyBuf::default();
         let out = local.encode(&mut reply, 41);
         let (header, body) = OutHeader::read_from_prefix(out).unwrap();

@@ -126,6 +126,11 @@ impl Bridge {
         Ok(Bridge { shared, threads })
     }
 
+    /// How many requests the relay answered itself (`None` where it answers none).
+    pub fn answered(&self) -> Option<u64> {
+        self.shared.answers.as_ref().map(|a| a.answered())
+    }
+
     /// Whether the appliance side has been dropped.
     pub fn is_dead(&self) -> bool {
         self.shared.dead.load(Ordering::SeqCst)

@@ -564,9 +564,12 @@ fn run_inner(mut req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), S
                             requests: stats.map(|s| s.requests).unwrap_or(0),
                             errors: stats.map(|s| s.errors).unwrap_or(0),
                             state: remote.as_ref().map_or_else(|| state.clone(), |r| r.state()),
-                            data_path: match &host_watch {
-                                Some(w) if w.stopped() => format!(
+                            data_path: match (&host_watch, bridge.as_ref().and_then(Bridge::answered)) {
+                                (Some(w), _) if w.stopped() => format!(
                                     "{data_path} (but the watch stopped, see the log: changes beside the mount show within 60 s)"
+                                ),
+                                (_, Some(n)) => format!(
+                                    "{data_path}; the relay answered {n} requests itself (capability checks, directory attributes)"
                                 ),
                                 _ => data_path.clone(),
                             },
