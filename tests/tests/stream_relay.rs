@@ -220,7 +220,7 @@ fn directory_attributes_from_hints_match_the_export_after_every_change() {
 /// directories that other threads rename back and forth, and stats): the relay's
 /// tables under real concurrency neither hang nor panic, and once the threads stop
 /// every directory stat'ed through the mount matches the export. A smoke test: it
-/// cannot force the interleavings that `fsva_supervisor::dir_attrs`'s unit tests
+/// cannot force the interleavings that `fsva_relay::dir_attrs`'s unit tests
 /// check one by one (a later change usually replaces a stale hint before the end).
 #[test]
 fn directory_attributes_stay_true_under_concurrent_changes() {

@@ -130,6 +130,11 @@ impl<T: Send + 'static> Relay<T> {
             opcode::INTERRUPT | opcode::NOTIFY_REPLY => return Forwarded::NoReply(token),
             _ => {}
         }
+        // A failed link answers nothing itself either: every request gets EIO at once
+        // (the tables may hold what a lost reply would have corrected).
+        if self.is_dead() {
+            return Forwarded::Refused(token, libc::EIO);
+        }
         let note = match self.answers.as_ref().map(|a| a.on_request(&header, frame)) {
             Some(fsva_relay::Decision::Answer(local)) => {
                 let mut reply = ReplyBuf::default();
@@ -545,7 +550,13 @@ mod tests {
         // Another directory goes to the appliance.
         let mut other = request_with_body(opcode::GETATTR, 10, 3);
         assert!(matches!(relay.forward(&mut other, 3), Forwarded::Sent));
-        relay.close();
+        // Once the link has failed, what the tables hold answers nothing.
+        relay.fail("test");
+        let mut again = request_with_body(opcode::GETATTR, 11, 2);
+        assert!(matches!(
+            relay.forward(&mut again, 4),
+            Forwarded::Refused(4, libc::EIO)
+        ));
         drop(appliance);
         t.join().unwrap();
     }
