@@ -63,14 +63,14 @@ pub fn send(
     let Ok((h, _)) = InHeader::read_from_prefix(request) else {
         return Ok(());
     };
+    let ctx = Context {
+        unique: h.unique,
+        uid: h.uid,
+        gid: h.gid,
+        pid: h.pid,
+        supp_group: None,
+    };
     for dir in changed_dirs(request) {
-        let ctx = Context {
-            unique: h.unique,
-            uid: h.uid,
-            gid: h.gid,
-            pid: h.pid,
-            supp_group: None,
-        };
         // A directory that cannot be read now gets no hint: the kernel will ask.
         let Ok((attr, ttl)) = fs.getattr(&ctx, dir, None) else {
             continue;

@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use fsva_protocol::abi::{opcode, EntryOut, InHeader, OutHeader};
-use fsva_protocol::request::{decode, Negotiated, Operation};
+use fsva_protocol::request::Operation;
 use zerocopy::FromBytes;
 
 /// The one attribute answered here.
@@ -89,10 +89,11 @@ impl AbsentCaps {
         Self::default()
     }
 
-    /// Looks at a request on its way to the appliance (`frame` is the whole request,
-    /// `header` its decoded header).
-    pub fn on_request(&self, header: &InHeader, frame: &[u8]) -> Verdict {
-        let relevant = matches!(
+    /// Looks at a request on its way to the appliance: its header, and its operation
+    /// where [`crate::Answers`] decoded it (`None` for an opcode whose payload this
+    /// table does not read, or a payload that did not decode).
+    pub fn on_request(&self, header: &InHeader, op: Option<&Operation>) -> Verdict {
+        if !matches!(
             header.opcode,
             opcode::GETXATTR
                 | opcode::SETXATTR
@@ -101,43 +102,38 @@ impl AbsentCaps {
                 | opcode::SYMLINK
                 | opcode::FORGET
                 | opcode::BATCH_FORGET
-        );
-        if !relevant {
+        ) {
             return Verdict::Forward(None);
         }
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let epoch = known.setxattrs;
         let lesson = |kind| Verdict::Forward(Some(Lesson { kind, epoch }));
-        match header.opcode {
-            opcode::SETXATTR => {
-                // Whatever the name: the layout of its arguments depends on INIT, and
-                // forgetting too much only costs a round trip.
+        match (header.opcode, op) {
+            // Whatever the name: forgetting too much only costs a round trip.
+            (opcode::SETXATTR, _) => {
                 known.forget(header.nodeid);
-                return lesson(LessonKind::Set(header.nodeid));
+                lesson(LessonKind::Set(header.nodeid))
             }
-            opcode::FORGET => {
+            (opcode::FORGET, _) => {
                 known.absent.remove(&header.nodeid);
-                return Verdict::Forward(None);
+                Verdict::Forward(None)
             }
-            _ => {}
-        }
-        // The codec's layouts for the rest do not depend on what INIT negotiated.
-        let Ok(request) = decode(frame, &Negotiated::default()) else {
-            return Verdict::Forward(None);
-        };
-        match request.op {
-            Operation::Getxattr { name, .. } if name.as_encoded_bytes() == CAPABILITY => {
+            (_, Some(Operation::Getxattr { name, .. }))
+                if name.as_encoded_bytes() == CAPABILITY =>
+            {
                 if known.xattrs_served == Some(true) && known.absent.contains(&header.nodeid) {
                     Verdict::Absent
                 } else {
                     lesson(LessonKind::Query(header.nodeid))
                 }
             }
-            Operation::Create { arg, .. } if arg.flags & libc::O_EXCL as u32 != 0 => {
+            (_, Some(Operation::Create { arg, .. })) if arg.flags & libc::O_EXCL as u32 != 0 => {
                 lesson(LessonKind::Created)
             }
-            Operation::Mknod { .. } | Operation::Symlink { .. } => lesson(LessonKind::Created),
-            Operation::BatchForget(nodes) => {
+            (_, Some(Operation::Mknod { .. } | Operation::Symlink { .. })) => {
+                lesson(LessonKind::Created)
+            }
+            (_, Some(Operation::BatchForget(nodes))) => {
                 for node in nodes {
                     known.absent.remove(&node.nodeid);
                 }
@@ -183,8 +179,8 @@ impl AbsentCaps {
         known.absent.insert(node);
     }
 
-    /// How many nodes are known to have no capability (for tests and logs).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -192,8 +188,8 @@ impl AbsentCaps {
             .len()
     }
 
-    /// Whether no node is known.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -202,7 +198,14 @@ impl AbsentCaps {
 mod tests {
     use super::*;
     use fsva_protocol::abi::{CreateIn, GetxattrIn};
+    use fsva_protocol::request::{decode, Negotiated};
     use zerocopy::IntoBytes;
+
+    /// The table's look at a request frame, decoded as [`crate::Answers`] does.
+    fn look(caps: &AbsentCaps, h: &InHeader, f: &[u8]) -> Verdict {
+        let request = decode(f, &Negotiated::default()).ok();
+        caps.on_request(h, request.as_ref().map(|r| &r.op))
+    }
 
     fn request(op: u32, node: u64, unique: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
         let len = core::mem::size_of::<InHeader>() + body.len();
@@ -264,7 +267,7 @@ mod tests {
 
     fn ask(caps: &AbsentCaps, node: u64) -> Verdict {
         let (h, f) = getxattr(node, CAPABILITY);
-        caps.on_request(&h, &f)
+        look(caps, &h, &f)
     }
 
     fn forwarded(v: Verdict) -> Lesson {
@@ -276,7 +279,7 @@ mod tests {
 
     fn setxattr(caps: &AbsentCaps, node: u64) -> Lesson {
         let (h, f) = request(opcode::SETXATTR, node, 9, b"");
-        forwarded(caps.on_request(&h, &f))
+        forwarded(look(caps, &h, &f))
     }
 
     #[test]
@@ -316,7 +319,7 @@ mod tests {
     fn nothing_is_answered_for_a_file_system_without_extended_attributes() {
         let caps = AbsentCaps::new();
         let (h, f) = create(1, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY);
-        let lesson = forwarded(caps.on_request(&h, &f));
+        let lesson = forwarded(look(&caps, &h, &f));
         caps.learn(lesson, &reply(8, 0, &entry(42)));
         // Not known yet whether it serves them: asked.
         let query = forwarded(ask(&caps, 42));
@@ -341,9 +344,9 @@ mod tests {
     fn other_attributes_are_always_forwarded_untouched() {
         let caps = AbsentCaps::new();
         let (h, f) = getxattr(5, b"user.note");
-        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+        assert_eq!(look(&caps, &h, &f), Verdict::Forward(None));
         let (h, f) = getxattr(5, b"security.capabilityx");
-        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+        assert_eq!(look(&caps, &h, &f), Verdict::Forward(None));
     }
 
     #[test]
@@ -359,7 +362,7 @@ mod tests {
     fn only_exclusive_creates_teach_their_new_node() {
         let caps = AbsentCaps::new();
         let (h, f) = create(1, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY);
-        let lesson = forwarded(caps.on_request(&h, &f));
+        let lesson = forwarded(look(&caps, &h, &f));
         caps.learn(lesson, &reply(8, 0, &entry(42)));
         // Asked once: the appliance serves extended attributes.
         let query = forwarded(ask(&caps, 42));
@@ -368,7 +371,7 @@ mod tests {
 
         // Without O_EXCL the name may have existed: the node may be an old one.
         let (h, f) = create(1, libc::O_CREAT | libc::O_WRONLY);
-        assert_eq!(caps.on_request(&h, &f), Verdict::Forward(None));
+        assert_eq!(look(&caps, &h, &f), Verdict::Forward(None));
     }
 
     #[test]
@@ -379,7 +382,7 @@ mod tests {
             caps.learn(lesson, &reply(7, -libc::ENODATA, &[]));
         }
         let (h, f) = request(opcode::FORGET, 5, 0, &1u64.to_ne_bytes());
-        caps.on_request(&h, &f);
+        look(&caps, &h, &f);
         assert!(matches!(ask(&caps, 5), Verdict::Forward(Some(_))));
 
         let mut body = Vec::new();
@@ -388,7 +391,7 @@ mod tests {
         body.extend_from_slice(&6u64.to_ne_bytes());
         body.extend_from_slice(&1u64.to_ne_bytes());
         let (h, f) = request(opcode::BATCH_FORGET, 0, 0, &body);
-        caps.on_request(&h, &f);
+        look(&caps, &h, &f);
         assert!(matches!(ask(&caps, 6), Verdict::Forward(Some(_))));
         assert_eq!(ask(&caps, 7), Verdict::Absent);
     }

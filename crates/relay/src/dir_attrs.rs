@@ -29,10 +29,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use fsva_protocol::abi::{opcode, AttrOut, GetattrIn, InHeader};
+use fsva_protocol::abi::{opcode, AttrOut, InHeader};
 use fsva_protocol::hint::DirAttrHint;
-use fsva_protocol::request::{decode, Negotiated, Operation};
-use zerocopy::FromBytes;
+use fsva_protocol::request::Operation;
 
 /// Most directories held (and directories remembered as changed) before starting over.
 pub const MAX_HELD: usize = 1 << 16;
@@ -135,29 +134,25 @@ impl DirAttrs {
 
     /// Looks at a request on its way to the appliance (`frame` is the whole request,
     /// `header` its decoded header).
-    pub fn on_request(&self, header: &InHeader, frame: &[u8]) -> Verdict {
+    pub fn on_request(&self, header: &InHeader, op: Option<&Operation>) -> Verdict {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         match header.opcode {
             opcode::GETATTR => {
-                let body = &frame[core::mem::size_of::<InHeader>().min(frame.len())..];
-                let plain = GetattrIn::read_from_prefix(body).is_ok_and(|(a, _)| {
-                    a.getattr_flags & fsva_protocol::abi::flags::GETATTR_FH == 0
-                });
+                let plain = matches!(op, Some(Operation::Getattr(a))
+                    if a.getattr_flags & fsva_protocol::abi::flags::GETATTR_FH == 0);
                 match t.held.get(&header.nodeid) {
                     Some(attr) if plain => Verdict::Answer(*attr),
                     _ => Verdict::Forward(None),
                 }
             }
-            op if changes_nothing(op) => Verdict::Forward(None),
+            code if changes_nothing(code) => Verdict::Forward(None),
             opcode::FORGET => {
                 t.held.remove(&header.nodeid);
                 t.named.remove(&header.nodeid);
                 Verdict::Forward(None)
             }
             opcode::BATCH_FORGET => {
-                if let Ok(Operation::BatchForget(nodes)) =
-                    decode(frame, &Negotiated::default()).map(|r| r.op)
-                {
+                if let Some(Operation::BatchForget(nodes)) = op {
                     for n in nodes {
                         t.held.remove(&n.nodeid);
                         t.named.remove(&n.nodeid);
@@ -165,11 +160,11 @@ impl DirAttrs {
                 }
                 Verdict::Forward(None)
             }
-            op => {
+            code => {
                 t.last += 1;
                 let number = t.last;
                 let mut wide = false;
-                match op {
+                match code {
                     opcode::CREATE
                     | opcode::MKNOD
                     | opcode::MKDIR
@@ -187,10 +182,8 @@ impl DirAttrs {
                         wide = true;
                         t.drop_everything(number);
                         t.name(header.nodeid, number);
-                        if let Ok(Operation::Rename { newdir, .. }) =
-                            decode(frame, &Negotiated::default()).map(|r| r.op)
-                        {
-                            t.name(newdir, number);
+                        if let Some(Operation::Rename { newdir, .. }) = op {
+                            t.name(*newdir, number);
                         }
                     }
                     opcode::RMDIR => {
@@ -236,8 +229,8 @@ impl DirAttrs {
         t.floor = t.last + 1;
     }
 
-    /// How many directories are held (for tests and logs).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -245,8 +238,8 @@ impl DirAttrs {
             .len()
     }
 
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -254,7 +247,8 @@ impl DirAttrs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fsva_protocol::abi::RenameIn;
+    use fsva_protocol::abi::{GetattrIn, RenameIn};
+    use fsva_protocol::request::{decode, Negotiated};
     use zerocopy::IntoBytes;
 
     fn request(op: u32, node: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
@@ -272,7 +266,8 @@ mod tests {
 
     fn ask(d: &DirAttrs, op: u32, node: u64, body: &[u8]) -> Verdict {
         let (h, f) = request(op, node, body);
-        d.on_request(&h, &f)
+        let request = decode(&f, &Negotiated::default()).ok();
+        d.on_request(&h, request.as_ref().map(|r| &r.op))
     }
 
     fn getattr(d: &DirAttrs, node: u64) -> Verdict {

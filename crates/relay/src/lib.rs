@@ -17,8 +17,9 @@
 pub mod absent_caps;
 pub mod dir_attrs;
 
-use fsva_protocol::abi::{AttrOut, InHeader};
+use fsva_protocol::abi::{opcode, AttrOut, InHeader};
 use fsva_protocol::reply::ReplyBuf;
+use fsva_protocol::request::{decode, Negotiated};
 
 /// A reply the relay gives itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,9 +73,26 @@ impl Answers {
     /// Looks at a request on its way to the appliance (`frame` is the whole request,
     /// `header` its decoded header).
     pub fn on_request(&self, header: &InHeader, frame: &[u8]) -> Decision {
-        let local = match self.caps.on_request(header, frame) {
+        // Decoded once, and only where a table reads the payload: the layouts of these
+        // operations do not depend on what INIT negotiated.
+        let reads_payload = matches!(
+            header.opcode,
+            opcode::GETXATTR
+                | opcode::CREATE
+                | opcode::MKNOD
+                | opcode::SYMLINK
+                | opcode::BATCH_FORGET
+                | opcode::GETATTR
+                | opcode::RENAME
+                | opcode::RENAME2
+        );
+        let request = reads_payload
+            .then(|| decode(frame, &Negotiated::default()).ok())
+            .flatten();
+        let op = request.as_ref().map(|r| &r.op);
+        let local = match self.caps.on_request(header, op) {
             absent_caps::Verdict::Absent => Local::NoCapability,
-            absent_caps::Verdict::Forward(lesson) => match self.dirs.on_request(header, frame) {
+            absent_caps::Verdict::Forward(lesson) => match self.dirs.on_request(header, op) {
                 dir_attrs::Verdict::Answer(attr) => Local::Attributes(attr),
                 dir_attrs::Verdict::Forward(ticket) => {
                     return Decision::Forward(Note { lesson, ticket })
