@@ -7,14 +7,19 @@ use std::process::Command;
 
 use fsva_tests::{is_mounted, Mount, Scratch};
 
-fn mount_options(path: &Path) -> String {
+/// Field `n` of the mountinfo line of the mount at `path` (2: its device, 5: its options).
+fn mountinfo_field(path: &Path, n: usize) -> String {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = path.to_string_lossy();
     info.lines()
         .find(|l| l.split(' ').nth(4) == Some(&*want))
-        .and_then(|l| l.split(' ').nth(5))
+        .and_then(|l| l.split(' ').nth(n))
         .unwrap_or_default()
         .to_string()
+}
+
+fn mount_options(path: &Path) -> String {
+    mountinfo_field(path, 5)
 }
 
 #[test]
@@ -127,14 +132,8 @@ fn exclusive_exports_keep_attributes_cached_and_only_passthrough_takes_it() {
 fn mounts_read_ahead_in_requests_as_large_as_fuse_allows() {
     for extra in [&["--channel", "stream"][..], &["--cache-budget", "64M"][..]] {
         let m = Mount::new("mem", extra);
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let want = m.path().to_string_lossy();
-        let device = info
-            .lines()
-            .find(|l| l.split(' ').nth(4) == Some(&*want))
-            .and_then(|l| l.split(' ').nth(2))
-            .expect("the mount is in mountinfo")
-            .to_string();
+        let device = mountinfo_field(m.path(), 2);
+        assert!(!device.is_empty(), "the mount is not in mountinfo");
         let knob = Path::new("/sys/class/bdi")
             .join(&device)
             .join("read_ahead_kb");
