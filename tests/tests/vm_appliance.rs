@@ -91,6 +91,20 @@ fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
         answered > 0,
         "the relay answered {answered} requests itself"
     );
+    // Files are opened without OPEN (FUSE's no-open mode): once a file's pages are
+    // cached, opening, reading and closing it again reaches the VM not at all.
+    let cached = m.path().join("cached");
+    std::fs::write(&cached, b"cached once").unwrap();
+    assert_eq!(std::fs::read(&cached).unwrap(), b"cached once");
+    let before = m.requests();
+    for _ in 0..50 {
+        assert_eq!(std::fs::read(&cached).unwrap(), b"cached once");
+    }
+    let reached = m.requests() - before;
+    assert!(
+        reached < 5,
+        "50 opens and reads of a cached file reached the VM {reached} times"
+    );
     // Data written and fsync'd through the mount is on the image after unmount.
     let data: Vec<u8> = (0..(3 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
     {

@@ -365,7 +365,7 @@ impl Dispatcher {
             Operation::Read(a) => {
                 let size = a.size.min(self.config.max_write);
                 let out = reply.start(u);
-                match fs.read(&ctx, ino, a.fh, a.offset, size, out) {
+                match fs.read(&ctx, ino, a.fh, a.offset, size, a.flags, out) {
                     Ok(()) => {
                         reply.finish();
                     }

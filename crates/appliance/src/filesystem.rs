@@ -355,7 +355,9 @@ pub trait Filesystem: Send + Sync {
     fn open(&self, ctx: &Context, ino: u64, flags: u32, kill_suidgid: bool) -> Result<Opened> {
         Err(Errno::ENOSYS)
     }
-    /// Appends up to `size` bytes read at `offset` to `out`.
+    /// Appends up to `size` bytes read at `offset` to `out`. `flags` are the reading
+    /// file's open(2) flags as the kernel has them now (`fuse_read_in.flags`).
+    #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
         ctx: &Context,
@@ -363,6 +365,7 @@ pub trait Filesystem: Send + Sync {
         fh: u64,
         offset: u64,
         size: u32,
+        flags: u32,
         out: &mut Vec<u8>,
     ) -> Result<()> {
         Err(Errno::ENOSYS)

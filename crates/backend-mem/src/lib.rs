@@ -1421,6 +1421,7 @@ impl Filesystem for MemFs {
         fh: u64,
         offset: u64,
         size: u32,
+        _flags: u32,
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let data = self.rlock().handles.data(fh, ino)?;

@@ -55,7 +55,7 @@ fn create(fs: &MemFs, ctx: &Context, parent: u64, name: &str, mode: u32) -> (u64
 
 fn read_all(fs: &MemFs, ino: u64, fh: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    fs.read(&root(), ino, fh, 0, 1 << 20, &mut out).unwrap();
+    fs.read(&root(), ino, fh, 0, 1 << 20, 0, &mut out).unwrap();
     out
 }
 
@@ -126,7 +126,10 @@ fn create_lookup_forget_lifetime() {
     assert_eq!(fs.getattr(&root(), ino, None).unwrap_err(), Errno::ENOENT);
     assert_eq!(err(fs.release(&root(), ino, fh, 0)), libc::EBADF);
     let mut out = Vec::new();
-    assert_eq!(err(fs.read(&root(), ino, fh, 0, 10, &mut out)), libc::EBADF);
+    assert_eq!(
+        err(fs.read(&root(), ino, fh, 0, 10, 0, &mut out)),
+        libc::EBADF
+    );
     // Numbers are never reused.
     let (ino2, _) = create(&fs, &root(), ROOT, "g", 0o644);
     assert!(ino2 > ino);

@@ -39,6 +39,13 @@ pub struct PassthroughConfig {
     /// The export is a local file system only this backend changes (a VM appliance's
     /// disk): closing a file then needs no FLUSH round trip (nothing acts on close).
     pub exclusive_local: bool,
+    /// FUSE's no-open mode: OPEN of a file answers ENOSYS, so the kernel sends no OPEN
+    /// or RELEASE for files again, keeps their cached pages across opens, and sends
+    /// their reads and writes with `fh` 0, served through one descriptor per node (see
+    /// [`crate::implicit`]). Saves a round trip per open where one is dear (a VM
+    /// appliance under emulation). Only for an export nothing but this backend changes,
+    /// and never with FUSE passthrough, which needs OPEN to name a backing file.
+    pub no_open: bool,
 }
 
 impl std::fmt::Debug for PassthroughConfig {
@@ -50,6 +57,7 @@ impl std::fmt::Debug for PassthroughConfig {
             .field("attr_ttl", &self.attr_ttl)
             .field("device_nodes", &self.device_nodes.is_some())
             .field("exclusive_local", &self.exclusive_local)
+            .field("no_open", &self.no_open)
             .finish()
     }
 }
@@ -65,6 +73,7 @@ impl PassthroughConfig {
             attr_ttl: Duration::from_secs(1),
             device_nodes: None,
             exclusive_local: false,
+            no_open: false,
         }
     }
 

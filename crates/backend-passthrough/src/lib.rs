@@ -3,7 +3,8 @@
 //! works unmodified. Modelled on virtiofsd's passthrough and libfuse's passthrough_hp.
 //!
 //! - [`inode`]: node ids → `O_PATH` descriptors, deduplicated by host identity;
-//! - [`handle`]: open file and directory handles;
+//! - [`handle`]: open file and directory handles; [`implicit`]: the one descriptor per
+//!   node that serves files opened without OPEN (FUSE's no-open mode);
 //! - [`snapshot`]: the tables as a versioned snapshot for a live restart, and
 //!   `restore`: the tables rebuilt from one (lent descriptors taken over, objects
 //!   without one found again by their path hints, the rest stale);
@@ -26,6 +27,7 @@ pub mod config;
 pub mod creds;
 pub mod dir;
 pub mod handle;
+pub mod implicit;
 pub mod inode;
 pub mod journal;
 pub mod read_trail;
@@ -53,6 +55,7 @@ use fsva_protocol::abi::{self, fattr, init_flags as f, ROOT_ID};
 pub use config::{open_dir_path, DeviceNodes, PassthroughConfig, PassthroughError};
 use creds::{Caller, CredGuard};
 use handle::{Handle, HandleTable};
+use implicit::{ImplicitOpens, NO_HANDLE};
 use inode::{InodeKey, Node, NodeTable};
 use journal::{IntentV1, OutcomeV1, ProbeV1};
 pub use recovery::{Preloaded, Recovery};
@@ -102,6 +105,9 @@ pub struct PassthroughFs {
     device_nodes: Option<std::sync::Arc<dyn DeviceNodes>>,
     /// See [`PassthroughConfig::exclusive_local`].
     exclusive_local: bool,
+    /// With [`PassthroughConfig::no_open`]: the descriptors serving files opened without
+    /// OPEN.
+    implicit: Option<ImplicitOpens>,
     /// With a recovery journal: what records changes and answers resent requests.
     recovery: Option<recovery::Journaled>,
 }
@@ -138,9 +144,26 @@ fn kind_of(stx: &libc::statx) -> u32 {
     u32::from(stx.stx_mode) & libc::S_IFMT
 }
 
+/// What the configuration says of who else changes the export.
+#[derive(Clone, Copy)]
+struct Locality {
+    exclusive_local: bool,
+    no_open: bool,
+}
+
+impl Locality {
+    fn of(config: &PassthroughConfig) -> Self {
+        Self {
+            exclusive_local: config.exclusive_local,
+            no_open: config.no_open,
+        }
+    }
+}
+
 /// What construction checks before any table exists: /proc/self/fd, the root's identity.
 struct Setup {
     config: PassthroughConfig,
+    locality: Locality,
     proc_self_fd: OwnedFd,
     root_key: InodeKey,
 }
@@ -175,6 +198,7 @@ impl Setup {
             )));
         }
         Ok(Setup {
+            locality: Locality::of(&config),
             config,
             proc_self_fd,
             root_key: key_of(&stx),
@@ -191,7 +215,7 @@ impl PassthroughFs {
             setup.config.entry_ttl,
             setup.config.attr_ttl,
             setup.config.device_nodes,
-            setup.config.exclusive_local,
+            setup.locality,
             setup.proc_self_fd,
             nodes,
             HandleTable::default(),
@@ -236,7 +260,7 @@ impl PassthroughFs {
             setup.config.entry_ttl,
             setup.config.attr_ttl,
             setup.config.device_nodes,
-            setup.config.exclusive_local,
+            setup.locality,
             proc_self_fd,
             restored.nodes,
             restored.handles,
@@ -247,7 +271,7 @@ impl PassthroughFs {
         entry_ttl: Duration,
         attr_ttl: Duration,
         device_nodes: Option<Arc<dyn DeviceNodes>>,
-        exclusive_local: bool,
+        locality: Locality,
         proc_self_fd: OwnedFd,
         nodes: NodeTable,
         handles: HandleTable,
@@ -260,7 +284,8 @@ impl PassthroughFs {
             attr_ttl,
             base_groups: creds::current_groups(),
             device_nodes,
-            exclusive_local,
+            exclusive_local: locality.exclusive_local,
+            implicit: locality.no_open.then(ImplicitOpens::default),
             recovery: None,
         }
     }
@@ -281,6 +306,37 @@ impl PassthroughFs {
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
         self.handles.get(fh)
+    }
+
+    /// The handle serving a request on file `ino` with `fh`: in no-open mode, `fh` 0
+    /// is the node's own descriptor (see [`implicit`]). `write`: the request writes.
+    fn file_handle(&self, ino: u64, fh: u64, write: bool) -> Result<Arc<Handle>> {
+        match &self.implicit {
+            Some(implicit) if fh == NO_HANDLE => {
+                let node = self.node(ino)?;
+                implicit.get(node.clone(), write, |flags| self.reopen(node.fd(), flags))
+            }
+            _ => self.handle(fh),
+        }
+    }
+
+    /// `fh` as a handle to use for a request that may also be served by the node alone
+    /// (attributes, truncation): the no-open `fh` 0 names no handle.
+    fn given_handle(&self, fh: Option<u64>) -> Option<u64> {
+        fh.filter(|&fh| !(fh == NO_HANDLE && self.implicit.is_some()))
+    }
+
+    /// Number of descriptors serving files opened without OPEN; for tests.
+    pub fn implicit_count(&self) -> usize {
+        self.implicit.as_ref().map_or(0, ImplicitOpens::count)
+    }
+
+    /// A file handle leaves: the client no longer caches through it, so drop what its
+    /// last reads left for later (see read_trail).
+    fn retire(h: &Handle) {
+        for range in h.read_trail().map(|t| t.pending()).unwrap_or_default() {
+            drop_cached(h.fd(), range);
+        }
     }
 
     /// Opens the object behind `fd` anew, through its /proc/self/fd magic link.
@@ -359,7 +415,7 @@ impl PassthroughFs {
     }
 
     fn attr_of(&self, ino: u64, fh: Option<u64>) -> Result<(abi::Attr, Duration)> {
-        let stx = match fh {
+        let stx = match self.given_handle(fh) {
             Some(fh) => {
                 let h = self.handle(fh)?;
                 let stx = sys::statx_fd(h.fd(), STATX_MASK, 0)?;
@@ -391,6 +447,12 @@ impl PassthroughFs {
         let entry = self.register(path_fd, hint, u)?;
         let node = self.node(entry.ino)?;
         let ino = entry.ino;
+        if let Some(implicit) = &self.implicit {
+            // In no-open mode the kernel sends no RELEASE even for a file it created:
+            // the new file is the node's own descriptor's (there is no journal here).
+            implicit.adopt(node, file, flags);
+            return Ok((entry, self.opened(NO_HANDLE)));
+        }
         let fh = self.add_handle(u, Handle::file(file, node, flags), |fh| {
             OutcomeV1::Created { node: ino, fh }
         });
@@ -875,7 +937,12 @@ impl Filesystem for PassthroughFs {
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
-        drop(self.nodes.forget(ino, nlookup, 0));
+        let gone = self.nodes.forget(ino, nlookup, 0);
+        if let (Some(node), Some(implicit)) = (gone, &self.implicit) {
+            if let Some(h) = implicit.forget(node.id) {
+                Self::retire(&h);
+            }
+        }
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64, fh: Option<u64>) -> Result<(abi::Attr, Duration)> {
@@ -1080,6 +1147,10 @@ impl Filesystem for PassthroughFs {
         self.settle(u, r, |e| OutcomeV1::Entry { node: e.ino })
     }
     fn open(&self, ctx: &Context, ino: u64, flags: u32, kill_suidgid: bool) -> Result<Opened> {
+        if self.implicit.is_some() {
+            // No-open mode: the kernel sends no OPEN (or RELEASE) for files again.
+            return Err(Errno(libc::ENOSYS));
+        }
         let n = self.node(ino)?;
         if kill_suidgid {
             self.kill_setid(&n, ctx)?;
@@ -1094,19 +1165,23 @@ impl Filesystem for PassthroughFs {
     fn read(
         &self,
         _ctx: &Context,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: u64,
         size: u32,
+        flags: u32,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        let h = self.handle(fh)?;
+        let h = self.file_handle(ino, fh, false)?;
         let before = out.len();
         fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)?;
         // Reads reach the appliance only when FUSE passthrough is off: the kernel client
         // then caches the data, so keeping it here too would cache it twice. Drop our
-        // copy of what we returned (see read_trail).
-        if let Some(trail) = h.read_trail() {
+        // copy of what we returned (see read_trail). Not for an O_DIRECT reader, which
+        // the client does not cache (its own handle has no trail; a no-open one's
+        // flags say so here).
+        let direct = flags as i32 & libc::O_DIRECT != 0;
+        if let Some(trail) = h.read_trail().filter(|_| !direct) {
             let end = offset + (out.len() - before) as u64;
             for range in trail.record(offset, end).into_iter().flatten() {
                 drop_cached(h.fd(), range);
@@ -1118,14 +1193,14 @@ impl Filesystem for PassthroughFs {
     fn write(
         &self,
         ctx: &Context,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: u64,
         data: &[u8],
         write_flags: u32,
         _flags: u32,
     ) -> Result<u32> {
-        let h = self.handle(fh)?;
+        let h = self.file_handle(ino, fh, true)?;
         let Some(n) = h.node() else {
             return Err(Errno(libc::EISDIR));
         };
@@ -1172,16 +1247,13 @@ impl Filesystem for PassthroughFs {
 
     fn release(&self, ctx: &Context, _ino: u64, fh: u64, _flags: u32) -> Result<()> {
         if let Some(h) = self.drop_handle(base_unique(ctx), fh, Some(OutcomeV1::Done)) {
-            // The last reads' second drop (see read_trail).
-            for range in h.read_trail().map(|t| t.pending()).unwrap_or_default() {
-                drop_cached(h.fd(), range);
-            }
+            Self::retire(&h);
         }
         Ok(())
     }
 
-    fn fsync(&self, _ctx: &Context, _ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        let h = self.handle(fh)?;
+    fn fsync(&self, _ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.file_handle(ino, fh, false)?;
         let fd = h.fd().as_raw_fd();
         // SAFETY: plain calls on a descriptor we own.
         cvt(unsafe {
@@ -1397,13 +1469,13 @@ impl Filesystem for PassthroughFs {
     fn fallocate(
         &self,
         _ctx: &Context,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: u64,
         length: u64,
         mode: u32,
     ) -> Result<()> {
-        let h = self.handle(fh)?;
+        let h = self.file_handle(ino, fh, true)?;
         let n = h.node().ok_or(Errno(libc::EISDIR))?;
         self.keep_setid(n, h.fd(), None, || {
             // SAFETY: plain call on a descriptor we own.
@@ -1419,8 +1491,10 @@ impl Filesystem for PassthroughFs {
         })
     }
 
-    fn lseek(&self, _ctx: &Context, _ino: u64, fh: u64, offset: u64, whence: u32) -> Result<u64> {
-        let h = self.handle(fh)?;
+    fn lseek(&self, _ctx: &Context, ino: u64, fh: u64, offset: u64, whence: u32) -> Result<u64> {
+        // SEEK_DATA/SEEK_HOLE only (the kernel keeps file positions): the answer does
+        // not depend on the descriptor's own offset, so a shared one serves.
+        let h = self.file_handle(ino, fh, false)?;
         // SAFETY: plain call on a descriptor we own.
         let r = unsafe { libc::lseek64(h.fd().as_raw_fd(), offset as i64, whence as i32) };
         if r < 0 {
@@ -1432,17 +1506,17 @@ impl Filesystem for PassthroughFs {
     fn copy_file_range(
         &self,
         _ctx: &Context,
-        _ino_in: u64,
+        ino_in: u64,
         fh_in: u64,
         off_in: u64,
-        _ino_out: u64,
+        ino_out: u64,
         fh_out: u64,
         off_out: u64,
         len: u64,
         flags: u64,
     ) -> Result<u64> {
-        let hi = self.handle(fh_in)?;
-        let ho = self.handle(fh_out)?;
+        let hi = self.file_handle(ino_in, fh_in, false)?;
+        let ho = self.file_handle(ino_out, fh_out, true)?;
         let mut oi = off_in as i64;
         let mut oo = off_out as i64;
         let n = ho.node().ok_or(Errno(libc::EISDIR))?;
@@ -1475,7 +1549,7 @@ impl Filesystem for PassthroughFs {
     ) -> Result<(abi::Statx, Duration)> {
         let sync = flags as i32 & libc::AT_STATX_SYNC_TYPE;
         let mask = mask | libc::STATX_BASIC_STATS;
-        let stx = match fh {
+        let stx = match self.given_handle(fh) {
             Some(fh) => sys::statx_fd(self.handle(fh)?.fd(), mask, sync)?,
             None => sys::statx_fd(self.node(ino)?.fd(), mask, sync)?,
         };

@@ -226,7 +226,7 @@ impl PassthroughFs {
             setup.config.entry_ttl,
             setup.config.attr_ttl,
             setup.config.device_nodes,
-            setup.config.exclusive_local,
+            setup.locality,
             proc_self_fd,
             restored.nodes,
             restored.handles,
@@ -267,6 +267,11 @@ impl PassthroughFs {
 
     /// Starts recording every change in `journal`.
     fn attach(&mut self, journal: Arc<Journal>, keeper: Arc<dyn Keeper>, traces: Traces) {
+        if self.implicit.take().is_some() {
+            // A journal records every open file with its handle, for a successor to
+            // answer a resent CREATE and reopen it: files opened without OPEN have none.
+            tracing::warn!("no-open mode is off: a recovery journal needs OPEN");
+        }
         let recorder = Recorder::new(journal);
         self.nodes.record_to(recorder.clone());
         self.handles.record_to(recorder.clone());

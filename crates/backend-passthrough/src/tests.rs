@@ -11,12 +11,19 @@ use fsva_protocol::abi::{self, fattr, ROOT_ID};
 use crate::{PassthroughConfig, PassthroughFs};
 
 fn export() -> (tempfile::TempDir, PassthroughFs) {
+    export_with(|_| {})
+}
+
+/// A scratch export served with the configuration `adjust` makes.
+fn export_with(adjust: impl FnOnce(&mut PassthroughConfig)) -> (tempfile::TempDir, PassthroughFs) {
     let dir = tempfile::Builder::new()
         .prefix("fsva-pt-")
         .tempdir_in("/var/tmp")
         .unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let fs = PassthroughFs::new(PassthroughConfig::for_path(dir.path()).unwrap()).unwrap();
+    let mut config = PassthroughConfig::for_path(dir.path()).unwrap();
+    adjust(&mut config);
+    let fs = PassthroughFs::new(config).unwrap();
     (dir, fs)
 }
 
@@ -87,7 +94,7 @@ fn forget_releases_nodes() {
     // Unknown nodes and handles are errors, never panics.
     fs.forget(12345, 1);
     assert_eq!(
-        fs.read(&root(), 1, 999, 0, 10, &mut Vec::new())
+        fs.read(&root(), 1, 999, 0, 10, 0, &mut Vec::new())
             .unwrap_err()
             .0,
         libc::EBADF
@@ -507,7 +514,7 @@ fn open_read_write_append_and_link() {
     let f = fs.lookup(&root(), ROOT_ID, os("f")).unwrap();
     let o = fs.open(&root(), f.ino, libc::O_RDWR as u32, false).unwrap();
     let mut out = b"prefix".to_vec();
-    fs.read(&root(), f.ino, o.fh, 1, 100, &mut out).unwrap();
+    fs.read(&root(), f.ino, o.fh, 1, 100, 0, &mut out).unwrap();
     assert_eq!(out, b"prefixello");
     assert_eq!(
         fs.write(&root(), f.ino, o.fh, 5, b" world", 0, 0).unwrap(),
@@ -536,6 +543,88 @@ fn open_read_write_append_and_link() {
     assert_eq!(l.attr.nlink, 2);
     assert_eq!(fs.nodes.lookups(f.ino), Some(2));
     assert_eq!(fs.handle_count(), 0);
+}
+
+#[test]
+fn no_open_mode_serves_files_through_one_descriptor_per_node() {
+    let (d, fs) = export_with(|c| {
+        c.exclusive_local = true;
+        c.no_open = true;
+    });
+    fs::write(d.path().join("f"), b"hello").unwrap();
+    let f = fs.lookup(&root(), ROOT_ID, os("f")).unwrap();
+    // OPEN answers ENOSYS: the kernel then opens files without asking.
+    let e = fs.open(&root(), f.ino, libc::O_RDWR as u32, false);
+    assert_eq!(e.unwrap_err().0, libc::ENOSYS);
+    assert_eq!(fs.implicit_count(), 0);
+    // fh 0: the node's own descriptor, opened once for reads and writes alike.
+    let mut out = Vec::new();
+    fs.read(&root(), f.ino, 0, 1, 100, libc::O_RDONLY as u32, &mut out)
+        .unwrap();
+    assert_eq!(out, b"ello");
+    assert_eq!(fs.write(&root(), f.ino, 0, 5, b" world", 0, 0).unwrap(), 6);
+    fs.fsync(&root(), f.ino, 0, false).unwrap();
+    assert_eq!(fs.implicit_count(), 1);
+    assert_eq!(fs::read(d.path().join("f")).unwrap(), b"hello world");
+    let (a, _) = fs.getattr(&root(), f.ino, Some(0)).unwrap();
+    assert_eq!(a.size, 11);
+    // Truncation by SETATTR naming fh 0 (open(O_TRUNC) without ATOMIC_O_TRUNC).
+    let (a, _) = fs
+        .setattr(
+            &root(),
+            f.ino,
+            &abi::SetattrIn {
+                size: 3,
+                fh: 0,
+                ..setattr(fattr::SIZE | fattr::FH)
+            },
+        )
+        .unwrap();
+    assert_eq!(a.size, 3);
+    let mut out = Vec::new();
+    fs.read(&root(), f.ino, 0, 0, 100, 0, &mut out).unwrap();
+    assert_eq!(out, b"hel");
+    // Directories still need OPENDIR; nothing is served for them without one.
+    fs::create_dir(d.path().join("sub")).unwrap();
+    let sub = fs.lookup(&root(), ROOT_ID, os("sub")).unwrap();
+    let e = fs.read(&root(), sub.ino, 0, 0, 10, 0, &mut Vec::new());
+    assert_eq!(e.unwrap_err().0, libc::EBADF);
+    assert!(fs.opendir(&root(), sub.ino, 0).is_ok());
+    // The kernel sends no RELEASE for a file CREATE opened either: no handle is made,
+    // and a read-write one serves as the node's descriptor.
+    let (c, o) = fs
+        .create(
+            &root(),
+            ROOT_ID,
+            os("new"),
+            0o644,
+            0o022,
+            libc::O_RDWR as u32,
+        )
+        .unwrap();
+    assert_eq!((o.fh, fs.handle_count(), fs.implicit_count()), (0, 1, 2));
+    assert_eq!(fs.write(&root(), c.ino, 0, 0, b"x", 0, 0).unwrap(), 1);
+    let (w, o) = fs
+        .create(
+            &root(),
+            ROOT_ID,
+            os("wo"),
+            0o644,
+            0o022,
+            libc::O_WRONLY as u32,
+        )
+        .unwrap();
+    assert_eq!((o.fh, fs.implicit_count()), (0, 2));
+    assert_eq!(fs.write(&root(), w.ino, 0, 0, b"y", 0, 0).unwrap(), 1);
+    assert_eq!(fs.implicit_count(), 3);
+    assert_eq!(fs::read(d.path().join("wo")).unwrap(), b"y");
+    // Forgetting a node gives its descriptor back.
+    fs.forget(f.ino, 1);
+    assert_eq!(fs.implicit_count(), 2);
+    assert!(fs
+        .read(&root(), f.ino, 0, 0, 1, 0, &mut Vec::new())
+        .is_err());
+    assert_eq!(fs.implicit_count(), 2);
 }
 
 #[test]

@@ -256,18 +256,19 @@ fn a_successor_rebuilds_the_tables_from_the_checkpoint_and_the_records_after_it(
     assert_eq!(s.nodes.hint(e.ino).unwrap().parent, ROOT_ID, "renamed");
     // Every handle works on its object.
     let mut out = Vec::new();
-    s.read(&root(), f, held, 0, 100, &mut out).unwrap();
+    s.read(&root(), f, held, 0, 100, 0, &mut out).unwrap();
     assert_eq!(out, b"data");
     assert_eq!(s.write(&root(), e.ino, o.fh, 0, b"x", 0, 0).unwrap(), 1);
     assert_eq!(fs::read(c.path("moved")).unwrap(), b"x");
     // The unlinked open file survives through the file the supervisor kept.
     out.clear();
-    s.read(&root(), gone.ino, go.fh, 0, 100, &mut out).unwrap();
+    s.read(&root(), gone.ino, go.fh, 0, 100, 0, &mut out)
+        .unwrap();
     assert_eq!(out, b"still here");
     assert!(s.getattr(&root(), gone.ino, None).is_ok());
     assert_eq!(read_some(&s, d, list, 0, 4096).len(), 3, "., .. and f");
     assert_eq!(
-        s.read(&root(), f, closed, 0, 1, &mut out).unwrap_err().0,
+        s.read(&root(), f, closed, 0, 1, 0, &mut out).unwrap_err().0,
         libc::EBADF
     );
     // Closing hands the kept file back.
@@ -890,7 +891,9 @@ fn after_a_lost_state_old_nodes_and_handles_are_stale_and_new_ones_work() {
     .unwrap();
     assert_eq!(fs.getattr(&root(), 5, None).unwrap_err().0, libc::ESTALE);
     assert_eq!(
-        fs.read(&root(), 5, 3, 0, 1, &mut Vec::new()).unwrap_err().0,
+        fs.read(&root(), 5, 3, 0, 1, 0, &mut Vec::new())
+            .unwrap_err()
+            .0,
         libc::ESTALE
     );
     assert!(fs.getattr(&root(), ROOT_ID, None).is_ok());

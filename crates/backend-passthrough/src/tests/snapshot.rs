@@ -163,7 +163,8 @@ fn a_snapshot_round_trips_with_lent_descriptors() {
         5
     );
     let mut out = Vec::new();
-    back.read(&root(), t.a, t.held, 0, 100, &mut out).unwrap();
+    back.read(&root(), t.a, t.held, 0, 100, 0, &mut out)
+        .unwrap();
     assert_eq!(out, b"first more");
     assert!(back.handle(t.direct).unwrap().read_trail().is_none());
     assert!(back.handle(t.held).unwrap().read_trail().is_some());
@@ -398,14 +399,14 @@ fn without_descriptors_nodes_are_found_again_by_their_path_hints() {
         estale(back.open(&root(), id, libc::O_RDONLY as u32, false));
         estale(back.setxattr(&root(), id, os("user.x"), b"1", 0, 0));
     }
-    estale(back.read(&root(), replaced, replaced_fh, 0, 10, &mut Vec::new()));
+    estale(back.read(&root(), replaced, replaced_fh, 0, 10, 0, &mut Vec::new()));
     // Stale nodes go when the kernel forgets them; their handles when released.
     let count = back.node_count();
     back.forget(deep, 1);
     assert_eq!(back.node_count(), count - 1);
     back.release(&root(), replaced, replaced_fh, 0).unwrap();
     assert_eq!(
-        back.read(&root(), replaced, replaced_fh, 0, 10, &mut Vec::new())
+        back.read(&root(), replaced, replaced_fh, 0, 10, 0, &mut Vec::new())
             .unwrap_err()
             .0,
         libc::EBADF
@@ -425,7 +426,7 @@ fn without_descriptors_nodes_are_found_again_by_their_path_hints() {
         .open(&root(), fresh.ino, libc::O_RDONLY as u32, false)
         .unwrap();
     let mut out = Vec::new();
-    back.read(&root(), fresh.ino, o.fh, 0, 10, &mut out)
+    back.read(&root(), fresh.ino, o.fh, 0, 10, 0, &mut out)
         .unwrap();
     assert_eq!(out, b"new");
 
@@ -454,6 +455,6 @@ fn hints_in_a_cycle_or_to_forgotten_parents_leave_nodes_stale_not_hung() {
     for id in [t.d, t.a, t.l] {
         estale(back.getattr(&root(), id, None));
     }
-    estale(back.read(&root(), t.a, t.held, 0, 1, &mut Vec::new()));
+    estale(back.read(&root(), t.a, t.held, 0, 1, 0, &mut Vec::new()));
     assert!(back.getattr(&root(), ROOT_ID, None).is_ok());
 }
