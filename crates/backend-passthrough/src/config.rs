@@ -114,4 +114,6 @@ pub enum PassthroughError {
     ProcSelfFd(io::Error),
     #[error("/proc/self/fd does not resolve this process's descriptors ({0}); pass a descriptor of /proc/self/fd opened in this process")]
     ProcSelfFdBroken(io::Error),
+    #[error("no-open mode needs an export only this backend changes (set exclusive_local): the kernel keeps files' pages across opens without asking")]
+    NoOpenShared,
 }

@@ -31,6 +31,8 @@ struct Implicit {
     handle: Arc<Handle>,
     /// Why it is read-only, when it is: what a WRITE through it gets.
     unwritable: Option<i32>,
+    /// The first error an fsync through it met (see [`ImplicitOpens::synced`]).
+    sync_failed: Option<Errno>,
 }
 
 /// The descriptors of files opened without OPEN, by node id.
@@ -59,7 +61,7 @@ impl ImplicitOpens {
                 let (fd, flags, unwritable) = match open(libc::O_RDWR) {
                     Ok(fd) => (fd, libc::O_RDWR, None),
                     Err(e) => match e.raw_os_error() {
-                        Some(why @ (libc::EROFS | libc::EACCES | libc::EPERM | libc::ETXTBSY)) => {
+                        Some(why @ (libc::EROFS | libc::EACCES | libc::EPERM)) => {
                             (open(libc::O_RDONLY)?, libc::O_RDONLY, Some(why))
                         }
                         _ => return Err(e.into()),
@@ -68,6 +70,7 @@ impl ImplicitOpens {
                 v.insert(Implicit {
                     handle: Arc::new(Handle::file(fd, node, flags as u32)),
                     unwritable,
+                    sync_failed: None,
                 })
             }
         };
@@ -91,7 +94,24 @@ impl ImplicitOpens {
         g.entry(node.id).or_insert_with(|| Implicit {
             handle: Arc::new(Handle::file(fd, node, libc::O_RDWR as u32)),
             unwritable: None,
+            sync_failed: None,
         });
+    }
+
+    /// What an FSYNC of node `id` through its descriptor answers, given the system
+    /// call's result `r`. Linux reports a writeback error once per open file, and here
+    /// one descriptor stands for every open of the file: so the first error is kept and
+    /// answered to every later FSYNC, until the kernel forgets the node. Telling a
+    /// writer its data is safe when it is not would be worse than failing again.
+    pub fn synced(&self, id: u64, r: Result<(), Errno>) -> Result<(), Errno> {
+        let mut g = self.by_node.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = g.get_mut(&id) else {
+            return r;
+        };
+        if let Err(e) = r {
+            slot.sync_failed.get_or_insert(e);
+        }
+        slot.sync_failed.map_or(r, Err)
     }
 
     /// The kernel forgot node `id`: its descriptor, if it had one, to be retired.
@@ -103,5 +123,55 @@ impl ImplicitOpens {
     /// Number of descriptors held; for tests and diagnostics.
     pub fn count(&self) -> usize {
         self.by_node.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inode::InodeKey;
+
+    fn node(path: &std::path::Path, id: u64) -> Arc<Node> {
+        let fd: OwnedFd = std::fs::File::open(path).unwrap().into();
+        let key = InodeKey {
+            dev: 0,
+            ino: id,
+            mnt_id: 0,
+        };
+        Arc::new(Node::new(id, fd, key, libc::S_IFREG, false))
+    }
+
+    #[test]
+    fn a_failed_fsync_is_answered_to_every_later_one_until_the_node_is_forgotten() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let opens = ImplicitOpens::default();
+        let n = node(&path, 7);
+        let open = |flags: i32| -> io::Result<OwnedFd> {
+            Ok(std::fs::OpenOptions::new()
+                .read(true)
+                .write(flags & libc::O_ACCMODE == libc::O_RDWR)
+                .open(&path)?
+                .into())
+        };
+        let h = opens.get(n.clone(), true, open).unwrap();
+        // The same descriptor for every request on the node.
+        assert!(Arc::ptr_eq(&h, &opens.get(n.clone(), false, open).unwrap()));
+        assert_eq!(opens.synced(7, Ok(())), Ok(()));
+        assert_eq!(
+            opens.synced(7, Err(Errno(libc::EIO))),
+            Err(Errno(libc::EIO))
+        );
+        // The system call would now succeed (the error was consumed): still EIO.
+        assert_eq!(opens.synced(7, Ok(())), Err(Errno(libc::EIO)));
+        assert_eq!(
+            opens.synced(7, Err(Errno(libc::ENOSPC))),
+            Err(Errno(libc::EIO))
+        );
+        assert!(opens.forget(7).is_some());
+        assert_eq!(opens.count(), 0);
+        let _ = opens.get(n, false, open).unwrap();
+        assert_eq!(opens.synced(7, Ok(())), Ok(()));
     }
 }

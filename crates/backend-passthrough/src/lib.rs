@@ -121,11 +121,25 @@ fn base_unique(ctx: &Context) -> u64 {
 /// FLUSH on them would only be a wasted round trip. Checked per opened file: an export
 /// may hold mounts of other types (NFS, FUSE) below its root, which keep FLUSH.
 fn nothing_on_close(f_type: libc::__fsword_t) -> bool {
-    const EXT4: libc::__fsword_t = 0xEF53; // also ext2 and ext3
-    const XFS: libc::__fsword_t = 0x5846_5342;
-    const BTRFS: libc::__fsword_t = 0x9123_683E;
-    const TMPFS: libc::__fsword_t = 0x0102_1994;
-    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
+    matches!(
+        f_type,
+        fs_magic::EXT4 | fs_magic::XFS | fs_magic::BTRFS | fs_magic::TMPFS
+    )
+}
+
+/// Local file systems whose names are plain bytes unless a directory has the casefold
+/// flag (ext4 and tmpfs can fold case per directory; XFS can for a whole file system,
+/// which its statfs does not say, so it is not here).
+fn names_are_bytes_unless_casefolded(f_type: libc::__fsword_t) -> bool {
+    matches!(f_type, fs_magic::EXT4 | fs_magic::BTRFS | fs_magic::TMPFS)
+}
+
+/// `statfs` type numbers of the local file systems named above.
+mod fs_magic {
+    pub const EXT4: libc::__fsword_t = 0xEF53; // also ext2 and ext3
+    pub const XFS: libc::__fsword_t = 0x5846_5342;
+    pub const BTRFS: libc::__fsword_t = 0x9123_683E;
+    pub const TMPFS: libc::__fsword_t = 0x0102_1994;
 }
 
 fn key_of(stx: &libc::statx) -> InodeKey {
@@ -170,6 +184,9 @@ struct Setup {
 
 impl Setup {
     fn new(mut config: PassthroughConfig) -> std::result::Result<Self, PassthroughError> {
+        if config.no_open && !config.exclusive_local {
+            return Err(PassthroughError::NoOpenShared);
+        }
         let proc_self_fd = match config.proc_self_fd.take() {
             Some(fd) => fd,
             None => open_dir_path(std::path::Path::new("/proc/self/fd"))
@@ -448,8 +465,9 @@ impl PassthroughFs {
         let node = self.node(entry.ino)?;
         let ino = entry.ino;
         if let Some(implicit) = &self.implicit {
-            // In no-open mode the kernel sends no RELEASE even for a file it created:
-            // the new file is the node's own descriptor's (there is no journal here).
+            // In no-open mode the kernel may send no RELEASE even for a file it created
+            // (newer kernels send one with fh 0, which releases nothing): the new file
+            // is served by the node's own descriptor (there is no journal here).
             implicit.adopt(node, file, flags);
             return Ok((entry, self.opened(NO_HANDLE)));
         }
@@ -729,7 +747,7 @@ impl PassthroughFs {
     }
 
     fn truncate_inner(&self, node: &Node, fh: Option<u64>, size: u64) -> Result<()> {
-        let given = match fh.map(|fh| self.handles.get(fh)) {
+        let given = match self.given_handle(fh).map(|fh| self.handles.get(fh)) {
             Some(Err(Errno(libc::ESTALE))) => return Err(Errno(libc::ESTALE)),
             Some(h) => h.ok(),
             None => None,
@@ -892,9 +910,30 @@ impl Filesystem for PassthroughFs {
     fn init(&self, _kernel_flags: u64) -> InitRequest {
         InitRequest {
             // Our open files may also serve as FUSE passthrough backing files.
-            flags: POSIX_BACKEND_FLAGS | f::PASSTHROUGH,
+            // FUSE passthrough needs OPEN to name the backing file.
+            flags: POSIX_BACKEND_FLAGS
+                | if self.implicit.is_some() {
+                    0
+                } else {
+                    f::PASSTHROUGH
+                },
             max_write: 1 << 20,
         }
+    }
+
+    /// A directory on a file system known to compare names as bytes, without the
+    /// casefold flag (which a new directory inherits from its parent).
+    fn names_exact(&self, ino: u64) -> bool {
+        let Ok(n) = self.node(ino) else {
+            return false;
+        };
+        if !sys::fstatfs(n.fd()).is_ok_and(|st| names_are_bytes_unless_casefolded(st.f_type)) {
+            return false;
+        }
+        let Ok(dir) = self.reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY) else {
+            return false;
+        };
+        sys::inode_flags(dir.as_fd()).is_ok_and(|flags| flags & sys::FS_CASEFOLD_FL == 0)
     }
 
     /// Looked up as reached through the export's own mount (the watch sees only the
@@ -1256,14 +1295,19 @@ impl Filesystem for PassthroughFs {
         let h = self.file_handle(ino, fh, false)?;
         let fd = h.fd().as_raw_fd();
         // SAFETY: plain calls on a descriptor we own.
-        cvt(unsafe {
+        let r = cvt(unsafe {
             if datasync {
                 libc::fdatasync(fd)
             } else {
                 libc::fsync(fd)
             }
-        })?;
-        Ok(())
+        })
+        .map(drop)
+        .map_err(Errno::from);
+        match (&self.implicit, fh) {
+            (Some(implicit), NO_HANDLE) => implicit.synced(ino, r),
+            _ => r,
+        }
     }
 
     fn opendir(&self, ctx: &Context, ino: u64, _flags: u32) -> Result<Opened> {

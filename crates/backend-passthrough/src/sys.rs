@@ -62,6 +62,18 @@ pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs64> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// The inode flag of a directory whose names compare without case (`FS_CASEFOLD_FL`).
+pub const FS_CASEFOLD_FL: u32 = 0x4000_0000;
+
+/// The inode flags (`FS_IOC_GETFLAGS`) of the object open as `fd` (not `O_PATH`).
+pub fn inode_flags(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // The kernel writes an int, though the request's size says long: room for both.
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes at most a long into `flags`, which we own.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) })?;
+    Ok(flags as u32)
+}
+
 /// `dup(fd)` as an owned descriptor (with close-on-exec).
 pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()

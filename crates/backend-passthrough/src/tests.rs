@@ -625,6 +625,16 @@ fn no_open_mode_serves_files_through_one_descriptor_per_node() {
         .read(&root(), f.ino, 0, 0, 1, 0, &mut Vec::new())
         .is_err());
     assert_eq!(fs.implicit_count(), 2);
+    // FUSE passthrough needs OPEN: not asked for.
+    assert_eq!(fs.init(!0).flags & abi::init_flags::PASSTHROUGH, 0);
+    // Only for an export nothing else changes.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let mut shared = PassthroughConfig::for_path(dir.path()).unwrap();
+    shared.no_open = true;
+    assert!(matches!(
+        PassthroughFs::new(shared),
+        Err(crate::PassthroughError::NoOpenShared)
+    ));
 }
 
 #[test]
