@@ -287,3 +287,104 @@ fn directory_attributes_stay_true_under_concurrent_changes() {
     }
     m.unmount();
 }
+
+/// `renameat2(from, to, flags)` through libc (std has no flags).
+fn rename2(from: &Path, to: &Path, flags: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let (f, t) = (c(from), c(to));
+    // SAFETY: two valid C strings; renameat2 only reads them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "renameat2 {from:?} {to:?}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn lookups_of_names_new_directories_lack_are_answered_here_and_match_the_export() {
+    let export = Scratch::new("relay-names");
+    let backend = format!("passthrough:{}", export.path.display());
+    let m = Mount::new(&backend, &["--exclusive", "--channel", "stream"]);
+    let (a, b) = (m.path().join("a"), m.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    // Every name any step may make or remove, in every directory: present through the
+    // mount exactly when present in the export. The kernel's cached names are dropped
+    // first (a and b stay, held open, and so does what the relay knows of them), so
+    // that each name is looked up again.
+    let held = (
+        std::fs::File::open(&a).unwrap(),
+        std::fs::File::open(&b).unwrap(),
+    );
+    let check = |step: &str| {
+        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        for dir in ["a", "b", "a/sub", "b/sub"] {
+            for name in ["f", "g", "h", "l", "sub", "x", "w"] {
+                let rel = Path::new(dir).join(name);
+                assert_eq!(
+                    m.path().join(&rel).symlink_metadata().is_ok(),
+                    export.path.join(&rel).symlink_metadata().is_ok(),
+                    "after {step}: {rel:?} through the mount differs from the export"
+                );
+            }
+        }
+    };
+    check("mkdir");
+    std::fs::write(a.join("f"), b"1").unwrap();
+    check("create");
+    std::fs::create_dir(a.join("sub")).unwrap();
+    check("mkdir inside");
+    std::fs::hard_link(a.join("f"), b.join("g")).unwrap();
+    check("link");
+    std::os::unix::fs::symlink("f", a.join("l")).unwrap();
+    check("symlink");
+    std::fs::rename(a.join("f"), a.join("g")).unwrap();
+    check("rename within a directory");
+    std::fs::rename(a.join("sub"), b.join("sub")).unwrap();
+    check("rename of a directory across directories");
+    std::fs::write(b.join("sub/x"), b"2").unwrap();
+    check("create in the moved directory");
+    std::fs::rename(b.join("g"), a.join("h")).unwrap();
+    check("rename across directories");
+    rename2(&a.join("g"), &a.join("h"), libc::RENAME_EXCHANGE);
+    check("exchange");
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(a.join("g"));
+    assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+    check("a create that failed");
+    std::fs::remove_file(a.join("l")).unwrap();
+    check("unlink");
+    std::fs::remove_file(b.join("sub/x")).unwrap();
+    std::fs::remove_dir(b.join("sub")).unwrap();
+    check("rmdir");
+    // Names a directory made through the mount lacks are answered without the appliance.
+    let before = m.requests();
+    for i in 0..50 {
+        assert!(!b.join(format!("absent{i}")).exists());
+    }
+    let asked = m.requests() - before;
+    let answered = m.relay_answered().unwrap_or(0);
+    drop(held);
+    m.unmount();
+    assert!(
+        asked < 5,
+        "50 lookups of absent names reached the appliance {asked} times"
+    );
+    assert!(
+        answered >= 50,
+        "the relay answered {answered} requests itself"
+    );
+}

@@ -142,6 +142,59 @@ fn ext4_image_behaves_as_native_ext4_and_is_clean_with_its_data_after_umount() {
     );
 }
 
+/// Runs `debugfs -w -R request` on `img`.
+fn debugfs_write(img: &Path, request: &str) {
+    let st = Command::new("debugfs")
+        .args(["-w", "-R", request])
+        .arg(img)
+        .output()
+        .expect("running debugfs (e2fsprogs)");
+    assert!(st.status.success(), "debugfs {request}: {st:?}");
+}
+
+#[test]
+fn names_in_a_case_folding_directory_are_never_answered_absent_by_the_relay() {
+    // The relay answers a LOOKUP of a name a directory lacks only where the appliance
+    // vouched that names compare as bytes. ext4 can fold case per directory, and a new
+    // directory inherits that from its parent: the host kernel here cannot even mount
+    // such a file system, the appliance's kernel can.
+    let dir = Scratch::new("vm-casefold");
+    let img = make_image(
+        &dir,
+        "casefold.img",
+        64,
+        &["mkfs.ext4", "-q", "-F", "-O", "casefold"],
+    );
+    debugfs_write(&img, "mkdir folded");
+    // EXT4_CASEFOLD_FL | EXT4_EXTENTS_FL on the empty directory.
+    debugfs_write(&img, "set_inode_field folded flags 0x40080000");
+    let m = Mount::vm(&img, &[]);
+    let (folded, plain) = (m.path().join("folded/sub"), m.path().join("plain"));
+    std::fs::create_dir(&folded).unwrap();
+    std::fs::create_dir(&plain).unwrap();
+    for d in [&folded, &plain] {
+        assert!(!d.join("name").exists());
+        std::fs::write(d.join("Name"), b"x").unwrap();
+    }
+    assert_eq!(
+        std::fs::read(folded.join("name")).unwrap(),
+        b"x",
+        "a case-folding directory's other spelling of a name was answered absent"
+    );
+    assert!(!plain.join("name").exists());
+    // In the plain directory, lookups of names it lacks never reach the VM.
+    let before = m.requests();
+    for i in 0..20 {
+        assert!(!plain.join(format!("absent{i}")).exists());
+    }
+    let reached = m.requests() - before;
+    m.unmount();
+    assert!(
+        reached < 5,
+        "20 lookups of absent names reached the VM {reached} times"
+    );
+}
+
 #[test]
 fn ext4_image_behaves_as_native_ext4_for_an_unprivileged_user() {
     let dir = Scratch::new("vm-ext4-user");

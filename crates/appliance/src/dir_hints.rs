@@ -8,13 +8,17 @@
 //! With the attributes sent ahead, the relay answers that GETATTR on its own
 //! ([`fsva_protocol::hint`]; the relay decides whether the hint is still true).
 //!
+//! A MKDIR also says, when the backend compares the new directory's names byte for
+//! byte, that the directory is empty: a relay that then sees every name enter and
+//! leave it can answer the LOOKUP the kernel sends before each create in it.
+//!
 //! Owns which requests produce hints and how they are sent. Only for stream channels
 //! to a relay that knows the appliance is the only writer (the server is told); it
 //! never sends a hint for a request that failed, nor for anything but a directory.
 
 use fsva_channel::{Channel, ChannelError};
-use fsva_protocol::abi::{opcode, AttrOut, InHeader, OutHeader};
-use fsva_protocol::hint::{self, DirAttrHint};
+use fsva_protocol::abi::{opcode, AttrOut, EntryOut, InHeader, OutHeader};
+use fsva_protocol::hint::{self, DirAttrHint, EmptyDirHint};
 use fsva_protocol::reply::ReplyBuf;
 use fsva_protocol::request::{decode, Negotiated, Operation};
 use zerocopy::FromBytes;
@@ -56,13 +60,24 @@ pub fn send(
     reply: &[u8],
     buf: &mut ReplyBuf,
 ) -> Result<(), ChannelError> {
-    let succeeded = OutHeader::read_from_prefix(reply).is_ok_and(|(h, _)| h.error == 0);
-    if !succeeded {
-        return Ok(());
-    }
+    let body = match OutHeader::read_from_prefix(reply) {
+        Ok((h, body)) if h.error == 0 => body,
+        _ => return Ok(()),
+    };
     let Ok((h, _)) = InHeader::read_from_prefix(request) else {
         return Ok(());
     };
+    if h.opcode == opcode::MKDIR {
+        if let Ok((entry, _)) = EntryOut::read_from_prefix(body) {
+            if fs.names_exact(entry.nodeid) {
+                let empty = EmptyDirHint {
+                    unique: h.unique,
+                    nodeid: entry.nodeid,
+                };
+                chan.send(hint::empty_dir(buf, &empty))?;
+            }
+        }
+    }
     let ctx = Context {
         unique: h.unique,
         uid: h.uid,

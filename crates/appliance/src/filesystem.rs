@@ -238,6 +238,14 @@ pub trait Filesystem: Send + Sync {
         let _ = bytes;
     }
 
+    /// Whether two names in directory `ino` are the same name only when their bytes
+    /// are (no case folding, no Unicode normalisation), so that a relay that sees
+    /// every name enter and leave it may say which names it lacks. False when unsure.
+    fn names_exact(&self, ino: u64) -> bool {
+        let _ = ino;
+        false
+    }
+
     /// The node id the kernel knows the host object `(dev, ino)` by, if it knows it:
     /// how the supervisor's watch of a shared export turns a change made beside the
     /// mount into an invalidation. Only a backend that serves host objects has one.

@@ -1014,6 +1014,11 @@ impl Filesystem for MemFs {
         }
     }
 
+    /// mem's directories map names as bytes.
+    fn names_exact(&self, _ino: u64) -> bool {
+        true
+    }
+
     /// The cache budget is mem's capacity: what it may hold before writes get ENOSPC.
     fn set_cache_budget(&self, bytes: u64) {
         self.space.set_capacity(bytes);

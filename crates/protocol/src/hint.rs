@@ -3,10 +3,13 @@
 //!
 //! A hint is framed like a FUSE notification (`unique == 0`) with a code far above any
 //! the kernel defines, so a relay that does not know it can tell it from a kernel
-//! notification. Today there is one: the attributes of a directory just changed by a
-//! request, sent just before that request's reply, so the relay can answer the
-//! GETATTR the kernel sends for the directory next (it drops a directory's
-//! attributes whenever its entries change).
+//! notification. Each is sent just before the reply to the request it speaks of:
+//! - the attributes of a directory the request just changed, so the relay can answer
+//!   the GETATTR the kernel sends for the directory next (it drops a directory's
+//!   attributes whenever its entries change);
+//! - that the directory a MKDIR just made is empty and compares names byte for byte,
+//!   so the relay, seeing every name that enters or leaves it after, can answer the
+//!   LOOKUP of a name it does not hold (the kernel looks a name up before creating it).
 //!
 //! Owns the layout and its encoding and decoding; never decides when a hint may be
 //! trusted (that is the relay's job).
@@ -33,21 +36,55 @@ pub struct DirAttrHint {
     pub attr: AttrOut,
 }
 
+/// The `error` field of an empty-directory hint ("FS" and 2).
+pub const EMPTY_DIR: i32 = 0x4653_0002;
+
+/// The body of an empty-directory hint.
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+pub struct EmptyDirHint {
+    /// The MKDIR that made the directory.
+    pub unique: u64,
+    /// The new directory: empty, and two names in it are the same name only if their
+    /// bytes are (no case folding, no Unicode normalisation).
+    pub nodeid: u64,
+}
+
 /// Encodes a directory-attributes hint into `buf`.
 pub fn dir_attr<'a>(buf: &'a mut ReplyBuf, hint: &DirAttrHint) -> &'a [u8] {
     buf.notification(DIR_ATTR, &[hint.as_bytes()])
 }
 
+/// Encodes an empty-directory hint into `buf`.
+pub fn empty_dir<'a>(buf: &'a mut ReplyBuf, hint: &EmptyDirHint) -> &'a [u8] {
+    buf.notification(EMPTY_DIR, &[hint.as_bytes()])
+}
+
 /// Whether a frame from an appliance is a hint (rather than a reply or a kernel
 /// notification).
 pub fn is_hint(header: &OutHeader) -> bool {
-    header.unique == 0 && header.error == DIR_ATTR
+    header.unique == 0 && matches!(header.error, DIR_ATTR | EMPTY_DIR)
+}
+
+/// Decodes an empty-directory hint frame (header included); `None` if it is another
+/// frame or its length is not exactly a hint's.
+pub fn decode_empty_dir(frame: &[u8]) -> Option<EmptyDirHint> {
+    let (header, body) = OutHeader::read_from_prefix(frame).ok()?;
+    if header.error != EMPTY_DIR {
+        return None;
+    }
+    EmptyDirHint::read_from_bytes(body).ok()
 }
 
 /// Decodes a directory-attributes hint frame (header included); `None` if its length
 /// is not exactly a hint's or its attributes are not a directory's.
 pub fn decode_dir_attr(frame: &[u8]) -> Option<DirAttrHint> {
-    let body = frame.get(core::mem::size_of::<OutHeader>()..)?;
+    let (header, body) = OutHeader::read_from_prefix(frame).ok()?;
+    if header.error != DIR_ATTR {
+        return None;
+    }
     let hint = DirAttrHint::read_from_bytes(body).ok()?;
     (hint.attr.attr.mode & S_IFMT == S_IFDIR).then_some(hint)
 }
@@ -91,6 +128,23 @@ mod tests {
             unique: 0,
         };
         assert!(!is_hint(&inval));
+    }
+
+    #[test]
+    fn an_empty_directory_hint_round_trips_and_is_not_taken_for_the_other_kind() {
+        let mut buf = ReplyBuf::default();
+        let empty = EmptyDirHint {
+            unique: 7,
+            nodeid: 12,
+        };
+        let frame = empty_dir(&mut buf, &empty).to_vec();
+        let (header, _) = OutHeader::read_from_prefix(&frame).unwrap();
+        assert!(is_hint(&header));
+        assert_eq!(decode_empty_dir(&frame), Some(empty));
+        assert_eq!(decode_dir_attr(&frame), None);
+        assert_eq!(decode_empty_dir(&frame[..frame.len() - 1]), None);
+        let attrs = dir_attr(&mut buf, &hint(0o040755)).to_vec();
+        assert_eq!(decode_empty_dir(&attrs), None);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! hundreds of microseconds under emulation. Where the appliance is the only writer of
 //! its file system, nothing can give a node that attribute except a SETXATTR passing
 //! through the relay. So the relay remembers absence it has seen (an ENODATA answer,
-//! or a node it saw created: CREATE with `O_EXCL`, MKNOD, SYMLINK), forgets a node
+//! or a node it saw created: CREATE with `O_EXCL` or of a name the directory is known
+//! to lack ([`crate::absent_names`]), MKNOD, SYMLINK), forgets a node
 //! when the kernel forgets it (its id may be reused), and forgets everything it was
 //! about to learn whenever a SETXATTR passes, both when it is forwarded and when its
 //! reply comes back: the appliance's workers run requests in parallel, so a query sent
@@ -91,8 +92,9 @@ impl AbsentCaps {
 
     /// Looks at a request on its way to the appliance: its header, and its operation
     /// where [`crate::Answers`] decoded it (`None` for an opcode whose payload this
-    /// table does not read, or a payload that did not decode).
-    pub fn on_request(&self, header: &InHeader, op: Option<&Operation>) -> Verdict {
+    /// table does not read, or a payload that did not decode). `fresh`: a CREATE whose
+    /// name its directory is known to lack, so it makes a new node.
+    pub fn on_request(&self, header: &InHeader, op: Option<&Operation>, fresh: bool) -> Verdict {
         if !matches!(
             header.opcode,
             opcode::GETXATTR
@@ -127,7 +129,9 @@ impl AbsentCaps {
                     lesson(LessonKind::Query(header.nodeid))
                 }
             }
-            (_, Some(Operation::Create { arg, .. })) if arg.flags & libc::O_EXCL as u32 != 0 => {
+            (_, Some(Operation::Create { arg, .. }))
+                if fresh || arg.flags & libc::O_EXCL as u32 != 0 =>
+            {
                 lesson(LessonKind::Created)
             }
             (_, Some(Operation::Mknod { .. } | Operation::Symlink { .. })) => {
@@ -204,7 +208,7 @@ mod tests {
     /// The table's look at a request frame, decoded as [`crate::Answers`] does.
     fn look(caps: &AbsentCaps, h: &InHeader, f: &[u8]) -> Verdict {
         let request = decode(f, &Negotiated::default()).ok();
-        caps.on_request(h, request.as_ref().map(|r| &r.op))
+        caps.on_request(h, request.as_ref().map(|r| &r.op), false)
     }
 
     fn request(op: u32, node: u64, unique: u64, body: &[u8]) -> (InHeader, Vec<u8>) {

@@ -3,11 +3,13 @@
 //!
 //! Two relays use it: the supervisor's stream bridge (host mounts over a stream
 //! channel, VM appliances) and the vhost-user device's link to a relayed appliance.
-//! Both answer the same two kinds of request without a round trip, and only for an
+//! Both answer the same three kinds of request without a round trip, and only for an
 //! appliance that is the only writer of its file system:
 //! - a `security.capability` check on a node known to have none ([`absent_caps`]);
 //! - the GETATTR of a directory the appliance just changed, from the hint it sent with
-//!   its reply ([`dir_attrs`], [`fsva_protocol::hint`]).
+//!   its reply ([`dir_attrs`], [`fsva_protocol::hint`]);
+//! - the LOOKUP of a name a directory is known to lack: one the appliance said was
+//!   made empty, whose every change since passed through the relay ([`absent_names`]).
 //!
 //! [`Answers`] is the front both relays call: one look at each request on its way
 //! out, one at each reply and hint on its way back. It owns no I/O and no FUSE
@@ -15,6 +17,7 @@
 //! change beside the relay.
 
 pub mod absent_caps;
+pub mod absent_names;
 pub mod dir_attrs;
 
 use fsva_protocol::abi::{opcode, AttrOut, InHeader};
@@ -28,6 +31,8 @@ pub enum Local {
     NoCapability,
     /// A directory's attributes.
     Attributes(AttrOut),
+    /// ENOENT to a LOOKUP.
+    NoEntry,
 }
 
 impl Local {
@@ -36,6 +41,7 @@ impl Local {
         match self {
             Local::NoCapability => reply.error(unique, libc::ENODATA),
             Local::Attributes(attr) => reply.value(unique, attr),
+            Local::NoEntry => reply.error(unique, libc::ENOENT),
         }
     }
 }
@@ -45,6 +51,7 @@ impl Local {
 pub struct Note {
     lesson: Option<absent_caps::Lesson>,
     ticket: Option<dir_attrs::Ticket>,
+    change: Option<absent_names::Change>,
 }
 
 /// What to do with a request.
@@ -56,11 +63,12 @@ pub enum Decision {
     Forward(Note),
 }
 
-/// Both tables of one relay.
+/// The tables of one relay.
 #[derive(Default)]
 pub struct Answers {
     caps: absent_caps::AbsentCaps,
     dirs: dir_attrs::DirAttrs,
+    names: absent_names::AbsentNames,
     /// Requests answered here so far (for `fsva status`).
     answered: std::sync::atomic::AtomicU64,
 }
@@ -85,18 +93,31 @@ impl Answers {
                 | opcode::GETATTR
                 | opcode::RENAME
                 | opcode::RENAME2
+                | opcode::LOOKUP
+                | opcode::MKDIR
+                | opcode::LINK
+                | opcode::UNLINK
+                | opcode::RMDIR
         );
         let request = reads_payload
             .then(|| decode(frame, &Negotiated::default()).ok())
             .flatten();
         let op = request.as_ref().map(|r| &r.op);
-        let local = match self.caps.on_request(header, op) {
+        let fresh = header.opcode == opcode::CREATE && self.names.makes_new(header, op);
+        let local = match self.caps.on_request(header, op, fresh) {
             absent_caps::Verdict::Absent => Local::NoCapability,
             absent_caps::Verdict::Forward(lesson) => match self.dirs.on_request(header, op) {
                 dir_attrs::Verdict::Answer(attr) => Local::Attributes(attr),
-                dir_attrs::Verdict::Forward(ticket) => {
-                    return Decision::Forward(Note { lesson, ticket })
-                }
+                dir_attrs::Verdict::Forward(ticket) => match self.names.on_request(header, op) {
+                    absent_names::Verdict::Absent => Local::NoEntry,
+                    absent_names::Verdict::Forward(change) => {
+                        return Decision::Forward(Note {
+                            lesson,
+                            ticket,
+                            change,
+                        })
+                    }
+                },
             },
         };
         self.answered
@@ -118,16 +139,22 @@ impl Answers {
         if let Some(ticket) = note.ticket {
             self.dirs.on_reply(ticket);
         }
+        if let Some(change) = note.change {
+            self.names.on_reply(change, frame);
+        }
     }
 
     /// Takes a hint frame from the appliance. `note_of` finds the note of the request
     /// it names, if that request still waits for its reply (a hint comes just before).
     pub fn on_hint(&self, frame: &[u8], note_of: impl FnOnce(u64) -> Option<Note>) {
-        let Some(hint) = fsva_protocol::hint::decode_dir_attr(frame) else {
-            return;
-        };
-        if let Some(ticket) = note_of(hint.unique).and_then(|n| n.ticket) {
-            self.dirs.on_hint(&hint, ticket.number);
+        if let Some(hint) = fsva_protocol::hint::decode_dir_attr(frame) {
+            if let Some(ticket) = note_of(hint.unique).and_then(|n| n.ticket) {
+                self.dirs.on_hint(&hint, ticket.number);
+            }
+        } else if let Some(hint) = fsva_protocol::hint::decode_empty_dir(frame) {
+            if let Some(change) = note_of(hint.unique).and_then(|n| n.change) {
+                self.names.on_hint(&hint, change);
+            }
         }
     }
 }
@@ -200,6 +227,103 @@ mod tests {
         let frame = fsva_protocol::hint::dir_attr(&mut ReplyBuf::default(), &hint).to_vec();
         answers.on_hint(&frame, |_| None);
         let (h, f) = request(opcode::GETATTR, 2, 51, GetattrIn::default().as_bytes());
+        assert!(matches!(answers.on_request(&h, &f), Decision::Forward(_)));
+    }
+
+    #[test]
+    fn a_lookup_in_a_directory_vouched_empty_is_answered_enoent_here() {
+        let answers = Answers::new();
+        let mut body = fsva_protocol::abi::MkdirIn::default().as_bytes().to_vec();
+        body.extend_from_slice(b"d\0");
+        let (h, f) = request(opcode::MKDIR, 1, 60, &body);
+        let Decision::Forward(note) = answers.on_request(&h, &f) else {
+            panic!("a mkdir is forwarded");
+        };
+        let empty = fsva_protocol::hint::EmptyDirHint {
+            unique: 60,
+            nodeid: 9,
+        };
+        let frame = fsva_protocol::hint::empty_dir(&mut ReplyBuf::default(), &empty).to_vec();
+        answers.on_hint(&frame, |unique| (unique == 60).then_some(note));
+        let made = fsva_protocol::abi::EntryOut {
+            nodeid: 9,
+            ..Default::default()
+        };
+        answers.on_reply(note, ReplyBuf::default().value(60, &made));
+
+        let (h, f) = request(opcode::LOOKUP, 9, 61, b"new\0");
+        let Decision::Answer(local) = answers.on_request(&h, &f) else {
+            panic!("the lookup is answered here");
+        };
+        let mut reply = ReplyBuf::default();
+        let (header, _) = OutHeader::read_from_prefix(local.encode(&mut reply, 61)).unwrap();
+        assert_eq!((header.unique, header.error), (61, -libc::ENOENT));
+        // Its parent was not vouched for.
+        let (h, f) = request(opcode::LOOKUP, 1, 62, b"other\0");
+        assert!(matches!(answers.on_request(&h, &f), Decision::Forward(_)));
+    }
+
+    fn getxattr_capability(node: u64, unique: u64) -> (InHeader, Vec<u8>) {
+        let mut body = fsva_protocol::abi::GetxattrIn::default()
+            .as_bytes()
+            .to_vec();
+        body.extend_from_slice(b"security.capability\0");
+        request(opcode::GETXATTR, node, unique, &body)
+    }
+
+    #[test]
+    fn a_create_of_a_name_its_directory_lacks_makes_a_node_without_a_capability() {
+        let answers = Answers::new();
+        // The appliance serves extended attributes (one miss seen).
+        let (h, f) = getxattr_capability(1, 70);
+        let Decision::Forward(note) = answers.on_request(&h, &f) else {
+            panic!()
+        };
+        answers.on_reply(note, ReplyBuf::default().error(70, libc::ENODATA));
+        // A directory vouched empty, and a create in it without O_EXCL.
+        let mut body = fsva_protocol::abi::MkdirIn::default().as_bytes().to_vec();
+        body.extend_from_slice(b"d\0");
+        let (h, f) = request(opcode::MKDIR, 1, 71, &body);
+        let Decision::Forward(note) = answers.on_request(&h, &f) else {
+            panic!()
+        };
+        let empty = fsva_protocol::hint::EmptyDirHint {
+            unique: 71,
+            nodeid: 9,
+        };
+        let frame = fsva_protocol::hint::empty_dir(&mut ReplyBuf::default(), &empty).to_vec();
+        answers.on_hint(&frame, |_| Some(note));
+        let entry = |node| fsva_protocol::abi::EntryOut {
+            nodeid: node,
+            ..Default::default()
+        };
+        answers.on_reply(note, ReplyBuf::default().value(71, &entry(9)));
+        let create = |unique| {
+            let arg = fsva_protocol::abi::CreateIn {
+                flags: (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u32,
+                ..Default::default()
+            };
+            let mut body = arg.as_bytes().to_vec();
+            body.extend_from_slice(b"f\0");
+            request(opcode::CREATE, 9, unique, &body)
+        };
+        let (h, f) = create(72);
+        let Decision::Forward(note) = answers.on_request(&h, &f) else {
+            panic!()
+        };
+        answers.on_reply(note, ReplyBuf::default().value(72, &entry(30)));
+        let (h, f) = getxattr_capability(30, 73);
+        assert_eq!(
+            answers.on_request(&h, &f),
+            Decision::Answer(Local::NoCapability)
+        );
+        // The same create again opens the existing file: nothing is learned of it.
+        let (h, f) = create(74);
+        let Decision::Forward(note) = answers.on_request(&h, &f) else {
+            panic!()
+        };
+        answers.on_reply(note, ReplyBuf::default().value(74, &entry(31)));
+        let (h, f) = getxattr_capability(31, 75);
         assert!(matches!(answers.on_request(&h, &f), Decision::Forward(_)));
     }
 }
