@@ -317,16 +317,17 @@ fn lookups_of_names_new_directories_lack_are_answered_here_and_match_the_export(
     let backend = format!("passthrough:{}", export.path.display());
     let m = Mount::new(&backend, &["--exclusive", "--channel", "stream"]);
     let (a, b) = (m.path().join("a"), m.path().join("b"));
-    std::fs::create_dir(&a).unwrap();
-    std::fs::create_dir(&b).unwrap();
+    for dir in [&a, &b, &a.join("sub")] {
+        std::fs::create_dir(dir).unwrap();
+    }
     // Every name any step may make or remove, in every directory: present through the
     // mount exactly when present in the export. The kernel's cached names are dropped
-    // first (a and b stay, held open, and so does what the relay knows of them), so
-    // that each name is looked up again.
-    let held = (
-        std::fs::File::open(&a).unwrap(),
-        std::fs::File::open(&b).unwrap(),
-    );
+    // first (the directories stay, held open, and so does what the relay knows of
+    // them), so that each name is looked up again.
+    let held: Vec<std::fs::File> = [&a, &b, &a.join("sub")]
+        .into_iter()
+        .map(|d| std::fs::File::open(d).unwrap())
+        .collect();
     let check = |step: &str| {
         std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
         for dir in ["a", "b", "a/sub", "b/sub"] {
@@ -343,7 +344,7 @@ fn lookups_of_names_new_directories_lack_are_answered_here_and_match_the_export(
     check("mkdir");
     std::fs::write(a.join("f"), b"1").unwrap();
     check("create");
-    std::fs::create_dir(a.join("sub")).unwrap();
+    std::fs::create_dir(a.join("sub/w")).unwrap();
     check("mkdir inside");
     std::fs::hard_link(a.join("f"), b.join("g")).unwrap();
     check("link");
@@ -359,15 +360,14 @@ fn lookups_of_names_new_directories_lack_are_answered_here_and_match_the_export(
     check("rename across directories");
     rename2(&a.join("g"), &a.join("h"), libc::RENAME_EXCHANGE);
     check("exchange");
-    let e = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(a.join("g"));
-    assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
-    check("a create that failed");
+    // The appliance refuses this one (the kernel cannot know the directory is full).
+    let e = std::fs::remove_dir(b.join("sub")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY));
+    check("an rmdir that failed");
     std::fs::remove_file(a.join("l")).unwrap();
     check("unlink");
     std::fs::remove_file(b.join("sub/x")).unwrap();
+    std::fs::remove_dir(b.join("sub/w")).unwrap();
     std::fs::remove_dir(b.join("sub")).unwrap();
     check("rmdir");
     // Names a directory made through the mount lacks are answered without the appliance.

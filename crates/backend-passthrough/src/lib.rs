@@ -922,7 +922,7 @@ impl Filesystem for PassthroughFs {
     }
 
     /// A directory on a file system known to compare names as bytes, without the
-    /// casefold flag (which a new directory inherits from its parent).
+    /// casefold or encryption flag (which a new directory inherits from its parent).
     fn names_exact(&self, ino: u64) -> bool {
         let Ok(n) = self.node(ino) else {
             return false;
@@ -933,7 +933,9 @@ impl Filesystem for PassthroughFs {
         let Ok(dir) = self.reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY) else {
             return false;
         };
-        sys::inode_flags(dir.as_fd()).is_ok_and(|flags| flags & sys::FS_CASEFOLD_FL == 0)
+        // An encrypted directory shows other names once its key is gone.
+        let unlike = sys::FS_CASEFOLD_FL | sys::FS_ENCRYPT_FL;
+        sys::inode_flags(dir.as_fd()).is_ok_and(|flags| flags & unlike == 0)
     }
 
     /// Looked up as reached through the export's own mount (the watch sees only the

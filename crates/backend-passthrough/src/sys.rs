@@ -64,6 +64,8 @@ pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs64> {
 
 /// The inode flag of a directory whose names compare without case (`FS_CASEFOLD_FL`).
 pub const FS_CASEFOLD_FL: u32 = 0x4000_0000;
+/// The inode flag of an encrypted file or directory (`FS_ENCRYPT_FL`).
+pub const FS_ENCRYPT_FL: u32 = 0x0000_0800;
 
 /// The inode flags (`FS_IOC_GETFLAGS`) of the object open as `fd` (not `O_PATH`).
 pub fn inode_flags(fd: BorrowedFd<'_>) -> io::Result<u32> {

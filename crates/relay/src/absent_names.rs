@@ -12,16 +12,22 @@
 //! change in a directory holds the directory's lock in the client from its request to
 //! its reply, so a LOOKUP under that lock cannot overlap it; one that can (a cached
 //! entry being checked again) is answered as it was before the change, which is what
-//! it would see if it had come first. A change that fails, or that the relay cannot
-//! follow (an unknown RENAME flag, an undecodable request), makes it forget the
-//! directories involved, or everything; so does the reply to an opcode it does not
-//! know, unless that reply is ENOSYS (fsva's appliances answer IOCTL so, and an
-//! opcode not served changed nothing).
+//! it would see if it had come first. A create or rename that fails (it may have made
+//! its name first), or a change the relay cannot follow (an unknown RENAME flag, an
+//! undecodable request), makes it forget the directories involved, or everything; a
+//! removal that fails leaves its name held. The reply to an opcode it does not know
+//! makes it forget everything, unless that reply is ENOSYS (fsva's appliances answer
+//! IOCTL so, and an opcode not served changed nothing).
+//!
+//! A directory is not held if a request put a name in it while its MKDIR was in flight
+//! (only a caller guessing its node id for `open_by_handle_at` could), and `.`, `..`
+//! and names longer than `NAME_MAX` are always forwarded (the kernel asks for `..` to
+//! reconnect a file handle; the appliance answers ENAMETOOLONG, not ENOENT).
 //!
 //! Owns that table and those rules, for an appliance that is the only writer of its
 //! file system. It answers nothing but ENOENT to a LOOKUP in a directory it holds,
-//! holds at most [`MAX_NAMES`] names, and never holds a directory the appliance did
-//! not vouch for (a file system that folds case or normalises names).
+//! holds at most [`MAX_NAME_BYTES`] of names, and never holds a directory the
+//! appliance did not vouch for (a file system that folds case or normalises names).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -31,8 +37,12 @@ use fsva_protocol::hint::EmptyDirHint;
 use fsva_protocol::request::Operation;
 use zerocopy::FromBytes;
 
-/// Most names held, in all directories, before starting over.
-pub const MAX_NAMES: usize = 1 << 20;
+/// Most memory for names held (their bytes and a set entry each) before starting over.
+pub const MAX_NAME_BYTES: usize = 32 << 20;
+/// What a held name costs beyond its bytes: its box and its set slot.
+const NAME_OVERHEAD: usize = 32;
+/// Longest name a LOOKUP may be answered for (Linux's `NAME_MAX`).
+const NAME_MAX: usize = 255;
 
 /// `renameat2` flags, as Linux defines them.
 const RENAME_NOREPLACE: u32 = 1;
@@ -83,32 +93,45 @@ enum Effect {
 struct Table {
     /// Directories whose every name is known, with those names.
     known: HashMap<u64, HashSet<Box<[u8]>>>,
-    /// Names held in all.
+    /// Names held in all, and what they cost (see [`MAX_NAME_BYTES`]).
     names: usize,
+    bytes: usize,
     /// Changes forwarded and not answered yet.
     pending: HashMap<u64, Effect>,
     next_id: u64,
+    /// MKDIRs forwarded and not answered yet, and the directories names were put in
+    /// meanwhile (kept only while one is in flight).
+    mkdirs: usize,
+    filled_during_mkdir: HashSet<u64>,
+}
+
+fn cost(name: &[u8]) -> usize {
+    name.len() + NAME_OVERHEAD
 }
 
 impl Table {
     fn forget(&mut self, dir: u64) {
         if let Some(names) = self.known.remove(&dir) {
             self.names -= names.len();
+            self.bytes -= names.iter().map(|n| cost(n)).sum::<usize>();
         }
     }
 
     fn forget_everything(&mut self) {
         self.known.clear();
         self.names = 0;
+        self.bytes = 0;
     }
 
     fn add(&mut self, dir: u64, name: Box<[u8]>) {
-        if self.names >= MAX_NAMES {
+        if self.bytes + cost(&name) > MAX_NAME_BYTES {
             self.forget_everything();
         }
         if let Some(names) = self.known.get_mut(&dir) {
+            let c = cost(&name);
             if names.insert(name) {
                 self.names += 1;
+                self.bytes += c;
             }
         }
     }
@@ -117,11 +140,29 @@ impl Table {
         if let Some(names) = self.known.get_mut(&dir) {
             if names.remove(name) {
                 self.names -= 1;
+                self.bytes -= cost(name);
             }
         }
     }
 
+    /// A name is about to be put in `dir`.
+    fn filling(&mut self, dir: u64) {
+        if self.mkdirs > 0 {
+            self.filled_during_mkdir.insert(dir);
+        }
+    }
+
     fn expect(&mut self, effect: Effect) -> Verdict {
+        match &effect {
+            Effect::Add { dir, mkdir, .. } => {
+                self.filling(*dir);
+                if *mkdir {
+                    self.mkdirs += 1;
+                }
+            }
+            Effect::Move { to, .. } => self.filling(*to),
+            Effect::Remove { .. } | Effect::Unknown => {}
+        }
         self.next_id += 1;
         self.pending.insert(self.next_id, effect);
         Verdict::Forward(Some(Change { id: self.next_id }))
@@ -194,10 +235,14 @@ impl AbsentNames {
         let dir = header.nodeid;
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         match (header.opcode, op) {
-            (opcode::LOOKUP, Some(Operation::Lookup { name })) => match t.known.get(&dir) {
-                Some(names) if !names.contains(name.as_encoded_bytes()) => Verdict::Absent,
-                _ => Verdict::Forward(None),
-            },
+            (opcode::LOOKUP, Some(Operation::Lookup { name })) => {
+                let name = name.as_encoded_bytes();
+                let plain = !matches!(name, b"." | b"..") && name.len() <= NAME_MAX;
+                match t.known.get(&dir) {
+                    Some(names) if plain && !names.contains(name) => Verdict::Absent,
+                    _ => Verdict::Forward(None),
+                }
+            }
             (opcode::LOOKUP, _) => Verdict::Forward(None),
             (opcode::FORGET, _) => {
                 t.forget(dir);
@@ -316,29 +361,36 @@ impl AbsentNames {
         let Some(effect) = t.pending.remove(&change.id) else {
             return;
         };
-        let body = match OutHeader::read_from_prefix(frame) {
-            Ok((h, _)) if matches!(effect, Effect::Unknown) => {
-                if h.error != -libc::ENOSYS {
-                    t.forget_everything();
-                }
+        let reply = OutHeader::read_from_prefix(frame).ok();
+        let error = reply.as_ref().map_or(-libc::EIO, |(h, _)| h.error);
+        let made = reply
+            .filter(|_| error == 0)
+            .and_then(|(_, body)| EntryOut::read_from_prefix(body).ok())
+            .map(|(e, _)| e.nodeid);
+        if let Effect::Add { mkdir: true, .. } = effect {
+            // Whether a name was put in the new directory while this MKDIR was out.
+            let filled = made.is_some_and(|new| t.filled_during_mkdir.contains(&new));
+            t.mkdirs -= 1;
+            if t.mkdirs == 0 {
+                t.filled_during_mkdir.clear();
+            }
+            if filled {
+                t.forget(made.unwrap_or_default());
                 return;
             }
-            Ok((h, body)) if h.error == 0 => body,
-            _ => {
-                // It may have changed something before failing: stop trusting the
-                // directories it touched.
-                match effect {
-                    Effect::Add { dir, .. } | Effect::Remove { dir, .. } => t.forget(dir),
-                    Effect::Move { from, to, .. } => {
-                        t.forget(from);
-                        t.forget(to);
-                    }
-                    Effect::Unknown => t.forget_everything(),
-                }
-                return;
-            }
-        };
+        }
         match effect {
+            Effect::Unknown if error != -libc::ENOSYS => t.forget_everything(),
+            Effect::Unknown => {}
+            // A create or rename that failed may have made its name first: stop
+            // trusting the directories it touched. A removal that failed leaves its
+            // name held, which can only send that name's lookups on.
+            Effect::Add { dir, .. } if error != 0 => t.forget(dir),
+            Effect::Remove { .. } if error != 0 => {}
+            Effect::Move { from, to, .. } if error != 0 => {
+                t.forget(from);
+                t.forget(to);
+            }
             Effect::Add {
                 dir,
                 name,
@@ -346,11 +398,9 @@ impl AbsentNames {
                 empty,
             } => {
                 t.add(dir, name);
-                let made = EntryOut::read_from_prefix(body).map(|(e, _)| e.nodeid).ok();
-                if mkdir && made.is_some() && made == empty {
-                    if let Some(new) = made {
-                        t.known.insert(new, HashSet::new());
-                    }
+                if let Some(new) = made.filter(|&new| mkdir && empty == Some(new)) {
+                    t.forget(new);
+                    t.known.insert(new, HashSet::new());
                 }
             }
             Effect::Remove { dir, name } => t.remove(dir, &name),
@@ -366,7 +416,6 @@ impl AbsentNames {
                 }
                 t.add(to, newname);
             }
-            Effect::Unknown => t.forget_everything(),
         }
     }
 
@@ -557,6 +606,43 @@ mod tests {
         assert_eq!(rename(&t, 10, "c", 11, "v", 1 << 7), Verdict::Forward(None));
         assert_eq!(lookup(&t, 10, "zz"), Verdict::Forward(None));
         assert_eq!(lookup(&t, 11, "zz"), Verdict::Forward(None));
+    }
+
+    #[test]
+    fn dot_dotdot_and_names_too_long_for_the_appliance_are_always_forwarded() {
+        let t = AbsentNames::new();
+        mkdir(&t, 1, "d", 10, true);
+        assert_eq!(lookup(&t, 10, "."), Verdict::Forward(None));
+        assert_eq!(lookup(&t, 10, ".."), Verdict::Forward(None));
+        assert_eq!(lookup(&t, 10, &"n".repeat(256)), Verdict::Forward(None));
+        assert_eq!(lookup(&t, 10, &"n".repeat(255)), Verdict::Absent);
+    }
+
+    #[test]
+    fn a_directory_filled_while_its_mkdir_was_out_is_not_held() {
+        // A caller that guessed the new directory's id created a name in it before
+        // the MKDIR's reply passed: the appliance's "empty" is stale by then.
+        let t = AbsentNames::new();
+        let op = Operation::Mkdir {
+            arg: MkdirIn::default(),
+            name: OsStr::new("d"),
+        };
+        let m = change(t.on_request(&header(opcode::MKDIR, 1), Some(&op)));
+        t.on_hint(
+            &EmptyDirHint {
+                unique: 1,
+                nodeid: 10,
+            },
+            m,
+        );
+        t.on_reply(create(&t, 10, "early"), &entry(11));
+        t.on_reply(m, &entry(10));
+        assert_eq!(lookup(&t, 10, "early"), Verdict::Forward(None));
+        assert_eq!(lookup(&t, 10, "other"), Verdict::Forward(None));
+        // With no MKDIR out, names put elsewhere are not remembered for later ones.
+        t.on_reply(create(&t, 20, "x"), &entry(12));
+        mkdir(&t, 1, "e", 20, true);
+        assert_eq!(lookup(&t, 20, "y"), Verdict::Absent);
     }
 
     #[test]
