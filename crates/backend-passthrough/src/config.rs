@@ -39,10 +39,11 @@ pub struct PassthroughConfig {
     /// The export is a local file system only this backend changes (a VM appliance's
     /// disk): closing a file then needs no FLUSH round trip (nothing acts on close).
     pub exclusive_local: bool,
-    /// FUSE's no-open mode: OPEN of a file answers ENOSYS, so the kernel sends no OPEN
-    /// or RELEASE for files again, keeps their cached pages across opens, and sends
-    /// their reads and writes with `fh` 0, served through one descriptor per node (see
-    /// [`crate::implicit`]). Saves a round trip per open where one is dear (a VM
+    /// FUSE's no-open mode: OPEN and OPENDIR answer ENOSYS, so the kernel sends no
+    /// OPEN, RELEASE, OPENDIR or RELEASEDIR again, keeps files' pages and directories'
+    /// listings cached across opens, and sends reads, writes and listings with `fh` 0:
+    /// a file's are served through one descriptor per node (see [`crate::implicit`]),
+    /// a directory's through a stream opened for each request. Saves a round trip per open where one is dear (a VM
     /// appliance under emulation). Only for an export nothing but this backend changes,
     /// and never with FUSE passthrough, which needs OPEN to name a backing file.
     pub no_open: bool,

@@ -7,6 +7,10 @@
 //! appliance's own disk. Without ATOMIC_O_TRUNC (never asked), open(O_TRUNC) still
 //! reaches the backend as a SETATTR.
 //!
+//! Directories are not this module's: OPENDIR answers ENOSYS too, and each READDIR
+//! with `fh` 0 lists through a stream opened for it (offsets are the file system's
+//! own cookies, which hold across opens).
+//!
 //! This module owns the one descriptor per node that serves those requests: opened
 //! read-write on first use (read-only where the file refuses writing; a later WRITE
 //! then gets the refusal), kept as an ordinary [`Handle`] so every handle path serves
@@ -51,7 +55,7 @@ impl ImplicitOpens {
         open: impl Fn(i32) -> io::Result<OwnedFd>,
     ) -> Result<Arc<Handle>, Errno> {
         if node.kind != libc::S_IFREG {
-            // Directories are still opened with OPENDIR; nothing else is read here.
+            // Directories are listed through a stream per request, never read here.
             return Err(Errno(libc::EBADF));
         }
         let mut g = self.by_node.lock().unwrap_or_else(|p| p.into_inner());

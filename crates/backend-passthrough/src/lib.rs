@@ -337,6 +337,20 @@ impl PassthroughFs {
         }
     }
 
+    /// The handle serving a READDIR of directory `ino` with `fh`: in no-open mode, `fh`
+    /// 0 is a stream opened for this request alone (READDIR's offset is the file
+    /// system's own cookie, which holds across opens; see [`dir`]).
+    fn dir_handle(&self, ino: u64, fh: u64) -> Result<Arc<Handle>> {
+        match &self.implicit {
+            Some(_) if fh == NO_HANDLE => {
+                let n = self.node(ino)?;
+                let fd = self.reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                Ok(Arc::new(Handle::dir(fd, n)))
+            }
+            _ => self.handle(fh),
+        }
+    }
+
     /// `fh` as a handle to use for a request that may also be served by the node alone
     /// (attributes, truncation): the no-open `fh` 0 names no handle.
     fn given_handle(&self, fh: Option<u64>) -> Option<u64> {
@@ -1295,17 +1309,7 @@ impl Filesystem for PassthroughFs {
 
     fn fsync(&self, _ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
         let h = self.file_handle(ino, fh, false)?;
-        let fd = h.fd().as_raw_fd();
-        // SAFETY: plain calls on a descriptor we own.
-        let r = cvt(unsafe {
-            if datasync {
-                libc::fdatasync(fd)
-            } else {
-                libc::fsync(fd)
-            }
-        })
-        .map(drop)
-        .map_err(Errno::from);
+        let r = sys::sync(h.fd(), datasync).map_err(Errno::from);
         match (&self.implicit, fh) {
             (Some(implicit), NO_HANDLE) => implicit.synced(ino, r),
             _ => r,
@@ -1313,6 +1317,10 @@ impl Filesystem for PassthroughFs {
     }
 
     fn opendir(&self, ctx: &Context, ino: u64, _flags: u32) -> Result<Opened> {
+        if self.implicit.is_some() {
+            // No-open mode for directories too: no OPENDIR or RELEASEDIR again.
+            return Err(Errno(libc::ENOSYS));
+        }
         let n = self.node(ino)?;
         let fd = self.reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let fh = self.add_handle(base_unique(ctx), Handle::dir(fd, n), |fh| {
@@ -1329,7 +1337,7 @@ impl Filesystem for PassthroughFs {
         offset: u64,
         sink: &mut DirSink,
     ) -> Result<()> {
-        let h = self.handle(fh)?;
+        let h = self.dir_handle(ino, fh)?;
         let Handle::Dir { stream: d, .. } = &*h else {
             return Err(Errno(libc::ENOTDIR));
         };
@@ -1386,8 +1394,9 @@ impl Filesystem for PassthroughFs {
         Ok(())
     }
 
-    fn fsyncdir(&self, ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        self.fsync(ctx, ino, fh, datasync)
+    fn fsyncdir(&self, _ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.dir_handle(ino, fh)?;
+        Ok(sys::sync(h.fd(), datasync)?)
     }
 
     fn statfs(&self, _ctx: &Context, ino: u64) -> Result<abi::Kstatfs> {

@@ -62,6 +62,19 @@ pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs64> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// `fdatasync(fd)` when `datasync`, else `fsync(fd)`.
+pub fn sync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+    // SAFETY: plain calls on a descriptor the caller holds.
+    cvt(unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    })?;
+    Ok(())
+}
+
 /// The inode flag of a directory whose names compare without case (`FS_CASEFOLD_FL`).
 pub const FS_CASEFOLD_FL: u32 = 0x4000_0000;
 /// The inode flag of an encrypted file or directory (`FS_ENCRYPT_FL`).
