@@ -175,45 +175,21 @@ pub struct AbsentNames {
     table: Mutex<Table>,
 }
 
-/// Requests that never add or remove a name.
+/// Requests that never add or remove a name: those that change nothing a directory's
+/// attributes show, and those that change a node without naming anything.
 fn names_stay(op: u32) -> bool {
-    matches!(
-        op,
-        opcode::GETATTR
-            | opcode::SETATTR
-            | opcode::READLINK
-            | opcode::OPEN
-            | opcode::READ
-            | opcode::WRITE
-            | opcode::STATFS
-            | opcode::RELEASE
-            | opcode::FSYNC
-            | opcode::SETXATTR
-            | opcode::GETXATTR
-            | opcode::LISTXATTR
-            | opcode::REMOVEXATTR
-            | opcode::FLUSH
-            | opcode::INIT
-            | opcode::OPENDIR
-            | opcode::READDIR
-            | opcode::READDIRPLUS
-            | opcode::RELEASEDIR
-            | opcode::FSYNCDIR
-            | opcode::GETLK
-            | opcode::SETLK
-            | opcode::SETLKW
-            | opcode::ACCESS
-            | opcode::INTERRUPT
-            | opcode::FALLOCATE
-            | opcode::LSEEK
-            | opcode::COPY_FILE_RANGE
-            | opcode::COPY_FILE_RANGE_64
-            | opcode::TMPFILE
-            | opcode::STATX
-            | opcode::SYNCFS
-            | opcode::NOTIFY_REPLY
-            | opcode::DESTROY
-    )
+    crate::dir_attrs::changes_nothing(op)
+        || matches!(
+            op,
+            opcode::SETATTR
+                | opcode::SETXATTR
+                | opcode::REMOVEXATTR
+                | opcode::FALLOCATE
+                | opcode::COPY_FILE_RANGE
+                | opcode::COPY_FILE_RANGE_64
+                | opcode::TMPFILE
+                | opcode::DESTROY
+        )
 }
 
 fn bytes(name: &std::ffi::OsStr) -> Box<[u8]> {
@@ -229,7 +205,7 @@ impl AbsentNames {
     /// where [`crate::Answers`] decoded it (`None` for an opcode whose payload this
     /// table does not read, or a payload that did not decode).
     pub fn on_request(&self, header: &InHeader, op: Option<&Operation>) -> Verdict {
-        if names_stay(header.opcode) {
+        if header.opcode != opcode::LOOKUP && names_stay(header.opcode) {
             return Verdict::Forward(None);
         }
         let dir = header.nodeid;

@@ -94,7 +94,7 @@ pub struct DirAttrs {
 
 /// Requests that change nothing on the file system (or only a file's data and times,
 /// which no directory's attributes include).
-fn changes_nothing(op: u32) -> bool {
+pub(crate) fn changes_nothing(op: u32) -> bool {
     matches!(
         op,
         opcode::LOOKUP
