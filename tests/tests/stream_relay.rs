@@ -388,3 +388,28 @@ fn lookups_of_names_new_directories_lack_are_answered_here_and_match_the_export(
         "the relay answered {answered} requests itself"
     );
 }
+
+#[test]
+fn ioctls_the_appliance_does_not_serve_are_answered_by_the_relay_after_the_first() {
+    // Python's open asks isatty of every file; FUSE forwards the ioctl each time.
+    let m = Mount::new("mem", &["--channel", "stream"]);
+    let path = m.path().join("f");
+    std::fs::write(&path, b"x").unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    let isatty = || {
+        use std::os::fd::AsRawFd;
+        let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: TCGETS writes at most a termios into `termios`, which we own.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, termios.as_mut_ptr()) };
+        (r, std::io::Error::last_os_error().raw_os_error())
+    };
+    assert_eq!(isatty(), (-1, Some(libc::ENOTTY)));
+    let before = m.requests();
+    for _ in 0..20 {
+        assert_eq!(isatty(), (-1, Some(libc::ENOTTY)));
+    }
+    let asked = m.requests() - before;
+    drop(f);
+    m.unmount();
+    assert!(asked < 3, "20 ioctls reached the appliance {asked} times");
+}

@@ -3,13 +3,14 @@
 //!
 //! Two relays use it: the supervisor's stream bridge (host mounts over a stream
 //! channel, VM appliances) and the vhost-user device's link to a relayed appliance.
-//! Both answer the same three kinds of request without a round trip, and only for an
+//! Both answer the same four kinds of request without a round trip, and only for an
 //! appliance that is the only writer of its file system:
 //! - a `security.capability` check on a node known to have none ([`absent_caps`]);
 //! - the GETATTR of a directory the appliance just changed, from the hint it sent with
 //!   its reply ([`dir_attrs`], [`fsva_protocol::hint`]);
 //! - the LOOKUP of a name a directory is known to lack: one the appliance said was
-//!   made empty, whose every change since passed through the relay ([`absent_names`]).
+//!   made empty, whose every change since passed through the relay ([`absent_names`]);
+//! - an IOCTL, once the appliance has said it serves none ([`unserved`]).
 //!
 //! [`Answers`] is the front both relays call: one look at each request on its way
 //! out, one at each reply and hint on its way back. It owns no I/O and no FUSE
@@ -19,6 +20,7 @@
 pub mod absent_caps;
 pub mod absent_names;
 pub mod dir_attrs;
+pub mod unserved;
 
 use fsva_protocol::abi::{opcode, AttrOut, InHeader};
 use fsva_protocol::reply::ReplyBuf;
@@ -33,6 +35,8 @@ pub enum Local {
     Attributes(AttrOut),
     /// ENOENT to a LOOKUP.
     NoEntry,
+    /// ENOSYS to an opcode the appliance does not serve.
+    Unserved,
 }
 
 impl Local {
@@ -42,6 +46,7 @@ impl Local {
             Local::NoCapability => reply.error(unique, libc::ENODATA),
             Local::Attributes(attr) => reply.value(unique, attr),
             Local::NoEntry => reply.error(unique, libc::ENOENT),
+            Local::Unserved => reply.error(unique, libc::ENOSYS),
         }
     }
 }
@@ -52,6 +57,8 @@ pub struct Note {
     lesson: Option<absent_caps::Lesson>,
     ticket: Option<dir_attrs::Ticket>,
     change: Option<absent_names::Change>,
+    /// An IOCTL: its reply may say the appliance serves none.
+    ioctl: bool,
 }
 
 /// What to do with a request.
@@ -69,6 +76,7 @@ pub struct Answers {
     caps: absent_caps::AbsentCaps,
     dirs: dir_attrs::DirAttrs,
     names: absent_names::AbsentNames,
+    unserved: unserved::Unserved,
     /// Requests answered here so far (for `fsva status`).
     answered: std::sync::atomic::AtomicU64,
 }
@@ -81,6 +89,12 @@ impl Answers {
     /// Looks at a request on its way to the appliance (`frame` is the whole request,
     /// `header` its decoded header).
     pub fn on_request(&self, header: &InHeader, frame: &[u8]) -> Decision {
+        // First: an opcode answered here never reaches the other tables, and the names
+        // table would take an unknown one as a change.
+        let ioctl = match self.unserved.on_request(header) {
+            unserved::Verdict::Unserved => return self.answer(Local::Unserved),
+            unserved::Verdict::Forward(ioctl) => ioctl,
+        };
         // Decoded once, and only where a table reads the payload: the layouts of these
         // operations do not depend on what INIT negotiated.
         let reads_payload = matches!(
@@ -115,11 +129,16 @@ impl Answers {
                             lesson,
                             ticket,
                             change,
+                            ioctl,
                         })
                     }
                 },
             },
         };
+        self.answer(local)
+    }
+
+    fn answer(&self, local: Local) -> Decision {
         self.answered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Decision::Answer(local)
@@ -141,6 +160,9 @@ impl Answers {
         }
         if let Some(change) = note.change {
             self.names.on_reply(change, frame);
+        }
+        if note.ioctl {
+            self.unserved.learn(frame);
         }
     }
 

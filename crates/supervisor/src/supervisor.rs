@@ -569,7 +569,7 @@ fn run_inner(mut req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), S
                                     "{data_path} (but the watch stopped, see the log: changes beside the mount show within 60 s)"
                                 ),
                                 (_, Some(n)) => format!(
-                                    "{data_path}; the relay answered {n} requests itself (capability checks, directory attributes)"
+                                    "{data_path}; the relay answered {n} requests itself (capability checks, directory attributes, lookups of absent names, ioctls)"
                                 ),
                                 _ => data_path.clone(),
                             },
