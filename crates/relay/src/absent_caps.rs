@@ -201,6 +201,7 @@ impl AbsentCaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_frames::request;
     use fsva_protocol::abi::{CreateIn, GetxattrIn};
     use fsva_protocol::request::{decode, Negotiated};
     use zerocopy::IntoBytes;
@@ -209,20 +210,6 @@ mod tests {
     fn look(caps: &AbsentCaps, h: &InHeader, f: &[u8]) -> Verdict {
         let request = decode(f, &Negotiated::default()).ok();
         caps.on_request(h, request.as_ref().map(|r| &r.op), false)
-    }
-
-    fn request(op: u32, node: u64, unique: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
-        let len = core::mem::size_of::<InHeader>() + body.len();
-        let header = InHeader {
-            len: len as u32,
-            opcode: op,
-            unique,
-            nodeid: node,
-            ..Default::default()
-        };
-        let mut frame = header.as_bytes().to_vec();
-        frame.extend_from_slice(body);
-        (header, frame)
     }
 
     fn getxattr(node: u64, name: &[u8]) -> (InHeader, Vec<u8>) {

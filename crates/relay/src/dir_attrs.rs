@@ -247,25 +247,13 @@ impl DirAttrs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_frames;
     use fsva_protocol::abi::{GetattrIn, RenameIn};
     use fsva_protocol::request::{decode, Negotiated};
     use zerocopy::IntoBytes;
 
-    fn request(op: u32, node: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
-        let header = InHeader {
-            len: (core::mem::size_of::<InHeader>() + body.len()) as u32,
-            opcode: op,
-            unique: 1,
-            nodeid: node,
-            ..Default::default()
-        };
-        let mut f = header.as_bytes().to_vec();
-        f.extend_from_slice(body);
-        (header, f)
-    }
-
     fn ask(d: &DirAttrs, op: u32, node: u64, body: &[u8]) -> Verdict {
-        let (h, f) = request(op, node, body);
+        let (h, f) = test_frames::request(op, node, 1, body);
         let request = decode(&f, &Negotiated::default()).ok();
         d.on_request(&h, request.as_ref().map(|r| &r.op))
     }

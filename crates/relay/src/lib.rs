@@ -181,14 +181,14 @@ impl Answers {
     }
 }
 
+/// Request frames for the tables' unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use fsva_protocol::abi::{opcode, GetattrIn, OutHeader};
-    use fsva_protocol::hint::DirAttrHint;
-    use zerocopy::{FromBytes, IntoBytes};
+pub(crate) mod test_frames {
+    use fsva_protocol::abi::InHeader;
+    use zerocopy::IntoBytes;
 
-    fn request(op: u32, node: u64, unique: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
+    /// A request frame of opcode `op` on `node` with `body`, and its header.
+    pub fn request(op: u32, node: u64, unique: u64, body: &[u8]) -> (InHeader, Vec<u8>) {
         let header = InHeader {
             len: (core::mem::size_of::<InHeader>() + body.len()) as u32,
             opcode: op,
@@ -200,6 +200,15 @@ mod tests {
         f.extend_from_slice(body);
         (header, f)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_frames::request;
+    use super::*;
+    use fsva_protocol::abi::{opcode, GetattrIn, OutHeader};
+    use fsva_protocol::hint::DirAttrHint;
+    use zerocopy::{FromBytes, IntoBytes};
 
     #[test]
     fn a_hint_then_its_reply_let_the_next_getattr_be_answered_here() {
