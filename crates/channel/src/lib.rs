@@ -7,12 +7,14 @@
 //!   the supervisor). The appliance reads requests from the kernel directly: no hop.
 //! - [`stream`]: frames over a connected byte stream (a unix socket today; vsock or
 //!   virtio-serial for VM appliances), relayed by the supervisor.
-//! - [`shm`]: the shared-memory data path a stream can use: large frames through a
-//!   region both ends map (a VM appliance's ivshmem BAR), a descriptor on the stream.
+//! - [`shm`]: the shared-memory path a stream can use: frames through a region both
+//!   ends map (a VM appliance's ivshmem BAR), in a polled ring per direction (module `ring`), with
+//!   the stream left as the doorbell of a sleeping reader.
 //!
 //! Decoding and policy live elsewhere: this crate must never interpret an operation.
 
 pub mod fusedev;
+mod ring;
 pub mod shm;
 pub mod stream;
 

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use crate::shm::ShmRegion;
@@ -53,7 +53,11 @@ pub fn read_frame(
 
 /// Writes one whole frame to `stream`, through the shared-memory region when one is in
 /// use (see [`crate::shm`]).
-pub fn send_frame(stream: impl Write, shm: Option<&ShmRegion>, frame: &[u8]) -> io::Result<()> {
+pub fn send_frame(
+    stream: impl Write + AsFd,
+    shm: Option<&ShmRegion>,
+    frame: &[u8],
+) -> io::Result<()> {
     match shm {
         Some(shm) => shm.send(stream, frame),
         None => {
@@ -64,16 +68,18 @@ pub fn send_frame(stream: impl Write, shm: Option<&ShmRegion>, frame: &[u8]) -> 
 }
 
 /// Reads one whole frame from `stream` (as [`read_frame`]), through the shared-memory
-/// region when one is in use.
-pub fn receive_frame(
-    stream: impl Read,
+/// region when one is in use; `expecting` says whether a frame is due (see
+/// [`ShmRegion::receive`]).
+pub fn receive_frame<S: Read + AsFd>(
+    stream: S,
     shm: Option<&ShmRegion>,
     buf: &mut [u8],
     min: usize,
     what: &'static str,
+    expecting: impl Fn() -> bool,
 ) -> Result<Option<usize>, ChannelError> {
     match shm {
-        Some(shm) => shm.receive(stream, buf, min, what),
+        Some(shm) => shm.receive(stream, buf, min, what, expecting),
         None => read_frame(stream, buf, min, what),
     }
 }
@@ -115,6 +121,8 @@ impl Channel for StreamChannel {
             buf,
             REQUEST_HEADER,
             "stream channel",
+            // Requests come when the application makes them: always worth a look.
+            || true,
         )
     }
 

@@ -257,7 +257,21 @@ fn forward_replies(s: &Shared, reader: UnixStream) {
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
         let min = core::mem::size_of::<OutHeader>();
-        let received = receive_frame(&reader, s.shm.as_deref(), &mut buf, min, "appliance stream");
+        // A reply is due while a request waits for one.
+        let waiting = || {
+            !s.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        };
+        let received = receive_frame(
+            &reader,
+            s.shm.as_deref(),
+            &mut buf,
+            min,
+            "appliance stream",
+            waiting,
+        );
         let n = match received {
             Ok(Some(n)) => n,
             Ok(None) => return fail(s, "the appliance closed its stream"),

@@ -102,14 +102,14 @@ pub fn vm(
         Appliance::start_vm(qemu, give, control_ours, cgroup_procs, VM_START_TIMEOUT)?;
     tracing::info!(kernel = %ready.kernel, fstype = %ready.fstype, read_only = ready.read_only, accel = %plan.spec.accel, "VM appliance up");
     let data_path = format!(
-        "through a VM appliance (kernel {}, {}{}) over virtio-serial{}; {}",
+        "through a VM appliance (kernel {}, {}{}) over {}; {}",
         ready.kernel,
         ready.fstype,
         if ready.read_only { ", read-only" } else { "" },
         if ready.shared_memory {
-            ", data in shared memory"
+            "rings in shared memory (virtio-serial as doorbell)"
         } else {
-            ""
+            "virtio-serial"
         },
         plan.accel_note
     );

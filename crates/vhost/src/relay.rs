@@ -251,6 +251,14 @@ impl<T: Send + 'static> Relay<T> {
                 &mut buf,
                 min,
                 "appliance stream",
+                // A reply is due while a request waits for one.
+                || {
+                    !self
+                        .waiting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_empty()
+                },
             );
             let n = match received {
                 Ok(Some(n)) => n,

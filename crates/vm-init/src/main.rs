@@ -35,6 +35,9 @@ struct Settings {
     shm: bool,
     /// The host's relay takes directory-attribute hints.
     dir_hints: bool,
+    /// How long a worker polls the shared-memory ring before it sleeps on the port
+    /// (`None`: the channel's default).
+    poll_us: Option<u64>,
 }
 
 fn settings(cmdline: &str) -> Settings {
@@ -55,6 +58,7 @@ fn settings(cmdline: &str) -> Settings {
             "fsva.probe" => s.probe = value == "1",
             "fsva.shm" => s.shm = value == "1",
             "fsva.dirhints" => s.dir_hints = value == "1",
+            "fsva.poll_us" => s.poll_us = value.parse().ok(),
             _ => {}
         }
     }
@@ -139,7 +143,11 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
     let shm = if s.shm {
         match shared_memory::map() {
             Ok(region) => {
-                tracing::info!(slots = region.slots(), "file data through shared memory");
+                let region = match s.poll_us {
+                    Some(us) => region.with_poll(std::time::Duration::from_micros(us)),
+                    None => region,
+                };
+                tracing::info!(slots = region.slots(), "frames through shared memory");
                 Some(Arc::new(region))
             }
             Err(why) => {
@@ -243,8 +251,10 @@ mod tests {
         assert_eq!(s.fstype.as_deref(), Some("vfat"));
         assert!(s.read_only && !s.probe && s.dir_hints);
         assert_eq!((s.workers, s.log.as_str()), (3, "debug"));
-        let s = settings("fsva.workers=0 fsva.probe=1");
+        let s = settings("fsva.workers=0 fsva.probe=1 fsva.poll_us=50");
         assert_eq!((s.workers, s.probe, s.fstype), (1, true, None));
         assert!(!s.dir_hints);
+        assert_eq!(s.poll_us, Some(50));
+        assert_eq!(settings("fsva.poll_us=soon").poll_us, None);
     }
 }
