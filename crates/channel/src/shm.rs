@@ -53,13 +53,17 @@ const DESCRIPTOR: usize = 24;
 const MARKER: u32 = 0xffff_ffff;
 /// How long the supervisor polls for a reply before it sleeps on the stream, by
 /// default: long enough for most operations of an emulated guest (tens to hundreds of
-/// microseconds); the application waits meanwhile, so the CPU is otherwise idle.
+/// microseconds). It polls only while a request waits, when the application that sent
+/// it waits too; the guest's vCPU threads share the host's CPUs with it (it yields
+/// between looks).
 pub const SUPERVISOR_POLL: Duration = Duration::from_millis(1);
 /// How long the appliance polls for the next request, by default: long enough for an
 /// application's next system call to follow the reply to its last one.
 pub const APPLIANCE_POLL: Duration = Duration::from_micros(200);
-/// How long a sender with no room polls between looks at whether the stream is shut.
-const FULL_POLL: Duration = Duration::from_millis(10);
+/// How long a sender with no room polls before it sleeps between looks.
+const FULL_POLL: Duration = Duration::from_micros(200);
+/// The longest a sender with no room sleeps between looks.
+const FULL_NAP: Duration = Duration::from_millis(50);
 
 /// Which end of the region this is: it sends in one direction and receives in the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,7 +362,8 @@ impl ShmRegion {
         if let Some(local) = &self.local {
             if local.asleep.load(Ordering::SeqCst) && local.asleep.swap(false, Ordering::SeqCst) {
                 // The receiver will look at its ring once woken: the other side need not
-                // ring for the reply that may beat it there.
+                // ring for the reply that may beat it there. (Should the write fail, the
+                // error fails the link, whose shutdown wakes the receiver.)
                 self.ring(self.direction(false)).awake();
                 rustix::io::write(&local.fd, &1u64.to_ne_bytes())?;
             }
@@ -518,19 +523,30 @@ fn corrupt_ring(len: usize) -> io::Error {
     )
 }
 
-/// Polls `ready` until it gives something, as long as `stream` is not shut: a sender
-/// waiting for room must not outlive the link.
+/// Waits until `ready` gives something, as long as `stream` is not shut: a sender
+/// waiting for room must not outlive the link. It polls briefly (room usually comes
+/// within microseconds), then sleeps between looks, 1 ms at first and up to 50 ms, so
+/// a peer that stops reading costs a thread that waits, not a CPU.
 fn wait_while_open<T>(
     stream: impl AsFd,
     mut ready: impl FnMut() -> io::Result<Option<T>>,
 ) -> io::Result<T> {
-    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    if let Some(t) = poll_for(FULL_POLL, &mut ready)? {
+        return Ok(t);
+    }
+    let mut nap = Duration::from_millis(1);
     loop {
-        if let Some(t) = poll_for(FULL_POLL, &mut ready)? {
-            return Ok(t);
+        // No events asked: poll reports only a shut or broken stream, or times out.
+        let mut fds = [PollFd::new(&stream, PollFlags::empty())];
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: nap.as_nanos() as _,
+        };
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        let mut fds = [PollFd::new(&stream, PollFlags::OUT)];
-        poll(&mut fds, Some(&rustix::event::Timespec::default()))?;
         if fds[0]
             .revents()
             .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL)
@@ -540,6 +556,10 @@ fn wait_while_open<T>(
                 "the other end stopped reading the shared-memory ring and the stream is shut",
             ));
         }
+        if let Some(t) = ready()? {
+            return Ok(t);
+        }
+        nap = (nap * 2).min(FULL_NAP);
     }
 }
 
@@ -677,6 +697,48 @@ mod tests {
         a.shutdown(std::net::Shutdown::Both).unwrap();
         let err = sup.send(&a, &frame(8192, 1)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    /// CPU time this thread has used.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec, which we own.
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) },
+            0
+        );
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    #[test]
+    fn a_sender_waiting_for_room_sleeps_instead_of_burning_a_cpu() {
+        let (sup, app) = pair();
+        let (a, b) = UnixStream::pair().unwrap();
+        for _ in 0..3 {
+            sup.send(&a, &frame(8192, 1)).unwrap();
+        }
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(|| {
+                let cpu = thread_cpu();
+                sup.send(&a, &frame(8192, 2)).unwrap();
+                thread_cpu() - cpu
+            });
+            // The appliance takes its time; then one slot comes free.
+            std::thread::sleep(Duration::from_millis(400));
+            let mut buf = vec![0u8; 1 << 16];
+            assert_eq!(
+                app.receive(&b, &mut buf, 40, "t", || true).unwrap(),
+                Some(8192)
+            );
+            let cpu = sender.join().unwrap();
+            assert!(
+                cpu < Duration::from_millis(100),
+                "waiting took {cpu:?} of CPU"
+            );
+        });
     }
 
     #[test]

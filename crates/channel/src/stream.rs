@@ -90,7 +90,7 @@ pub fn receive_frame<S: Read + AsFd>(
 pub struct StreamChannel {
     reader: Mutex<File>,
     writer: Mutex<File>,
-    /// Large frames go through this region when the supervisor offered one.
+    /// Frames go through this region when the supervisor offered one.
     shm: Option<Arc<ShmRegion>>,
 }
 
@@ -99,7 +99,8 @@ impl StreamChannel {
         Self::with_shm(stream, None)
     }
 
-    /// A stream whose large frames travel through `shm` (see [`crate::shm`]).
+    /// A stream whose frames travel through `shm` (see [`crate::shm`]), the stream only
+    /// ringing for a sleeping reader.
     pub fn with_shm(stream: impl Into<OwnedFd>, shm: Option<Arc<ShmRegion>>) -> io::Result<Self> {
         let reader = File::from(stream.into());
         Ok(Self {
