@@ -119,6 +119,19 @@ pub struct Ports {
     pub shm: Option<(RawFd, usize)>,
 }
 
+/// The `-smp` value for `spec`. The guest shares memory with the supervisor, and the
+/// rings there (`fsva_channel::shm`) rely on the guest's fences and atomic
+/// instructions. TCG honours those only when it translates for parallel vCPUs, which
+/// it decides from the most vCPUs the machine may have: with one, a guest's `mfence`
+/// is dropped and its store may pass its next load on the host CPU, losing a wake-up.
+/// One vCPU under TCG therefore declares room for a second, which never comes online.
+fn smp(spec: &VmSpec) -> String {
+    match spec.accel {
+        Accel::Tcg if spec.cpus < 2 => format!("{},maxcpus=2", spec.cpus.max(1)),
+        _ => spec.cpus.to_string(),
+    }
+}
+
 /// The QEMU command for `appliance` serving `spec` through `ports` (which the caller
 /// keeps open across exec).
 pub fn command(appliance: &Appliance, spec: &VmSpec, ports: Ports, probe: bool) -> Command {
@@ -134,7 +147,7 @@ pub fn command(appliance: &Appliance, spec: &VmSpec, ports: Ports, probe: bool) 
     };
     cmd.args(["-machine", "q35", "-accel", accel, "-cpu", cpu])
         .args(["-m", &spec.memory_mib.to_string()])
-        .args(["-smp", &spec.cpus.to_string()])
+        .args(["-smp", &smp(spec)])
         // QEMU's own seccomp filter: a guest that escapes into QEMU still cannot gain
         // privileges, start programs or change resource limits.
         .args([
@@ -313,5 +326,31 @@ pub fn inherit(cmd: &mut Command, fds: &[RawFd]) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_tcg_vcpu_is_translated_for_parallel_vcpus() {
+        let mut spec = VmSpec {
+            image: PathBuf::from("disk.img"),
+            fstype: None,
+            read_only: false,
+            memory_mib: 256,
+            cpus: 1,
+            accel: Accel::Tcg,
+            workers: 2,
+            log_filter: "info".into(),
+            dir_hints: false,
+        };
+        assert_eq!(smp(&spec), "1,maxcpus=2");
+        spec.cpus = 2;
+        assert_eq!(smp(&spec), "2");
+        spec.accel = Accel::Kvm;
+        spec.cpus = 1;
+        assert_eq!(smp(&spec), "1");
     }
 }
