@@ -82,7 +82,7 @@ impl Ring<'_> {
         }
     }
 
-    fn copy_in(&self, at: u32, bytes: &[u8]) {
+    pub(crate) fn copy_in(&self, at: u32, bytes: &[u8]) {
         let off = (at & (self.size - 1)) as usize;
         let first = bytes.len().min(self.size as usize - off);
         // SAFETY: as in copy_out; the bytes between tail and tail + size that are not
@@ -176,6 +176,12 @@ impl Ring<'_> {
     /// After a wake-up: the consumer is awake (whoever woke it).
     pub fn awake(&self) {
         self.words.asleep.store(0, Ordering::Relaxed);
+    }
+
+    /// After a wake-up nobody announced: the consumer is awake, and this says whether
+    /// it was still marked asleep (no producer claimed the wake-up meanwhile).
+    pub fn take_asleep(&self) -> bool {
+        self.words.asleep.swap(0, Ordering::SeqCst) == 1
     }
 }
 

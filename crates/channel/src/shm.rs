@@ -110,7 +110,7 @@ pub struct ShmRegion {
     poll: Duration,
     /// At the supervisor's end only.
     local: Option<LocalWake>,
-    /// Frames found after a sleep no doorbell ended.
+    /// Wake-ups by the recheck that found a frame nobody rang for.
     missed: AtomicU64,
 }
 
@@ -413,9 +413,16 @@ impl ShmRegion {
             Err(Corrupt { len }) => Err(len),
         };
         let mut ended = false;
+        let mut rechecking = false;
         loop {
             let due = !ended && expecting();
-            let budget = if due { self.poll } else { Duration::ZERO };
+            // After a recheck that found nothing, one look, not a whole poll.
+            let budget = if due && !rechecking {
+                self.poll
+            } else {
+                Duration::ZERO
+            };
+            rechecking = false;
             if let Some(n) = poll_for(budget, || pop(buf)).map_err(bad)? {
                 return self.unwrap_descriptor(buf, n, min, what).map(Some);
             }
@@ -437,16 +444,22 @@ impl ShmRegion {
                 }
             }
             let woke = self.sleep(&mut stream, due);
+            if let Ok(Woken::TimedOut) = woke {
+                // Missed only if a frame is there and nobody claimed the wake-up (a
+                // producer that did rings, or the supervisor's sender woke us).
+                let had = !ring.is_empty();
+                if !ring.take_asleep() || !had {
+                    rechecking = true;
+                    continue;
+                }
+                self.missed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             ring.awake();
             match woke {
                 // Frames published before the end are still delivered.
                 Ok(Woken::End) => ended = true,
-                Ok(Woken::Up) => {}
-                Ok(Woken::TimedOut) => {
-                    if !ring.is_empty() {
-                        self.missed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                Ok(Woken::Up) | Ok(Woken::TimedOut) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => return Err(ChannelError::Receive { what, source }),
             }
@@ -504,8 +517,9 @@ impl ShmRegion {
         }
     }
 
-    /// How many times a receiver found a frame after sleeping without a doorbell: zero
-    /// unless the other side's ordering is broken (see `fsva_vm`'s `-smp` choice).
+    /// How many times a receiver's recheck found a frame whose producer never saw it
+    /// asleep: zero unless the two sides' ordering is broken (see `fsva_vm`'s `-smp`
+    /// choice).
     pub fn missed_doorbells(&self) -> u64 {
         self.missed.load(Ordering::Relaxed)
     }
@@ -728,17 +742,27 @@ mod tests {
         let (sup, app) = pair();
         let app = app.with_poll(Duration::ZERO);
         let (a, b) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|scope| {
-            let receiver = scope.spawn(|| {
+            scope.spawn(|| {
                 let mut buf = vec![0u8; 4096];
                 let t = std::time::Instant::now();
                 let got = app.receive(&b, &mut buf, 40, "t", || true).unwrap();
-                (got, t.elapsed())
+                tx.send((got, t.elapsed())).unwrap();
             });
-            std::thread::sleep(Duration::from_millis(20));
-            // Published as a broken peer would: without looking at `asleep`.
-            sup.ring(0).try_push(&frame(48, 1)).unwrap();
-            let (got, took) = receiver.join().unwrap();
+            // Once the receiver sleeps, publish as a broken peer would: the frame and
+            // `head`, without looking at `asleep`.
+            let ring = sup.ring(0);
+            while ring.words.asleep.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ring.copy_in(0, &frame(48, 1));
+            ring.words.head.store(48, Ordering::Release);
+            let (got, took) = rx.recv_timeout(RECHECK * 10).unwrap_or_else(|_| {
+                // No recheck: end the stream so the receiver returns and the test fails.
+                a.shutdown(std::net::Shutdown::Both).unwrap();
+                rx.recv().unwrap()
+            });
             assert_eq!(got, Some(48));
             assert!(took < RECHECK * 3, "took {took:?}");
         });

@@ -121,10 +121,12 @@ pub struct Ports {
 
 /// The `-smp` value for `spec`. The guest shares memory with the supervisor, and the
 /// rings there (`fsva_channel::shm`) rely on the guest's fences and atomic
-/// instructions. TCG honours those only when it translates for parallel vCPUs, which
-/// it decides from the most vCPUs the machine may have: with one, a guest's `mfence`
-/// is dropped and its store may pass its next load on the host CPU, losing a wake-up.
-/// One vCPU under TCG therefore declares room for a second, which never comes online.
+/// instructions. Multi-threaded TCG (`thread=multi`, above) translates those for
+/// parallel vCPUs only when the machine may have more than one: otherwise its
+/// compare-and-swap is a plain load and store (a slot freed meanwhile is taken again
+/// for good) and, up to QEMU 8.0 (Debian 12 has 7.2), a guest's `mfence` is dropped,
+/// so its store may pass its next load on the host CPU and lose a wake-up. One vCPU
+/// under TCG therefore declares room for a second, which never comes online.
 fn smp(spec: &VmSpec) -> String {
     match spec.accel {
         Accel::Tcg if spec.cpus < 2 => format!("{},maxcpus=2", spec.cpus.max(1)),
