@@ -839,3 +839,57 @@ fn concurrent_creates_keep_per_thread_credentials() {
 /// Snapshots and restores (live restart, path hints).
 mod recovery;
 mod snapshot;
+
+/// How many of the first `pages` pages of `path` the host's page cache holds.
+fn resident_pages(path: &Path, pages: usize) -> usize {
+    let file = fs::File::open(path).unwrap();
+    let len = pages * 4096;
+    // SAFETY: a fresh private read-only mapping of `len` bytes of a file at least that
+    // long; only mincore looks at it, and it is unmapped below.
+    let map = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ,
+            rustix::mm::MapFlags::SHARED,
+            &file,
+            0,
+        )
+    }
+    .unwrap();
+    let mut vec = vec![0u8; pages];
+    // SAFETY: map/len are the mapping made above; vec has one byte per page.
+    assert_eq!(unsafe { libc::mincore(map, len, vec.as_mut_ptr()) }, 0);
+    // SAFETY: unmapping exactly what was mapped; nothing refers to it any more.
+    unsafe { rustix::mm::munmap(map, len).unwrap() };
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+#[test]
+fn reads_drop_the_pages_they_returned_unless_the_export_keeps_them() {
+    for keep in [false, true] {
+        let (dir, fs) = export_with(|c| c.keep_read_pages = keep);
+        let path = dir.path().join("data");
+        let mut file = fs::File::create(&path).unwrap();
+        std::io::Write::write_all(&mut file, &vec![7u8; 256 * 4096]).unwrap();
+        // Clean (a dirty page is never dropped) and cached; read back through the backend.
+        file.sync_all().unwrap();
+        let f = fs.lookup(&root(), ROOT_ID, os("data")).unwrap();
+        let o = fs
+            .open(&root(), f.ino, libc::O_RDONLY as u32, false)
+            .unwrap();
+        let mut out = Vec::new();
+        for i in 0..256u64 {
+            out.clear();
+            fs.read(&root(), f.ino, o.fh, i * 4096, 4096, 0, &mut out)
+                .unwrap();
+        }
+        fs.release(&root(), f.ino, o.fh, 0).unwrap();
+        let resident = resident_pages(&path, 256);
+        if keep {
+            assert_eq!(resident, 256, "kept pages were dropped");
+        } else {
+            assert!(resident < 64, "{resident} of 256 pages still cached");
+        }
+    }
+}
