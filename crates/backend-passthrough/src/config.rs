@@ -47,12 +47,6 @@ pub struct PassthroughConfig {
     /// appliance under emulation). Only for an export nothing but this backend changes,
     /// and never with FUSE passthrough, which needs OPEN to name a backing file.
     pub no_open: bool,
-    /// Keep the pages a read brought in instead of dropping them after the reply (the
-    /// single-copy rule, module `read_trail`). For a VM appliance: the guest's memory
-    /// is host memory the VM holds whether or not its kernel caches anything, and is
-    /// sized to the cache budget, so dropping returns nothing to the host; and under
-    /// emulation a drop costs more than the read (about 580 µs of a 820 µs READ).
-    pub keep_read_pages: bool,
 }
 
 impl std::fmt::Debug for PassthroughConfig {
@@ -65,7 +59,6 @@ impl std::fmt::Debug for PassthroughConfig {
             .field("device_nodes", &self.device_nodes.is_some())
             .field("exclusive_local", &self.exclusive_local)
             .field("no_open", &self.no_open)
-            .field("keep_read_pages", &self.keep_read_pages)
             .finish()
     }
 }
@@ -82,7 +75,6 @@ impl PassthroughConfig {
             device_nodes: None,
             exclusive_local: false,
             no_open: false,
-            keep_read_pages: false,
         }
     }
 

@@ -108,8 +108,6 @@ pub struct PassthroughFs {
     /// With [`PassthroughConfig::no_open`]: the descriptors serving files opened without
     /// OPEN.
     implicit: Option<ImplicitOpens>,
-    /// See [`PassthroughConfig::keep_read_pages`].
-    keep_read_pages: bool,
     /// With a recovery journal: what records changes and answers resent requests.
     recovery: Option<recovery::Journaled>,
 }
@@ -165,7 +163,6 @@ fn kind_of(stx: &libc::statx) -> u32 {
 struct Locality {
     exclusive_local: bool,
     no_open: bool,
-    keep_read_pages: bool,
 }
 
 impl Locality {
@@ -173,7 +170,6 @@ impl Locality {
         Self {
             exclusive_local: config.exclusive_local,
             no_open: config.no_open,
-            keep_read_pages: config.keep_read_pages,
         }
     }
 }
@@ -307,7 +303,6 @@ impl PassthroughFs {
             device_nodes,
             exclusive_local: locality.exclusive_local,
             implicit: locality.no_open.then(ImplicitOpens::default),
-            keep_read_pages: locality.keep_read_pages,
             recovery: None,
         }
     }
@@ -1241,7 +1236,7 @@ impl Filesystem for PassthroughFs {
         // the client does not cache (its own handle has no trail; a no-open one's
         // flags say so here).
         let direct = flags as i32 & libc::O_DIRECT != 0;
-        if let Some(trail) = h.read_trail().filter(|_| !direct && !self.keep_read_pages) {
+        if let Some(trail) = h.read_trail().filter(|_| !direct) {
             let end = offset + (out.len() - before) as u64;
             for range in trail.record(offset, end).into_iter().flatten() {
                 drop_cached(h.fd(), range);

@@ -138,10 +138,6 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
     // An open costs a round trip to this VM (hundreds of µs under emulation) and tells
     // the appliance nothing it needs: files are opened without OPEN.
     config.no_open = true;
-    // The guest's memory is sized to the cache budget and held by the VM whatever its
-    // kernel caches: dropping what a read brought in returns nothing to the host, and
-    // costs more than the read under emulation.
-    config.keep_read_pages = true;
     let fs = fsva_backend_passthrough::PassthroughFs::new(config)
         .map_err(|e| format!("serving {}: {e}", guest::EXPORT))?;
     let shm = if s.shm {
