@@ -452,7 +452,14 @@ impl ShmRegion {
                     rechecking = true;
                     continue;
                 }
-                self.missed.fetch_add(1, Ordering::Relaxed);
+                if self.missed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        what,
+                        "a frame came without its doorbell: the two ends' memory ordering \
+                         is broken (found by the {} ms recheck; counted from now on)",
+                        RECHECK.as_millis()
+                    );
+                }
                 continue;
             }
             ring.awake();

@@ -254,21 +254,6 @@ fn forward_requests(s: &Shared, index: usize) {
 }
 
 fn forward_replies(s: &Shared, reader: UnixStream) {
-    deliver_replies(s, reader);
-    if let Some(missed) = s
-        .shm
-        .as_ref()
-        .map(|r| r.missed_doorbells())
-        .filter(|&n| n > 0)
-    {
-        tracing::warn!(
-            missed,
-            "replies found without their doorbell (memory ordering)"
-        );
-    }
-}
-
-fn deliver_replies(s: &Shared, reader: UnixStream) {
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
         let min = core::mem::size_of::<OutHeader>();

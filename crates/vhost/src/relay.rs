@@ -236,21 +236,6 @@ impl<T: Send + 'static> Relay<T> {
     /// Delivers the replies on stream `generation` until it ends: a failure of the
     /// link if it is still the current one.
     fn replies_of(&self, reader: UnixStream, generation: u64) {
-        self.deliver_replies(reader, generation);
-        if let Some(missed) = self
-            .shm
-            .as_ref()
-            .map(|r| r.missed_doorbells())
-            .filter(|&n| n > 0)
-        {
-            tracing::warn!(
-                missed,
-                "replies found without their doorbell (memory ordering)"
-            );
-        }
-    }
-
-    fn deliver_replies(&self, reader: UnixStream, generation: u64) {
         let current = || self.generation.load(Ordering::SeqCst) == generation;
         let fail = |why: &str| {
             if current() {

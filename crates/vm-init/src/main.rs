@@ -159,7 +159,6 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
         None
     };
     let shared_memory = shm.is_some();
-    let region = shm.clone();
     let channel: Arc<dyn Channel> =
         Arc::new(StreamChannel::with_shm(fuse, shm).map_err(|e| format!("FUSE port: {e}"))?);
     // The image is this VM's alone: the relay may trust what it is told about
@@ -228,12 +227,6 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
             }
         });
         let result = server.serve(vec![channel], s.workers);
-        if let Some(missed) = region.map(|r| r.missed_doorbells()).filter(|&n| n > 0) {
-            tracing::warn!(
-                missed,
-                "requests found without their doorbell (memory ordering)"
-            );
-        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "FUSE port failed");
         }
