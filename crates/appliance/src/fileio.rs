@@ -63,6 +63,45 @@ pub fn read_at_into(fd: BorrowedFd<'_>, offset: u64, size: usize, out: &mut Vec<
     Ok(())
 }
 
+/// Like [`read_at_into`], but first takes what the page cache already holds without
+/// waiting for I/O (`preadv2` with `RWF_NOWAIT`), then reads the rest as usual. Returns
+/// how many leading bytes were resident before this read: the caller may then tell the
+/// pages it brought in from those another writer or reader left. A file system that
+/// cannot read without waiting reports nothing resident.
+pub fn read_at_into_noting_resident(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    size: usize,
+    out: &mut Vec<u8>,
+) -> Result<usize> {
+    out.reserve(size);
+    let spare = out.spare_capacity_mut();
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: size,
+    };
+    // SAFETY: `iov` points at `size` writable bytes of `out`'s spare capacity (reserved
+    // above); preadv2 writes at most that many and returns how many.
+    let n = unsafe {
+        libc::preadv2(
+            fd.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off64_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    // EAGAIN (not cached), EOPNOTSUPP (no such reads here) or a real error, which the
+    // ordinary read below meets and reports: nothing counted as resident.
+    let resident = usize::try_from(n).unwrap_or(0).min(size);
+    // SAFETY: preadv2 initialised `resident` bytes right after the current length.
+    unsafe { out.set_len(out.len() + resident) };
+    if resident < size {
+        read_at_into(fd, offset + resident as u64, size - resident, out)?;
+    }
+    Ok(resident)
+}
+
 /// Writes all of `data` at `offset`; returns how much was written (short only when an
 /// error followed some progress).
 pub fn write_all_at(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> Result<u64> {
@@ -98,8 +137,39 @@ mod tests {
         assert_eq!(out, b"HELLO");
     }
 
+    #[test]
+    fn resident_reads_tell_cached_pages_from_pages_read_in() {
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let f = tempfile_with(&data);
+        f.sync_all().unwrap();
+        // Just written: every page is cached.
+        let mut out = Vec::new();
+        let resident = read_at_into_noting_resident(f.as_fd(), 0, 1 << 20, &mut out).unwrap();
+        assert_eq!((resident, out.len()), (data.len(), data.len()));
+        assert!(out == data);
+        // Dropped (clean after the sync): the read brings the pages in again.
+        // SAFETY: plain call on a descriptor the test owns.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        let mut out = b"x".to_vec();
+        let resident = read_at_into_noting_resident(f.as_fd(), 4096, 1 << 20, &mut out).unwrap();
+        assert!(
+            resident < data.len() - 4096,
+            "{resident} bytes still resident"
+        );
+        assert!(out[1..] == data[4096..]);
+        // At end of file nothing is read and nothing is resident.
+        let mut out = Vec::new();
+        let resident =
+            read_at_into_noting_resident(f.as_fd(), data.len() as u64, 100, &mut out).unwrap();
+        assert_eq!((resident, out.len()), (0, 0));
+    }
+
     fn tempfile_with(data: &[u8]) -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("fsva-fileio-{}", std::process::id()));
+        // Tests run on parallel threads of one process: a name each.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("fsva-fileio-{}-{n}", std::process::id()));
         std::fs::write(&path, data).unwrap();
         let f = std::fs::OpenOptions::new()
             .read(true)

@@ -47,6 +47,12 @@ pub struct PassthroughConfig {
     /// appliance under emulation). Only for an export nothing but this backend changes,
     /// and never with FUSE passthrough, which needs OPEN to name a backing file.
     pub no_open: bool,
+    /// After a READ, drop only the pages it brought in (see [`crate::read_trail`]):
+    /// pages already cached, such as those written through the backend and perhaps not
+    /// yet written back, stay. For an export whose page cache is bounded by other means
+    /// (a VM appliance: its memory and the cache budget's watcher), where dropping a
+    /// dirty page would write it back inside the READ.
+    pub drop_only_read_in: bool,
 }
 
 impl std::fmt::Debug for PassthroughConfig {
@@ -59,6 +65,7 @@ impl std::fmt::Debug for PassthroughConfig {
             .field("device_nodes", &self.device_nodes.is_some())
             .field("exclusive_local", &self.exclusive_local)
             .field("no_open", &self.no_open)
+            .field("drop_only_read_in", &self.drop_only_read_in)
             .finish()
     }
 }
@@ -75,6 +82,7 @@ impl PassthroughConfig {
             device_nodes: None,
             exclusive_local: false,
             no_open: false,
+            drop_only_read_in: false,
         }
     }
 

@@ -110,6 +110,8 @@ pub struct PassthroughFs {
     implicit: Option<ImplicitOpens>,
     /// With a recovery journal: what records changes and answers resent requests.
     recovery: Option<recovery::Journaled>,
+    /// See [`PassthroughConfig::drop_only_read_in`].
+    drop_only_read_in: bool,
 }
 
 /// A request's unique as journal records name it (without the kernel's resend bit).
@@ -158,11 +160,13 @@ fn kind_of(stx: &libc::statx) -> u32 {
     u32::from(stx.stx_mode) & libc::S_IFMT
 }
 
-/// What the configuration says of who else changes the export.
+/// What the configuration says of who else changes the export, and of what bounds
+/// its page cache.
 #[derive(Clone, Copy)]
 struct Locality {
     exclusive_local: bool,
     no_open: bool,
+    drop_only_read_in: bool,
 }
 
 impl Locality {
@@ -170,6 +174,7 @@ impl Locality {
         Self {
             exclusive_local: config.exclusive_local,
             no_open: config.no_open,
+            drop_only_read_in: config.drop_only_read_in,
         }
     }
 }
@@ -304,6 +309,7 @@ impl PassthroughFs {
             exclusive_local: locality.exclusive_local,
             implicit: locality.no_open.then(ImplicitOpens::default),
             recovery: None,
+            drop_only_read_in: locality.drop_only_read_in,
         }
     }
 
@@ -1229,18 +1235,29 @@ impl Filesystem for PassthroughFs {
     ) -> Result<()> {
         let h = self.file_handle(ino, fh, false)?;
         let before = out.len();
-        fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)?;
         // Reads reach the appliance only when FUSE passthrough is off: the kernel client
         // then caches the data, so keeping it here too would cache it twice. Drop our
         // copy of what we returned (see read_trail). Not for an O_DIRECT reader, which
         // the client does not cache (its own handle has no trail; a no-open one's
         // flags say so here).
         let direct = flags as i32 & libc::O_DIRECT != 0;
-        if let Some(trail) = h.read_trail().filter(|_| !direct) {
+        let trail = h.read_trail().filter(|_| !direct);
+        let drops = if self.drop_only_read_in && trail.is_some() {
+            let resident = fsva_appliance::fileio::read_at_into_noting_resident(
+                h.fd(),
+                offset,
+                size as usize,
+                out,
+            )?;
             let end = offset + (out.len() - before) as u64;
-            for range in trail.record(offset, end).into_iter().flatten() {
-                drop_cached(h.fd(), range);
-            }
+            trail.map(|t| t.record_after_resident(offset, offset + resident as u64, end))
+        } else {
+            fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)?;
+            let end = offset + (out.len() - before) as u64;
+            trail.map(|t| t.record(offset, end))
+        };
+        for range in drops.into_iter().flatten().flatten() {
+            drop_cached(h.fd(), range);
         }
         Ok(())
     }

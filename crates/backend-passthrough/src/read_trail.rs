@@ -8,7 +8,10 @@
 //! a trailing window instead (the same pages, fewer calls). Pages the host read ahead
 //! but did not return are kept: the client does not hold them, so they are no second
 //! copy, and a later request finds them cached. Reads the client does not cache
-//! (O_DIRECT opens) drop nothing.
+//! (O_DIRECT opens) drop nothing. Where the backend is told to
+//! (a VM appliance), a read that found its pages already cached — written through the
+//! appliance and maybe not yet written back — leaves them, unless it continues a run of
+//! reads whose read-ahead brought them in.
 //!
 //! This module only decides ranges; it never touches a descriptor.
 
@@ -75,6 +78,32 @@ impl ReadTrail {
         ]
     }
 
+    /// Records a read of `[start, end)` whose first part, up to `resident_until`, the
+    /// page cache held before it, and returns the ranges to drop now. Those resident
+    /// pages were left by someone else (a write through the appliance, another reader)
+    /// and are not this read's to drop, unless the read continues a run of this
+    /// file's reads: then they are the run's own read-ahead, and the run's window
+    /// drops them as [`ReadTrail::record`] does.
+    pub fn record_after_resident(
+        &self,
+        start: u64,
+        resident_until: u64,
+        end: u64,
+    ) -> [Option<Range>; 2] {
+        let continues = {
+            let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            t.recent
+                .iter()
+                .flatten()
+                .any(|r| r.1 == start || r.0 == end)
+        };
+        if continues {
+            self.record(start, end)
+        } else {
+            self.record(resident_until.clamp(start, end), end)
+        }
+    }
+
     /// The ranges still waiting for their second drop (dropped when the file closes).
     pub fn pending(&self) -> Vec<Range> {
         let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,6 +138,25 @@ mod tests {
                 "read {i}"
             );
         }
+    }
+
+    #[test]
+    fn resident_pages_are_left_unless_a_run_read_them_ahead() {
+        let t = ReadTrail::default();
+        let kb = 1024u64;
+        // Wholly resident, on its own: nothing to drop, nothing remembered.
+        assert_eq!(t.record_after_resident(0, 8 * kb, 8 * kb), [None, None]);
+        assert!(t.pending().is_empty());
+        // Partly resident: only what the read brought in.
+        assert_eq!(
+            t.record_after_resident(100 * kb, 104 * kb, 228 * kb),
+            [Some((104 * kb, 228 * kb)), None]
+        );
+        // The run's next read found its pages read ahead: the run's window drops them.
+        assert_eq!(
+            t.record_after_resident(228 * kb, 356 * kb, 356 * kb),
+            [Some((104 * kb, 356 * kb)), None]
+        );
     }
 
     #[test]
