@@ -44,6 +44,11 @@ fn mount_serves_status_reports_and_umount_removes() {
     );
     assert!(line.contains(&appliance.unwrap().to_string()), "{line}");
     assert!(line.contains("serving"), "{line}");
+    let out = fsva(&["sync", m.path().to_str().unwrap()]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("synced"),
+        "fsva sync: {out:?}"
+    );
     let fields: Vec<&str> = line.split_whitespace().collect();
     let requests: u64 = fields[6].parse().unwrap();
     assert!(
@@ -179,6 +184,7 @@ fn bad_arguments_get_one_line_errors_that_say_what_to_do() {
         &["mount", "-o", "bogus", mp.to_str().unwrap()],
         "unknown mount option",
     );
+    one_line_error(&["sync", mp.to_str().unwrap()], "not an fsva mount");
     assert!(!is_mounted(&mp));
 }
 

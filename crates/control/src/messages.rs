@@ -265,6 +265,10 @@ pub enum ToAppliance {
     /// supervisor's watch): answered [`ToSupervisor::Invalidations`] with the nodes the
     /// kernel knows them by.
     HostChanged(HostChanges),
+    /// Write everything the appliance's file system holds back to its storage
+    /// (`syncfs`), because the host's sync(2) never reaches a FUSE server. Answered
+    /// [`ToSupervisor::Synced`].
+    Sync,
 }
 
 /// Most descriptors one message carries.
@@ -317,6 +321,8 @@ pub enum ToSupervisor {
     },
     /// What the kernel must forget after [`ToAppliance::HostChanged`].
     Invalidations(Invalidations),
+    /// [`ToAppliance::Sync`] is done: everything written before it is on storage.
+    Synced,
 }
 
 /// Changes made to a shared export beside the mount, by host identity (device and
@@ -372,6 +378,9 @@ pub enum AdminRequest {
     },
     /// `StatusFull` with the migration counters (answered `StatusMigration`).
     StatusMigration,
+    /// Have the appliance write its file system back to storage (`fsva sync`; the CLI
+    /// has the kernel write back the mount's dirty pages first). Answered `Synced`.
+    Sync,
 }
 
 /// Supervisor → CLI.
@@ -397,6 +406,10 @@ pub enum AdminReply {
         pid: u32,
     },
     StatusMigration(Box<MountStatus>, RecoveryStatus, MigrationStatus),
+    /// The appliance's file system is on storage; it took `micros`.
+    Synced {
+        micros: u64,
+    },
 }
 
 /// One mount as `fsva status` shows it.

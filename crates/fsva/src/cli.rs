@@ -29,6 +29,10 @@ pub enum Command {
     Status,
     /// Change a mount's cache budget at run time (it must have been mounted with one).
     Cache(CacheArgs),
+    /// Write everything written through a mount back to the appliance's storage. The
+    /// host's sync(1) never reaches a FUSE server: for a VM appliance, whose disk has
+    /// its own page cache, this (or fsync, or `fsva umount`) is what makes data durable.
+    Sync(SyncArgs),
     /// Replace a mount's appliance by a new process with the same state, live (mem on
     /// the fusedev channel so far): open files stay open, no request fails.
     Restart(RestartArgs),
@@ -265,6 +269,11 @@ pub struct HostArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RestartArgs {
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SyncArgs {
     pub mountpoint: PathBuf,
 }
 

@@ -606,6 +606,15 @@ impl Appliance {
         }
     }
 
+    /// Has the appliance write its file system back to storage.
+    pub fn sync(&self) -> Result<(), ApplianceError> {
+        match self.control.request(&ToAppliance::Sync)? {
+            ToSupervisor::Synced => Ok(()),
+            ToSupervisor::Failed { message } => Err(ApplianceError::Failed(message)),
+            other => Err(ApplianceError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Sets a VM appliance's clock to this host's.
     pub fn set_clock(&self) -> Result<(), ApplianceError> {
         let now = std::time::SystemTime::now()

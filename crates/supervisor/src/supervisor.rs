@@ -753,6 +753,37 @@ fn run_inner(mut req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), S
                         };
                         let _ = link.send(&reply, &[]);
                     }
+                    AdminRequest::Sync => {
+                        let started = std::time::Instant::now();
+                        let reply = if remote.is_some() {
+                            AdminReply::Error {
+                                message: format!(
+                                    "{} is served from another host: syncing it from here is not built yet; its appliance syncs when it is unmounted",
+                                    mountpoint.display()
+                                ),
+                            }
+                        } else if !alive {
+                            AdminReply::Error {
+                                message: format!(
+                                    "{}: the appliance is not running ({state}); nothing can be synced",
+                                    mountpoint.display()
+                                ),
+                            }
+                        } else {
+                            match current.appliance.sync() {
+                                Ok(()) => AdminReply::Synced {
+                                    micros: started.elapsed().as_micros() as u64,
+                                },
+                                Err(e) => AdminReply::Error {
+                                    message: format!(
+                                        "syncing the appliance of {} failed: {e}",
+                                        mountpoint.display()
+                                    ),
+                                },
+                            }
+                        };
+                        let _ = link.send(&reply, &[]);
+                    }
                     AdminRequest::Unmount { lazy } => match mount::unmount(&mountpoint, lazy) {
                         Ok(()) => {
                             mounted.armed = false;

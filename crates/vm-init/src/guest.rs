@@ -207,6 +207,14 @@ pub fn raise_disk_readahead(disk: &Path, kb: u32) {
     }
 }
 
+/// Writes the disk's file system back to the disk (`fsva sync`: the host's own sync
+/// never reaches this guest).
+pub fn sync_disk() -> std::io::Result<()> {
+    let export = std::fs::File::open(EXPORT)?;
+    rustix::fs::syncfs(&export)?;
+    Ok(())
+}
+
 /// Syncs and unmounts the disk so it is consistent when the machine stops.
 pub fn unmount_disk() {
     rustix::fs::sync();

@@ -223,6 +223,12 @@ fn serve(s: &Settings, control: &FramedLink) -> Result<(), String> {
                     | ToAppliance::Resume => ToSupervisor::Failed {
                         message: "a VM appliance cannot be restarted live yet".into(),
                     },
+                    ToAppliance::Sync => match guest::sync_disk() {
+                        Ok(()) => ToSupervisor::Synced,
+                        Err(e) => ToSupervisor::Failed {
+                            message: format!("syncing the disk's file system: {e}"),
+                        },
+                    },
                     // Only this appliance changes its disk: nothing changes beside it.
                     ToAppliance::HostChanged(_) => ToSupervisor::Invalidations(Default::default()),
                 };

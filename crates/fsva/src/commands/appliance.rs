@@ -536,6 +536,14 @@ fn serve(
                     ToAppliance::HostChanged(changes) => {
                         ToSupervisor::Invalidations(invalidations(&*control_fs, &changes))
                     }
+                    ToAppliance::Sync => {
+                        match control_fs.syncfs(&fsva_appliance::Context::default()) {
+                            Ok(()) => ToSupervisor::Synced,
+                            Err(e) => ToSupervisor::Failed {
+                                message: format!("syncfs on the export: {e}"),
+                            },
+                        }
+                    }
                     ToAppliance::Checkpoint => match server.checkpoint() {
                         Ok((bytes, fds)) => {
                             // The reply and the descriptors are sent here; nothing more.

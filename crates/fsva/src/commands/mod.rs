@@ -10,6 +10,7 @@ pub mod mount_helper;
 pub mod restart;
 pub mod serve_vhost;
 pub mod status;
+pub mod sync;
 pub mod umount;
 pub mod vm_appliance;
 
@@ -23,6 +24,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => umount::run(args),
         Command::Status => status::run(),
         Command::Cache(args) => cache::run(args),
+        Command::Sync(args) => sync::run(args),
         Command::Restart(args) => restart::run(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Host(args) => host::run(args, &cli.log),
