@@ -1,9 +1,10 @@
 //! Positioned reads and writes on a backend's descriptors, shared by every backend.
 //!
 //! A READ reply is built by reading straight into the reply buffer's spare capacity (no
-//! intermediate copy); a WRITE is retried until complete or until an error after some
+//! intermediate copy), optionally first without waiting for I/O, to learn what the page
+//! cache already held; a WRITE is retried until complete or until an error after some
 //! progress, which is then reported as a short write, as the kernel expects. This
-//! module owns the only `unsafe` those two need; it knows nothing of FUSE semantics.
+//! module owns the only `unsafe` those need; it knows nothing of FUSE semantics.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -66,14 +67,15 @@ pub fn read_at_into(fd: BorrowedFd<'_>, offset: u64, size: usize, out: &mut Vec<
 /// Like [`read_at_into`], but first takes what the page cache already holds without
 /// waiting for I/O (`preadv2` with `RWF_NOWAIT`), then reads the rest as usual. Returns
 /// how many leading bytes were resident before this read: the caller may then tell the
-/// pages it brought in from those another writer or reader left. A file system that
-/// cannot read without waiting reports nothing resident.
+/// pages it brought in from those another writer or reader left. `None`: the file
+/// system cannot read without waiting (EOPNOTSUPP; the read was done as usual), so the
+/// caller need not ask again. An error after the resident part is a short read.
 pub fn read_at_into_noting_resident(
     fd: BorrowedFd<'_>,
     offset: u64,
     size: usize,
     out: &mut Vec<u8>,
-) -> Result<usize> {
+) -> Result<Option<usize>> {
     out.reserve(size);
     let spare = out.spare_capacity_mut();
     let iov = libc::iovec {
@@ -91,15 +93,20 @@ pub fn read_at_into_noting_resident(
             libc::RWF_NOWAIT,
         )
     };
-    // EAGAIN (not cached), EOPNOTSUPP (no such reads here) or a real error, which the
-    // ordinary read below meets and reports: nothing counted as resident.
+    // EAGAIN (not cached), EINTR, EOPNOTSUPP (no such reads here) or a real error,
+    // which the ordinary read below meets and reports: nothing counted as resident.
+    let unsupported = n < 0 && Errno::last().0 == libc::EOPNOTSUPP;
     let resident = usize::try_from(n).unwrap_or(0).min(size);
     // SAFETY: preadv2 initialised `resident` bytes right after the current length.
     unsafe { out.set_len(out.len() + resident) };
     if resident < size {
-        read_at_into(fd, offset + resident as u64, size - resident, out)?;
+        if let Err(e) = read_at_into(fd, offset + resident as u64, size - resident, out) {
+            if resident == 0 {
+                return Err(e);
+            }
+        }
     }
-    Ok(resident)
+    Ok((!unsupported).then_some(resident))
 }
 
 /// Writes all of `data` at `offset`; returns how much was written (short only when an
@@ -145,14 +152,16 @@ mod tests {
         // Just written: every page is cached.
         let mut out = Vec::new();
         let resident = read_at_into_noting_resident(f.as_fd(), 0, 1 << 20, &mut out).unwrap();
-        assert_eq!((resident, out.len()), (data.len(), data.len()));
+        assert_eq!((resident, out.len()), (Some(data.len()), data.len()));
         assert!(out == data);
         // Dropped (clean after the sync): the read brings the pages in again.
         // SAFETY: plain call on a descriptor the test owns.
         let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(r, 0);
         let mut out = b"x".to_vec();
-        let resident = read_at_into_noting_resident(f.as_fd(), 4096, 1 << 20, &mut out).unwrap();
+        let resident = read_at_into_noting_resident(f.as_fd(), 4096, 1 << 20, &mut out)
+            .unwrap()
+            .expect("ext4 reads without waiting");
         assert!(
             resident < data.len() - 4096,
             "{resident} bytes still resident"
@@ -162,14 +171,16 @@ mod tests {
         let mut out = Vec::new();
         let resident =
             read_at_into_noting_resident(f.as_fd(), data.len() as u64, 100, &mut out).unwrap();
-        assert_eq!((resident, out.len()), (0, 0));
+        assert_eq!((resident, out.len()), (Some(0), 0));
     }
 
     fn tempfile_with(data: &[u8]) -> std::fs::File {
-        // Tests run on parallel threads of one process: a name each.
+        // Tests run on parallel threads of one process: a name each. Beside the crate,
+        // on the disk the checkout is on (a tmpfs /tmp has no page cache to drop).
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("fsva-fileio-{}-{n}", std::process::id()));
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!(".fsva-fileio-{}-{n}", std::process::id()));
         std::fs::write(&path, data).unwrap();
         let f = std::fs::OpenOptions::new()
             .read(true)

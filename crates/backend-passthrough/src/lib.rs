@@ -42,6 +42,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,8 +111,9 @@ pub struct PassthroughFs {
     implicit: Option<ImplicitOpens>,
     /// With a recovery journal: what records changes and answers resent requests.
     recovery: Option<recovery::Journaled>,
-    /// See [`PassthroughConfig::drop_only_read_in`].
-    drop_only_read_in: bool,
+    /// See [`PassthroughConfig::drop_only_read_in`]; cleared when the export's file
+    /// system cannot tell what is cached (no reads without waiting).
+    drop_only_read_in: std::sync::atomic::AtomicBool,
 }
 
 /// A request's unique as journal records name it (without the kernel's resend bit).
@@ -309,7 +311,7 @@ impl PassthroughFs {
             exclusive_local: locality.exclusive_local,
             implicit: locality.no_open.then(ImplicitOpens::default),
             recovery: None,
-            drop_only_read_in: locality.drop_only_read_in,
+            drop_only_read_in: locality.drop_only_read_in.into(),
         }
     }
 
@@ -1242,15 +1244,20 @@ impl Filesystem for PassthroughFs {
         // flags say so here).
         let direct = flags as i32 & libc::O_DIRECT != 0;
         let trail = h.read_trail().filter(|_| !direct);
-        let drops = if self.drop_only_read_in && trail.is_some() {
+        let only_read_in = &self.drop_only_read_in;
+        let drops = if trail.is_some() && only_read_in.load(Relaxed) {
             let resident = fsva_appliance::fileio::read_at_into_noting_resident(
                 h.fd(),
                 offset,
                 size as usize,
                 out,
             )?;
+            if resident.is_none() {
+                only_read_in.store(false, Relaxed);
+            }
             let end = offset + (out.len() - before) as u64;
-            trail.map(|t| t.record_after_resident(offset, offset + resident as u64, end))
+            let resident_until = offset + resident.unwrap_or(0) as u64;
+            trail.map(|t| t.record_after_resident(offset, resident_until, end))
         } else {
             fsva_appliance::fileio::read_at_into(h.fd(), offset, size as usize, out)?;
             let end = offset + (out.len() - before) as u64;

@@ -35,14 +35,34 @@ pub struct ReadTrail {
 struct Trail {
     /// Recent runs of reads; a read adjacent to one extends it (the kernel's readahead
     /// requests arrive out of order across workers, so either side may join).
-    recent: [Option<Range>; DEPTH],
+    recent: [Option<Run>; DEPTH],
     /// Index of the newest entry.
     newest: usize,
+}
+
+/// A run of adjacent reads `[start, end)`; dropping it on its own (a read alone, now
+/// and when it leaves the trail) starts at `drop_from`, above the part that was cached
+/// before the read came. A run that others join is dropped whole, by its window.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: u64,
+    end: u64,
+    drop_from: u64,
+}
+
+impl Run {
+    fn to_drop(self) -> Option<Range> {
+        (self.drop_from < self.end).then_some((self.drop_from, self.end))
+    }
 }
 
 impl ReadTrail {
     /// Records a read of `[start, end)` and returns the ranges to drop now.
     pub fn record(&self, start: u64, end: u64) -> [Option<Range>; 2] {
+        self.record_dropping_from(start, start, end)
+    }
+
+    fn record_dropping_from(&self, start: u64, drop_from: u64, end: u64) -> [Option<Range>; 2] {
         if end <= start {
             // Nothing returned, nothing to drop (and fadvise would read a zero length
             // as "to the end of the file").
@@ -52,25 +72,38 @@ impl ReadTrail {
         let left = t
             .recent
             .iter()
-            .position(|r| r.is_some_and(|r| r.1 == start));
-        let right = t.recent.iter().position(|r| r.is_some_and(|r| r.0 == end));
+            .position(|r| r.is_some_and(|r| r.end == start));
+        let right = t
+            .recent
+            .iter()
+            .position(|r| r.is_some_and(|r| r.start == end));
         if left.is_none() && right.is_none() {
             // A read on its own: dropped now, and again when it leaves the trail.
             let slot = (t.newest + 1) % DEPTH;
-            let second = t.recent[slot].take();
-            t.recent[slot] = Some((start, end));
+            let second = t.recent[slot].take().and_then(Run::to_drop);
+            let run = Run {
+                start,
+                end,
+                drop_from,
+            };
+            t.recent[slot] = Some(run);
             t.newest = slot;
-            return [Some((start, end)), second];
+            return [run.to_drop(), second];
         }
         // Part of a run: one window over this read, the run's reads just before it
         // (never before the run began) and a part after it that arrived first.
-        let lo = left.and_then(|i| t.recent[i]).map_or(start, |r| r.0);
-        let hi = right.and_then(|j| t.recent[j]).map_or(end, |r| r.1);
+        let lo = left.and_then(|i| t.recent[i]).map_or(start, |r| r.start);
+        let hi = right.and_then(|j| t.recent[j]).map_or(end, |r| r.end);
         if let (Some(_), Some(j)) = (left, right) {
             t.recent[j] = None;
         }
         let slot = left.or(right).expect("one side joined");
-        t.recent[slot] = Some((lo.max(hi.saturating_sub(SEQUENTIAL_LAG)), hi));
+        let kept = lo.max(hi.saturating_sub(SEQUENTIAL_LAG));
+        t.recent[slot] = Some(Run {
+            start: kept,
+            end: hi,
+            drop_from: kept,
+        });
         t.newest = slot;
         [
             Some((lo.max(start.saturating_sub(SEQUENTIAL_LAG)), hi)),
@@ -84,30 +117,26 @@ impl ReadTrail {
     /// and are not this read's to drop, unless the read continues a run of this
     /// file's reads: then they are the run's own read-ahead, and the run's window
     /// drops them as [`ReadTrail::record`] does.
+    ///
+    /// The read is remembered whole either way, so that a run whose reads arrive out
+    /// of order (the later one first, found read ahead) still joins up.
     pub fn record_after_resident(
         &self,
         start: u64,
         resident_until: u64,
         end: u64,
     ) -> [Option<Range>; 2] {
-        let continues = {
-            let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            t.recent
-                .iter()
-                .flatten()
-                .any(|r| r.1 == start || r.0 == end)
-        };
-        if continues {
-            self.record(start, end)
-        } else {
-            self.record(resident_until.clamp(start, end), end)
-        }
+        self.record_dropping_from(start, resident_until.clamp(start, end), end)
     }
 
     /// The ranges still waiting for their second drop (dropped when the file closes).
     pub fn pending(&self) -> Vec<Range> {
         let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        t.recent.iter().flatten().copied().collect()
+        t.recent
+            .iter()
+            .flatten()
+            .filter_map(|r| r.to_drop())
+            .collect()
     }
 }
 
@@ -152,11 +181,28 @@ mod tests {
             t.record_after_resident(100 * kb, 104 * kb, 228 * kb),
             [Some((104 * kb, 228 * kb)), None]
         );
-        // The run's next read found its pages read ahead: the run's window drops them.
+        // The run's next read found its pages read ahead: the run's window drops them,
+        // the resident start of the run's first read included.
         assert_eq!(
             t.record_after_resident(228 * kb, 356 * kb, 356 * kb),
-            [Some((104 * kb, 356 * kb)), None]
+            [Some((100 * kb, 356 * kb)), None]
         );
+        // Read ahead and arriving before the read it follows: left for now, then
+        // dropped with the run once that read joins it.
+        assert_eq!(
+            t.record_after_resident(1024 * kb, 1152 * kb, 1152 * kb),
+            [None, None]
+        );
+        assert_eq!(
+            t.record_after_resident(896 * kb, 896 * kb, 1024 * kb),
+            [Some((896 * kb, 1152 * kb)), None]
+        );
+        assert_eq!(
+            t.record_after_resident(1152 * kb, 1280 * kb, 1280 * kb),
+            [Some((896 * kb, 1280 * kb)), None]
+        );
+        // What waits for a second drop never includes a resident part read alone.
+        assert!(t.pending().iter().all(|r| r.0 != 0 && r.1 != 8 * kb));
     }
 
     #[test]

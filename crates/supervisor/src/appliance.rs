@@ -53,10 +53,42 @@ enum Control {
 /// How long a VM appliance has to answer a control request, the whole message.
 const VM_CONTROL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a sandboxed appliance has to answer a control request (its link's receive
+/// timeout, set once it serves).
+const LOCAL_CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an appliance may take to write its file system back (`fsva sync`): a
+/// guest's dirty cache written to an emulated disk takes seconds, a host's gigabytes
+/// longer. The supervisor's event loop waits for it, as for a checkpoint.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Control {
     fn request(&self, msg: &ToAppliance) -> Result<ToSupervisor, ApplianceError> {
+        self.request_within(msg, None)
+    }
+
+    /// `request`, with `long` in place of the usual deadline for the answer.
+    fn request_within(
+        &self,
+        msg: &ToAppliance,
+        long: Option<Duration>,
+    ) -> Result<ToSupervisor, ApplianceError> {
         match self {
             Control::Local(link) => {
+                if let Some(t) = long {
+                    let set = |t| {
+                        rustix::net::sockopt::set_socket_timeout(
+                            link,
+                            rustix::net::sockopt::Timeout::Recv,
+                            Some(t),
+                        )
+                        .ok()
+                    };
+                    set(t);
+                    let answer = self.request_within(msg, None);
+                    set(LOCAL_CONTROL_TIMEOUT);
+                    return answer;
+                }
                 // An answer that came after its request timed out is not this one's.
                 let stale = link.discard_pending();
                 if stale > 0 {
@@ -75,9 +107,9 @@ impl Control {
                         "the VM appliance stopped answering control requests".into(),
                     ));
                 }
-                let answer = link
-                    .send(msg)
-                    .and_then(|()| link.recv_within::<ToSupervisor>(VM_CONTROL_TIMEOUT));
+                let answer = link.send(msg).and_then(|()| {
+                    link.recv_within::<ToSupervisor>(long.unwrap_or(VM_CONTROL_TIMEOUT))
+                });
                 if answer.is_err() {
                     broken.store(true, Ordering::Relaxed);
                 }
@@ -121,7 +153,7 @@ impl Starting {
         rustix::net::sockopt::set_socket_timeout(
             &self.link,
             rustix::net::sockopt::Timeout::Recv,
-            Some(Duration::from_secs(2)),
+            Some(LOCAL_CONTROL_TIMEOUT),
         )
         .ok();
         Ok((
@@ -570,7 +602,7 @@ impl Appliance {
         rustix::net::sockopt::set_socket_timeout(
             link,
             rustix::net::sockopt::Timeout::Recv,
-            Some(Duration::from_secs(2)),
+            Some(LOCAL_CONTROL_TIMEOUT),
         )
         .ok();
         result
@@ -608,7 +640,10 @@ impl Appliance {
 
     /// Has the appliance write its file system back to storage.
     pub fn sync(&self) -> Result<(), ApplianceError> {
-        match self.control.request(&ToAppliance::Sync)? {
+        match self
+            .control
+            .request_within(&ToAppliance::Sync, Some(SYNC_TIMEOUT))?
+        {
             ToSupervisor::Synced => Ok(()),
             ToSupervisor::Failed { message } => Err(ApplianceError::Failed(message)),
             other => Err(ApplianceError::Unexpected(format!("{other:?}"))),

@@ -765,7 +765,7 @@ fn run_inner(mut req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), S
                         } else if !alive {
                             AdminReply::Error {
                                 message: format!(
-                                    "{}: the appliance is not running ({state}); nothing can be synced",
+                                    "{}: the appliance is not running ({state}), so nothing can be synced and what it had not written back is lost; remount (fsva umount, then fsva mount)",
                                     mountpoint.display()
                                 ),
                             }
@@ -776,7 +776,7 @@ fn run_inner(mut req: MountRequest, ready: &mut Option<OwnedFd>) -> Result<(), S
                                 },
                                 Err(e) => AdminReply::Error {
                                     message: format!(
-                                        "syncing the appliance of {} failed: {e}",
+                                        "syncing the appliance of {} did not complete ({e}): what was written may not be durable yet; run fsva sync again, or fsva umount, which syncs",
                                         mountpoint.display()
                                     ),
                                 },

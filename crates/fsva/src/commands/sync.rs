@@ -10,17 +10,19 @@ use anyhow::Context as _;
 use fsva_control::{AdminReply, AdminRequest};
 
 pub fn run(args: crate::cli::SyncArgs) -> anyhow::Result<ExitCode> {
-    let (mountpoint, link) =
-        super::supervisor_link(&args.mountpoint, std::time::Duration::from_secs(120))?;
-    // Dirty pages the host kernel still holds reach the appliance first.
-    let dir = std::fs::File::open(&mountpoint)
-        .with_context(|| format!("opening {}", mountpoint.display()))?;
+    // Dirty pages the host kernel still holds reach the appliance first (before the
+    // supervisor is asked: it gives a client a second to speak).
+    let dir = std::fs::File::open(&args.mountpoint)
+        .with_context(|| format!("opening {}", args.mountpoint.display()))?;
     rustix::fs::syncfs(&dir).with_context(|| {
         format!(
             "writing back the host's dirty pages of {}",
-            mountpoint.display()
+            args.mountpoint.display()
         )
     })?;
+    // Longer than the supervisor waits for the appliance, so its answer arrives.
+    let wait = fsva_supervisor::appliance::SYNC_TIMEOUT + std::time::Duration::from_secs(10);
+    let (mountpoint, link) = super::supervisor_link(&args.mountpoint, wait)?;
     link.send(&AdminRequest::Sync, &[])?;
     match link
         .recv::<AdminReply>()
