@@ -127,7 +127,8 @@ pub struct MountArgs {
     /// may hold before writes get ENOSPC). Enforced by the appliance's memory cgroup.
     #[arg(long, value_parser = parse_size)]
     pub cache_budget: Option<u64>,
-    /// Appliance worker threads (default: one per CPU, at least 2).
+    /// Appliance worker threads (default: one per CPU, at least 2; a VM appliance under
+    /// TCG emulation: one per vCPU).
     #[arg(long)]
     pub workers: Option<u32>,
     /// Mount options: ro, rw, suid, nosuid, dev, nodev, allow_other.
@@ -212,7 +213,8 @@ pub struct ServeVhostArgs {
     /// Most file data the appliance may keep in memory, e.g. 256M.
     #[arg(long, value_parser = parse_size)]
     pub cache_budget: Option<u64>,
-    /// Appliance worker threads (default: one per CPU, at least 2).
+    /// Appliance worker threads (default: one per CPU, at least 2; a VM appliance under
+    /// TCG emulation: one per vCPU).
     #[arg(long)]
     pub workers: Option<u32>,
     /// The executable to run appliances with (default: this fsva binary).

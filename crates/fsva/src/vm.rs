@@ -209,6 +209,24 @@ pub fn plan(
         else {
             unreachable!("--vm always serves an image")
         };
+        // Under TCG a second vCPU buys throughput (+30% for 1 MiB I/O) but costs every
+        // request a cross-thread hand-off: a round trip takes 290 µs with two, 165 µs
+        // with one (measured here).
+        let cpus = machine.vm_cpus.unwrap_or(match accel {
+            fsva_vm::qemu::Accel::Tcg => 1,
+            fsva_vm::qemu::Accel::Kvm => crate::commands::mount::default_workers().min(4),
+        });
+        // Under TCG a worker per emulated CPU: a second worker on one vCPU took turns
+        // with the first (every request a switch between them) and polled while the
+        // first worked. By hand (the fsva half of bench/vm.sh, two rounds each),
+        // one worker against two: create+write 852/775 against 1,184/895 µs,
+        // mkdir+rmdir 930/959 against 1,467/1,403 µs, extraction 15.0/12.3 against
+        // 21.7/13.7 s, cat 3.16/3.03 against 4.82/3.51 s; sequential I/O the same.
+        // Under KVM the vCPUs are real and more workers overlap disk waits.
+        let default_workers = match accel {
+            fsva_vm::qemu::Accel::Tcg => cpus,
+            fsva_vm::qemu::Accel::Kvm => crate::commands::mount::default_workers(),
+        };
         Ok(Some(fsva_supervisor::VmPlan {
             appliance,
             spec: fsva_vm::qemu::VmSpec {
@@ -216,15 +234,9 @@ pub fn plan(
                 fstype: fstype.clone(),
                 read_only: *read_only,
                 memory_mib,
-                // Under TCG a second vCPU buys throughput (+30% for 1 MiB I/O) but
-                // costs every request a cross-thread hand-off: a round trip takes
-                // 290 µs with two, 165 µs with one (measured here).
-                cpus: machine.vm_cpus.unwrap_or(match accel {
-                    fsva_vm::qemu::Accel::Tcg => 1,
-                    fsva_vm::qemu::Accel::Kvm => crate::commands::mount::default_workers().min(4),
-                }),
+                cpus,
                 accel,
-                workers: workers.unwrap_or_else(crate::commands::mount::default_workers),
+                workers: workers.unwrap_or(default_workers),
                 log_filter: log.to_string(),
                 // The supervisor turns them on where its relay answers from them.
                 dir_hints: false,
