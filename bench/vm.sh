@@ -2,7 +2,10 @@
 # Benchmark fsva's VM appliance against libguestfs's guestmount (the established VM
 # appliance behind FUSE) on the same kind of ext4 image, under the same emulation.
 #
-#   bench/vm.sh [--quick] [--accel tcg|kvm]
+#   bench/vm.sh [--quick] [--accel tcg|kvm] [--fsva-only] [--fsva-flags "FLAGS"]
+#
+# --fsva-only runs fsva at its default memory alone (no ratios); --fsva-flags passes
+# FLAGS to every `fsva mount` (e.g. "--workers 2"), to compare settings by hand.
 #
 # For each tool: a fresh ext4 image (1 GiB, 4 KiB blocks), then
 #   boot      time from the mount command to a mount that answers
@@ -25,11 +28,15 @@ set -euo pipefail
 
 QUICK=0
 ACCEL=tcg
+FSVA_ONLY=0
+FSVA_FLAGS=""
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
     --accel) ACCEL=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--accel tcg|kvm]" >&2; exit 2 ;;
+    --fsva-only) FSVA_ONLY=1 ;;
+    --fsva-flags) FSVA_FLAGS=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--accel tcg|kvm] [--fsva-only] [--fsva-flags \"FLAGS\"]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -65,8 +72,10 @@ export LIBGUESTFS_BACKEND=direct
 
 mount_tool() { # tool image mnt
   case $1 in
-    fsva) "$FSVA" mount --vm --accel "$ACCEL" --image "$2" "$3" >/dev/null 2>&1 ;;
-    fsva_eq) "$FSVA" mount --vm --accel "$ACCEL" --vm-memory "$GM_MEMORY" --image "$2" "$3" >/dev/null 2>&1 ;;
+    # shellcheck disable=SC2086 # FSVA_FLAGS is a list of flags
+    fsva) "$FSVA" mount --vm --accel "$ACCEL" $FSVA_FLAGS --image "$2" "$3" >/dev/null 2>&1 ;;
+    # shellcheck disable=SC2086
+    fsva_eq) "$FSVA" mount --vm --accel "$ACCEL" $FSVA_FLAGS --vm-memory "$GM_MEMORY" --image "$2" "$3" >/dev/null 2>&1 ;;
     guestmount) guestmount -a "$2" -m /dev/sda --rw "$3" ;;
   esac
   stat "$3/." >/dev/null
@@ -116,6 +125,22 @@ run_tool() {
 GM_MEMORY=$(guestfish get-memsize)
 
 run_tool fsva
+if [ $FSVA_ONLY = 1 ]; then
+  {
+    echo "# VM appliance: fsva alone ($(date -u +%F), accel $ACCEL, $(nproc) CPUs, quick=$QUICK, flags: ${FSVA_FLAGS:-none})"
+    echo
+    echo "| workload | unit | fsva |"
+    echo "|---|---|---|"
+    for k in boot:s seq_write:MB/s seq_read:MB/s create_write:µs/op stat_warm:µs/op readdir:µs/op \
+             rename:µs/op unlink:µs/op mkdir_rmdir:µs/op extract:s find:s du:s cat:s umount:s; do
+      printf '| %s | %s | %.3g |\n' "${k%%:*}" "${k#*:}" "${R[fsva.${k%%:*}]}"
+    done
+    echo
+    echo "fsck clean after unmount: ${R[fsva.clean]}"
+  } | tee "$OUT"
+  echo "bench/vm.sh: written to $OUT" >&2
+  exit 0
+fi
 run_tool fsva_eq
 run_tool guestmount
 
