@@ -176,31 +176,26 @@ mod tests {
         // Wholly resident, on its own: nothing to drop, nothing remembered.
         assert_eq!(t.record_after_resident(0, 8 * kb, 8 * kb), [None, None]);
         assert!(t.pending().is_empty());
-        // Partly resident: only what the read brought in.
-        assert_eq!(
-            t.record_after_resident(100 * kb, 104 * kb, 228 * kb),
-            [Some((104 * kb, 228 * kb)), None]
-        );
-        // The run's next read found its pages read ahead: the run's window drops them,
-        // the resident start of the run's first read included.
-        assert_eq!(
-            t.record_after_resident(228 * kb, 356 * kb, 356 * kb),
-            [Some((100 * kb, 356 * kb)), None]
-        );
-        // Read ahead and arriving before the read it follows: left for now, then
-        // dropped with the run once that read joins it.
-        assert_eq!(
-            t.record_after_resident(1024 * kb, 1152 * kb, 1152 * kb),
-            [None, None]
-        );
-        assert_eq!(
-            t.record_after_resident(896 * kb, 896 * kb, 1024 * kb),
-            [Some((896 * kb, 1152 * kb)), None]
-        );
-        assert_eq!(
-            t.record_after_resident(1152 * kb, 1280 * kb, 1280 * kb),
-            [Some((896 * kb, 1280 * kb)), None]
-        );
+        // (start, resident until, end) of each read in turn, and what it drops at once.
+        let steps: [((u64, u64, u64), Option<Range>); 5] = [
+            // Partly resident: only what the read brought in.
+            ((100, 104, 228), Some((104, 228))),
+            // The run's next read found its pages read ahead: the run's window drops
+            // them, the resident start of the run's first read included.
+            ((228, 356, 356), Some((100, 356))),
+            // Read ahead and arriving before the read it follows: left for now...
+            ((1024, 1152, 1152), None),
+            // ...then dropped with the run once that read joins it.
+            ((896, 896, 1024), Some((896, 1152))),
+            ((1152, 1280, 1280), Some((896, 1280))),
+        ];
+        for ((start, resident, end), now) in steps {
+            assert_eq!(
+                t.record_after_resident(start * kb, resident * kb, end * kb),
+                [now.map(|(a, b)| (a * kb, b * kb)), None],
+                "read {start}..{end} KiB"
+            );
+        }
         // What waits for a second drop never includes a resident part read alone.
         assert!(t.pending().iter().all(|r| r.0 != 0 && r.1 != 8 * kb));
     }
