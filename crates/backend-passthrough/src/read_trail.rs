@@ -42,12 +42,15 @@ struct Trail {
 
 /// A run of adjacent reads `[start, end)`; dropping it on its own (a read alone, now
 /// and when it leaves the trail) starts at `drop_from`, above the part that was cached
-/// before the read came. A run that others join is dropped whole, by its window.
+/// before the read came. A run that others join is dropped whole, by its window, if
+/// one of its reads brought pages in (then the rest is its read-ahead); a run that
+/// found everything cached (a file written through the appliance, read back) is not.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     start: u64,
     end: u64,
     drop_from: u64,
+    brought_in: bool,
 }
 
 impl Run {
@@ -77,6 +80,7 @@ impl ReadTrail {
             .recent
             .iter()
             .position(|r| r.is_some_and(|r| r.start == end));
+        let brought_in = drop_from < end;
         if left.is_none() && right.is_none() {
             // A read on its own: dropped now, and again when it leaves the trail.
             let slot = (t.newest + 1) % DEPTH;
@@ -85,6 +89,7 @@ impl ReadTrail {
                 start,
                 end,
                 drop_from,
+                brought_in,
             };
             t.recent[slot] = Some(run);
             t.newest = slot;
@@ -92,8 +97,12 @@ impl ReadTrail {
         }
         // Part of a run: one window over this read, the run's reads just before it
         // (never before the run began) and a part after it that arrived first.
-        let lo = left.and_then(|i| t.recent[i]).map_or(start, |r| r.start);
-        let hi = right.and_then(|j| t.recent[j]).map_or(end, |r| r.end);
+        let joined = |i: Option<usize>| i.and_then(|i| t.recent[i]);
+        let lo = joined(left).map_or(start, |r| r.start);
+        let hi = joined(right).map_or(end, |r| r.end);
+        let brought_in = brought_in
+            || joined(left).is_some_and(|r| r.brought_in)
+            || joined(right).is_some_and(|r| r.brought_in);
         if let (Some(_), Some(j)) = (left, right) {
             t.recent[j] = None;
         }
@@ -102,21 +111,21 @@ impl ReadTrail {
         t.recent[slot] = Some(Run {
             start: kept,
             end: hi,
-            drop_from: kept,
+            drop_from: if brought_in { kept } else { hi },
+            brought_in,
         });
         t.newest = slot;
-        [
-            Some((lo.max(start.saturating_sub(SEQUENTIAL_LAG)), hi)),
-            None,
-        ]
+        let window = (lo.max(start.saturating_sub(SEQUENTIAL_LAG)), hi);
+        [brought_in.then_some(window), None]
     }
 
     /// Records a read of `[start, end)` whose first part, up to `resident_until`, the
     /// page cache held before it, and returns the ranges to drop now. Those resident
     /// pages were left by someone else (a write through the appliance, another reader)
-    /// and are not this read's to drop, unless the read continues a run of this
-    /// file's reads: then they are the run's own read-ahead, and the run's window
-    /// drops them as [`ReadTrail::record`] does.
+    /// and are not this read's to drop, unless the read joins a run of this file's
+    /// reads of which one brought pages in: then they are that run's read-ahead, and
+    /// its window drops them as [`ReadTrail::record`] does. A run that found
+    /// everything cached drops nothing.
     ///
     /// The read is remembered whole either way, so that a run whose reads arrive out
     /// of order (the later one first, found read ahead) still joins up.
@@ -173,11 +182,15 @@ mod tests {
     fn resident_pages_are_left_unless_a_run_read_them_ahead() {
         let t = ReadTrail::default();
         let kb = 1024u64;
-        // Wholly resident, on its own: nothing to drop, nothing remembered.
+        // Wholly resident, on its own: nothing to drop, now or later.
         assert_eq!(t.record_after_resident(0, 8 * kb, 8 * kb), [None, None]);
         assert!(t.pending().is_empty());
         // (start, resident until, end) of each read in turn, and what it drops at once.
-        let steps: [((u64, u64, u64), Option<Range>); 5] = [
+        let steps: [((u64, u64, u64), Option<Range>); 7] = [
+            // A file written through the appliance, read back: the run found it all
+            // cached and drops none of it.
+            ((8, 16, 16), None),
+            ((16, 24, 24), None),
             // Partly resident: only what the read brought in.
             ((100, 104, 228), Some((104, 228))),
             // The run's next read found its pages read ahead: the run's window drops
@@ -196,8 +209,8 @@ mod tests {
                 "read {start}..{end} KiB"
             );
         }
-        // What waits for a second drop never includes a resident part read alone.
-        assert!(t.pending().iter().all(|r| r.0 != 0 && r.1 != 8 * kb));
+        // What waits for a second drop never includes the resident run's pages.
+        assert!(t.pending().iter().all(|r| r.0 >= 24 * kb));
     }
 
     #[test]

@@ -210,8 +210,8 @@ pub fn plan(
             unreachable!("--vm always serves an image")
         };
         // Under TCG a second vCPU buys throughput (+30% for 1 MiB I/O) but costs every
-        // request a cross-thread hand-off: a round trip takes 290 µs with two, 165 µs
-        // with one (measured here).
+        // request a cross-thread hand-off: a round trip took 290 µs with two, 165 µs
+        // with one (measured here before the shared-memory rings).
         let cpus = machine.vm_cpus.unwrap_or(match accel {
             fsva_vm::qemu::Accel::Tcg => 1,
             fsva_vm::qemu::Accel::Kvm => crate::commands::mount::default_workers().min(4),
@@ -221,8 +221,11 @@ pub fn plan(
         // first worked. By hand (the fsva half of bench/vm.sh, two rounds each),
         // one worker against two: create+write 852/775 against 1,184/895 µs,
         // mkdir+rmdir 930/959 against 1,467/1,403 µs, extraction 15.0/12.3 against
-        // 21.7/13.7 s, cat 3.16/3.03 against 4.82/3.51 s; sequential I/O the same.
-        // Under KVM the vCPUs are real and more workers overlap disk waits.
+        // 21.7/13.7 s, cat 3.16/3.03 against 4.82/3.51 s; sequential I/O close. The
+        // cost: parallel disk-bound work does not overlap (bench/vm-parallel.sh: four
+        // processes' cold random reads 2,500 IOPS with one, 3,400-4,600 with two), so
+        // `--workers` stays the knob for that. Under KVM the vCPUs are real and more
+        // workers overlap disk waits.
         let default_workers = match accel {
             fsva_vm::qemu::Accel::Tcg => cpus,
             fsva_vm::qemu::Accel::Kvm => crate::commands::mount::default_workers(),
