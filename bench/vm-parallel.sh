@@ -7,12 +7,9 @@
 #   bench/vm-parallel.sh [LABEL] [fsva mount options...]     e.g. vm-parallel.sh w2 --workers 2
 set -euo pipefail
 LABEL=${1:-parallel}; shift || true
-FSVA=$(dirname "$0")/../target/release/fsva
-IMG=$(mktemp /var/tmp/fsva-vm-parallel.XXXXXX.img)
-MNT=$(mktemp -d /tmp/fsva-vm-parallel.XXXXXX)
-truncate -s 2G "$IMG"; mkfs.ext4 -q -F -b 4096 "$IMG"
-"$FSVA" mount --vm "$@" --image "$IMG" "$MNT" >/dev/null
-trap '"$FSVA" umount "$MNT"; rmdir "$MNT"; rm -f "$IMG"' EXIT
+# shellcheck source=bench/vm-scratch.sh
+. "$(dirname "$0")/vm-scratch.sh"
+vm_scratch_mount vm-parallel 2G "$@"
 fio --name=w --filename="$MNT/f" --rw=write --bs=1M --size=768M --end_fsync=1 --output-format=terse >/dev/null
 out=$LABEL
 for jobs in 1 2 4; do

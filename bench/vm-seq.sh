@@ -6,12 +6,9 @@
 #   bench/vm-seq.sh [LABEL] [fsva mount options...]
 set -euo pipefail
 LABEL=${1:-seq}; shift || true
-FSVA=$(dirname "$0")/../target/release/fsva
-IMG=$(mktemp /var/tmp/fsva-vm-seq.XXXXXX.img)
-MNT=$(mktemp -d /tmp/fsva-vm-seq.XXXXXX)
-truncate -s 1G "$IMG"; mkfs.ext4 -q -F -b 4096 "$IMG"
-"$FSVA" mount --vm "$@" --image "$IMG" "$MNT" >/dev/null
-trap '"$FSVA" umount "$MNT"; rmdir "$MNT"; rm -f "$IMG"' EXIT
+# shellcheck source=bench/vm-scratch.sh
+. "$(dirname "$0")/vm-scratch.sh"
+vm_scratch_mount vm-seq 1G "$@"
 mkdir "$MNT/fio"
 mbs() { python3 -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['$1']['bw_bytes']/1e6))"; }
 w=$(fio --name=w --directory="$MNT/fio" --rw=write --bs=1M --size=256M --end_fsync=1 --output-format=json | mbs write)
