@@ -62,6 +62,18 @@ const LOCAL_CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 /// longer. The supervisor's event loop waits for it, as for a checkpoint.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Runs `f` with `long` as `link`'s receive timeout, then puts the usual one back.
+fn with_recv_timeout<T>(link: &Link, long: Duration, f: impl FnOnce() -> T) -> T {
+    let set = |t| {
+        rustix::net::sockopt::set_socket_timeout(link, rustix::net::sockopt::Timeout::Recv, Some(t))
+            .ok()
+    };
+    set(long);
+    let result = f();
+    set(LOCAL_CONTROL_TIMEOUT);
+    result
+}
+
 impl Control {
     fn request(&self, msg: &ToAppliance) -> Result<ToSupervisor, ApplianceError> {
         self.request_within(msg, None)
@@ -76,18 +88,7 @@ impl Control {
         match self {
             Control::Local(link) => {
                 if let Some(t) = long {
-                    let set = |t| {
-                        rustix::net::sockopt::set_socket_timeout(
-                            link,
-                            rustix::net::sockopt::Timeout::Recv,
-                            Some(t),
-                        )
-                        .ok()
-                    };
-                    set(t);
-                    let answer = self.request_within(msg, None);
-                    set(LOCAL_CONTROL_TIMEOUT);
-                    return answer;
+                    return with_recv_timeout(link, t, || self.request_within(msg, None));
                 }
                 // An answer that came after its request timed out is not this one's.
                 let stale = link.discard_pending();
@@ -557,10 +558,7 @@ impl Appliance {
                 "a VM appliance cannot be restarted live yet".into(),
             ));
         };
-        let long = Some(CHECKPOINT_TIMEOUT);
-        rustix::net::sockopt::set_socket_timeout(link, rustix::net::sockopt::Timeout::Recv, long)
-            .ok();
-        let result = (|| {
+        with_recv_timeout(link, CHECKPOINT_TIMEOUT, || {
             link.send(ask, &[])?;
             let (reply, mut blob) = link.recv::<ToSupervisor>()?;
             let count = match reply {
@@ -598,14 +596,7 @@ impl Appliance {
                 fds.extend(batch);
             }
             Ok(SavedState { blob, fds })
-        })();
-        rustix::net::sockopt::set_socket_timeout(
-            link,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(LOCAL_CONTROL_TIMEOUT),
-        )
-        .ok();
-        result
+        })
     }
 
     /// Has a journaled appliance store a checkpoint now (before it is replaced, so

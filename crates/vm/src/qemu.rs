@@ -69,9 +69,9 @@ pub struct VmSpec {
 /// `init_on_alloc=0`: Debian's kernel zeroes every page it allocates, and the pages a
 /// READ brings into the guest's page cache are overwritten by the disk anyway. Under
 /// emulation, `bench/vm.sh`'s sequential read by hand ran at 168 MB/s with the zeroing
-/// and 200-220 MB/s without (writes 89-91 against 101-121 MB/s). The hardening guards against one kernel
-/// object's stale contents reaching another; the guest serves one file system and
-/// nothing else, and user pages are still zeroed on fault.
+/// and 200-220 MB/s without (writes 89-91 against 101-121 MB/s). The hardening guards
+/// against one kernel object's stale contents reaching another; the guest serves one
+/// file system and nothing else, and user pages are still zeroed on fault.
 fn append(spec: &VmSpec, probe: bool) -> String {
     let mut a = format!(
         "console=ttyS0 quiet panic=-1 init_on_alloc=0 fsva.workers={} fsva.log={}",
